@@ -1,0 +1,266 @@
+"""The RKSP audit: load -> capture -> spectra -> report, as one library call."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+from tqdm.auto import tqdm
+
+from . import calibration as cal
+from . import report
+from .blocks import find_blocks
+from .capture import capture_snapshots
+from .errors import RKSPError
+from .loading import LoadedModel, load_model, resolve_source
+from .spectral import REL_TOL, block_spectrum, max_rank, resolve_method
+
+METHOD_NAME = "RKSP"
+METHOD_VERSION = "1"
+DEFAULT_RANK = 256
+RISK_UNAVAILABLE = (
+    "hf-rksp has no risk model fitted on its own published sweep yet, so it does not turn "
+    "these features into a probability."
+)
+
+
+@dataclass
+class AuditOptions:
+    """Everything that changes the numbers of an audit (recorded in the JSON)."""
+
+    tokens: int = 2048
+    seq_len: int = 512
+    rank: int | None = None  # None: DEFAULT_RANK, capped by what the tokens allow
+    delta: float = 0.05
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 1
+    whitening: str = "auto"  # auto | gram | exact | randomized
+    text: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    column: str = "text"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class AuditResult:
+    data: dict
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def near_unit_mass(self) -> float:
+        return self.data["summary"]["near_unit_mass"]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RKSPError(f"--device {name} requested but CUDA is not available on this machine")
+    return name
+
+
+def _max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
+    """Pick the calibration input: dataset, text file, embedded text, or random ids at init."""
+    tok = loaded.tokenizer
+    if opts.dataset or opts.text:
+        if tok is None:
+            raise RKSPError("--text/--dataset need a tokenizer, and none is available for this model offline")
+        if opts.dataset:
+            return cal.from_dataset(
+                opts.dataset, opts.split, opts.column, tok, opts.tokens, opts.seq_len, opts.dataset_config
+            )
+        return cal.from_file(opts.text, tok, opts.tokens, opts.seq_len)
+    if tok is not None:
+        return cal.from_embedded(tok, opts.tokens, opts.seq_len)
+    if not loaded.source.init:
+        raise RKSPError(f"no tokenizer found for {loaded.source.id}; pass --init to audit it on random token ids")
+    return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
+
+
+def effective_rank(opts: AuditOptions) -> int:
+    return DEFAULT_RANK if opts.rank is None else opts.rank
+
+
+def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
+    """Reject option combinations that cannot work, before any heavy work."""
+    cal.check_shape(opts.tokens, opts.seq_len)
+    if opts.rank is not None and opts.rank < 1:
+        raise RKSPError(f"--rank must be at least 1, got {opts.rank}")
+    if not 0 < opts.delta < 1:
+        raise RKSPError(f"--delta must be in (0, 1), got {opts.delta}")
+    if opts.rank is not None and opts.rank > opts.tokens - 1:
+        possible = max_rank(opts.tokens, d_model or opts.tokens)
+        raise RKSPError(
+            f"--rank {opts.rank} needs at least {opts.rank + 1} tokens; with --tokens {opts.tokens} "
+            f"the largest possible rank is {possible}"
+        )
+    if opts.whitening not in ("auto", "gram", "exact", "randomized"):
+        raise RKSPError(f"unknown whitening {opts.whitening!r} (auto, gram, exact, randomized)")
+
+
+def command_line(source: str | None, init: bool, config: str | None, opts: AuditOptions) -> str:
+    """The exact `hf-rksp audit` command that reproduces this audit."""
+    parts = ["hf-rksp", "audit"]
+    if source and not (config and source == config):
+        parts.append(source)
+    if config:
+        parts += ["--config", config]
+    elif init:
+        parts.append("--init")
+    parts += ["--tokens", str(opts.tokens), "--seq-len", str(opts.seq_len)]
+    if opts.rank is not None:
+        parts += ["--rank", str(opts.rank)]
+    parts += ["--delta", f"{opts.delta:g}", "--seed", str(opts.seed), "--dtype", opts.dtype]
+    if opts.whitening != "auto":
+        parts += ["--whitening", opts.whitening]
+    if opts.text:
+        parts += ["--text", opts.text]
+    if opts.dataset:
+        parts += ["--dataset", opts.dataset, "--split", opts.split, "--column", opts.column]
+        if opts.dataset_config:
+            parts += ["--dataset-config", opts.dataset_config]
+    if opts.revision:
+        parts += ["--revision", opts.revision]
+    if opts.trust_remote_code:
+        parts.append("--trust-remote-code")
+    return shlex.join(parts)
+
+
+def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) -> list[dict]:
+    """RKSP v1 features of every block, as JSON-ready dicts."""
+    out = []
+    g = torch.Generator().manual_seed(opts.seed)
+    bar = tqdm(range(len(x_list)), desc="spectra", unit="block", disable=not progress)
+    for i in bar:
+        bs = block_spectrum(x_list[i], y_list[i], effective_rank(opts), opts.delta, method=opts.whitening, generator=g)
+        ev = bs.eigenvalues
+        out.append({
+            "index": i,
+            "near_unit_mass": bs.near_unit_mass,
+            "spectral_radius": bs.spectral_radius,
+            "outside_mass": bs.outside_mass,
+            "fit_r2": bs.fit_r2,
+            "rank_used": bs.rank_used,
+            "eigenvalues": torch.stack([ev.real, ev.imag], dim=1).tolist(),
+        })
+        bar.set_postfix(near_unit=f"{bs.near_unit_mass:.3f}")
+    return out
+
+
+def audit(
+    source: str | None = None,
+    *,
+    init: bool = False,
+    config: str | None = None,
+    options: AuditOptions | None = None,
+    out_dir: str | None = ".",
+    progress: bool = True,
+    **kwargs,
+) -> AuditResult:
+    """Audit a model with RKSP v1 and (unless ``out_dir`` is None) write JSON, plots and card.
+
+    ``source`` is a hub id (from the local cache when offline), a checkpoint
+    directory or a .gguf file; ``init=True`` or ``config=PATH`` audits the
+    architecture at random init.  Keyword arguments override ``options``.
+    """
+    opts = options or AuditOptions()
+    for k, v in kwargs.items():
+        if not hasattr(opts, k):
+            raise TypeError(f"audit() got an unknown option {k!r}")
+        setattr(opts, k, v)
+    check_options(opts)
+    t0 = time.perf_counter()
+    device = _device(opts.device)
+    src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
+    loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed, trust_remote_code=opts.trust_remote_code)
+    t_load = time.perf_counter()
+    path, blocks = find_blocks(loaded.model)
+    d_model = int(loaded.config.hidden_size)
+    check_options(opts, d_model)
+    calib = calibration_for(loaded, opts)
+    max_pos = _max_positions(loaded.config)
+    if max_pos is not None and calib.input_ids.shape[1] > max_pos:
+        raise RKSPError(f"--seq-len {calib.input_ids.shape[1]} exceeds the model's {max_pos} positions")
+    try:
+        snaps = capture_snapshots(
+            loaded.model, blocks, calib.input_ids, batch_size=opts.batch_size, device=device, progress=progress
+        )
+    except (torch.OutOfMemoryError, MemoryError):
+        raise RKSPError("out of memory in the forward pass; lower --tokens or --batch-size") from None
+    t_fwd = time.perf_counter()
+    block_results = profile_blocks(snaps.inputs, snaps.outputs, opts, progress)
+    del snaps
+    t_spec = time.perf_counter()
+
+    data = {
+        "schema_version": report.SCHEMA_VERSION,
+        "slug": src.slug,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(source, init, config, opts),
+        "method": {
+            "name": METHOD_NAME,
+            "version": METHOD_VERSION,
+            "rank": effective_rank(opts),
+            "delta": opts.delta,
+            "tokens": opts.tokens,
+            "seq_len": calib.input_ids.shape[1],
+            "seed": opts.seed,
+            "dtype": opts.dtype,
+            "whitening": resolve_method(opts.whitening, d_model),
+            "rel_tol": REL_TOL,
+            "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)",
+        },
+        "source": {
+            "id": src.id,
+            "kind": src.kind,
+            "init": src.init,
+            "revision": src.revision,
+            "config_origin": src.config_origin,
+            "gguf_file": src.gguf_file,
+            "family": loaded.info["family"],
+            "model_class": loaded.info["model_class"],
+            "n_blocks": len(blocks),
+            "d_model": d_model,
+            "n_params": loaded.info["n_params"],
+        },
+        "inputs": {
+            "origin": calib.origin,
+            "n_tokens": calib.n_tokens,
+            "n_sequences": int(calib.input_ids.shape[0]),
+            "seq_len": int(calib.input_ids.shape[1]),
+            "sha256": calib.sha256,
+            **calib.detail,
+        },
+        "blocks": block_results,
+        "summary": report.summarize(block_results),
+        "risk": None,
+        "risk_unavailable_reason": RISK_UNAVAILABLE,
+        "environment": report.environment(device),
+        "timings": {
+            "load_s": t_load - t0,
+            "forward_s": t_fwd - t_load,
+            "spectral_s": t_spec - t_fwd,
+        },
+    }
+    data["summary"]["verdict"] = report.verdict(data)
+    data["timings"]["total_s"] = time.perf_counter() - t0
+    result = AuditResult(data=data)
+    if out_dir is not None:
+        result.paths = report.write_outputs(data, out_dir)
+    return result

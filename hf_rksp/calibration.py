@@ -1,0 +1,119 @@
+"""Calibration inputs: the token ids every audit runs on, and their provenance."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import RKSPError
+
+DEFAULT_TEXT = "hf_rksp/data/calibration.txt"
+
+
+@dataclass
+class Calibration:
+    input_ids: torch.Tensor  # (B, T) int64, no padding
+    origin: str  # "embedded-text", "text-file:<path>", "dataset:<name>", "random-token-ids"
+    detail: dict
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def sha256(self) -> str:
+        return token_hash(self.input_ids)
+
+
+def token_hash(input_ids: torch.Tensor) -> str:
+    """sha256 of the ids as little-endian int64, row-major: identical inputs, identical hash."""
+    arr = np.ascontiguousarray(input_ids.to(torch.int64).cpu().numpy().astype("<i8"))
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def default_text() -> str:
+    return resources.files("hf_rksp").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def check_shape(tokens: int, seq_len: int) -> tuple[int, int]:
+    """Validate --tokens/--seq-len and return (n_sequences, seq_len)."""
+    if tokens < 2:
+        raise RKSPError(f"--tokens must be at least 2, got {tokens}")
+    if seq_len < 1:
+        raise RKSPError(f"--seq-len must be positive, got {seq_len}")
+    seq_len = min(seq_len, tokens)
+    if tokens % seq_len:
+        raise RKSPError(
+            f"--tokens ({tokens}) must be a multiple of --seq-len ({seq_len}): "
+            "calibration text is cut into whole sequences with no padding"
+        )
+    return tokens // seq_len, seq_len
+
+
+def _cut(ids: list[int], tokens: int, seq_len: int, what: str) -> torch.Tensor:
+    n_seq, seq_len = check_shape(tokens, seq_len)
+    if len(ids) < tokens:
+        raise RKSPError(f"{what} gives only {len(ids)} tokens with this tokenizer; {tokens} requested (--tokens)")
+    return torch.tensor(ids[:tokens], dtype=torch.int64).reshape(n_seq, seq_len)
+
+
+def from_text(text: str, tokenizer, tokens: int, seq_len: int, origin: str, detail: dict | None = None) -> Calibration:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Calibration(_cut(ids, tokens, seq_len, origin), origin, detail or {})
+
+
+def from_embedded(tokenizer, tokens: int, seq_len: int) -> Calibration:
+    text = default_text()
+    detail = {"file": DEFAULT_TEXT, "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return from_text(text, tokenizer, tokens, seq_len, "embedded-text", detail)
+
+
+def from_file(path: str | Path, tokenizer, tokens: int, seq_len: int) -> Calibration:
+    p = Path(path)
+    if not p.is_file():
+        raise RKSPError(f"--text file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RKSPError(f"--text file is not UTF-8 text: {p}") from None
+    detail = {"file": str(p), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return from_text(text, tokenizer, tokens, seq_len, "text-file", detail)
+
+
+def from_dataset(
+    name: str, split: str, column: str, tokenizer, tokens: int, seq_len: int, config_name: str | None = None
+) -> Calibration:
+    """Rows of a ``datasets`` dataset joined by blank lines until enough tokens are gathered."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config_name, split=split, streaming=True)
+    except Exception as e:  # datasets raises many types for missing/offline/bad names
+        raise RKSPError(f"could not load dataset {name!r} split {split!r}: {e}") from None
+    ids: list[int] = []
+    rows = 0
+    for row in ds:
+        if column not in row:
+            raise RKSPError(f"dataset {name!r} has no column {column!r}; columns: {', '.join(row)}")
+        text = row[column]
+        if not isinstance(text, str) or not text.strip():
+            continue
+        ids.extend(tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"])
+        rows += 1
+        if len(ids) >= tokens:
+            break
+    detail = {"dataset": name, "config": config_name, "split": split, "column": column, "rows_used": rows}
+    return Calibration(_cut(ids, tokens, seq_len, f"dataset {name!r}"), "dataset", detail)
+
+
+def random_ids(vocab_size: int, tokens: int, seq_len: int, seed: int) -> Calibration:
+    """Uniform token ids from a seeded generator, for --init without a tokenizer."""
+    n_seq, seq_len = check_shape(tokens, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (n_seq, seq_len), generator=g, dtype=torch.int64)
+    return Calibration(ids, "random-token-ids", {"vocab_size": vocab_size, "seed": seed})

@@ -1,0 +1,125 @@
+"""`hf-rksp` command line: a thin layer over the library (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import RKSPError
+
+AUDIT_HELP = """\
+Audit a transformer with Residual Koopman Spectral Profiling (RKSP v1).
+
+For every residual block, snapshots of the residual stream entering (X) and
+leaving (Y) the block are whitened and a DMD operator K is fitted (Y ~ X K);
+its eigenvalues give the near-unit spectral mass (fraction of modes with
+|lambda| within --delta of 1), the spectral radius and the outside mass.
+
+Writes audits/<slug>/audit.json, spectrum.png, profile.png and a Hub model card
+model_cards/<slug>/README.md (slug = hub id with / -> __, plus __init at init).
+
+examples:
+  hf-rksp audit ./my-checkpoint
+  hf-rksp audit path/to/model.gguf --tokens 1024
+  hf-rksp audit gpt2 --init                 # architecture at random init, offline
+  hf-rksp audit --config config.json        # any config.json at random init
+  hf-rksp audit org/model --dataset wikitext --dataset-config wikitext-2-raw-v1 --split test
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-rksp", description="RKSP spectral audits for Hugging Face transformers.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command")
+    a = sub.add_parser("audit", help="audit a model (pretrained or at random init)", description=AUDIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("model", nargs="?", help="hub id (local HF cache when offline), checkpoint directory, or .gguf file")
+    g = a.add_argument_group("what to audit")
+    g.add_argument("--init", action="store_true",
+                   help="build the architecture at random init (no weights); configs of famous checkpoints ship offline")
+    g.add_argument("--config", metavar="PATH", help="a config.json to build at random init (implies --init)")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code from the repo (off by default)")
+    m = a.add_argument_group("method (RKSP v1)")
+    m.add_argument("--tokens", type=int, default=2048, help="calibration tokens N (default 2048)")
+    m.add_argument("--seq-len", type=int, default=512, help="sequence length T; N/T sequences, no padding (default 512)")
+    m.add_argument("--rank", type=int, default=None,
+                   help="max whitening rank r (default 256, capped at N-1 and d; an explicit r > N-1 is an error)")
+    m.add_argument("--delta", type=float, default=0.05, help="near-unit band half-width: | |lambda| - 1 | <= delta (default 0.05)")
+    m.add_argument("--whitening", choices=["auto", "gram", "exact", "randomized"], default="auto",
+                   help="subspace finder: gram (d <= 1024), randomized (larger d), exact SVD (reference); default auto")
+    m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
+    c = a.add_argument_group("calibration input (default: the English text embedded in the package)")
+    c.add_argument("--text", metavar="FILE", help="UTF-8 text file to calibrate on")
+    c.add_argument("--dataset", metavar="NAME_OR_PATH", help="a `datasets` dataset to calibrate on")
+    c.add_argument("--dataset-config", help="dataset configuration name")
+    c.add_argument("--split", default="train", help="dataset split (default train)")
+    c.add_argument("--column", default="text", help="dataset text column (default text)")
+    r = a.add_argument_group("runtime")
+    r.add_argument("--dtype", default="float32", help="forward dtype: float32 (default), bfloat16, float16")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    r.add_argument("--batch-size", type=int, default=1, help="sequences per forward batch (default 1)")
+    r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
+    r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def print_summary(result) -> None:
+    d = result.data
+    s = d["summary"]
+    lines = [
+        "",
+        f"RKSP audit of {d['source']['id']}" + (" (random init)" if d["source"]["init"] else ""),
+        f"  blocks {d['source']['n_blocks']}, d_model {d['source']['d_model']}, "
+        f"{d['inputs']['n_tokens']} tokens ({d['inputs']['origin']}), rank <= {d['method']['rank']}",
+        f"  near-unit mass M      {s['near_unit_mass']:.4f}",
+        f"  spectral radius max   {s['spectral_radius_max']:.4f} (block {s['spectral_radius_max_block']})",
+        f"  outside mass (mean)   {s['outside_mass_mean']:.4f}",
+        f"  DMD fit R^2 (mean)    {s['fit_r2_mean']:.4f}",
+        "  risk                  " + ("not available (no fitted risk model yet)" if d["risk"] is None else str(d["risk"])),
+        f"  time                  {d['timings']['total_s']:.1f} s",
+    ]
+    for name, path in result.paths.items():
+        lines.append(f"  wrote {name:<9} {path}")
+    print("\n".join(lines))
+
+
+def cmd_audit(args) -> int:
+    from .audit import AuditOptions, audit
+
+    opts = AuditOptions(
+        tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, delta=args.delta, seed=args.seed,
+        dtype=args.dtype, device=args.device, batch_size=args.batch_size, whitening=args.whitening,
+        text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
+        column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision,
+    )
+    result = audit(args.model, init=args.init, config=args.config, options=opts,
+                   out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
+    print_summary(result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"hf-rksp {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return cmd_audit(args)
+    except RKSPError as e:
+        print(f"hf-rksp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-rksp: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

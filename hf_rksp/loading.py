@@ -1,0 +1,289 @@
+"""Loading: turn a source (hub id, local dir, GGUF file, config) into a base model.
+
+Only the base model (no LM head) is built: RKSP needs the residual blocks, and
+the head would cost time and memory for nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .blocks import BLOCK_PATHS, supported_families
+from .errors import RKSPError
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass
+class Source:
+    """Where a model comes from, resolved before anything heavy is loaded."""
+
+    id: str  # what the user named (hub id, path, or config name)
+    kind: str  # "hub", "dir", "gguf", "config"
+    init: bool
+    path: str | None = None  # local directory or file
+    gguf_file: str | None = None
+    config_origin: str | None = None  # where the config came from, for --init
+    revision: str | None = None
+
+    @property
+    def slug(self) -> str:
+        if self.kind == "hub":
+            base = self.id.replace("/", "__")
+        else:
+            base = Path(self.id).name
+            if self.kind in ("gguf", "config") and base.endswith((".gguf", ".json")):
+                base = base.rsplit(".", 1)[0]
+        return base + ("__init" if self.init else "")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: object
+    tokenizer: object | None
+    source: Source
+    info: dict = field(default_factory=dict)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise RKSPError(f"unknown --dtype {name!r}; choose from {', '.join(sorted(DTYPES))}") from None
+
+
+def shipped_config_names() -> dict[str, str]:
+    """Alias -> file of the configs that ship with the package (famous checkpoints)."""
+    index = resources.files("hf_rksp").joinpath("configs/index.json")
+    return json.loads(index.read_text(encoding="utf-8"))
+
+
+def shipped_config(name: str) -> dict | None:
+    fname = shipped_config_names().get(name)
+    if fname is None:
+        return None
+    return json.loads(resources.files("hf_rksp").joinpath(f"configs/{fname}").read_text(encoding="utf-8"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_source(
+    source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None
+) -> Source:
+    """Decide what kind of source the user named, failing early with a clear message."""
+    if config_path is not None:
+        p = Path(config_path).expanduser()
+        if not p.is_file():
+            raise RKSPError(f"config file not found: {config_path}")
+        return Source(id=source or str(p), kind="config", init=True, path=str(p), config_origin=str(p))
+    if not source:
+        raise RKSPError("name a model (hub id, local directory or .gguf file) or pass --config")
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise RKSPError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file or a hub id")
+        return Source(id=source, kind="gguf", init=init, path=str(p.parent), gguf_file=p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=ggufs[0].name)
+            raise RKSPError(f"directory {source} has no config.json (not a Hugging Face checkpoint)")
+        return Source(id=source, kind="dir", init=init, path=str(p))
+    if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
+        raise RKSPError(f"no such file or directory: {source}")
+    return Source(id=source, kind="hub", init=init, revision=revision)
+
+
+def _config_from_dict(d: dict, origin: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise RKSPError(f"config {origin} has no 'model_type'")
+    check_family(model_type, origin)
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except Exception as e:
+        raise RKSPError(f"invalid config {origin}: {e}") from None
+
+
+def check_family(model_type: str | None, origin: str) -> None:
+    if model_type not in BLOCK_PATHS:
+        raise RKSPError(
+            f"unsupported model family {model_type!r} ({origin}); supported: {', '.join(supported_families())}"
+        )
+
+
+def _hub_error(source: Source, e: Exception) -> RKSPError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(e, GatedRepoError):
+        return RKSPError(f"{source.id} is a gated repo: accept its license on the Hub and log in (hf auth login)")
+    if isinstance(e, RevisionNotFoundError):
+        return RKSPError(f"revision {source.revision!r} not found for {source.id}")
+    if isinstance(e, RepositoryNotFoundError):
+        return RKSPError(f"model {source.id!r} not found on the Hub (or it is private and you are not logged in)")
+    where = "the local Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if _offline() else " or the Hub (no network?)")
+    return RKSPError(f"could not load {source.id!r} from {where}: {str(e).splitlines()[0]}")
+
+
+def load_config(source: Source, trust_remote_code: bool = False):
+    """The model config for ``source``, without weights."""
+    from transformers import AutoConfig
+
+    if source.kind == "config":
+        try:
+            d = json.loads(Path(source.path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RKSPError(f"config file {source.path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise RKSPError(f"config file {source.path} is not a JSON object")
+        return _config_from_dict(d, source.path, trust_remote_code)
+    if source.kind == "hub" and source.init and source.revision is None:
+        shipped = shipped_config(source.id)
+        if shipped is not None:
+            source.config_origin = f"shipped:{shipped_config_names()[source.id]}"
+            return _config_from_dict(shipped, source.config_origin, trust_remote_code)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        if source.kind == "hub":
+            try:
+                cfg = AutoConfig.from_pretrained(source.id, revision=source.revision, local_files_only=True, **kwargs)
+            except OSError:
+                if _offline():
+                    raise
+                cfg = AutoConfig.from_pretrained(source.id, revision=source.revision, **kwargs)
+        else:
+            cfg = AutoConfig.from_pretrained(source.path, **kwargs)
+    except RKSPError:
+        raise
+    except Exception as e:
+        if source.kind == "hub":
+            raise _hub_error(source, e) from None
+        raise RKSPError(f"could not read a model config from {source.id}: {str(e).splitlines()[0]}") from None
+    source.config_origin = source.config_origin or source.kind
+    check_family(getattr(cfg, "model_type", None), source.id)
+    return cfg
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    """The tokenizer next to the model, or None when there is none offline (random ids then)."""
+    from transformers import AutoTokenizer
+
+    if source.kind == "config":
+        return None
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    try:
+        if source.kind == "gguf":
+            tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+        elif source.kind == "dir":
+            tok = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        else:
+            tok = AutoTokenizer.from_pretrained(
+                source.id, revision=source.revision, local_files_only=source.init or _offline(), **kwargs
+            )
+    except Exception:
+        return None
+    # transformers can build an empty tokenizer from a directory without vocab files
+    if len(tok) == 0 or not tok("The residual stream.", add_special_tokens=False)["input_ids"]:
+        return None
+    return tok
+
+
+def estimate_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of the base model's parameters, counted on the meta device (no memory used)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel
+
+    with init_empty_weights():
+        m = AutoModel.from_config(config)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in m.parameters()) * elem
+
+
+def check_memory(config, dtype: torch.dtype, device: str) -> None:
+    """Fail before building a model that cannot fit in RAM (the whole-model path)."""
+    if not str(device).startswith("cpu"):
+        return
+    import psutil
+
+    need = estimate_bytes(config, dtype)
+    avail = psutil.virtual_memory().available
+    if need > 0.85 * avail:
+        raise RKSPError(
+            f"the model needs {need / 2**30:.1f} GiB of weights in {str(dtype).replace('torch.', '')} "
+            f"but only {avail / 2**30:.1f} GiB of RAM is available; use --dtype bfloat16 or a smaller model"
+        )
+
+
+def load_model(
+    source: Source,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Build the base model: pretrained weights, or random init from the config with ``seed``."""
+    from transformers import AutoModel
+
+    torch_dtype = parse_dtype(dtype)
+    config = load_config(source, trust_remote_code)
+    check_memory(config, torch_dtype, device)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    try:
+        if source.init:
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        else:
+            kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+            if source.kind == "gguf":
+                model = AutoModel.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+            elif source.kind == "dir":
+                model = AutoModel.from_pretrained(source.path, **kwargs)
+            else:
+                model = AutoModel.from_pretrained(
+                    source.id, revision=source.revision, local_files_only=_offline(), **kwargs
+                )
+    except RKSPError:
+        raise
+    except (torch.OutOfMemoryError, MemoryError):
+        raise RKSPError(f"out of memory while loading {source.id}; try --dtype bfloat16") from None
+    except Exception as e:
+        if source.kind == "hub":
+            raise _hub_error(source, e) from None
+        raise RKSPError(f"could not load weights from {source.id}: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    model.eval()
+    if source.kind == "hub" and not source.init:
+        source.revision = getattr(config, "_commit_hash", None) or source.revision
+    info = {
+        "family": config.model_type,
+        "model_class": type(model).__name__,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+    }
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)

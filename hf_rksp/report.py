@@ -1,0 +1,204 @@
+"""Report: the audit JSON (schema 1.0), the spectral model card, and writing them atomically."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import atomic, plots
+
+SCHEMA_VERSION = "1.0"
+
+
+def environment(device: str) -> dict:
+    import numpy
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "hf_rksp": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+    }
+
+
+def summarize(blocks: list[dict]) -> dict:
+    """Model-level features: M is the mean near-unit mass over blocks (RKSP v1 step 7)."""
+    n = len(blocks)
+    radii = [b["spectral_radius"] for b in blocks]
+    worst = max(range(n), key=lambda i: radii[i])
+    return {
+        "near_unit_mass": sum(b["near_unit_mass"] for b in blocks) / n,
+        "spectral_radius_max": radii[worst],
+        "spectral_radius_max_block": blocks[worst]["index"],
+        "spectral_radius_mean": sum(radii) / n,
+        "outside_mass_mean": sum(b["outside_mass"] for b in blocks) / n,
+        "fit_r2_mean": sum(b["fit_r2"] for b in blocks) / n,
+    }
+
+
+def verdict(audit: dict) -> str:
+    """A plain-language reading of the features; it states measurements, not a probability."""
+    s = audit["summary"]
+    n = audit["source"]["n_blocks"]
+    what = "at random initialization" if audit["source"]["init"] else "with its weights"
+    text = (
+        f"{n} blocks audited {what}. Near-unit spectral mass M = {s['near_unit_mass']:.3f} "
+        f"(mean fraction of Koopman modes with |λ| within {audit['method']['delta']:g} of 1); "
+        f"largest spectral radius {s['spectral_radius_max']:.3f} (block {s['spectral_radius_max_block']}); "
+        f"on average {100 * s['outside_mass_mean']:.1f}% of modes lie outside the band, beyond the unit circle. "
+        f"The linear operator explains R² = {s['fit_r2_mean']:.3f} of the whitened block outputs on average."
+    )
+    if audit.get("risk") is None:
+        text += " No calibrated probability of divergence is given: " + audit["risk_unavailable_reason"]
+    return text
+
+
+CARD_TEMPLATE = """---
+{card_data}
+---
+
+# RKSP spectral audit: {title}
+
+{verdict}
+
+![RKSP spectrum](spectrum.png)
+
+![RKSP profile](profile.png)
+
+## Summary
+
+| feature | value |
+|---|---|
+| near-unit spectral mass M (mean over blocks) | {M:.4f} |
+| largest spectral radius (block) | {rho_max:.4f} ({rho_block}) |
+| mean spectral radius | {rho_mean:.4f} |
+| mean outside mass | {outside:.4f} |
+| mean DMD fit R² | {r2:.4f} |
+| probability of divergence | {risk} |
+
+## Per block
+
+| block | near-unit mass | spectral radius | outside mass | fit R² | rank |
+|---:|---:|---:|---:|---:|---:|
+{rows}
+
+## How it was produced
+
+- Source: `{source_id}` ({kind}{revision}), family `{family}`, {n_blocks} blocks, d_model = {d_model}, {n_params:,} parameters{init}.
+- Method: RKSP v{mversion} — whitened DMD of each residual block's input/output snapshots, rank ≤ {rank}, δ = {delta:g}, whitening `{whitening}`.
+- Calibration input: {n_tokens} tokens ({origin}) in sequences of {seq_len}, sha256 `{sha}`, dtype {dtype}, seed {seed}.
+- Software: hf-rksp {v_rksp}, torch {v_torch}, transformers {v_tf}.
+
+Reproduce with:
+
+```bash
+{command}
+```
+
+The full result, eigenvalues included, is in `audit.json` (schema {schema}).
+
+## Limitations
+
+- The spectrum describes the model on the calibration tokens above; other text, lengths or dtypes move it.
+- RKSP linearizes each block around the observed snapshots; the fit R² says how much of the block's map a linear operator explains.
+- Near-unit mass and spectral radius are diagnostics of the residual dynamics. Until hf-rksp ships a risk model fitted on its published sweep, they are not a calibrated probability of divergence.
+"""
+
+
+def render_card(audit: dict) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    src, m, s, inp, env = audit["source"], audit["method"], audit["summary"], audit["inputs"], audit["environment"]
+    data = ModelCardData(
+        tags=["rksp", "koopman", "spectral-audit"],
+        base_model=src["id"] if src["kind"] == "hub" else None,
+        library_name="hf-rksp",
+    )
+    rows = "\n".join(
+        f"| {b['index']} | {b['near_unit_mass']:.4f} | {b['spectral_radius']:.4f} | "
+        f"{b['outside_mass']:.4f} | {b['fit_r2']:.4f} | {b['rank_used']} |"
+        for b in audit["blocks"]
+    )
+    risk = audit["risk"]
+    text = CARD_TEMPLATE.format(
+        card_data=data.to_yaml(),
+        title=src["id"] + (" (random init)" if src["init"] else ""),
+        verdict=audit["summary"]["verdict"],
+        M=s["near_unit_mass"],
+        rho_max=s["spectral_radius_max"],
+        rho_block=s["spectral_radius_max_block"],
+        rho_mean=s["spectral_radius_mean"],
+        outside=s["outside_mass_mean"],
+        r2=s["fit_r2_mean"],
+        risk="not available (no fitted risk model yet)" if risk is None else f"{risk['probability']:.3f}",
+        rows=rows,
+        source_id=src["id"],
+        kind=src["kind"],
+        revision=f", revision `{src['revision']}`" if src.get("revision") else "",
+        family=src["family"],
+        n_blocks=src["n_blocks"],
+        d_model=src["d_model"],
+        n_params=src["n_params"],
+        init=f", random init (seed {m['seed']})" if src["init"] else "",
+        mversion=m["version"],
+        rank=m["rank"],
+        delta=m["delta"],
+        whitening=m["whitening"],
+        n_tokens=inp["n_tokens"],
+        origin=inp["origin"],
+        seq_len=inp["seq_len"],
+        sha=inp["sha256"][:16],
+        dtype=m["dtype"],
+        seed=m["seed"],
+        v_rksp=env["hf_rksp"],
+        v_torch=env["torch"],
+        v_tf=env["transformers"],
+        command=audit["command"],
+        schema=audit["schema_version"],
+    )
+    return str(ModelCard(text))
+
+
+def write_outputs(audit: dict, out_dir: str | Path) -> dict[str, str]:
+    """Write audit.json, the plots and the card; all files appear together or not at all.
+
+    Everything is rendered in a staging directory first, so a failure while
+    plotting or formatting leaves the previous outputs untouched.
+    """
+    out_dir = Path(out_dir)
+    slug = audit["slug"]
+    audit_dir = out_dir / "audits" / slug
+    card_dir = out_dir / "model_cards" / slug
+    spectrum = plots.spectrum_png(audit)
+    profile = plots.profile_png(audit)
+    card = render_card(audit)
+    (out_dir / "audits").mkdir(parents=True, exist_ok=True)
+    (out_dir / "model_cards").mkdir(parents=True, exist_ok=True)
+    stage_a = Path(tempfile.mkdtemp(prefix=f".{slug}.", dir=out_dir / "audits"))
+    stage_c = Path(tempfile.mkdtemp(prefix=f".{slug}.", dir=out_dir / "model_cards"))
+    try:
+        atomic.write_json(stage_a / "audit.json", audit)
+        for stage in (stage_a, stage_c):
+            atomic.write_bytes(stage / "spectrum.png", spectrum)
+            atomic.write_bytes(stage / "profile.png", profile)
+        atomic.write_text(stage_c / "README.md", card)
+        atomic.publish_dir(stage_a, audit_dir)
+        atomic.publish_dir(stage_c, card_dir)
+    finally:
+        shutil.rmtree(stage_a, ignore_errors=True)
+        shutil.rmtree(stage_c, ignore_errors=True)
+    return {
+        "audit": str(audit_dir / "audit.json"),
+        "spectrum": str(audit_dir / "spectrum.png"),
+        "profile": str(audit_dir / "profile.png"),
+        "card": str(card_dir / "README.md"),
+    }
