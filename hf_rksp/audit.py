@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from .errors import RKSPError
 from .loading import LoadedModel, load_model, resolve_source
 from .spectral import REL_TOL, block_spectrum, max_rank, resolve_method
 
+logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
 METHOD_VERSION = "1"
 DEFAULT_RANK = 256
@@ -89,7 +91,7 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
     if tok is not None:
         return cal.from_embedded(tok, opts.tokens, opts.seq_len)
     if not loaded.source.init:
-        raise RKSPError(f"no tokenizer found for {loaded.source.id}; pass --init to audit it on random token ids")
+        logger.warning("no tokenizer found for %s: calibrating on seeded random token ids", loaded.source.id)
     return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
 
 

@@ -208,8 +208,9 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
             )
     except Exception:
         return None
-    # transformers can build an empty tokenizer from a directory without vocab files
-    if len(tok) == 0 or not tok("The residual stream.", add_special_tokens=False)["input_ids"]:
+    # transformers builds an empty (or specials-only) tokenizer from a directory without vocab files
+    ids = tok("The residual stream of a transformer.", add_special_tokens=False)["input_ids"]
+    if len(tok) < 256 or not ids or all(i == tok.unk_token_id for i in ids):
         return None
     return tok
 

@@ -1,0 +1,119 @@
+"""Library-level audit behaviour: families, snapshots, JSON contents, reproducibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_config
+
+from hf_rksp import audit
+from hf_rksp.blocks import find_blocks
+from hf_rksp.capture import capture_snapshots
+from hf_rksp.errors import RKSPError
+from hf_rksp.loading import resolve_source
+
+SMALL = dict(tokens=256, seq_len=128, progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "bert"])
+def test_every_supported_family_audits(family, tmp_path):
+    path = save_tiny(family, tmp_path / family)
+    res = audit(str(path), init=True, out_dir=None, **SMALL)
+    d = res.data
+    assert d["source"]["family"] == family
+    assert len(d["blocks"]) == d["source"]["n_blocks"] == tiny_config(family).num_hidden_layers
+    assert d["inputs"]["origin"] == "random-token-ids"  # no tokenizer in a config-only dir
+    assert res.paths == {}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_hooks_capture_block_io_not_hidden_states(family):
+    """Block inputs equal hidden_states[i]; the last block's output is taken before any final norm."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config(family)).eval()
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    _, blocks = find_blocks(model)
+    snaps = capture_snapshots(model, blocks, ids, batch_size=2, progress=False)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    n = len(blocks)
+    for i in range(n):
+        torch.testing.assert_close(snaps.inputs[i], hs[i].reshape(-1, hs[i].shape[-1]))
+    for i in range(n - 1):
+        torch.testing.assert_close(snaps.outputs[i], snaps.inputs[i + 1])
+    last = hs[n].reshape(-1, hs[n].shape[-1])
+    if family in ("gpt2", "llama"):  # final LayerNorm/RMSNorm applied to hidden_states[-1]
+        assert not torch.allclose(snaps.outputs[-1], last, atol=1e-3)
+    else:  # BERT (post-LN) has no final norm: the two agree
+        torch.testing.assert_close(snaps.outputs[-1], last)
+
+
+def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
+    a = audit(str(tiny_dirs["llama"]), init=True, out_dir=str(tmp_path / "a"), seed=3, **SMALL)
+    b = audit(str(tiny_dirs["llama"]), init=True, out_dir=str(tmp_path / "b"), seed=3, **SMALL)
+    c = audit(str(tiny_dirs["llama"]), init=True, out_dir=None, seed=4, **SMALL)
+    da = json.loads(open(a.paths["audit"]).read())
+    assert da["schema_version"] == "1.0"
+    for key in ("name", "version", "rank", "delta", "tokens", "seq_len", "seed", "dtype"):
+        assert key in da["method"]
+    assert da["method"]["name"] == "RKSP" and da["method"]["version"] == "1"
+    for key in ("id", "revision", "family", "n_blocks", "d_model", "n_params"):
+        assert key in da["source"]
+    assert da["source"]["n_params"] == sum(
+        p.numel() for p in __import__("transformers").AutoModel.from_config(tiny_config("llama")).parameters()
+    )
+    for key in ("hf_rksp", "torch", "transformers", "python"):
+        assert key in da["environment"]
+    assert len(da["inputs"]["sha256"]) == 64
+    assert da["risk"] is None and da["risk_unavailable_reason"]
+    assert "--seed 3" in da["command"] and "--init" in da["command"]
+    # same seed: same numbers; other seed: other weights and ids
+    assert da["blocks"] == b.data["blocks"]
+    assert da["inputs"]["sha256"] == b.data["inputs"]["sha256"]
+    assert c.data["inputs"]["sha256"] != da["inputs"]["sha256"]
+    assert c.data["blocks"][0]["eigenvalues"] != da["blocks"][0]["eigenvalues"]
+
+
+def test_pretrained_dir_uses_saved_weights(tmp_path):
+    """A checkpoint saved from seed 7 audits exactly like --init with seed 7, and unlike seed 8."""
+    path = save_tiny("gpt2", tmp_path / "g", seed=7)
+    loaded = audit(str(path), out_dir=None, seed=7, **SMALL)
+    init7 = audit(str(path), init=True, out_dir=None, seed=7, **SMALL)
+    assert loaded.data["source"]["init"] is False
+    assert loaded.data["inputs"]["origin"] == "random-token-ids"  # no tokenizer saved
+    assert loaded.data["inputs"]["sha256"] == init7.data["inputs"]["sha256"]
+    assert loaded.data["blocks"] == init7.data["blocks"]
+    other = audit(str(tmp_path / "g"), init=True, out_dir=None, seed=8, **SMALL)
+    assert other.data["blocks"][0]["eigenvalues"] != init7.data["blocks"][0]["eigenvalues"]
+
+
+def test_slugs():
+    assert resolve_source("meta-llama/Llama-2-7b-hf", init=True).slug == "meta-llama__Llama-2-7b-hf__init"
+    assert resolve_source("gpt2").slug == "gpt2"
+    with pytest.raises(RKSPError):
+        resolve_source(None)
+
+
+def test_shipped_configs_build_on_meta_device():
+    """Every shipped config is a valid architecture of a supported family."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel
+
+    from hf_rksp.loading import _config_from_dict, shipped_config, shipped_config_names
+
+    expected = {"gpt2": 12, "gpt2-xl": 48, "meta-llama/Llama-2-7b-hf": 32, "meta-llama/Llama-2-13b-hf": 40,
+                "HuggingFaceTB/SmolLM2-135M": 30, "sentence-transformers/all-MiniLM-L6-v2": 6}
+    for name in shipped_config_names():
+        cfg = _config_from_dict(shipped_config(name), name, False)
+        with init_empty_weights():
+            m = AutoModel.from_config(cfg)
+        _, blocks = find_blocks(m)
+        if name in expected:
+            assert len(blocks) == expected[name]
+    with init_empty_weights():
+        m = AutoModel.from_config(_config_from_dict(shipped_config("meta-llama/Llama-2-7b-hf"), "", False))
+    assert 6.4e9 < sum(p.numel() for p in m.parameters()) < 6.8e9
