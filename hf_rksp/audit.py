@@ -165,6 +165,88 @@ def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) ->
     return out
 
 
+def profile_model(
+    model, input_ids: torch.Tensor, opts: AuditOptions, *, device: str = "cpu", progress: bool = True
+) -> tuple[list[dict], str, dict]:
+    """Capture every block's snapshots on ``input_ids`` and return their RKSP features.
+
+    Returns (per-block dicts, block path, timings); no files, no loading.
+    """
+    path, blocks = find_blocks(model)
+    t0 = time.perf_counter()
+    try:
+        snaps = capture_snapshots(model, blocks, input_ids, batch_size=opts.batch_size, device=device,
+                                  progress=progress)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise RKSPError("out of memory in the forward pass; lower --tokens or --batch-size") from None
+    t1 = time.perf_counter()
+    results = profile_blocks(snaps.inputs, snaps.outputs, opts, progress)
+    del snaps
+    return results, path, {"forward_s": t1 - t0, "spectral_s": time.perf_counter() - t1}
+
+
+def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True) -> dict:
+    """The audit JSON of an already loaded model (calibration, capture, spectra, summary)."""
+    device = str(next(loaded.model.parameters()).device)
+    d_model = int(loaded.config.hidden_size)
+    check_options(opts, d_model)
+    calib = calibration_for(loaded, opts)
+    max_pos = _max_positions(loaded.config)
+    if max_pos is not None and calib.input_ids.shape[1] > max_pos:
+        raise RKSPError(f"--seq-len {calib.input_ids.shape[1]} exceeds the model's {max_pos} positions")
+    block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
+                                                 progress=progress)
+    src = loaded.source
+    data = {
+        "schema_version": report.SCHEMA_VERSION,
+        "slug": src.slug,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "method": {
+            "name": METHOD_NAME,
+            "version": METHOD_VERSION,
+            "rank": effective_rank(opts),
+            "delta": opts.delta,
+            "tokens": opts.tokens,
+            "seq_len": int(calib.input_ids.shape[1]),
+            "seed": opts.seed,
+            "dtype": opts.dtype,
+            "whitening": resolve_method(opts.whitening, d_model),
+            "rel_tol": REL_TOL,
+            "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)",
+        },
+        "source": {
+            "id": src.id,
+            "kind": src.kind,
+            "init": src.init,
+            "revision": src.revision,
+            "config_origin": src.config_origin,
+            "gguf_file": src.gguf_file,
+            "family": loaded.info["family"],
+            "model_class": loaded.info["model_class"],
+            "n_blocks": len(block_results),
+            "d_model": d_model,
+            "n_params": loaded.info["n_params"],
+        },
+        "inputs": {
+            "origin": calib.origin,
+            "n_tokens": calib.n_tokens,
+            "n_sequences": int(calib.input_ids.shape[0]),
+            "seq_len": int(calib.input_ids.shape[1]),
+            "sha256": calib.sha256,
+            **calib.detail,
+        },
+        "blocks": block_results,
+        "summary": report.summarize(block_results),
+        "risk": None,
+        "risk_unavailable_reason": RISK_UNAVAILABLE,
+        "environment": report.environment(device),
+        "timings": timings,
+    }
+    data["summary"]["verdict"] = report.verdict(data)
+    return data
+
+
 def audit(
     source: str | None = None,
     *,
@@ -192,76 +274,8 @@ def audit(
     src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
     loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed, trust_remote_code=opts.trust_remote_code)
     t_load = time.perf_counter()
-    path, blocks = find_blocks(loaded.model)
-    d_model = int(loaded.config.hidden_size)
-    check_options(opts, d_model)
-    calib = calibration_for(loaded, opts)
-    max_pos = _max_positions(loaded.config)
-    if max_pos is not None and calib.input_ids.shape[1] > max_pos:
-        raise RKSPError(f"--seq-len {calib.input_ids.shape[1]} exceeds the model's {max_pos} positions")
-    try:
-        snaps = capture_snapshots(
-            loaded.model, blocks, calib.input_ids, batch_size=opts.batch_size, device=device, progress=progress
-        )
-    except (torch.OutOfMemoryError, MemoryError):
-        raise RKSPError("out of memory in the forward pass; lower --tokens or --batch-size") from None
-    t_fwd = time.perf_counter()
-    block_results = profile_blocks(snaps.inputs, snaps.outputs, opts, progress)
-    del snaps
-    t_spec = time.perf_counter()
-
-    data = {
-        "schema_version": report.SCHEMA_VERSION,
-        "slug": src.slug,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(source, init, config, opts),
-        "method": {
-            "name": METHOD_NAME,
-            "version": METHOD_VERSION,
-            "rank": effective_rank(opts),
-            "delta": opts.delta,
-            "tokens": opts.tokens,
-            "seq_len": calib.input_ids.shape[1],
-            "seed": opts.seed,
-            "dtype": opts.dtype,
-            "whitening": resolve_method(opts.whitening, d_model),
-            "rel_tol": REL_TOL,
-            "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)",
-        },
-        "source": {
-            "id": src.id,
-            "kind": src.kind,
-            "init": src.init,
-            "revision": src.revision,
-            "config_origin": src.config_origin,
-            "gguf_file": src.gguf_file,
-            "family": loaded.info["family"],
-            "model_class": loaded.info["model_class"],
-            "n_blocks": len(blocks),
-            "d_model": d_model,
-            "n_params": loaded.info["n_params"],
-        },
-        "inputs": {
-            "origin": calib.origin,
-            "n_tokens": calib.n_tokens,
-            "n_sequences": int(calib.input_ids.shape[0]),
-            "seq_len": int(calib.input_ids.shape[1]),
-            "sha256": calib.sha256,
-            **calib.detail,
-        },
-        "blocks": block_results,
-        "summary": report.summarize(block_results),
-        "risk": None,
-        "risk_unavailable_reason": RISK_UNAVAILABLE,
-        "environment": report.environment(device),
-        "timings": {
-            "load_s": t_load - t0,
-            "forward_s": t_fwd - t_load,
-            "spectral_s": t_spec - t_fwd,
-        },
-    }
-    data["summary"]["verdict"] = report.verdict(data)
-    data["timings"]["total_s"] = time.perf_counter() - t0
+    data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress)
+    data["timings"] = {"load_s": t_load - t0, **data["timings"], "total_s": time.perf_counter() - t0}
     result = AuditResult(data=data)
     if out_dir is not None:
         result.paths = report.write_outputs(data, out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import matplotlib
 
@@ -16,6 +17,12 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def title(audit: dict) -> str:
+    src = audit["source"]
+    name = src["id"] if src["kind"] == "hub" else Path(src["id"]).name
+    return name + (" (random init)" if src["init"] else "")
 
 
 def spectrum_png(audit: dict) -> bytes:
@@ -36,13 +43,19 @@ def spectrum_png(audit: dict) -> bytes:
         ax.scatter(ev[:, 0], ev[:, 1], s=5, color=cmap(b["index"] / n), alpha=0.6, lw=0)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(blocks) - 1))
     fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="block")
-    lim = max(1.2, 1.05 * max(b["spectral_radius"] for b in blocks))
+    mods = np.concatenate([np.hypot(*np.asarray(b["eigenvalues"], dtype=float).reshape(-1, 2).T) for b in blocks])
+    # frame the bulk of the spectrum: a few huge modes (often block 0) would shrink the circle to a dot
+    lim = max(1.3, 1.1 * float(np.quantile(mods, 0.9)))
+    beyond = int((mods > lim).sum())
+    if beyond:
+        ax.text(0.02, 0.02, f"{beyond} eigenvalue(s) beyond the frame (max |λ| = {mods.max():.3g})",
+                transform=ax.transAxes, fontsize=8)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
     ax.set_xlabel("Re λ")
     ax.set_ylabel("Im λ")
-    ax.set_title(f"RKSP spectrum — {audit['source']['id']}" + (" (init)" if audit["source"]["init"] else ""))
+    ax.set_title(f"RKSP spectrum — {title(audit)}")
     ax.legend(loc="upper right", fontsize=8)
     return _png(fig)
 
@@ -59,7 +72,8 @@ def profile_png(audit: dict) -> bytes:
     a1.legend(fontsize=8)
     a2.plot(idx, [b["spectral_radius"] for b in blocks], marker="o", ms=3, color="C3")
     a2.axhline(1.0, color="k", lw=0.8)
+    a2.set_yscale("log")
     a2.set_ylabel("spectral radius")
     a2.set_xlabel("block")
-    a1.set_title(f"RKSP profile — {audit['source']['id']}" + (" (init)" if audit["source"]["init"] else ""))
+    a1.set_title(f"RKSP profile — {title(audit)}")
     return _png(fig)
