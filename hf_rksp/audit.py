@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -112,6 +113,10 @@ def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
             f"--rank {opts.rank} needs at least {opts.rank + 1} tokens; with --tokens {opts.tokens} "
             f"the largest possible rank is {possible}"
         )
+    if opts.batch_size < 1:
+        raise RKSPError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.text is not None and not Path(opts.text).is_file():
+        raise RKSPError(f"--text file not found: {opts.text}")
     if opts.whitening not in ("auto", "gram", "exact", "randomized"):
         raise RKSPError(f"unknown whitening {opts.whitening!r} (auto, gram, exact, randomized)")
 
@@ -269,6 +274,8 @@ def audit(
             raise TypeError(f"audit() got an unknown option {k!r}")
         setattr(opts, k, v)
     check_options(opts)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise RKSPError(f"--out-dir {out_dir} exists and is not a directory")
     t0 = time.perf_counter()
     device = _device(opts.device)
     src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
@@ -278,5 +285,8 @@ def audit(
     data["timings"] = {"load_s": t_load - t0, **data["timings"], "total_s": time.perf_counter() - t0}
     result = AuditResult(data=data)
     if out_dir is not None:
-        result.paths = report.write_outputs(data, out_dir)
+        try:
+            result.paths = report.write_outputs(data, out_dir)
+        except OSError as e:
+            raise RKSPError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
     return result

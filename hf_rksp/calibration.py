@@ -18,7 +18,7 @@ DEFAULT_TEXT = "hf_rksp/data/calibration.txt"
 @dataclass
 class Calibration:
     input_ids: torch.Tensor  # (B, T) int64, no padding
-    origin: str  # "embedded-text", "text-file:<path>", "dataset:<name>", "random-token-ids"
+    origin: str  # "embedded-text", "text-file", "dataset", "random-token-ids"
     detail: dict
 
     @property
@@ -62,9 +62,11 @@ def _cut(ids: list[int], tokens: int, seq_len: int, what: str) -> torch.Tensor:
     return torch.tensor(ids[:tokens], dtype=torch.int64).reshape(n_seq, seq_len)
 
 
-def from_text(text: str, tokenizer, tokens: int, seq_len: int, origin: str, detail: dict | None = None) -> Calibration:
+def from_text(
+    text: str, tokenizer, tokens: int, seq_len: int, origin: str, detail: dict | None = None, what: str | None = None
+) -> Calibration:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return Calibration(_cut(ids, tokens, seq_len, origin), origin, detail or {})
+    return Calibration(_cut(ids, tokens, seq_len, what or origin), origin, detail or {})
 
 
 def from_embedded(tokenizer, tokens: int, seq_len: int) -> Calibration:
@@ -82,7 +84,7 @@ def from_file(path: str | Path, tokenizer, tokens: int, seq_len: int) -> Calibra
     except UnicodeDecodeError:
         raise RKSPError(f"--text file is not UTF-8 text: {p}") from None
     detail = {"file": str(p), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    return from_text(text, tokenizer, tokens, seq_len, "text-file", detail)
+    return from_text(text, tokenizer, tokens, seq_len, "text-file", detail, what=f"--text file {p}")
 
 
 def from_dataset(

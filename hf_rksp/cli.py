@@ -28,7 +28,19 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-rksp", description="RKSP spectral audits for Hugging Face transformers.")
+    p = argparse.ArgumentParser(
+        prog="hf-rksp",
+        description="RKSP spectral audits for Hugging Face transformers.",
+        epilog=(
+            "examples:\n"
+            "  hf-rksp audit ./my-checkpoint            # pretrained weights (dir, .gguf, or cached hub id)\n"
+            "  hf-rksp audit gpt2 --init                # architecture at random init, offline\n"
+            "  hf-rksp audit --config config.json       # any config at random init\n"
+            "  hf-rksp audit MODEL --tokens 2048 --rank 256 --delta 0.05\n"
+            "run 'hf-rksp audit --help' for every option"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("audit", help="audit a model (pretrained or at random init)", description=AUDIT_HELP,
@@ -85,8 +97,22 @@ def print_summary(result) -> None:
     print("\n".join(lines))
 
 
+def quiet_libraries() -> None:
+    """-q: no progress bars or warnings from transformers/hf_rksp; errors still print."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("hf_rksp").setLevel(logging.ERROR)
+
+
 def cmd_audit(args) -> int:
     from .audit import AuditOptions, audit
+
+    if args.quiet:
+        quiet_libraries()
 
     opts = AuditOptions(
         tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, delta=args.delta, seed=args.seed,

@@ -13,5 +13,5 @@ class NonFiniteActivationError(RKSPError):
         self.where = where
         super().__init__(
             f"non-finite values (NaN/inf) in the residual stream {where} block {block}; "
-            "try --dtype float32, a smaller init scale, or check the weights"
+            "check the weights (or, in float16/bfloat16, retry with --dtype float32)"
         )

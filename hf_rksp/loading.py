@@ -254,7 +254,12 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code)
-    check_memory(config, torch_dtype, device)
+    try:
+        check_memory(config, torch_dtype, device)
+    except RKSPError:
+        raise
+    except Exception as e:  # the config parses but transformers cannot build it
+        raise RKSPError(f"invalid config {Path(source.config_origin or source.id).name}: {str(e).splitlines()[0]}") from None
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         if source.init:

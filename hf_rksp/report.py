@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
 from . import atomic, plots
@@ -171,8 +170,9 @@ def render_card(audit: dict) -> str:
 def write_outputs(audit: dict, out_dir: str | Path) -> dict[str, str]:
     """Write audit.json, the plots and the card; all files appear together or not at all.
 
-    Everything is rendered in a staging directory first, so a failure while
-    plotting or formatting leaves the previous outputs untouched.
+    Everything is rendered into staging directories first and then swapped in
+    as whole directories, so a failure at any point leaves the previous
+    audit and card of this slug untouched.
     """
     out_dir = Path(out_dir)
     slug = audit["slug"]
@@ -183,16 +183,15 @@ def write_outputs(audit: dict, out_dir: str | Path) -> dict[str, str]:
     card = render_card(audit)
     (out_dir / "audits").mkdir(parents=True, exist_ok=True)
     (out_dir / "model_cards").mkdir(parents=True, exist_ok=True)
-    stage_a = Path(tempfile.mkdtemp(prefix=f".{slug}.", dir=out_dir / "audits"))
-    stage_c = Path(tempfile.mkdtemp(prefix=f".{slug}.", dir=out_dir / "model_cards"))
+    stage_a = atomic.make_dir(out_dir / "audits", f".{slug}.")
+    stage_c = atomic.make_dir(out_dir / "model_cards", f".{slug}.")
     try:
         atomic.write_json(stage_a / "audit.json", audit)
         for stage in (stage_a, stage_c):
             atomic.write_bytes(stage / "spectrum.png", spectrum)
             atomic.write_bytes(stage / "profile.png", profile)
         atomic.write_text(stage_c / "README.md", card)
-        atomic.publish_dir(stage_a, audit_dir)
-        atomic.publish_dir(stage_c, card_dir)
+        atomic.publish_dirs([(stage_a, audit_dir), (stage_c, card_dir)])
     finally:
         shutil.rmtree(stage_a, ignore_errors=True)
         shutil.rmtree(stage_c, ignore_errors=True)

@@ -1,0 +1,510 @@
+"""The `hf-rksp` command line: bad input gets one clear error line and writes nothing.
+
+Every error case asserts: exit code != 0, stderr is exactly one line starting
+with ``hf-rksp: error:`` that names what is wrong, no traceback, and no file at
+all under ``--out-dir`` (no audit.json, README.md, png, temp or staging file).
+Most cases call ``hf_rksp.cli.main`` in-process; a few run the real console
+script in a subprocess to prove no traceback reaches the user.  Nothing here
+touches the network (HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny
+
+from hf_rksp import atomic
+from hf_rksp.blocks import supported_families
+from hf_rksp.cli import main
+
+SMALL = ["--tokens", "128", "--seq-len", "64"]
+CARD_FILES = ("README.md", "spectrum.png", "profile.png")
+AUDIT_FILES = ("audit.json", "spectrum.png", "profile.png")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this process (env and the constant huggingface_hub read at import)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch) -> Path:
+    """An empty working directory (relative paths resolve here; no local dir shadows a hub id)."""
+    d = tmp_path / "work"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    return d
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def _tiny_tokenizer():
+    """A byte-level BPE tokenizer (300 ids, fits the tiny vocab of 512) built offline."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        ["The residual stream of a transformer carries the signal from block to block."] * 4,
+        vocab_size=300, min_frequency=1, show_progress=False,
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints, good and broken, written once for the module."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("cli_ckpts")
+    c: dict[str, Path] = {}
+    c["gpt2"] = save_tiny("gpt2", root / "tiny-gpt2")  # n_positions 256, no tokenizer
+    c["llama"] = save_tiny("llama", root / "good" / "tiny-llama")
+
+    # Same directory name (so the same slug) as the good llama, NaN weights in block 1.
+    nan = save_tiny("llama", root / "nan" / "tiny-llama")
+    f = nan / "model.safetensors"
+    sd = load_file(str(f))
+    key = "layers.1.self_attn.q_proj.weight"
+    assert key in sd, sorted(sd)
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(f), metadata={"format": "pt"})
+    c["nan"] = nan
+
+    trunc = save_tiny("llama", root / "truncated")
+    f = trunc / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    c["truncated"] = trunc
+
+    tok = root / "tiny-gpt2-tok"
+    shutil.copytree(c["gpt2"], tok)
+    _tiny_tokenizer().save_pretrained(tok)
+    c["tok"] = tok
+    return c
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``main([...])`` in-process: (exit code, stdout, stderr).
+
+    An exception escaping main() is what the console script shows as a traceback:
+    it is turned into rc 1 and its traceback into stderr, so the assertions
+    below report it (and the no-file checks still run).
+    """
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse (--help, usage errors)
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        captured = capsys.readouterr()
+        return 1, captured.out, captured.err + traceback.format_exc()
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def audit_cli(capsys, out: Path, *argv: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "audit", *argv, "--out-dir", str(out), "-q")
+
+
+def assert_one_error_line(rc: int, err: str, *words: str) -> str:
+    """Exit != 0, no traceback, and stderr is one 'hf-rksp: error: ...' line containing ``words``."""
+    assert rc != 0, f"expected a non-zero exit code, got {rc}; stderr:\n{err}"
+    assert "Traceback" not in err, f"a traceback reached the user:\n{err}"
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]  # splitlines also splits tqdm's \r
+    assert lines, "nothing on stderr"
+    line = lines[-1]
+    assert line.startswith("hf-rksp: error:"), f"last stderr line is not an hf-rksp error: {line!r}\n{err}"
+    for w in words:
+        assert w.lower() in line.lower(), f"{w!r} not in the error line {line!r}"
+    assert len(lines) == 1, f"stderr should be exactly one line (the error), got {len(lines)}:\n{err}"
+    return line
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file (hidden ones, temp files and links included) under ``root``, relative."""
+    if not root.exists():
+        return []
+    found = []
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            found.append(str((Path(dirpath) / n).relative_to(root)))
+    return sorted(found)
+
+
+def dirs_under(root: Path) -> list[str]:
+    found = []
+    for dirpath, dirs, _names in os.walk(root):
+        for d in dirs:
+            found.append(str((Path(dirpath) / d).relative_to(root)))
+    return sorted(found)
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert files_under(out) == [], f"files left under --out-dir after a failure: {files_under(out)}"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {rel: (root / rel).read_bytes() for rel in files_under(root)}
+
+
+def expected_outputs(slug: str) -> list[str]:
+    return sorted([f"audits/{slug}/{f}" for f in AUDIT_FILES] + [f"model_cards/{slug}/{f}" for f in CARD_FILES])
+
+
+def assert_exact_outputs(out: Path, slug: str) -> None:
+    """Exactly the six output files, and no other file or directory (no staging dir left)."""
+    assert files_under(out) == expected_outputs(slug)
+    assert dirs_under(out) == sorted(["audits", "model_cards", f"audits/{slug}", f"model_cards/{slug}"])
+
+
+def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The real `hf-rksp` console script, offline."""
+    exe = shutil.which("hf-rksp")
+    assert exe, "the hf-rksp console script is not on PATH (pip install -e .)"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------- what to audit
+
+
+def test_unknown_hub_id_offline(capsys, work, out):
+    rc, _, err = audit_cli(capsys, out, "someone/does-not-exist-xyz", *SMALL)
+    assert_one_error_line(rc, err, "someone/does-not-exist-xyz", "HF_HUB_OFFLINE")
+    assert_nothing_written(out)
+
+
+def test_unknown_hub_id_offline_console_script(work, out):
+    p = run_script(["audit", "someone/does-not-exist-xyz", *SMALL, "--out-dir", str(out), "-q"], work)
+    assert_one_error_line(p.returncode, p.stderr, "someone/does-not-exist-xyz", "HF_HUB_OFFLINE")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("path", ["./no/such/dir", "./no/such/model.gguf", "missing.gguf"])
+def test_missing_path(capsys, work, out, path):
+    rc, _, err = audit_cli(capsys, out, path, *SMALL)
+    assert_one_error_line(rc, err, "no such file or directory", path)
+    assert_nothing_written(out)
+
+
+def test_directory_without_config_json(capsys, work, out):
+    d = work / "not-a-checkpoint"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(b"\x00" * 64)
+    rc, _, err = audit_cli(capsys, out, str(d), *SMALL)
+    assert_one_error_line(rc, err, "config.json", "not-a-checkpoint")
+    assert_nothing_written(out)
+
+
+def test_corrupt_gguf(capsys, work, out):
+    f = work / "broken.gguf"
+    f.write_bytes(b"\x00\x13garbage, not a GGUF header" * 64)
+    rc, _, err = audit_cli(capsys, out, str(f), *SMALL)
+    assert_one_error_line(rc, err, "broken.gguf", "GGUF")
+    assert_nothing_written(out)
+
+
+def test_non_model_file(capsys, work, out):
+    f = work / "notes.txt"
+    f.write_text("just some notes\n")
+    rc, _, err = audit_cli(capsys, out, str(f), *SMALL)
+    assert_one_error_line(rc, err, "notes.txt", "not a .gguf")
+    assert_nothing_written(out)
+
+
+def test_truncated_safetensors(capsys, work, out, ckpts):
+    rc, _, err = audit_cli(capsys, out, str(ckpts["truncated"]), *SMALL)
+    assert_one_error_line(rc, err, "could not load weights", "truncated")
+    assert_nothing_written(out)
+
+
+def test_no_model_named(capsys, work, out):
+    rc, _, err = audit_cli(capsys, out, *SMALL)
+    assert_one_error_line(rc, err, "--config")
+    assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------- --config
+
+
+def test_config_invalid_json(capsys, work, out):
+    f = work / "config.json"
+    f.write_text('{"model_type": "gpt2", n_layer: 2')
+    rc, _, err = audit_cli(capsys, out, "--config", str(f), *SMALL)
+    assert_one_error_line(rc, err, "config.json", "not valid JSON")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt_neox"])
+def test_config_unsupported_family(capsys, work, out, family):
+    f = work / f"{family}.json"
+    f.write_text(json.dumps({"model_type": family, "hidden_size": 64, "d_model": 64, "num_hidden_layers": 2}))
+    rc, _, err = audit_cli(capsys, out, "--config", str(f), *SMALL)
+    assert_one_error_line(rc, err, "unsupported", family, *supported_families())
+    assert_nothing_written(out)
+
+
+def test_config_impossible_architecture(capsys, work, out):
+    """A config transformers refuses to build (64 not divisible by 5 heads) is bad input, not a crash."""
+    f = work / "five-heads.json"
+    f.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 5, "n_layer": 2, "vocab_size": 512,
+                             "n_positions": 256, "bos_token_id": 0, "eos_token_id": 0}))
+    rc, _, err = audit_cli(capsys, out, "--config", str(f), *SMALL)
+    assert_one_error_line(rc, err, "five-heads.json")
+    assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------- method options
+
+
+def test_rank_larger_than_tokens_allow(capsys, work, out):
+    rc, _, err = audit_cli(capsys, out, "gpt2", "--init", "--rank", "300", "--tokens", "256", "--seq-len", "128")
+    assert_one_error_line(rc, err, "--rank 300", "largest possible rank is 255")
+    assert_nothing_written(out)
+
+
+def test_tokens_not_a_multiple_of_seq_len(capsys, work, out, ckpts):
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", "--tokens", "300", "--seq-len", "128")
+    assert_one_error_line(rc, err, "300", "128", "multiple")
+    assert_nothing_written(out)
+
+
+def test_seq_len_beyond_max_positions(capsys, work, out, ckpts):
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", "--tokens", "512", "--seq-len", "512")
+    assert_one_error_line(rc, err, "--seq-len 512", "256 positions")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("bs", ["0", "-1"])
+def test_batch_size_not_positive(capsys, work, out, ckpts, bs):
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--batch-size", bs)
+    assert_one_error_line(rc, err, "--batch-size")
+    assert_nothing_written(out)
+
+
+def test_non_integer_tokens_is_a_usage_error(capsys, work, out):
+    """argparse's own usage error: exit 2, no traceback, names the option."""
+    rc, _, err = audit_cli(capsys, out, "gpt2", "--init", "--tokens", "abc")
+    assert rc == 2
+    assert "Traceback" not in err
+    assert "--tokens" in err.strip().splitlines()[-1] and "abc" in err
+    assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def test_nan_in_block_1(capsys, work, out, ckpts):
+    rc, _, err = audit_cli(capsys, out, str(ckpts["nan"]), *SMALL)
+    line = assert_one_error_line(rc, err, "NaN", "block 1")
+    assert "block 0" not in line
+    assert_nothing_written(out)
+
+
+def test_nan_in_block_1_console_script(work, out, ckpts):
+    p = run_script(["audit", str(ckpts["nan"]), *SMALL, "--out-dir", str(out), "-q"], work)
+    assert_one_error_line(p.returncode, p.stderr, "NaN", "block 1")
+    assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------- calibration text
+
+
+def test_text_file_missing(capsys, work, out, ckpts):
+    rc, _, err = audit_cli(capsys, out, str(ckpts["tok"]), *SMALL, "--text", "no-such-corpus.txt")
+    assert_one_error_line(rc, err, "--text", "not found", "no-such-corpus.txt")
+    assert_nothing_written(out)
+
+
+def test_text_file_too_short(capsys, work, out, ckpts):
+    from transformers import AutoTokenizer
+
+    f = work / "short.txt"
+    text = "A short calibration text, far from enough tokens.\n"
+    f.write_text(text)
+    n = len(AutoTokenizer.from_pretrained(str(ckpts["tok"]))(text, add_special_tokens=False)["input_ids"])
+    assert 0 < n < 128
+    rc, _, err = audit_cli(capsys, out, str(ckpts["tok"]), *SMALL, "--text", str(f))
+    assert_one_error_line(rc, err, f"only {n} tokens", "128")
+    assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def test_device_cuda_without_cuda(capsys, work, out, ckpts, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU-only, whatever the machine
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--device", "cuda")
+    assert_one_error_line(rc, err, "--device cuda", "CUDA")
+    assert_nothing_written(out)
+
+
+def test_unknown_dtype(capsys, work, out, ckpts):
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--dtype", "float8")
+    assert_one_error_line(rc, err, "--dtype", "float8", "float32", "bfloat16")
+    assert_nothing_written(out)
+
+
+def test_out_dir_is_a_file(capsys, work, ckpts):
+    """--out-dir naming an existing file: one error line, and the file is left alone."""
+    f = work / "taken"
+    f.write_text("not a directory\n")
+    rc, _, err = run_cli(capsys, "audit", str(ckpts["gpt2"]), "--init", *SMALL, "--out-dir", str(f), "-q")
+    assert_one_error_line(rc, err, "--out-dir", "taken")
+    assert f.read_text() == "not a directory\n"
+    assert sorted(p.name for p in work.iterdir()) == ["taken"]
+
+
+def test_disk_full_while_writing(capsys, work, out, ckpts, monkeypatch):
+    """An OSError while writing outputs (here ENOSPC on the 3rd file) is one error line and leaves no file."""
+    real = atomic.write_bytes
+    calls = []
+
+    def flaky(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(atomic, "write_bytes", flaky)
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL)
+    assert len(calls) == 3
+    assert_one_error_line(rc, err, "No space left on device")
+    assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------- successful audits
+
+
+def test_init_audit_writes_exactly_the_outputs(capsys, work, out, ckpts):
+    rc, stdout, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", "--tokens", "256", "--seq-len", "128")
+    assert rc == 0, err
+    assert "Traceback" not in err
+    slug = "tiny-gpt2__init"
+    assert_exact_outputs(out, slug)
+    data = json.loads((out / "audits" / slug / "audit.json").read_text())
+    assert data["slug"] == slug
+    assert data["source"]["init"] is True and data["source"]["family"] == "gpt2"
+    assert data["inputs"]["n_tokens"] == 256 and data["inputs"]["seq_len"] == 128
+    assert len(data["blocks"]) == 3
+    for name in ("spectrum.png", "profile.png"):
+        png = (out / "audits" / slug / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and png == (out / "model_cards" / slug / name).read_bytes()
+    card = (out / "model_cards" / slug / "README.md").read_text()
+    assert card.startswith("---") and "RKSP" in card
+    assert "near-unit mass" in stdout and str(out / "audits" / slug / "audit.json") in stdout
+
+
+def test_no_write_writes_nothing(capsys, work, out, ckpts):
+    rc, stdout, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--no-write")
+    assert rc == 0, err
+    assert "near-unit mass" in stdout and "wrote" not in stdout
+    assert not out.exists() or files_under(out) == [] and dirs_under(out) == []
+    assert files_under(work) == []
+
+
+def test_shipped_gpt2_config_offline(capsys, work, out):
+    rc, stdout, err = audit_cli(capsys, out, "gpt2", "--init", "--tokens", "256", "--seq-len", "128")
+    assert rc == 0, err
+    assert_exact_outputs(out, "gpt2__init")
+    data = json.loads((out / "audits" / "gpt2__init" / "audit.json").read_text())
+    assert data["source"]["kind"] == "hub" and data["source"]["init"] is True
+    assert data["source"]["config_origin"].startswith("shipped:")
+    assert data["source"]["n_blocks"] == 12 and data["source"]["d_model"] == 768
+    assert data["inputs"]["origin"] == "random-token-ids"
+    assert "hf-rksp audit gpt2 --init" in data["command"]
+    assert "RKSP audit of gpt2 (random init)" in stdout
+
+
+def test_failure_after_success_keeps_earlier_outputs(capsys, work, out, ckpts):
+    """A failing audit of the same slug leaves the earlier outputs byte-identical."""
+    assert ckpts["llama"].name == ckpts["nan"].name  # same slug: the failure targets the same files
+    rc, _, err = audit_cli(capsys, out, str(ckpts["llama"]), *SMALL)
+    assert rc == 0, err
+    assert_exact_outputs(out, "tiny-llama")
+    before = snapshot(out)
+
+    rc, _, err = audit_cli(capsys, out, str(ckpts["nan"]), *SMALL)
+    assert rc != 0
+    assert snapshot(out) == before, "earlier outputs were changed by a failed audit"
+    assert_exact_outputs(out, "tiny-llama")
+    assert_one_error_line(rc, err, "block 1")
+
+
+def test_failure_while_publishing_keeps_earlier_outputs(capsys, work, out, ckpts, monkeypatch):
+    """If publishing fails half-way (audit dir moved, card dir not), the earlier outputs stay as they were:
+    no mix of a new audit.json with an old card, and one error line."""
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--seed", "1")
+    assert rc == 0, err
+    before = snapshot(out)
+
+    real = os.rename
+    calls = []
+
+    def flaky(src, dst):
+        # fail when the staged card directory is swapped in, after the audit directory was
+        staged = Path(src).name.startswith(".") and ".old." not in Path(src).name
+        if staged and Path(dst).parent.name == "model_cards":
+            calls.append(dst)
+            raise OSError(errno.EACCES, "Permission denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", flaky)
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--seed", "2")
+    assert len(calls) == 1
+    assert rc != 0
+    changed = sorted(k for k in before if snapshot(out).get(k) != before[k])
+    assert snapshot(out) == before, f"earlier outputs were changed by a failed audit: {changed}"
+    assert_exact_outputs(out, "tiny-gpt2__init")
+    assert_one_error_line(rc, err, "Permission denied")
+
+
+# ----------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["audit", "--help"]])
+def test_help(capsys, argv):
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    for opt in ("--init", "--config", "--tokens", "--rank", "--delta"):
+        assert opt in stdout, f"`hf-rksp {' '.join(argv)}` does not mention {opt}:\n{stdout}"
+
+
+def test_help_console_script(work):
+    p = run_script(["audit", "--help"], work)
+    assert p.returncode == 0, p.stderr
+    assert "--init" in p.stdout and "--delta" in p.stdout and p.stderr == ""
+
+
+def test_version(capsys):
+    from hf_rksp import __version__
+
+    rc, stdout, _ = run_cli(capsys, "--version")
+    assert rc == 0 and stdout.strip() == f"hf-rksp {__version__}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
