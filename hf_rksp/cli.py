@@ -101,8 +101,11 @@ def quiet_libraries() -> None:
     """-q: no progress bars or warnings from transformers/hf_rksp; errors still print."""
     import logging
 
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("hf_rksp").setLevel(logging.ERROR)
