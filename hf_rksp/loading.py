@@ -190,6 +190,15 @@ def load_config(source: Source, trust_remote_code: bool = False):
     return cfg
 
 
+def _from_pretrained(auto_cls, source: Source, local_files_only: bool, **kwargs):
+    """``auto_cls.from_pretrained`` for a gguf file, a directory, or a hub id."""
+    if source.kind == "gguf":
+        return auto_cls.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+    if source.kind == "dir":
+        return auto_cls.from_pretrained(source.path, **kwargs)
+    return auto_cls.from_pretrained(source.id, revision=source.revision, local_files_only=local_files_only, **kwargs)
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     """The tokenizer next to the model, or None when there is none offline (random ids then)."""
     from transformers import AutoTokenizer
@@ -198,14 +207,7 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
         return None
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     try:
-        if source.kind == "gguf":
-            tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
-        elif source.kind == "dir":
-            tok = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        else:
-            tok = AutoTokenizer.from_pretrained(
-                source.id, revision=source.revision, local_files_only=source.init or _offline(), **kwargs
-            )
+        tok = _from_pretrained(AutoTokenizer, source, local_files_only=source.init or _offline(), **kwargs)
     except Exception:
         return None
     # transformers builds an empty (or specials-only) tokenizer from a directory without vocab files
@@ -266,15 +268,8 @@ def load_model(
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         else:
-            kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-            if source.kind == "gguf":
-                model = AutoModel.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
-            elif source.kind == "dir":
-                model = AutoModel.from_pretrained(source.path, **kwargs)
-            else:
-                model = AutoModel.from_pretrained(
-                    source.id, revision=source.revision, local_files_only=_offline(), **kwargs
-                )
+            model = _from_pretrained(AutoModel, source, local_files_only=_offline(), dtype=torch_dtype,
+                                     trust_remote_code=trust_remote_code)
     except RKSPError:
         raise
     except (torch.OutOfMemoryError, MemoryError):
