@@ -35,6 +35,7 @@ __all__ = [
     "BlockSpectrum",
     "whiten",
     "dmd_operator",
+    "whitened_operator",
     "spectral_features",
     "block_spectrum",
     "max_rank",
@@ -169,6 +170,16 @@ def whiten(
     if method == "exact":
         _, s, vh = torch.linalg.svd(xc, full_matrices=False)
         v = vh.T
+    elif method == "gram" and n < d:
+        # Fewer tokens than dimensions (KSS's per-step subsample): the (N x N) row
+        # Gram Xc Xc^T = U S^2 U^T is the smaller problem, and V = Xc^T U S^-1.
+        evals, evecs = torch.linalg.eigh(xc @ xc.T)  # ascending
+        s = evals.flip(-1)[:possible].clamp_min(0).sqrt()
+        r = _truncate(s, rank, rel_tol)
+        if r < 1:
+            raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
+        s = s[:r]
+        v = (xc.T @ evecs.flip(-1)[:, :r]) / s
     elif method == "gram":
         gram = torch.zeros(d, d, dtype=xc.dtype, device=xc.device)
         for sl in _row_chunks(n, chunk):
@@ -192,6 +203,34 @@ def whiten(
 def dmd_operator(zx: torch.Tensor, zy: torch.Tensor) -> torch.Tensor:
     """K = Zx^+ Zy for whitened Zx with orthonormal columns, i.e. Zx^T Zy."""
     return zx.T @ zy
+
+
+def whitened_operator(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rank: int = 256,
+    *,
+    method: str = "auto",
+    rel_tol: float = REL_TOL,
+    dtype: torch.dtype | None = torch.float64,
+    niter: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Whitening]:
+    """Steps 2-4 of RKSP v1: (K, Zx, Zy, whitening) from snapshots ``x``, ``y`` (N x d).
+
+    Differentiable in ``x`` and ``y`` (KSS): the whitening (mean of X, basis,
+    scale) is computed on ``x.detach()``, i.e. a stop-gradient through the
+    basis, and gradients flow through Zx = (X - mean) V S^-1 and
+    Zy = (Y - mean(Y)) V S^-1 into whatever produced the snapshots.  Under
+    no_grad (the audit) this is exactly the v1 operator.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"X and Y shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    w = whiten(x.detach(), rank, rel_tol=rel_tol, method=method, dtype=dtype, niter=niter, generator=generator)
+    zx = w.apply(x)
+    yy = y.to(w.basis.dtype)
+    zy = w.apply(yy, mean=yy.mean(dim=0))
+    return dmd_operator(zx, zy), zx, zy, w
 
 
 def spectral_features(eigenvalues: torch.Tensor, delta: float = 0.05) -> dict[str, float]:
@@ -218,13 +257,7 @@ def block_spectrum(
     generator: torch.Generator | None = None,
 ) -> BlockSpectrum:
     """RKSP v1 spectrum and features of one block from its input/output snapshots."""
-    if x.shape != y.shape:
-        raise ValueError(f"X and Y shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-    w = whiten(x, rank, rel_tol=rel_tol, method=method, niter=niter, generator=generator)
-    zx = w.apply(x)
-    y64 = y.to(w.basis.dtype)
-    zy = w.apply(y64, mean=y64.mean(dim=0))
-    k = dmd_operator(zx, zy)
+    k, zx, zy, w = whitened_operator(x, y, rank, method=method, rel_tol=rel_tol, niter=niter, generator=generator)
     eig = torch.linalg.eigvals(k)
     zy_sq = float((zy * zy).sum())
     resid = float(((zy - zx @ k) ** 2).sum())
