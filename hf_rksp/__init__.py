@@ -16,4 +16,18 @@ __all__ = [
     "dmd_operator",
     "spectral_features",
     "whiten",
+    "KSSConfig",
+    "KSSTrainer",
+    "RKSPMonitorCallback",
 ]
+
+_LAZY = {"KSSConfig", "KSSTrainer", "RKSPMonitorCallback"}
+
+
+def __getattr__(name):
+    # The trainer imports transformers.Trainer (heavy): load it only when asked for.
+    if name in _LAZY:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
