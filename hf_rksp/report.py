@@ -9,6 +9,27 @@ from pathlib import Path
 from . import atomic, plots
 
 SCHEMA_VERSION = "1.0"
+SCHEMA_FILE = "schema/audit.schema.json"
+
+
+def audit_schema() -> dict:
+    import json
+    from importlib import resources
+
+    return json.loads(resources.files("hf_rksp").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
+def validate_audit(audit: dict) -> None:
+    """Raise RKSPError naming the first violation of the published JSON Schema."""
+    import jsonschema
+
+    from .errors import RKSPError
+
+    validator = jsonschema.Draft202012Validator(audit_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(audit))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        raise RKSPError(f"audit JSON does not match {SCHEMA_FILE} at {where}: {error.message}")
 
 
 def environment(device: str) -> dict:
@@ -174,6 +195,7 @@ def write_outputs(audit: dict, out_dir: str | Path) -> dict[str, str]:
     as whole directories, so a failure at any point leaves the previous
     audit and card of this slug untouched.
     """
+    validate_audit(audit)
     out_dir = Path(out_dir)
     slug = audit["slug"]
     audit_dir = out_dir / "audits" / slug
