@@ -290,3 +290,25 @@ def audit(
         except OSError as e:
             raise RKSPError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
     return result
+
+
+def rerender(audit_json: str, out_dir: str = ".") -> AuditResult:
+    """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed."""
+    import json
+
+    p = Path(audit_json)
+    if p.is_dir():
+        p = p / "audit.json"
+    if not p.is_file():
+        raise RKSPError(f"--from-audit file not found: {audit_json}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RKSPError(f"{p} is not valid JSON: {e}") from None
+    report.validate_audit(data)
+    result = AuditResult(data=data)
+    try:
+        result.paths = report.write_outputs(data, out_dir)
+    except OSError as e:
+        raise RKSPError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
+    return result

@@ -7,6 +7,21 @@ import sys
 
 from .errors import RKSPError
 
+PUSH_HELP = """\
+Publish an audit to the Hugging Face Hub in a single commit (or none).
+
+own mode (default): audit.json, spectrum.png, profile.png and the card as
+README.md go to --repo-id, created when missing.
+--to-model: a pull request on the audited model's repo (or --repo-id) with the
+same files under rksp/; the model's README is not touched.
+
+The token comes from HF_TOKEN or `hf auth login` and never appears in output.
+
+examples:
+  hf-rksp push gpt2__init --repo-id alice/gpt2-rksp --dry-run
+  hf-rksp push meta-llama__Llama-2-7b-hf --to-model
+"""
+
 AUDIT_HELP = """\
 Audit a transformer with Residual Koopman Spectral Profiling (RKSP v1).
 
@@ -74,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
     r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--from-audit", metavar="AUDIT_JSON",
+                   help="re-render plots and card from an existing audit.json (no model needed)")
+    r.add_argument("--push-to", metavar="USER/NAME", help="after writing, push the audit to this Hub repo")
+
+    u = sub.add_parser("push", help="publish an audit (JSON, plots, card) to the Hub in one commit",
+                       description=PUSH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    u.add_argument("audit", metavar="SLUG_OR_DIR", help="audit slug under OUT_DIR/audits, or an audit directory")
+    u.add_argument("--repo-id", metavar="USER/NAME", help="target repo (own mode: created when missing)")
+    u.add_argument("--to-model", action="store_true",
+                   help="open a PR on the audited model's repo (or --repo-id) with files under rksp/")
+    u.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    u.add_argument("--revision", help="branch to commit to (default main)")
+    u.add_argument("--private", action="store_true", help="create the audit repo as private")
+    u.add_argument("--dry-run", action="store_true", help="print exactly what would be uploaded, upload nothing")
+    u.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default .)")
+
+    c = sub.add_parser("compare", help="compare two audits block by block")
+    c.add_argument("a", help="audit A: path to audit.json, audit directory, or slug")
+    c.add_argument("b", help="audit B")
+    c.add_argument("--out-dir", default=".", help="where slugs are looked up (default .)")
+    c.add_argument("--plot", metavar="PNG", help="write both profiles to this PNG")
+    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
     return p
 
 
@@ -112,21 +149,81 @@ def quiet_libraries() -> None:
 
 
 def cmd_audit(args) -> int:
-    from .audit import AuditOptions, audit
+    from .audit import AuditOptions, audit, rerender
 
     if args.quiet:
         quiet_libraries()
-
-    opts = AuditOptions(
-        tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, delta=args.delta, seed=args.seed,
-        dtype=args.dtype, device=args.device, batch_size=args.batch_size, whitening=args.whitening,
-        text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
-        column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision,
-    )
-    result = audit(args.model, init=args.init, config=args.config, options=opts,
-                   out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
+    if args.from_audit:
+        result = rerender(args.from_audit, out_dir=args.out_dir)
+    else:
+        opts = AuditOptions(
+            tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, delta=args.delta, seed=args.seed,
+            dtype=args.dtype, device=args.device, batch_size=args.batch_size, whitening=args.whitening,
+            text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
+            column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision,
+        )
+        if args.push_to and args.no_write:
+            raise RKSPError("--push-to needs the files: drop --no-write")
+        result = audit(args.model, init=args.init, config=args.config, options=opts,
+                       out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
     print_summary(result)
+    if args.push_to:
+        from . import hub
+
+        plan = hub.plan_push(result.data["slug"], args.push_to, out_dir=args.out_dir)
+        print_push(hub.push(plan))
     return 0
+
+
+def print_push(res) -> None:
+    print(f"pushed {len(res.plan.files)} files to {res.plan.repo_id} in one commit: {res.commit_url}")
+    if res.pr_url:
+        print(f"pull request: {res.pr_url}")
+
+
+def cmd_push(args) -> int:
+    from . import hub
+
+    plan = hub.plan_push(args.audit, args.repo_id, mode="model-pr" if args.to_model else "own",
+                         revision=args.revision, create_pr=args.create_pr, private=args.private, out_dir=args.out_dir)
+    if args.dry_run:
+        print("dry run: nothing uploaded\n" + plan.describe())
+        return 0
+    print_push(hub.push(plan))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from . import atomic
+    from .compare import compare, compare_png, load_audit
+
+    a, b = load_audit(args.a, args.out_dir), load_audit(args.b, args.out_dir)
+    res = compare(a, b)
+    if args.plot:
+        atomic.write_bytes(args.plot, compare_png(a, b))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"A: {res['a']['slug']}\nB: {res['b']['slug']}")
+    print(f"{'':<22}{'A':>10}{'B':>10}{'B-A':>10}")
+    for k, v in res["summary"].items():
+        print(f"{k:<22}{v['a']:>10.4f}{v['b']:>10.4f}{v['delta']:>+10.4f}")
+    if res["blocks"]:
+        print(f"\n{'block':>5}{'d near-unit':>13}{'d radius':>11}{'d outside':>11}{'d R2':>9}")
+        for r in res["blocks"]:
+            print(f"{r['index']:>5}{r['near_unit_mass_delta']:>+13.4f}{r['spectral_radius_delta']:>+11.4f}"
+                  f"{r['outside_mass_delta']:>+11.4f}{r['fit_r2_delta']:>+9.4f}")
+    for w in res["warnings"]:
+        print(f"warning: {w}")
+    print("\n" + res["verdict"])
+    if args.plot:
+        print(f"wrote plot {args.plot}")
+    return 0
+
+
+COMMANDS = {"audit": cmd_audit, "push": cmd_push, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return cmd_audit(args)
+        return COMMANDS[args.command](args)
     except RKSPError as e:
         print(f"hf-rksp: error: {e}", file=sys.stderr)
         return 2

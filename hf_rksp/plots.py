@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _png(fig) -> bytes:
+def to_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -57,7 +57,7 @@ def spectrum_png(audit: dict) -> bytes:
     ax.set_ylabel("Im λ")
     ax.set_title(f"RKSP spectrum — {title(audit)}")
     ax.legend(loc="upper right", fontsize=8)
-    return _png(fig)
+    return to_png(fig)
 
 
 def profile_png(audit: dict) -> bytes:
@@ -76,4 +76,4 @@ def profile_png(audit: dict) -> bytes:
     a2.set_ylabel("spectral radius")
     a2.set_xlabel("block")
     a1.set_title(f"RKSP profile — {title(audit)}")
-    return _png(fig)
+    return to_png(fig)

@@ -134,6 +134,29 @@ The full result, eigenvalues included, is in `audit.json` (schema {schema}).
 """
 
 
+def eval_results(audit: dict) -> list:
+    """The audit's headline numbers as Hub `model-index` results (shown as evaluation results)."""
+    from huggingface_hub import EvalResult
+
+    s = audit["summary"]
+    metrics = [
+        ("near_unit_mass", s["near_unit_mass"], "Near-unit spectral mass (RKSP M)"),
+        ("spectral_radius_max", s["spectral_radius_max"], "Max spectral radius"),
+        ("outside_mass_mean", s["outside_mass_mean"], "Mean outside mass"),
+        ("fit_r2_mean", s["fit_r2_mean"], "Mean DMD fit R2"),
+    ]
+    if audit.get("risk"):
+        metrics.append(("divergence_probability", audit["risk"]["probability"], "Probability of divergence"))
+    common = dict(
+        task_type="other",
+        task_name=f"RKSP v{audit['method']['version']} spectral audit",
+        dataset_type="text",
+        dataset_name=audit["inputs"]["origin"],
+        dataset_config=f"{audit['inputs']['n_tokens']} tokens",
+    )
+    return [EvalResult(metric_type=t, metric_value=round(float(v), 6), metric_name=n, **common) for t, v, n in metrics]
+
+
 def render_card(audit: dict) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -142,6 +165,8 @@ def render_card(audit: dict) -> str:
         tags=["rksp", "koopman", "spectral-audit"],
         base_model=src["id"] if src["kind"] == "hub" else None,
         library_name="hf-rksp",
+        model_name=audit["slug"],
+        eval_results=eval_results(audit),
     )
     rows = "\n".join(
         f"| {b['index']} | {b['near_unit_mass']:.4f} | {b['spectral_radius']:.4f} | "

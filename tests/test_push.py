@@ -1,0 +1,183 @@
+"""`hf-rksp push` through the real huggingface_hub client against a local fake Hub (127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import huggingface_hub.constants as hub_constants
+import pytest
+from fakehub import FakeHub
+
+from hf_rksp import audit
+from hf_rksp.cli import main
+
+TOKEN = "hf_testtoken_3f9a7c1e5b"
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, tiny_dirs) -> Path:
+    out = tmp_path_factory.mktemp("pushable")
+    audit(str(tiny_dirs["gpt2"]), init=True, tokens=256, seq_len=128, out_dir=str(out), progress=False)
+    return out
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """Point the real client at the fake Hub; the token comes from HF_TOKEN as for a user."""
+
+    def use(hub: FakeHub | None, token: str | None = TOKEN, endpoint: str | None = None):
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint or hub.endpoint)
+        monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no_cached_login"))
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        else:
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+
+    return use
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def expected_files(out: Path, slug: str, prefix: str = "") -> dict[str, bytes]:
+    a, c = out / "audits" / slug, out / "model_cards" / slug
+    return {
+        prefix + "audit.json": (a / "audit.json").read_bytes(),
+        prefix + "spectrum.png": (a / "spectrum.png").read_bytes(),
+        prefix + "profile.png": (a / "profile.png").read_bytes(),
+        prefix + "README.md": (c / "README.md").read_bytes(),
+    }
+
+
+def assert_no_token(hub: FakeHub, out: Path, *texts: str):
+    for t in texts:
+        assert TOKEN not in t
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert TOKEN.encode() not in p.read_bytes(), p
+    for c in hub.commits:
+        for content in c["files"].values():
+            assert TOKEN.encode() not in content
+
+
+def test_push_own_repo_one_commit(capsys, audited, online):
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub)
+        # the tiny checkpoint directory is named "gpt2", so its slug is gpt2__init
+        rc, out, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+    assert rc == 0, err
+    assert "alice/audits" in hub.repos
+    assert len(hub.commits) == 1
+    commit = hub.commits[0]
+    assert commit["repo"] == "alice/audits" and commit["revision"] == "main" and not commit["create_pr"]
+    assert commit["files"] == expected_files(audited, "gpt2__init")
+    card = commit["files"]["README.md"].decode()
+    assert "model-index" in card and "near_unit_mass" in card
+    assert "1 commit" in out or "one commit" in out
+    assert_no_token(hub, audited, out, err)
+    # the token travelled only in the Authorization header
+    for r in hub.requests:
+        auth = {k.lower(): v for k, v in r["headers"].items()}.get("authorization")
+        assert auth == f"Bearer {TOKEN}", (r["path"], auth)
+
+
+def test_push_as_pr_to_model_repo(capsys, audited, online):
+    with FakeHub(tokens={TOKEN: {"alice"}}, repos={"someorg/tiny-model"}) as hub:
+        online(hub)
+        rc, out, err = run(capsys, "push", str(audited / "audits" / "gpt2__init"), "--to-model",
+                           "--repo-id", "someorg/tiny-model")
+    assert rc == 0, err
+    assert len(hub.commits) == 1
+    commit = hub.commits[0]
+    assert commit["create_pr"] and commit["repo"] == "someorg/tiny-model"
+    assert commit["files"] == expected_files(audited, "gpt2__init", prefix="rksp/")
+    assert "README.md" not in commit["files"]  # the model's own card is untouched
+    assert "pull request" in out
+    assert_no_token(hub, audited, out, err)
+
+
+def test_dry_run_uploads_nothing(capsys, audited, online):
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub)
+        rc, out, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--dry-run",
+                           "--out-dir", str(audited))
+    assert rc == 0, err
+    assert hub.requests == []
+    for name in ("audit.json", "spectrum.png", "profile.png", "README.md"):
+        assert name in out
+    assert TOKEN not in out
+
+
+def one_error(rc, err, *words):
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-rksp: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert TOKEN not in err and "Traceback" not in err
+
+
+def test_error_no_token(capsys, audited, online):
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub, token=None)
+        rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+    one_error(rc, err, "token")
+    assert hub.commits == []
+
+
+def test_error_repo_not_found(capsys, audited, online):
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub)
+        rc, _, err = run(capsys, "push", "gpt2__init", "--to-model", "--repo-id", "ghost/missing",
+                         "--out-dir", str(audited))
+    one_error(rc, err, "ghost/missing", "not found")
+    assert hub.commits == []
+
+
+def test_error_no_write_access(capsys, audited, online):
+    with FakeHub(tokens={TOKEN: {"alice"}}, repos={"bob/audits"}) as hub:
+        online(hub)
+        rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "bob/audits", "--out-dir", str(audited))
+    one_error(rc, err, "bob/audits", "write access")
+    assert hub.commits == []
+
+
+def test_error_rate_limited(capsys, audited, online):
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        hub.fail_status["commit"] = 429
+        online(hub)
+        rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+    one_error(rc, err, "rate limit")
+    assert hub.commits == []
+
+
+def test_error_network_unreachable(capsys, audited, online):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there any more
+    online(None, endpoint=f"http://127.0.0.1:{port}")
+    rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+    one_error(rc, err, "cannot reach the Hub")
+
+
+def test_invalid_audit_is_not_pushed(capsys, audited, online, tmp_path):
+    import shutil
+
+    bad = tmp_path / "audits" / "broken"
+    shutil.copytree(audited / "audits" / "gpt2__init", bad)
+    shutil.copytree(audited / "model_cards" / "gpt2__init", tmp_path / "model_cards" / "broken")
+    data = json.loads((bad / "audit.json").read_text())
+    data["blocks"][0]["near_unit_mass"] = 1.5  # violates the schema
+    (bad / "audit.json").write_text(json.dumps(data))
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub)
+        rc, _, err = run(capsys, "push", "broken", "--repo-id", "alice/audits", "--out-dir", str(tmp_path))
+    one_error(rc, err, "schema")
+    assert hub.requests == []
