@@ -50,6 +50,7 @@ class AuditOptions:
     column: str = "text"
     trust_remote_code: bool = False
     revision: str | None = None
+    name: str | None = None  # hub id a local copy stands for: names the slug and card
 
 
 @dataclass
@@ -146,6 +147,8 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
         parts += ["--revision", opts.revision]
     if opts.trust_remote_code:
         parts.append("--trust-remote-code")
+    if opts.name:
+        parts += ["--name", opts.name]
     return shlex.join(parts)
 
 
@@ -221,7 +224,8 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
             "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)",
         },
         "source": {
-            "id": src.id,
+            "id": src.display_id,
+            "path": src.id if src.name else None,
             "kind": src.kind,
             "init": src.init,
             "revision": src.revision,
@@ -279,6 +283,7 @@ def audit(
     t0 = time.perf_counter()
     device = _device(opts.device)
     src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
+    src.name = opts.name
     loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed, trust_remote_code=opts.trust_remote_code)
     t_load = time.perf_counter()
     data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress)

@@ -40,10 +40,17 @@ class Source:
     gguf_file: str | None = None
     config_origin: str | None = None  # where the config came from, for --init
     revision: str | None = None
+    name: str | None = None  # --name: the hub id a local copy stands for (slug, card, base_model)
+
+    @property
+    def display_id(self) -> str:
+        return self.name or self.id
 
     @property
     def slug(self) -> str:
-        if self.kind == "hub":
+        if self.name:
+            base = self.name.replace("/", "__")
+        elif self.kind == "hub":
             base = self.id.replace("/", "__")
         else:
             base = Path(self.id).name

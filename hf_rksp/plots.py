@@ -21,7 +21,7 @@ def to_png(fig) -> bytes:
 
 def title(audit: dict) -> str:
     src = audit["source"]
-    name = src["id"] if src["kind"] == "hub" else Path(src["id"]).name
+    name = src["id"] if src["kind"] == "hub" or src.get("path") else Path(src["id"]).name
     return name + (" (random init)" if src["init"] else "")
 
 

