@@ -173,7 +173,7 @@ class KSSTrainer(Trainer):
         blocks = self._kss_selected_blocks(model)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.state.global_step * 101
                                             + self.kss_state.evaluations % 101)
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None  # dict or BatchEncoding
         valid = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) else None
         with SnapshotSampler(blocks, cfg.subsample, gen, valid) as sampler:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,

@@ -279,3 +279,18 @@ def test_monitor_callback_with_plain_trainer(tmp_path, caplog):
     assert [h["step"] for h in logged] == [3, 6]
     assert all(0 <= h["rksp/near_unit_mass"] <= 1 for h in logged)
     assert any("spectral radius" in r.getMessage() for r in caplog.records)
+
+
+def test_sampler_takes_the_same_non_padding_positions_in_every_block():
+    model = tiny_lm("gpt2").eval()
+    _, blocks = find_blocks(model)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[:, 10:] = 0
+    with SnapshotSampler(list(blocks), 100, torch.Generator().manual_seed(0), mask.reshape(-1).bool()) as s:
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    valid = mask.reshape(-1).bool()
+    (x0, y0), (x1, _) = s.pairs()
+    assert x0.shape[0] == int(valid.sum()) == 20
+    torch.testing.assert_close(x0, hs[0].reshape(-1, 64)[valid])
+    torch.testing.assert_close(x1, y0)
