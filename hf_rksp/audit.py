@@ -51,6 +51,7 @@ class AuditOptions:
     trust_remote_code: bool = False
     revision: str | None = None
     name: str | None = None  # hub id a local copy stands for: names the slug and card
+    blocks: str | None = None  # block-list path for families hf-rksp does not know
 
 
 @dataclass
@@ -149,6 +150,8 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
         parts.append("--trust-remote-code")
     if opts.name:
         parts += ["--name", opts.name]
+    if opts.blocks:
+        parts += ["--blocks", opts.blocks]
     return shlex.join(parts)
 
 
@@ -180,7 +183,7 @@ def profile_model(
 
     Returns (per-block dicts, block path, timings); no files, no loading.
     """
-    path, blocks = find_blocks(model)
+    path, blocks = find_blocks(model, opts.blocks)
     t0 = time.perf_counter()
     try:
         snaps = capture_snapshots(model, blocks, input_ids, batch_size=opts.batch_size, device=device,
@@ -284,7 +287,8 @@ def audit(
     device = _device(opts.device)
     src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
     src.name = opts.name
-    loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed, trust_remote_code=opts.trust_remote_code)
+    loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed, trust_remote_code=opts.trust_remote_code,
+                        any_family=opts.blocks is not None)
     t_load = time.perf_counter()
     data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress)
     data["timings"] = {"load_s": t_load - t0, **data["timings"], "total_s": time.perf_counter() - t0}

@@ -12,12 +12,27 @@ from torch import nn
 from .errors import RKSPError
 
 #: model_type -> attribute path of the block list on the base model.
+#: For Mamba/Mamba2 a block is ``x + mixer(norm(x))``: its input and output are
+#: the residual stream exactly as for attention blocks.
 BLOCK_PATHS: dict[str, str] = {
     "gpt2": "h",
+    "gptj": "h",
+    "falcon": "h",
+    "gpt_neox": "layers",
     "llama": "layers",
     "mistral": "layers",
+    "mixtral": "layers",
     "qwen2": "layers",
+    "qwen2_moe": "layers",
+    "qwen3": "layers",
+    "gemma": "layers",
+    "phi": "layers",
+    "mamba": "layers",
+    "mamba2": "layers",
+    "opt": "decoder.layers",
     "bert": "encoder.layer",
+    "roberta": "encoder.layer",
+    "deberta-v2": "encoder.layer",
 }
 
 
@@ -33,16 +48,26 @@ def _get_path(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The residual blocks of ``model`` in forward order, with their path on the base model."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in BLOCK_PATHS:
-        raise RKSPError(
-            f"unsupported model family {model_type!r}; supported: {', '.join(supported_families())}"
-        )
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The residual blocks of ``model`` in forward order, with their path on the base model.
+
+    ``path`` (``--blocks``) points at the block list of a family hf-rksp does
+    not know, relative to the base model or to the model itself.
+    """
     base = getattr(model, "base_model", model)
-    path = BLOCK_PATHS[model_type]
+    if path is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in BLOCK_PATHS:
+            raise RKSPError(
+                f"unsupported model family {model_type!r}; supported: {', '.join(supported_families())}; "
+                "point at the block list with --blocks (e.g. --blocks model.layers)"
+            )
+        path = BLOCK_PATHS[model_type]
     blocks = _get_path(base, path)
+    if blocks is None and base is not model:
+        blocks = _get_path(model, path)
+    if blocks is None and path.split(".")[0] == getattr(model, "base_model_prefix", None):
+        blocks = _get_path(base, path.split(".", 1)[1]) if "." in path else None
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise RKSPError(f"{type(model).__name__} has no residual blocks at '{path}'")
+        raise RKSPError(f"{type(model).__name__} has no list of residual blocks at '{path}'")
     return path, blocks

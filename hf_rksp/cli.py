@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", help="hub revision (branch, tag or commit)")
     g.add_argument("--name", metavar="HUB_ID",
                    help="the hub id a local directory or .gguf stands for: names the slug and the card's base_model")
+    g.add_argument("--blocks", metavar="PATH",
+                   help="attribute path of the residual block list for an unknown family (e.g. model.layers)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code from the repo (off by default)")
     m = a.add_argument_group("method (RKSP v1)")
     m.add_argument("--tokens", type=int, default=2048, help="calibration tokens N (default 2048)")
@@ -163,6 +165,7 @@ def cmd_audit(args) -> int:
             dtype=args.dtype, device=args.device, batch_size=args.batch_size, whitening=args.whitening,
             text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
             column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision, name=args.name,
+            blocks=args.blocks,
         )
         if args.push_to and args.no_write:
             raise RKSPError("--push-to needs the files: drop --no-write")

@@ -122,14 +122,15 @@ def resolve_source(
     return Source(id=source, kind="hub", init=init, revision=revision)
 
 
-def _config_from_dict(d: dict, origin: str, trust_remote_code: bool):
+def _config_from_dict(d: dict, origin: str, trust_remote_code: bool, any_family: bool = False):
     from transformers import AutoConfig
 
     d = dict(d)
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise RKSPError(f"config {origin} has no 'model_type'")
-    check_family(model_type, origin)
+    if not any_family:
+        check_family(model_type, origin)
     try:
         return AutoConfig.for_model(model_type, **d)
     except Exception as e:
@@ -139,7 +140,8 @@ def _config_from_dict(d: dict, origin: str, trust_remote_code: bool):
 def check_family(model_type: str | None, origin: str) -> None:
     if model_type not in BLOCK_PATHS:
         raise RKSPError(
-            f"unsupported model family {model_type!r} ({origin}); supported: {', '.join(supported_families())}"
+            f"unsupported model family {model_type!r} ({origin}); supported: {', '.join(supported_families())}; "
+            "point at the block list with --blocks (e.g. --blocks model.layers)"
         )
 
 
@@ -156,7 +158,7 @@ def _hub_error(source: Source, e: Exception) -> RKSPError:
     return RKSPError(f"could not load {source.id!r} from {where}: {str(e).splitlines()[0]}")
 
 
-def load_config(source: Source, trust_remote_code: bool = False):
+def load_config(source: Source, trust_remote_code: bool = False, any_family: bool = False):
     """The model config for ``source``, without weights."""
     from transformers import AutoConfig
 
@@ -167,12 +169,12 @@ def load_config(source: Source, trust_remote_code: bool = False):
             raise RKSPError(f"config file {source.path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise RKSPError(f"config file {source.path} is not a JSON object")
-        return _config_from_dict(d, source.path, trust_remote_code)
+        return _config_from_dict(d, source.path, trust_remote_code, any_family)
     if source.kind == "hub" and source.init and source.revision is None:
         shipped = shipped_config(source.id)
         if shipped is not None:
             source.config_origin = f"shipped:{shipped_config_names()[source.id]}"
-            return _config_from_dict(shipped, source.config_origin, trust_remote_code)
+            return _config_from_dict(shipped, source.config_origin, trust_remote_code, any_family)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
@@ -193,7 +195,8 @@ def load_config(source: Source, trust_remote_code: bool = False):
             raise _hub_error(source, e) from None
         raise RKSPError(f"could not read a model config from {source.id}: {str(e).splitlines()[0]}") from None
     source.config_origin = source.config_origin or source.kind
-    check_family(getattr(cfg, "model_type", None), source.id)
+    if not any_family:
+        check_family(getattr(cfg, "model_type", None), source.id)
     return cfg
 
 
@@ -257,12 +260,13 @@ def load_model(
     device: str = "cpu",
     seed: int = 0,
     trust_remote_code: bool = False,
+    any_family: bool = False,
 ) -> LoadedModel:
     """Build the base model: pretrained weights, or random init from the config with ``seed``."""
     from transformers import AutoModel
 
     torch_dtype = parse_dtype(dtype)
-    config = load_config(source, trust_remote_code)
+    config = load_config(source, trust_remote_code, any_family)
     try:
         check_memory(config, torch_dtype, device)
     except RKSPError:

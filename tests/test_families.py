@@ -1,0 +1,97 @@
+"""Block discovery across families: each tiny config audits at init, and hooks see the residual stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_rksp import audit
+from hf_rksp.blocks import BLOCK_PATHS, find_blocks
+from hf_rksp.capture import capture_snapshots
+from hf_rksp.cli import main
+
+TINY = {
+    "gpt_neox": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8, bos_token_id=0, eos_token_id=0),
+    "opt": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "phi": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "gemma": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=128),
+    "qwen3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=128),
+    "mixtral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                      num_experts=4, num_experts_per_tok=2),
+    "mamba": dict(hidden_size=64, num_hidden_layers=2, state_size=8),
+    "mamba2": dict(hidden_size=64, num_hidden_layers=2, state_size=8, num_heads=4, head_dim=32, n_groups=1),
+    "roberta": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    max_position_embeddings=258),
+    "deberta-v2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+}
+
+
+def config_file(tmp_path, model_type: str, **kw) -> str:
+    d = {"model_type": model_type, "vocab_size": 512, "max_position_embeddings": 256, **TINY.get(model_type, {}), **kw}
+    p = tmp_path / f"{model_type}.json"
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_family_audits_at_init(model_type, tmp_path):
+    assert model_type in BLOCK_PATHS
+    res = audit(config=config_file(tmp_path, model_type), tokens=128, seq_len=64, out_dir=None, progress=False)
+    d = res.data
+    assert d["source"]["family"] == model_type and len(d["blocks"]) == 2
+    for b in d["blocks"]:
+        # a LayerNorm'd stream (post-LN encoders) has zero feature-mean: rank d - 1
+        assert b["rank_used"] in (63, 64) and 0 <= b["near_unit_mass"] <= 1
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "opt", "falcon", "mixtral", "mamba", "deberta-v2"])
+def test_hooks_see_the_residual_stream(model_type, tmp_path):
+    """Block inputs are the hidden states the model reports between blocks."""
+    from transformers import AutoConfig, AutoModel
+
+    d = json.loads(open(config_file(tmp_path, model_type)).read())
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, blocks = find_blocks(model)
+    snaps = capture_snapshots(model, blocks, ids, batch_size=2, progress=False)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    flat = [h.reshape(-1, h.shape[-1]) for h in hs]
+    if model_type == "mamba":  # MambaModel records hidden states after each block, not before
+        torch.testing.assert_close(snaps.outputs[0], flat[0])
+        torch.testing.assert_close(snaps.outputs[1], flat[1])
+    else:
+        torch.testing.assert_close(snaps.inputs[0], flat[0])
+        torch.testing.assert_close(snaps.inputs[1], flat[1])
+    torch.testing.assert_close(snaps.outputs[0], snaps.inputs[1])
+
+
+def test_unknown_family_needs_blocks_flag(tmp_path, capsys):
+    cfg = config_file(tmp_path, "stablelm", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128)
+    out = tmp_path / "out"
+    rc = main(["audit", "--config", cfg, "--tokens", "128", "--seq-len", "64", "--out-dir", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "stablelm" in err and "--blocks" in err and not out.exists()
+    rc = main(["audit", "--config", cfg, "--blocks", "layers", "--tokens", "128", "--seq-len", "64",
+               "--out-dir", str(out), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "audits" / "stablelm__init" / "audit.json").read_text())
+    assert len(data["blocks"]) == 2 and "--blocks layers" in data["command"]
+    rc = main(["audit", "--config", cfg, "--blocks", "model.layers", "--tokens", "128", "--seq-len", "64",
+               "--no-write", "-q"])  # the base-model prefix is accepted too
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(["audit", "--config", cfg, "--blocks", "nope.layers", "--tokens", "128", "--seq-len", "64",
+               "--no-write", "-q"])
+    assert rc != 0 and "nope.layers" in capsys.readouterr().err
