@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max whitening rank r (default 256, capped at N-1 and d; an explicit r > N-1 is an error)")
     m.add_argument("--delta", type=float, default=0.05, help="near-unit band half-width: | |lambda| - 1 | <= delta (default 0.05)")
     m.add_argument("--whitening", choices=["auto", "gram", "exact", "randomized"], default="auto",
-                   help="subspace finder: gram (d <= 1024), randomized (larger d), exact SVD (reference); default auto")
+                   help="subspace finder: gram (exact, d x d or N x N Gram; the default 'auto'), exact SVD (reference), "
+                        "randomized (approximate: opt-in)")
     m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
     c = a.add_argument_group("calibration input (default: the English text embedded in the package)")
     c.add_argument("--text", metavar="FILE", help="UTF-8 text file to calibrate on")
