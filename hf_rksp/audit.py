@@ -17,6 +17,7 @@ from . import report
 from .blocks import find_blocks
 from .capture import capture_snapshots
 from .errors import RKSPError
+from .moe import RouterRecorder, find_routers
 from .loading import LoadedModel, load_model, resolve_source
 from .spectral import REL_TOL, block_spectrum, max_rank, resolve_method
 
@@ -184,15 +185,19 @@ def profile_model(
     Returns (per-block dicts, block path, timings); no files, no loading.
     """
     path, blocks = find_blocks(model, opts.blocks)
+    routers = RouterRecorder(find_routers(blocks))
     t0 = time.perf_counter()
     try:
-        snaps = capture_snapshots(model, blocks, input_ids, batch_size=opts.batch_size, device=device,
-                                  progress=progress)
+        with routers.recording():
+            snaps = capture_snapshots(model, blocks, input_ids, batch_size=opts.batch_size, device=device,
+                                      progress=progress)
     except (torch.OutOfMemoryError, MemoryError):
         raise RKSPError("out of memory in the forward pass; lower --tokens or --batch-size") from None
     t1 = time.perf_counter()
     results = profile_blocks(snaps.inputs, snaps.outputs, opts, progress)
     del snaps
+    for i, stats in routers.summary().items():
+        results[i]["router"] = stats
     return results, path, {"forward_s": t1 - t0, "spectral_s": time.perf_counter() - t1}
 
 

@@ -111,7 +111,7 @@ CARD_TEMPLATE = """---
 |---:|---:|---:|---:|---:|---:|
 {rows}
 
-## How it was produced
+{router_section}## How it was produced
 
 - Source: `{source_id}` ({kind}{revision}), family `{family}`, {n_blocks} blocks, d_model = {d_model}, {n_params:,} parameters{init}.
 - Method: RKSP v{mversion} — whitened DMD of each residual block's input/output snapshots, rank ≤ {rank}, δ = {delta:g}, whitening `{whitening}`.
@@ -174,7 +174,23 @@ def render_card(audit: dict) -> str:
         for b in audit["blocks"]
     )
     risk = audit["risk"]
+    routed = [b for b in audit["blocks"] if "router" in b]
+    router_section = ""
+    if routed:
+        router_section = (
+            "## Mixture-of-experts routing\n\n"
+            "| block | experts (top-k) | max / mean expert load | max abs router logit | mean router entropy (max) |\n"
+            "|---:|---:|---:|---:|---:|\n"
+            + "\n".join(
+                f"| {b['index']} | {b['router']['n_experts']} ({b['router']['top_k']}) | "
+                f"{b['router']['load_max_over_mean']:.3f} | {b['router']['router_logit_max']:.3f} | "
+                f"{b['router']['router_entropy_mean']:.3f} ({b['router']['router_entropy_max']:.3f}) |"
+                for b in routed
+            )
+            + "\n\n"
+        )
     text = CARD_TEMPLATE.format(
+        router_section=router_section,
         card_data=data.to_yaml(),
         title=src["id"] + (" (random init)" if src["init"] else ""),
         verdict=audit["summary"]["verdict"],

@@ -95,3 +95,42 @@ def test_unknown_family_needs_blocks_flag(tmp_path, capsys):
     rc = main(["audit", "--config", cfg, "--blocks", "nope.layers", "--tokens", "128", "--seq-len", "64",
                "--no-write", "-q"])
     assert rc != 0 and "nope.layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_router_statistics(model_type, tmp_path):
+    """Router stats match an independent count from the model's own output_router_logits."""
+    from transformers import AutoConfig, AutoModel
+
+    from hf_rksp.audit import AuditOptions, profile_model
+
+    d = json.loads(open(config_file(tmp_path, model_type)).read())
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    results, _, _ = profile_model(model, ids, AuditOptions(tokens=128, seq_len=64, batch_size=2), progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True).router_logits
+    for i, b in enumerate(results):
+        r = b["router"]
+        lg = logits[i].float()
+        top = torch.topk(torch.softmax(lg, -1), r["top_k"], dim=-1).indices
+        load = torch.bincount(top.reshape(-1), minlength=lg.shape[-1]).double()
+        load = load / load.sum()
+        assert r["n_experts"] == 4 and r["top_k"] == 2
+        assert r["expert_load"] == pytest.approx(load.tolist(), abs=1e-6)
+        assert r["router_logit_max"] == pytest.approx(float(lg.abs().max()), rel=1e-5)
+        assert r["load_max_over_mean"] == pytest.approx(float(load.max() * 4), rel=1e-5)
+        assert 0 < r["router_entropy_mean"] <= r["router_entropy_max"] + 1e-9
+
+
+def test_moe_audit_card_and_schema(tmp_path):
+    res = audit(config=config_file(tmp_path, "mixtral"), tokens=128, seq_len=64, out_dir=str(tmp_path / "o"),
+                progress=False)  # writing validates against the JSON Schema
+    card = open(res.paths["card"]).read()
+    assert "## Mixture-of-experts routing" in card and "| 1 | 4 (2) |" in card
+
+
+def test_dense_models_have_no_router_stats(tmp_path):
+    res = audit(config=config_file(tmp_path, "phi"), tokens=128, seq_len=64, out_dir=None, progress=False)
+    assert all("router" not in b for b in res.data["blocks"])
