@@ -294,3 +294,36 @@ def test_sampler_takes_the_same_non_padding_positions_in_every_block():
     assert x0.shape[0] == int(valid.sum()) == 20
     torch.testing.assert_close(x0, hs[0].reshape(-1, 64)[valid])
     torch.testing.assert_close(x1, y0)
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("mixtral", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)),
+    ("mamba", dict(hidden_size=64, num_hidden_layers=2, state_size=8)),
+])
+def test_kss_trains_moe_and_ssm_families(model_type, kw, tmp_path):
+    """KSS works beyond dense attention: a few steps on tiny Mixtral (MoE) and Mamba (SSM) models."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_rksp import KSSConfig, KSSTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=128, **kw))
+    tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=3, logging_steps=1), train_dataset=Tokens(n=24),
+                    kss_config=KSSConfig(mode="on", weight=1.0))
+    tr.train()
+    logs = [h for h in tr.state.log_history if "kss/loss" in h]
+    assert logs and all(math.isfinite(h["kss/loss"]) and h["kss/loss"] > 0 for h in logs)
+    assert tr.kss_state.kss_steps == 3
+    # the KSS loss alone reaches every block (MoE: only routed experts get gradient, so per block)
+    model.zero_grad()
+    _, blocks = find_blocks(model)
+    ids = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(0))
+    with SnapshotSampler(list(blocks), 128, torch.Generator().manual_seed(0)) as s:
+        model(input_ids=ids)
+    torch.stack([block_kss_loss(x, y, rank=32).loss for x, y in s.pairs()]).mean().backward()
+    for b in blocks:
+        grads = [p.grad for p in b.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
