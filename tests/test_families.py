@@ -42,6 +42,7 @@ def config_file(tmp_path, model_type: str, **kw) -> str:
     return str(p)
 
 
+@pytest.mark.support("init audit")
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_family_audits_at_init(model_type, tmp_path):
     assert model_type in BLOCK_PATHS

@@ -188,6 +188,7 @@ def test_no_norm_high_lr_training_stays_finite(tmp_path):
 
 # -- KSSTrainer --------------------------------------------------------------------------------
 
+@pytest.mark.support("KSS")
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_kss_on_moves_spectrum_in_the_intended_direction(family, tmp_path):
     """Same seed, data and steps: with KSS on, the audit's model-level near-unit mass and spectral
@@ -296,6 +297,7 @@ def test_sampler_takes_the_same_non_padding_positions_in_every_block():
     torch.testing.assert_close(x1, y0)
 
 
+@pytest.mark.support("KSS")
 @pytest.mark.parametrize("model_type,kw", [
     ("mixtral", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)),

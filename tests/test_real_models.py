@@ -49,6 +49,7 @@ def _check_complete(result, family, n_blocks, d_model):
     assert on_disk["summary"] == d["summary"]
 
 
+@pytest.mark.support("pretrained audit", "llama")
 def test_smollm2_pretrained_vs_init(smol_pair):
     trained, init = smol_pair
     _check_complete(trained, "llama", 30, 576)
@@ -60,6 +61,7 @@ def test_smollm2_pretrained_vs_init(smol_pair):
     assert trained.data["summary"]["fit_r2_mean"] < init.data["summary"]["fit_r2_mean"]
 
 
+@pytest.mark.support("pretrained audit", "bert")
 def test_minilm_pretrained_vs_init(minilm_pair):
     trained, init = minilm_pair
     _check_complete(trained, "bert", 6, 384)
