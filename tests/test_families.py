@@ -135,3 +135,29 @@ def test_moe_audit_card_and_schema(tmp_path):
 def test_dense_models_have_no_router_stats(tmp_path):
     res = audit(config=config_file(tmp_path, "phi"), tokens=128, seq_len=64, out_dir=None, progress=False)
     assert all("router" not in b for b in res.data["blocks"])
+
+
+def test_kan_transformer_example_audits():
+    """examples/kan_transformer.py: KAN feed-forwards in every block; the audit sees them."""
+    import importlib.util
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parent.parent / "examples" / "kan_transformer.py"
+    spec = importlib.util.spec_from_file_location("kan_transformer", p)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.kan_gpt2(layers=2, width=32)
+    assert all(isinstance(b.mlp, mod.KANFeedForward) for b in model.h)
+    blocks = mod.audit_kan(layers=2, width=32, tokens=256, seq_len=128)
+    assert len(blocks) == 2 and all(b["rank_used"] == 32 for b in blocks)
+    # the KAN feed-forward changes the map: same seed, GPT-2 with its MLPs, different spectrum
+    from hf_rksp.audit import AuditOptions, profile_model
+    from hf_rksp.calibration import random_ids
+
+    torch.manual_seed(0)
+    from transformers import GPT2Config, GPT2Model
+
+    plain = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=1024, n_positions=512)).eval()
+    ids = random_ids(1024, 256, 128, 0).input_ids
+    ref, _, _ = profile_model(plain, ids, AuditOptions(tokens=256, seq_len=128), progress=False)
+    assert [b["eigenvalues"] for b in ref] != [b["eigenvalues"] for b in blocks]
