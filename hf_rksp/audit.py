@@ -25,6 +25,7 @@ logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
 METHOD_VERSION = "1"
 DEFAULT_RANK = 256
+VISION_FAMILIES = ("vit",)
 RISK_UNAVAILABLE = (
     "hf-rksp has no risk model fitted on its own published sweep yet, so it does not turn "
     "these features into a probability."
@@ -84,6 +85,11 @@ def _max_positions(config) -> int | None:
 def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
     """Pick the calibration input: dataset, text file, embedded text, or random ids at init."""
     tok = loaded.tokenizer
+    cfg = loaded.config
+    if cfg.model_type in VISION_FAMILIES:
+        if opts.dataset or opts.text:
+            raise RKSPError("vision models are calibrated on synthetic images; --text/--dataset are for text models")
+        return cal.synthetic_images(opts.tokens, cfg.num_channels, cfg.image_size, cfg.patch_size, opts.seed)
     if opts.dataset or opts.text:
         if tok is None:
             raise RKSPError("--text/--dataset need a tokenizer, and none is available for this model offline")
@@ -178,7 +184,8 @@ def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) ->
 
 
 def profile_model(
-    model, input_ids: torch.Tensor, opts: AuditOptions, *, device: str = "cpu", progress: bool = True
+    model, input_ids: torch.Tensor, opts: AuditOptions, *, device: str = "cpu", progress: bool = True,
+    input_name: str = "input_ids",
 ) -> tuple[list[dict], str, dict]:
     """Capture every block's snapshots on ``input_ids`` and return their RKSP features.
 
@@ -190,7 +197,7 @@ def profile_model(
     try:
         with routers.recording():
             snaps = capture_snapshots(model, blocks, input_ids, batch_size=opts.batch_size, device=device,
-                                      progress=progress)
+                                      progress=progress, input_name=input_name)
     except (torch.OutOfMemoryError, MemoryError):
         raise RKSPError("out of memory in the forward pass; lower --tokens or --batch-size") from None
     t1 = time.perf_counter()
@@ -208,10 +215,10 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     check_options(opts, d_model)
     calib = calibration_for(loaded, opts)
     max_pos = _max_positions(loaded.config)
-    if max_pos is not None and calib.input_ids.shape[1] > max_pos:
-        raise RKSPError(f"--seq-len {calib.input_ids.shape[1]} exceeds the model's {max_pos} positions")
+    if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
+        raise RKSPError(f"--seq-len {calib.seq_len} exceeds the model's {max_pos} positions")
     block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
-                                                 progress=progress)
+                                                 progress=progress, input_name=calib.input_name)
     src = loaded.source
     data = {
         "schema_version": report.SCHEMA_VERSION,
@@ -224,7 +231,7 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
             "rank": effective_rank(opts),
             "delta": opts.delta,
             "tokens": opts.tokens,
-            "seq_len": int(calib.input_ids.shape[1]),
+            "seq_len": calib.seq_len,
             "seed": opts.seed,
             "dtype": opts.dtype,
             "whitening": resolve_method(opts.whitening, d_model),
@@ -249,7 +256,7 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
             "origin": calib.origin,
             "n_tokens": calib.n_tokens,
             "n_sequences": int(calib.input_ids.shape[0]),
-            "seq_len": int(calib.input_ids.shape[1]),
+            "seq_len": calib.seq_len,
             "sha256": calib.sha256,
             **calib.detail,
         },

@@ -33,6 +33,7 @@ BLOCK_PATHS: dict[str, str] = {
     "bert": "encoder.layer",
     "roberta": "encoder.layer",
     "deberta-v2": "encoder.layer",
+    "vit": "layers",
 }
 
 

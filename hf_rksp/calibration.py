@@ -17,13 +17,19 @@ DEFAULT_TEXT = "hf_rksp/data/calibration.txt"
 
 @dataclass
 class Calibration:
-    input_ids: torch.Tensor  # (B, T) int64, no padding
-    origin: str  # "embedded-text", "text-file", "dataset", "random-token-ids"
+    input_ids: torch.Tensor  # the model input: (B, T) int64 token ids, or (B, C, H, W) float images
+    origin: str  # "embedded-text", "text-file", "dataset", "random-token-ids", "synthetic-images"
     detail: dict
+    input_name: str = "input_ids"  # keyword the model takes it as ("pixel_values" for images)
+    positions_per_item: int | None = None  # residual-stream positions per image (patches + CLS)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.positions_per_item or self.input_ids.shape[1])
 
     @property
     def n_tokens(self) -> int:
-        return int(self.input_ids.numel())
+        return int(self.input_ids.shape[0]) * self.seq_len
 
     @property
     def sha256(self) -> str:
@@ -31,9 +37,10 @@ class Calibration:
 
 
 def token_hash(input_ids: torch.Tensor) -> str:
-    """sha256 of the ids as little-endian int64, row-major: identical inputs, identical hash."""
-    arr = np.ascontiguousarray(input_ids.to(torch.int64).cpu().numpy().astype("<i8"))
-    return hashlib.sha256(arr.tobytes()).hexdigest()
+    """sha256 of the inputs (ids as little-endian int64, images as float32), row-major."""
+    t = input_ids.cpu()
+    arr = t.to(torch.int64).numpy().astype("<i8") if not t.is_floating_point() else t.float().numpy().astype("<f4")
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
 def default_text() -> str:
@@ -119,3 +126,25 @@ def random_ids(vocab_size: int, tokens: int, seq_len: int, seed: int) -> Calibra
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (n_seq, seq_len), generator=g, dtype=torch.int64)
     return Calibration(ids, "random-token-ids", {"vocab_size": vocab_size, "seed": seed})
+
+
+def synthetic_images(
+    n_tokens: int, channels: int, size: int, patch: int, seed: int, cls_tokens: int = 1
+) -> Calibration:
+    """Seeded smooth random images in [-1, 1] (a ViT processor's output range), for vision models.
+
+    Each image is bilinear-upsampled low-resolution noise: spatially correlated
+    like natural images, unlike white noise.  ``n_tokens`` residual positions
+    are rounded down to whole images of (size / patch)^2 + cls_tokens positions.
+    """
+    per_image = (size // patch) ** 2 + cls_tokens
+    n_images = n_tokens // per_image
+    if n_images < 1:
+        raise RKSPError(f"--tokens {n_tokens} is less than one image ({per_image} positions)")
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n_images, channels, max(2, size // 8), max(2, size // 8), generator=g) * 2 - 1
+    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    images = images + 0.1 * (torch.rand(n_images, channels, size, size, generator=g) * 2 - 1)
+    return Calibration(images.clamp(-1, 1), "synthetic-images",
+                       {"image_size": size, "patch_size": patch, "n_images": n_images, "seed": seed},
+                       input_name="pixel_values", positions_per_item=per_image)

@@ -53,6 +53,7 @@ def capture_snapshots(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    input_name: str = "input_ids",
 ) -> Snapshots:
     """Run ``model`` over ``input_ids`` (B x T) in batches and keep every block's X and Y.
 
@@ -86,7 +87,10 @@ def capture_snapshots(
         batches = input_ids.split(batch_size)
         for batch in tqdm(batches, desc="forward", unit="batch", disable=not progress):
             batch = batch.to(device)
-            model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+            if input_name == "input_ids":
+                model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+            else:  # images and other dense inputs: no mask, no cache
+                model(**{input_name: batch.to(next(model.parameters()).dtype)})
     finally:
         for h in handles:
             h.remove()

@@ -32,6 +32,8 @@ TINY = {
     "roberta": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     max_position_embeddings=258),
     "deberta-v2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                patch_size=8),
 }
 
 
@@ -161,3 +163,14 @@ def test_kan_transformer_example_audits():
     ids = random_ids(1024, 256, 128, 0).input_ids
     ref, _, _ = profile_model(plain, ids, AuditOptions(tokens=256, seq_len=128), progress=False)
     assert [b["eigenvalues"] for b in ref] != [b["eigenvalues"] for b in blocks]
+
+
+def test_vit_audits_on_synthetic_images(tmp_path):
+    """ViT: calibrated on seeded synthetic images; positions = images x (patches + CLS)."""
+    res = audit(config=config_file(tmp_path, "vit"), tokens=256, seq_len=128, out_dir=str(tmp_path / "o"),
+                progress=False)
+    inp = res.data["inputs"]
+    assert inp["origin"] == "synthetic-images" and inp["seq_len"] == 17 and inp["n_sequences"] == 15
+    assert inp["n_tokens"] == 255 and res.data["method"]["seq_len"] == 17
+    again = audit(config=config_file(tmp_path, "vit"), tokens=256, seq_len=128, out_dir=None, progress=False)
+    assert again.data["inputs"]["sha256"] == inp["sha256"] and again.data["blocks"] == res.data["blocks"]
