@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import calibration as cal
 from . import report
-from .blocks import find_blocks
+from .blocks import find_blocks, stack_labels
 from .capture import capture_snapshots
 from .errors import RKSPError
 from .moe import RouterRecorder, find_routers
@@ -205,6 +205,8 @@ def profile_model(
     del snaps
     for i, stats in routers.summary().items():
         results[i]["router"] = stats
+    for r, (stack, j) in zip(results, stack_labels(path, model) or []):
+        r["stack"], r["stack_index"] = stack, j
     return results, path, {"forward_s": t1 - t0, "spectral_s": time.perf_counter() - t1}
 
 

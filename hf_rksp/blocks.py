@@ -34,6 +34,8 @@ BLOCK_PATHS: dict[str, str] = {
     "roberta": "encoder.layer",
     "deberta-v2": "encoder.layer",
     "vit": "layers",
+    # encoder-decoder: both stacks, profiled separately ("+" joins stacks, in forward order)
+    "t5": "encoder.block+decoder.block",
 }
 
 
@@ -64,6 +66,24 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
                 "point at the block list with --blocks (e.g. --blocks model.layers)"
             )
         path = BLOCK_PATHS[model_type]
+    stacks = [_find_stack(model, base, p) for p in path.split("+")]
+    blocks = stacks[0] if len(stacks) == 1 else nn.ModuleList([b for s in stacks for b in s])
+    return path, blocks
+
+
+def stack_labels(path: str, model: nn.Module) -> list[tuple[str, int]] | None:
+    """(stack name, index in stack) per block for multi-stack paths like T5's; None for one stack."""
+    parts = path.split("+")
+    if len(parts) == 1:
+        return None
+    base = getattr(model, "base_model", model)
+    labels = []
+    for p in parts:
+        labels += [(p.split(".")[0], i) for i in range(len(_find_stack(model, base, p)))]
+    return labels
+
+
+def _find_stack(model: nn.Module, base: nn.Module, path: str) -> nn.ModuleList:
     blocks = _get_path(base, path)
     if blocks is None and base is not model:
         blocks = _get_path(model, path)
@@ -71,4 +91,4 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
         blocks = _get_path(base, path.split(".", 1)[1]) if "." in path else None
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise RKSPError(f"{type(model).__name__} has no list of residual blocks at '{path}'")
-    return path, blocks
+    return blocks

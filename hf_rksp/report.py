@@ -51,7 +51,18 @@ def environment(device: str) -> dict:
 
 
 def summarize(blocks: list[dict]) -> dict:
-    """Model-level features: M is the mean near-unit mass over blocks (RKSP v1 step 7)."""
+    """Model-level features: M is the mean near-unit mass over blocks (RKSP v1 step 7).
+
+    Encoder-decoder models also get one summary per stack under ``stacks``.
+    """
+    out = _summarize(blocks)
+    stacks = sorted({b["stack"] for b in blocks if "stack" in b})
+    if stacks:
+        out["stacks"] = {s: _summarize([b for b in blocks if b.get("stack") == s]) for s in stacks}
+    return out
+
+
+def _summarize(blocks: list[dict]) -> dict:
     n = len(blocks)
     radii = [b["spectral_radius"] for b in blocks]
     worst = max(range(n), key=lambda i: radii[i])

@@ -32,6 +32,7 @@ TINY = {
     "roberta": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     max_position_embeddings=258),
     "deberta-v2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "t5": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16),
     "vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
                 patch_size=8),
 }
@@ -50,7 +51,8 @@ def test_family_audits_at_init(model_type, tmp_path):
     assert model_type in BLOCK_PATHS
     res = audit(config=config_file(tmp_path, model_type), tokens=128, seq_len=64, out_dir=None, progress=False)
     d = res.data
-    assert d["source"]["family"] == model_type and len(d["blocks"]) == 2
+    n_blocks = 4 if model_type == "t5" else 2  # T5: encoder and decoder stacks
+    assert d["source"]["family"] == model_type and len(d["blocks"]) == n_blocks
     for b in d["blocks"]:
         # a LayerNorm'd stream (post-LN encoders) has zero feature-mean: rank d - 1
         assert b["rank_used"] in (63, 64) and 0 <= b["near_unit_mass"] <= 1
@@ -174,3 +176,16 @@ def test_vit_audits_on_synthetic_images(tmp_path):
     assert inp["n_tokens"] == 255 and res.data["method"]["seq_len"] == 17
     again = audit(config=config_file(tmp_path, "vit"), tokens=256, seq_len=128, out_dir=None, progress=False)
     assert again.data["inputs"]["sha256"] == inp["sha256"] and again.data["blocks"] == res.data["blocks"]
+
+
+def test_t5_encoder_and_decoder_stacks_profiled_separately(tmp_path):
+    cfg = config_file(tmp_path, "t5", d_model=64, d_ff=128, num_layers=2, num_decoder_layers=3, num_heads=4, d_kv=16)
+    res = audit(config=cfg, tokens=256, seq_len=128, out_dir=str(tmp_path / "o"), progress=False)
+    blocks = res.data["blocks"]
+    assert [(b["stack"], b["stack_index"]) for b in blocks] == [
+        ("encoder", 0), ("encoder", 1), ("decoder", 0), ("decoder", 1), ("decoder", 2)]
+    stacks = res.data["summary"]["stacks"]
+    assert stacks["encoder"]["near_unit_mass"] == pytest.approx(
+        sum(b["near_unit_mass"] for b in blocks[:2]) / 2)
+    assert stacks["decoder"]["near_unit_mass"] == pytest.approx(
+        sum(b["near_unit_mass"] for b in blocks[2:]) / 3)
