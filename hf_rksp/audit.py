@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -17,8 +17,8 @@ from . import report
 from .blocks import find_blocks, stack_labels
 from .capture import capture_snapshots
 from .errors import RKSPError
-from .moe import RouterRecorder, find_routers
 from .loading import LoadedModel, load_model, resolve_source
+from .moe import RouterRecorder, find_routers
 from .spectral import REL_TOL, block_spectrum, max_rank, resolve_method
 
 logger = logging.getLogger("hf_rksp")
