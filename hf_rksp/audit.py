@@ -17,7 +17,7 @@ from . import report
 from .blocks import find_blocks, stack_labels
 from .capture import capture_snapshots
 from .errors import RKSPError
-from .loading import LoadedModel, load_model, resolve_source
+from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
 from .moe import RouterRecorder, find_routers
 from .spectral import REL_TOL, block_spectrum, max_rank, resolve_method
 
@@ -54,6 +54,7 @@ class AuditOptions:
     revision: str | None = None
     name: str | None = None  # hub id a local copy stands for: names the slug and card
     blocks: str | None = None  # block-list path for families hf-rksp does not know
+    stream: bool = False  # layer-major: one block's weights in memory at a time
 
 
 @dataclass
@@ -159,7 +160,24 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
         parts += ["--name", opts.name]
     if opts.blocks:
         parts += ["--blocks", opts.blocks]
+    if opts.stream:
+        parts.append("--stream")
     return shlex.join(parts)
+
+
+def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions, generator=None) -> dict:
+    """RKSP v1 features of block ``i`` from its snapshots, as a JSON-ready dict."""
+    bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, generator=generator)
+    ev = bs.eigenvalues
+    return {
+        "index": i,
+        "near_unit_mass": bs.near_unit_mass,
+        "spectral_radius": bs.spectral_radius,
+        "outside_mass": bs.outside_mass,
+        "fit_r2": bs.fit_r2,
+        "rank_used": bs.rank_used,
+        "eigenvalues": torch.stack([ev.real, ev.imag], dim=1).tolist(),
+    }
 
 
 def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) -> list[dict]:
@@ -168,19 +186,25 @@ def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) ->
     g = torch.Generator().manual_seed(opts.seed)
     bar = tqdm(range(len(x_list)), desc="spectra", unit="block", disable=not progress)
     for i in bar:
-        bs = block_spectrum(x_list[i], y_list[i], effective_rank(opts), opts.delta, method=opts.whitening, generator=g)
-        ev = bs.eigenvalues
-        out.append({
-            "index": i,
-            "near_unit_mass": bs.near_unit_mass,
-            "spectral_radius": bs.spectral_radius,
-            "outside_mass": bs.outside_mass,
-            "fit_r2": bs.fit_r2,
-            "rank_used": bs.rank_used,
-            "eigenvalues": torch.stack([ev.real, ev.imag], dim=1).tolist(),
-        })
-        bar.set_postfix(near_unit=f"{bs.near_unit_mass:.3f}")
+        out.append(block_result(i, x_list[i], y_list[i], opts, g))
+        bar.set_postfix(near_unit=f"{out[-1]['near_unit_mass']:.3f}")
     return out
+
+
+def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOptions, progress: bool = True):
+    """profile_model's results for a model streamed block by block from its checkpoint."""
+    from .streaming import stream_snapshots_and_profile
+
+    path, blocks = find_blocks(loaded.model, opts.blocks)
+    if "+" in path or input_ids.is_floating_point():
+        raise RKSPError("--stream supports decoder and encoder text models (not encoder-decoder or vision yet)")
+    g = torch.Generator().manual_seed(opts.seed)
+    results, timings = stream_snapshots_and_profile(
+        loaded.model, blocks, path, loaded.info["checkpoint_dir"], input_ids,
+        lambda i, x, y: block_result(i, x, y, opts, g),
+        batch_size=opts.batch_size, dtype=loaded.info["dtype"], device=_device(opts.device), progress=progress,
+    )
+    return results, path, timings
 
 
 def profile_model(
@@ -212,15 +236,19 @@ def profile_model(
 
 def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True) -> dict:
     """The audit JSON of an already loaded model (calibration, capture, spectra, summary)."""
-    device = str(next(loaded.model.parameters()).device)
+    streamed = "checkpoint_dir" in loaded.info
+    device = _device(opts.device) if streamed else str(next(loaded.model.parameters()).device)
     d_model = int(loaded.config.hidden_size)
     check_options(opts, d_model)
     calib = calibration_for(loaded, opts)
     max_pos = _max_positions(loaded.config)
     if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
         raise RKSPError(f"--seq-len {calib.seq_len} exceeds the model's {max_pos} positions")
-    block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
-                                                 progress=progress, input_name=calib.input_name)
+    if streamed:
+        block_results, path, timings = stream_profile(loaded, calib.input_ids, opts, progress)
+    else:
+        block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
+                                                     progress=progress, input_name=calib.input_name)
     src = loaded.source
     data = {
         "schema_version": report.SCHEMA_VERSION,
@@ -238,7 +266,9 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
             "dtype": opts.dtype,
             "whitening": resolve_method(opts.whitening, d_model),
             "rel_tol": REL_TOL,
-            "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)",
+            "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)"
+            + ("; layer-major streaming from the checkpoint" if streamed else ""),
+            "streamed": streamed,
         },
         "source": {
             "id": src.display_id,
@@ -301,8 +331,12 @@ def audit(
     device = _device(opts.device)
     src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
     src.name = opts.name
-    loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed, trust_remote_code=opts.trust_remote_code,
-                        any_family=opts.blocks is not None)
+    if opts.stream:
+        loaded = load_for_streaming(src, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+                                    any_family=opts.blocks is not None)
+    else:
+        loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed,
+                            trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None)
     t_load = time.perf_counter()
     data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress)
     data["timings"] = {"load_s": t_load - t0, **data["timings"], "total_s": time.perf_counter() - t0}

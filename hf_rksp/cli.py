@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", help="forward dtype: float32 (default), bfloat16, float16")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     r.add_argument("--batch-size", type=int, default=1, help="sequences per forward batch (default 1)")
+    r.add_argument("--stream", action="store_true",
+                   help="layer-major: read and run one block at a time from the safetensors checkpoint "
+                        "(peak memory ~ one block + activations)")
     r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
     r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -166,7 +169,7 @@ def cmd_audit(args) -> int:
             dtype=args.dtype, device=args.device, batch_size=args.batch_size, whitening=args.whitening,
             text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
             column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision, name=args.name,
-            blocks=args.blocks,
+            blocks=args.blocks, stream=args.stream,
         )
         if args.push_to and args.no_write:
             raise RKSPError("--push-to needs the files: drop --no-write")

@@ -299,3 +299,46 @@ def load_model(
         "n_params": int(sum(p.numel() for p in model.parameters())),
     }
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
+
+
+def checkpoint_dir(source: Source) -> Path:
+    """The local directory holding ``source``'s weights (a hub id resolves to its cached snapshot)."""
+    if source.kind == "dir":
+        return Path(source.path)
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source.id, revision=source.revision, local_files_only=_offline(),
+                                          allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:
+            raise _hub_error(source, e) from None
+    raise RKSPError(f"--stream reads safetensors checkpoints; a {source.kind} source loads whole (drop --stream)")
+
+
+def load_for_streaming(
+    source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False
+) -> LoadedModel:
+    """Config, tokenizer and the base model on the meta device: no weights are read here."""
+    from .streaming import build_meta_model
+
+    if source.init:
+        raise RKSPError("--stream reads weights from a checkpoint; --init builds the whole model (drop --stream)")
+    torch_dtype = parse_dtype(dtype)
+    config = load_config(source, trust_remote_code, any_family)
+    ckpt = checkpoint_dir(source)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    try:
+        model = build_meta_model(config, torch_dtype)
+    except Exception as e:
+        raise RKSPError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from None
+    if source.kind == "hub":
+        source.revision = getattr(config, "_commit_hash", None) or source.revision
+    info = {
+        "family": config.model_type,
+        "model_class": type(model).__name__,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "checkpoint_dir": str(ckpt),
+        "dtype": torch_dtype,
+    }
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)

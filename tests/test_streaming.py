@@ -1,0 +1,112 @@
+"""Layer-major streaming (--stream) against the whole-model audit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_rksp import audit
+from hf_rksp.cli import main
+
+SMALL = dict(tokens=256, seq_len=128, progress=False)
+
+
+def sharded_checkpoint(family: str, path, seed: int = 0, lm_head: bool = True):
+    """A tiny checkpoint in HF's sharded-safetensors layout (several shards + index json)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if lm_head else AutoModel
+    cls.from_config(tiny_config(family)).save_pretrained(path, max_shard_size="200KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.mark.support("streaming")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
+def test_streamed_equals_whole_model(family, tmp_path):
+    ckpt = sharded_checkpoint(family, tmp_path / family)
+    whole = audit(str(ckpt), out_dir=None, **SMALL)
+    streamed = audit(str(ckpt), out_dir=None, stream=True, **SMALL)
+    assert streamed.data["method"]["streamed"] is True and whole.data["method"]["streamed"] is False
+    assert streamed.data["inputs"]["sha256"] == whole.data["inputs"]["sha256"]
+    for a, b in zip(whole.data["blocks"], streamed.data["blocks"]):
+        assert a["rank_used"] == b["rank_used"]
+        assert a["near_unit_mass"] == b["near_unit_mass"]
+        assert a["spectral_radius"] == pytest.approx(b["spectral_radius"], rel=1e-6)
+        assert a["fit_r2"] == pytest.approx(b["fit_r2"], abs=1e-6)
+
+
+@pytest.mark.support("streaming", "bert")
+def test_streamed_encoder_from_base_model_checkpoint(tmp_path):
+    ckpt = sharded_checkpoint("bert", tmp_path / "bert", lm_head=False)
+    whole = audit(str(ckpt), out_dir=None, **SMALL)
+    streamed = audit(str(ckpt), out_dir=None, stream=True, **SMALL)
+    assert [b["near_unit_mass"] for b in whole.data["blocks"]] == [b["near_unit_mass"] for b in streamed.data["blocks"]]
+
+
+def test_stream_cli_writes_same_blocks(tmp_path, capsys):
+    ckpt = sharded_checkpoint("llama", tmp_path / "ll")
+    for sub, extra in (("a", []), ("b", ["--stream"])):
+        rc = main(["audit", str(ckpt), "--tokens", "256", "--seq-len", "128", "--out-dir", str(tmp_path / sub),
+                   "-q", *extra])
+        assert rc == 0, capsys.readouterr().err
+    a = json.loads((tmp_path / "a" / "audits" / "ll" / "audit.json").read_text())
+    b = json.loads((tmp_path / "b" / "audits" / "ll" / "audit.json").read_text())
+    assert "--stream" in b["command"] and "--stream" not in a["command"]
+    assert [x["near_unit_mass"] for x in a["blocks"]] == [x["near_unit_mass"] for x in b["blocks"]]
+
+
+def test_stream_refuses_what_it_cannot_stream(tmp_path, capsys, smollm2_gguf):
+    ckpt = tmp_path / "bin"
+    ckpt.mkdir()
+    tiny_config("gpt2").save_pretrained(ckpt)
+    from transformers import AutoModel
+
+    torch.save(AutoModel.from_config(tiny_config("gpt2")).state_dict(), ckpt / "pytorch_model.bin")
+    cases = [
+        ([str(ckpt), "--stream"], ".bin"),
+        ([str(tmp_path / "x"), "--init", "--stream"], None),  # missing path wins first
+        (["gpt2", "--init", "--stream"], "--init"),
+        ([str(smollm2_gguf), "--stream"], "gguf"),
+    ]
+    for argv, word in cases:
+        rc = main(["audit", *argv, "--tokens", "256", "--seq-len", "128", "--no-write", "-q"])
+        err = capsys.readouterr().err
+        assert rc != 0 and err.startswith("hf-rksp: error:") and len(err.strip().splitlines()) == 1, err
+        if word:
+            assert word in err
+
+
+@pytest.fixture(scope="module")
+def smollm2_safetensors(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct (real weights) rewritten as a sharded safetensors checkpoint + tokenizer."""
+    from huggingface_hub import save_torch_state_dict
+
+    from hf_rksp.loading import load_model, resolve_source
+
+    loaded = load_model(resolve_source(str(smollm2_gguf)))
+    out = tmp_path_factory.mktemp("smol_st")
+    save_torch_state_dict(loaded.model.state_dict(), out, max_shard_size="150MB")
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # the GGUF's; the safetensors hold plain float32
+    cfg.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.support("streaming", "llama")
+def test_smollm2_streamed_matches_exact_whole_model(smollm2_safetensors):
+    """Issue 3's agreement figure: per-block near-unit mass within 0.01, spectral radius within 0.5%."""
+    assert len(list(smollm2_safetensors.glob("*.safetensors"))) >= 2
+    exact = audit(str(smollm2_safetensors), out_dir=None, whitening="exact", tokens=512, seq_len=256, progress=False)
+    streamed = audit(str(smollm2_safetensors), out_dir=None, stream=True, tokens=512, seq_len=256, progress=False)
+    assert streamed.data["inputs"]["origin"] == "embedded-text"
+    for a, b in zip(exact.data["blocks"], streamed.data["blocks"]):
+        assert abs(a["near_unit_mass"] - b["near_unit_mass"]) <= 0.01
+        assert b["spectral_radius"] == pytest.approx(a["spectral_radius"], rel=5e-3)
