@@ -88,9 +88,26 @@ def verdict(audit: dict) -> str:
         f"on average {100 * s['outside_mass_mean']:.1f}% of modes lie outside the band, beyond the unit circle. "
         f"The linear operator explains R² = {s['fit_r2_mean']:.3f} of the whitened block outputs on average."
     )
-    if audit.get("risk") is None:
+    r = audit.get("risk")
+    if r is None:
         text += " No calibrated probability of divergence is given: " + audit["risk_unavailable_reason"]
+        return text
+    text += f" Risk of divergence: {risk_line(audit)}."
+    if not r["in_range"]:
+        text += (" Read it with care: this audit lies outside what the risk model was fitted on ("
+                 + "; ".join(r["warnings"]) + ").")
     return text
+
+
+def risk_line(audit: dict) -> str:
+    """One line: probability, band, learning rate, ceiling, and whether the model is in range."""
+    r = audit.get("risk")
+    if r is None:
+        return "not available (no fitted risk model in this build)"
+    ceiling = (f"lr ceiling (P < {r['lr_ceiling_probability']:g}) {r['lr_ceiling']:.3g}"
+               if r["lr_ceiling"] is not None else "no lr ceiling (risk does not grow with lr in the fit)")
+    return (f"P(divergence) = {r['probability']:.3f} ({r['band']}) at lr {r['lr']:.3g} ({r['lr_source']}); "
+            f"{ceiling}" + ("" if r["in_range"] else f"; OUTSIDE the fitted range ({len(r['warnings'])} warning(s))"))
 
 
 CARD_TEMPLATE = """---
@@ -141,7 +158,7 @@ The full result, eigenvalues included, is in `audit.json` (schema {schema}).
 
 - The spectrum describes the model on the calibration tokens above; other text, lengths or dtypes move it.
 - RKSP linearizes each block around the observed snapshots; the fit R² says how much of the block's map a linear operator explains.
-- Near-unit mass and spectral radius are diagnostics of the residual dynamics. Until hf-rksp ships a risk model fitted on its published sweep, they are not a calibrated probability of divergence.
+- The probability of divergence comes from a logistic model fitted on hf-rksp's own divergence sweep (small GPT-style transformers trained from scratch at random init; see the hf-rksp README). It is calibrated only inside that sweep's ranges; the risk entry of `audit.json` lists every way this model lies outside them.
 """
 
 
@@ -211,7 +228,7 @@ def render_card(audit: dict) -> str:
         rho_mean=s["spectral_radius_mean"],
         outside=s["outside_mass_mean"],
         r2=s["fit_r2_mean"],
-        risk="not available (no fitted risk model yet)" if risk is None else f"{risk['probability']:.3f}",
+        risk=risk_line(audit),
         rows=rows,
         source_id=src["id"],
         kind=src["kind"],

@@ -19,6 +19,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from . import atomic
 from .blocks import find_blocks
+from .errors import RKSPError
+from .risk import assess, load_risk_model
 from .kss import SnapshotSampler, block_kss_loss
 
 logger = logging.getLogger("hf_rksp")
@@ -38,7 +40,7 @@ class KSSConfig:
     (see :mod:`hf_rksp.kss` for L_KSS).
     """
 
-    mode: str = "on"  # "on" | "off"  ("auto" needs the fitted risk model, not shipped yet)
+    mode: str = "on"  # "on" | "off" | "auto" (RKSP audit before the first step decides)
     weight: float = 0.1  # lambda
     warmup_steps: int = 0  # linear ramp of lambda from 0 over these optimizer steps
     decay: str = "constant"  # "constant" | "linear" | "cosine" (to 0 after warm-up)
@@ -58,15 +60,17 @@ class KSSConfig:
     dtype: str = "float64"  # algebra dtype under autograd: float64 | float32
     min_denominator: float = 1e-3
     seed: int = 0  # token subsample generator (seeded per step: resumable)
+    auto_threshold: float = 0.5  # mode="auto": KSS turns on when P(divergence) >= this
+    auto_tokens: int = 2048  # mode="auto": tokens of the first training batches audited
 
     def __post_init__(self):
-        if self.mode == "auto":
-            raise ValueError(
-                "KSSConfig(mode='auto') needs the fitted RKSP risk model, which hf-rksp does not ship yet; "
-                "use mode='on' or mode='off'"
-            )
-        if self.mode not in ("on", "off"):
-            raise ValueError(f"KSSConfig.mode must be 'on' or 'off', got {self.mode!r}")
+        if self.mode not in ("on", "off", "auto"):
+            raise ValueError(f"KSSConfig.mode must be 'on', 'off' or 'auto', got {self.mode!r}")
+        if self.mode == "auto" and load_risk_model() is None:
+            raise ValueError("KSSConfig(mode='auto') needs the fitted risk model (hf_rksp/data/risk_model.json), "
+                             "which this build lacks; use mode='on' or mode='off'")
+        if not 0 < self.auto_threshold < 1 or self.auto_tokens < 2:
+            raise ValueError("KSSConfig: auto_threshold must be in (0, 1) and auto_tokens >= 2")
         if self.decay not in ("constant", "linear", "cosine"):
             raise ValueError(f"KSSConfig.decay must be constant, linear or cosine, got {self.decay!r}")
         if self.every_n_steps < 1:
@@ -112,8 +116,10 @@ class _KSSState:
     kss_steps: int = 0  # optimizer steps on which KSS ran
     evaluations: int = 0  # KSS loss evaluations (micro-batches)
     skipped_counts: int = 0  # soft counts detached because a pole was too close
+    degenerate_blocks: int = 0  # block evaluations skipped: snapshots with nothing to whiten
     last_step: int = -1
     last: dict = field(default_factory=dict)  # last evaluation's metrics
+    auto: dict | None = None  # mode="auto": the audit's risk and the decision (kept on resume)
 
 
 class KSSTrainer(Trainer):
@@ -134,6 +140,7 @@ class KSSTrainer(Trainer):
         self._kss_pending: dict[str, float] = {}
         self._kss_pending_n = 0
         self._kss_blocks: list | None = None
+        self._kss_auto_logged = False
         super().__init__(*args, **kwargs)
 
     # -- the loss ---------------------------------------------------------
@@ -150,10 +157,56 @@ class KSSTrainer(Trainer):
             self._kss_blocks = sel
         return self._kss_blocks
 
+    @property
+    def kss_enabled(self) -> bool:
+        mode = self.kss_config.mode
+        return mode == "on" or (mode == "auto" and bool((self.kss_state.auto or {}).get("enabled")))
+
+    def kss_auto_decide(self) -> dict:
+        """mode="auto": audit the model as it is now on the first training batches, at the Trainer's lr.
+
+        KSS is enabled for the whole run when P(divergence) >= auto_threshold;
+        the decision is logged, stored in the KSS state and kept on resume.
+        """
+        from .audit import AuditOptions, profile_model
+        from .report import summarize
+
+        cfg = self.kss_config
+        rows, n = [], 0
+        for batch in self.get_train_dataloader():
+            ids = batch["input_ids"]
+            rows.append(ids.reshape(-1, ids.shape[-1]).cpu())
+            n += rows[-1].numel()
+            if n >= cfg.auto_tokens:
+                break
+        ids = torch.cat(rows)
+        ids = ids[: max(1, cfg.auto_tokens // ids.shape[1])]
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            opts = AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]), delta=cfg.delta)
+            blocks, _, _ = profile_model(model, ids, opts, device=str(next(model.parameters()).device),
+                                         progress=False)
+        finally:
+            model.train(was_training)
+        s = summarize(blocks)
+        r = assess(s, lr=self.args.learning_rate, family=getattr(model.config, "model_type", None), init=True,
+                   n_blocks=len(blocks), d_model=int(model.config.hidden_size))
+        decision = {"probability": r["probability"], "band": r["band"], "lr": r["lr"], "in_range": r["in_range"],
+                    "near_unit_mass": s["near_unit_mass"], "spectral_radius_max": s["spectral_radius_max"],
+                    "threshold": cfg.auto_threshold, "enabled": r["probability"] >= cfg.auto_threshold}
+        self.kss_state.auto = decision
+        logger.warning("RKSP before training: M = %.3f, P(divergence) = %.3f (%s) at lr %g -> KSS %s%s",
+                       s["near_unit_mass"], r["probability"], r["band"], r["lr"],
+                       "ON" if decision["enabled"] else "off",
+                       "" if r["in_range"] else " (model outside the risk model's fitted range)")
+        return decision
+
     def kss_weight_now(self) -> float:
         cfg = self.kss_config
         step = self.state.global_step
-        if cfg.mode != "on" or step % cfg.every_n_steps:
+        if not self.kss_enabled or step % cfg.every_n_steps:
             return 0.0
         return cfg.schedule(step, self.state.max_steps)
 
@@ -180,15 +233,21 @@ class KSSTrainer(Trainer):
                                                  num_items_in_batch=num_items_in_batch)
         dev_type = loss.device.type
         with torch.autocast(device_type=dev_type, enabled=False):
-            results = [
-                block_kss_loss(
-                    x, y, rank=cfg.rank, delta=cfg.delta, target_radius=cfg.target_radius, nodes=cfg.nodes,
-                    near_weight=cfg.near_weight, outside_weight=cfg.outside_weight,
-                    radius_weight=cfg.radius_weight, radius_power=cfg.radius_power, whitening=cfg.whitening,
-                    dtype=_DTYPES[cfg.dtype], min_denominator=cfg.min_denominator,
-                )
-                for x, y in sampler.pairs()
-            ]
+            results = []
+            for x, y in sampler.pairs():
+                try:
+                    results.append(block_kss_loss(
+                        x, y, rank=cfg.rank, delta=cfg.delta, target_radius=cfg.target_radius, nodes=cfg.nodes,
+                        near_weight=cfg.near_weight, outside_weight=cfg.outside_weight,
+                        radius_weight=cfg.radius_weight, radius_power=cfg.radius_power, whitening=cfg.whitening,
+                        dtype=_DTYPES[cfg.dtype], min_denominator=cfg.min_denominator,
+                    ))
+                except RKSPError as e:  # e.g. a collapsed (constant) residual stream: nothing to shape
+                    if not self.kss_state.degenerate_blocks:
+                        logger.warning("KSS skips a block this step: %s", e)
+                    self.kss_state.degenerate_blocks += 1
+            if not results:
+                return (loss, outputs) if return_outputs else loss
             kss = torch.stack([r.loss for r in results]).mean()
         term = lam * kss
         if self._loss_is_scaled_for_ga(num_items_in_batch):
@@ -226,6 +285,11 @@ class KSSTrainer(Trainer):
                 vals = self.accelerator.reduce(vals, reduction="mean")
             logs.update({k: float(v) for k, v in zip(sorted(self._kss_pending), vals.tolist())})
             logs["kss/steps"] = self.kss_state.kss_steps
+        auto = self.kss_state.auto
+        if auto is not None and "loss" in logs and not self._kss_auto_logged:
+            logs["kss/auto_probability"] = auto["probability"]
+            logs["kss/auto_enabled"] = float(auto["enabled"])
+            self._kss_auto_logged = True
             self._kss_pending, self._kss_pending_n = {}, 0
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, RKSPMonitorCallback):
@@ -261,7 +325,8 @@ class KSSTrainer(Trainer):
         st = d["state"]
         self.kss_state = _KSSState(
             kss_steps=int(st["kss_steps"]), evaluations=int(st["evaluations"]),
-            skipped_counts=int(st["skipped_counts"]), last_step=int(st["last_step"]), last=dict(st["last"]),
+            skipped_counts=int(st["skipped_counts"]), degenerate_blocks=int(st.get("degenerate_blocks", 0)),
+            last_step=int(st["last_step"]), last=dict(st["last"]), auto=st.get("auto"),
         )
         return True
 
@@ -272,6 +337,8 @@ class KSSTrainer(Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
             self.load_kss_state(resume_from_checkpoint)
+        if self.kss_config.mode == "auto" and self.kss_state.auto is None:
+            self.kss_auto_decide()
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 

@@ -248,8 +248,10 @@ def test_gradient_accumulation_and_bf16(tmp_path):
 def test_config_validation_and_schedule():
     from hf_rksp import KSSConfig
 
-    with pytest.raises(ValueError, match="risk model"):
-        KSSConfig(mode="auto")
+    with pytest.raises(ValueError, match="'on', 'off' or 'auto'"):
+        KSSConfig(mode="maybe")
+    with pytest.raises(ValueError, match="auto_threshold"):
+        KSSConfig(mode="auto", auto_threshold=1.5)
     with pytest.raises(ValueError):
         KSSConfig(decay="exp")
     c = KSSConfig(weight=2.0, warmup_steps=4, decay="linear", decay_steps=10)
@@ -329,3 +331,27 @@ def test_kss_trains_moe_and_ssm_families(model_type, kw, tmp_path):
         grads = [p.grad for p in b.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("norm,lr,expect_on", [("none", 3e-2, True), ("pre", 1e-3, False)])
+def test_auto_mode_follows_the_risk_model(tmp_path, norm, lr, expect_on):
+    """mode="auto" audits the model before step 1 at the Trainer's lr and turns KSS on only when flagged.
+
+    The two sweep configurations sit at the ends of the shipped risk model: no normalization at a
+    learning rate where the sweep's runs diverged, and pre-LN at one where they trained.
+    """
+    from hf_rksp import KSSConfig, KSSTrainer
+    from hf_rksp.sweep.run import RunSpec, _Windows, build_model, training_batches
+
+    spec = RunSpec(norm=norm, lr=lr, n_layers=2)
+    tr = KSSTrainer(model=build_model(spec), args=targs(tmp_path, max_steps=2, learning_rate=lr, logging_steps=1,
+                                                         per_device_train_batch_size=16),
+                    train_dataset=_Windows(training_batches(0, 4)), kss_config=KSSConfig(mode="auto"))
+    tr.train()
+    auto = tr.kss_state.auto
+    assert auto["enabled"] is expect_on and auto["lr"] == lr
+    assert (auto["probability"] >= 0.5) is expect_on
+    assert (tr.kss_state.kss_steps > 0) is expect_on
+    logged = [h for h in tr.state.log_history if "kss/auto_probability" in h]
+    assert len(logged) == 1 and logged[0]["kss/auto_probability"] == pytest.approx(auto["probability"])
+    assert tr.kss_state_dict()["state"]["auto"] == auto  # saved with checkpoints, kept on resume
