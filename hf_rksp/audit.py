@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shlex
 import time
@@ -13,11 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import calibration as cal
-from . import report
+from . import report, risk
 from .blocks import find_blocks, stack_labels
 from .capture import capture_snapshots
 from .errors import RKSPError
+from .init_weights import group_seed
 from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
+from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
 from .moe import RouterRecorder, find_routers
 from .spectral import REL_TOL, block_spectrum, max_rank, resolve_method
 
@@ -26,10 +29,7 @@ METHOD_NAME = "RKSP"
 METHOD_VERSION = "1"
 DEFAULT_RANK = 256
 VISION_FAMILIES = ("vit",)
-RISK_UNAVAILABLE = (
-    "hf-rksp has no risk model fitted on its own published sweep yet, so it does not turn "
-    "these features into a probability."
-)
+RISK_UNAVAILABLE = "this build of hf-rksp ships no fitted risk model (hf_rksp/data/risk_model.json)"
 
 
 @dataclass
@@ -55,6 +55,10 @@ class AuditOptions:
     name: str | None = None  # hub id a local copy stands for: names the slug and card
     blocks: str | None = None  # block-list path for families hf-rksp does not know
     stream: bool = False  # layer-major: one block's weights in memory at a time
+    lr: float | None = None  # learning rate the risk is assessed at (None: the family's default)
+    device_map: str | None = None  # accelerate device map for whole-model loading: auto | cpu | cuda | disk
+    max_memory: str | None = None  # "cuda:0=20GiB,cpu=30GiB"
+    quantize: str | None = None  # "8bit" | "4bit" (bitsandbytes, CUDA only)
 
 
 @dataclass
@@ -127,6 +131,22 @@ def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
         raise RKSPError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.text is not None and not Path(opts.text).is_file():
         raise RKSPError(f"--text file not found: {opts.text}")
+    if opts.lr is not None and not opts.lr > 0:
+        raise RKSPError(f"--lr must be a positive learning rate, got {opts.lr}")
+    if opts.quantize is not None:
+        if opts.quantize not in ("8bit", "4bit"):
+            raise RKSPError(f"unknown quantization {opts.quantize!r} (8bit, 4bit)")
+        if not torch.cuda.is_available():
+            raise RKSPError(f"--load-in-{opts.quantize} uses bitsandbytes, which needs a CUDA GPU; this machine has "
+                            "none (audit in float32/bfloat16, with --stream if the model is large)")
+        if opts.stream:
+            raise RKSPError(f"--load-in-{opts.quantize} loads the model whole; it cannot be combined with --stream")
+    if opts.max_memory is not None:
+        parse_max_memory(opts.max_memory)
+        if opts.device_map is None:
+            raise RKSPError("--max-memory goes with --device-map")
+    if opts.device_map is not None and opts.stream:
+        raise RKSPError("--device-map places a whole model; --stream loads one block at a time (use one of them)")
     if opts.whitening not in ("auto", "gram", "exact", "randomized"):
         raise RKSPError(f"unknown whitening {opts.whitening!r} (auto, gram, exact, randomized)")
 
@@ -160,14 +180,27 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
         parts += ["--name", opts.name]
     if opts.blocks:
         parts += ["--blocks", opts.blocks]
+    if opts.lr is not None:
+        parts += ["--lr", f"{opts.lr:g}"]
+    if opts.device_map:
+        parts += ["--device-map", opts.device_map]
+    if opts.max_memory:
+        parts += ["--max-memory", opts.max_memory]
+    if opts.quantize:
+        parts.append(f"--load-in-{opts.quantize}")
     if opts.stream:
         parts.append("--stream")
     return shlex.join(parts)
 
 
-def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions, generator=None) -> dict:
-    """RKSP v1 features of block ``i`` from its snapshots, as a JSON-ready dict."""
-    bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, generator=generator)
+def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions) -> dict:
+    """RKSP v1 features of block ``i`` from its snapshots, as a JSON-ready dict.
+
+    The randomized range finder of block i draws from its own seed, so a block's
+    numbers do not depend on which blocks ran before it (streaming resumes).
+    """
+    g = torch.Generator().manual_seed(group_seed(opts.seed, i))
+    bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, generator=g)
     ev = bs.eigenvalues
     return {
         "index": i,
@@ -183,27 +216,33 @@ def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions, g
 def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) -> list[dict]:
     """RKSP v1 features of every block, as JSON-ready dicts."""
     out = []
-    g = torch.Generator().manual_seed(opts.seed)
     bar = tqdm(range(len(x_list)), desc="spectra", unit="block", disable=not progress)
     for i in bar:
-        out.append(block_result(i, x_list[i], y_list[i], opts, g))
+        out.append(block_result(i, x_list[i], y_list[i], opts))
         bar.set_postfix(near_unit=f"{out[-1]['near_unit_mass']:.3f}")
     return out
 
 
-def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOptions, progress: bool = True):
-    """profile_model's results for a model streamed block by block from its checkpoint."""
-    from .streaming import stream_snapshots_and_profile
+def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOptions, progress: bool = True,
+                   resume_dir: Path | None = None, resume_key: str = ""):
+    """profile_model's results for a model streamed block by block (from its checkpoint, or at seeded init)."""
+    from .streaming import CheckpointWeights, InitWeights, ResumeState, stream_snapshots_and_profile
 
     path, blocks = find_blocks(loaded.model, opts.blocks)
     if "+" in path or input_ids.is_floating_point():
         raise RKSPError("--stream supports decoder and encoder text models (not encoder-decoder or vision yet)")
-    g = torch.Generator().manual_seed(opts.seed)
+    device, dtype = _device(opts.device), loaded.info["dtype"]
+    if loaded.source.init:
+        weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
+    else:
+        weights = CheckpointWeights(loaded.model, loaded.info["checkpoint_dir"], dtype, device)
+    resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
     results, timings = stream_snapshots_and_profile(
-        loaded.model, blocks, path, loaded.info["checkpoint_dir"], input_ids,
-        lambda i, x, y: block_result(i, x, y, opts, g),
-        batch_size=opts.batch_size, dtype=loaded.info["dtype"], device=_device(opts.device), progress=progress,
+        loaded.model, blocks, path, weights, input_ids, lambda i, x, y: block_result(i, x, y, opts),
+        batch_size=opts.batch_size, device=device, progress=progress, resume=resume,
     )
+    if resume is not None:
+        resume.clear()
     return results, path, timings
 
 
@@ -234,9 +273,14 @@ def profile_model(
     return results, path, {"forward_s": t1 - t0, "spectral_s": time.perf_counter() - t1}
 
 
-def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True) -> dict:
-    """The audit JSON of an already loaded model (calibration, capture, spectra, summary)."""
-    streamed = "checkpoint_dir" in loaded.info
+def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True,
+                resume_root: Path | None = None) -> dict:
+    """The audit JSON of an already loaded model (calibration, capture, spectra, summary).
+
+    A streamed audit with ``resume_root`` saves its progress after every block
+    under ``resume_root/<slug>-<key>`` and resumes from there when rerun.
+    """
+    streamed = bool(loaded.info.get("streamed"))
     device = _device(opts.device) if streamed else str(next(loaded.model.parameters()).device)
     d_model = int(loaded.config.hidden_size)
     check_options(opts, d_model)
@@ -245,7 +289,10 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
         raise RKSPError(f"--seq-len {calib.seq_len} exceeds the model's {max_pos} positions")
     if streamed:
-        block_results, path, timings = stream_profile(loaded, calib.input_ids, opts, progress)
+        key = hashlib.sha256(f"{command}\n{calib.sha256}\n{opts!r}".encode()).hexdigest()
+        rdir = resume_root / f"{loaded.source.slug}-{key[:16]}" if resume_root is not None else None
+        block_results, path, timings = stream_profile(loaded, calib.input_ids, opts, progress,
+                                                      resume_dir=rdir, resume_key=key)
     else:
         block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
                                                      progress=progress, input_name=calib.input_name)
@@ -267,7 +314,8 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
             "whitening": resolve_method(opts.whitening, d_model),
             "rel_tol": REL_TOL,
             "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)"
-            + ("; layer-major streaming from the checkpoint" if streamed else ""),
+            + (("; layer-major streaming at seeded init" if src.init else "; layer-major streaming from the checkpoint")
+               if streamed else ""),
             "streamed": streamed,
         },
         "source": {
@@ -295,10 +343,13 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
         "blocks": block_results,
         "summary": report.summarize(block_results),
         "risk": None,
-        "risk_unavailable_reason": RISK_UNAVAILABLE,
         "environment": report.environment(device),
         "timings": timings,
     }
+    data["risk"] = risk.assess(data["summary"], lr=opts.lr, family=data["source"]["family"], init=src.init,
+                               n_blocks=len(block_results), d_model=d_model, method=data["method"])
+    if data["risk"] is None:
+        data["risk_unavailable_reason"] = RISK_UNAVAILABLE
     data["summary"]["verdict"] = report.verdict(data)
     return data
 
@@ -331,14 +382,20 @@ def audit(
     device = _device(opts.device)
     src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
     src.name = opts.name
+    if not opts.stream and not opts.device_map and not opts.quantize and too_big_for_memory(src, opts):
+        logger.warning("%s would take more than half the available memory: streaming it block by block", src.id)
+        opts.stream = True
     if opts.stream:
         loaded = load_for_streaming(src, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
                                     any_family=opts.blocks is not None)
     else:
         loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed,
-                            trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None)
+                            trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None,
+                            placement=placement_kwargs(opts))
     t_load = time.perf_counter()
-    data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress)
+    resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
+    data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
+                       resume_root=resume_root)
     data["timings"] = {"load_s": t_load - t0, **data["timings"], "total_s": time.perf_counter() - t0}
     result = AuditResult(data=data)
     if out_dir is not None:

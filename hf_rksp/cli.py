@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subspace finder: gram (exact, d x d or N x N Gram; the default 'auto'), exact SVD (reference), "
                         "randomized (approximate: opt-in)")
     m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
+    k = a.add_argument_group("risk (the model fitted on hf-rksp's divergence sweep)")
+    k.add_argument("--lr", type=float, metavar="LR",
+                   help="peak learning rate the probability of divergence is given for (default: the family's "
+                        "typical pretraining value, e.g. gpt2 6e-4, llama 3e-4, bert 1e-4; see README)")
     c = a.add_argument_group("calibration input (default: the English text embedded in the package)")
     c.add_argument("--text", metavar="FILE", help="UTF-8 text file to calibrate on")
     c.add_argument("--dataset", metavar="NAME_OR_PATH", help="a `datasets` dataset to calibrate on")
@@ -92,8 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     r.add_argument("--batch-size", type=int, default=1, help="sequences per forward batch (default 1)")
     r.add_argument("--stream", action="store_true",
-                   help="layer-major: read and run one block at a time from the safetensors checkpoint "
-                        "(peak memory ~ one block + activations)")
+                   help="layer-major: read (or, with --init, create) and run one block at a time "
+                        "(peak memory ~ one block + activations); automatic when the model would take more "
+                        "than half the available RAM; resumes after an interruption")
+    r.add_argument("--device-map", choices=["auto", "cpu", "cuda", "disk"],
+                   help="whole-model loading through accelerate's device map (disk: offload what does not fit)")
+    r.add_argument("--max-memory", metavar="DEV=SIZE,...",
+                   help="accelerate max_memory for --device-map, e.g. 'cuda:0=20GiB,cpu=30GiB'")
+    q = r.add_mutually_exclusive_group()
+    q.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights (needs CUDA)")
+    q.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit NF4 weights (needs CUDA)")
     r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
     r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -123,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_summary(result) -> None:
+    from .report import risk_line
+
     d = result.data
     s = d["summary"]
     lines = [
@@ -134,7 +148,7 @@ def print_summary(result) -> None:
         f"  spectral radius max   {s['spectral_radius_max']:.4f} (block {s['spectral_radius_max_block']})",
         f"  outside mass (mean)   {s['outside_mass_mean']:.4f}",
         f"  DMD fit R^2 (mean)    {s['fit_r2_mean']:.4f}",
-        "  risk                  " + ("not available (no fitted risk model yet)" if d["risk"] is None else str(d["risk"])),
+        "  risk                  " + risk_line(d),
         f"  time                  {d['timings']['total_s']:.1f} s",
     ]
     for name, path in result.paths.items():
@@ -169,7 +183,8 @@ def cmd_audit(args) -> int:
             dtype=args.dtype, device=args.device, batch_size=args.batch_size, whitening=args.whitening,
             text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
             column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision, name=args.name,
-            blocks=args.blocks, stream=args.stream,
+            blocks=args.blocks, stream=args.stream, lr=args.lr, device_map=args.device_map,
+            max_memory=args.max_memory, quantize="8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None,
         )
         if args.push_to and args.no_write:
             raise RKSPError("--push-to needs the files: drop --no-write")

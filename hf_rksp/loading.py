@@ -261,14 +261,25 @@ def load_model(
     seed: int = 0,
     trust_remote_code: bool = False,
     any_family: bool = False,
+    placement: dict | None = None,
 ) -> LoadedModel:
-    """Build the base model: pretrained weights, or random init from the config with ``seed``."""
+    """Build the base model: pretrained weights, or random init from the config with ``seed``.
+
+    ``placement`` (device_map, max_memory, offload_folder, quantization_config)
+    goes to ``from_pretrained`` as accelerate expects it; then the model stays
+    where accelerate put it.
+    """
+    placement = placement or {}
+    if placement and source.init:
+        raise RKSPError("--device-map and --load-in-Nbit place pretrained weights; --init builds on --device "
+                        "(use --stream for big models at init)")
     from transformers import AutoModel
 
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code, any_family)
     try:
-        check_memory(config, torch_dtype, device)
+        if not placement:
+            check_memory(config, torch_dtype, device)
     except RKSPError:
         raise
     except Exception as e:  # the config parses but transformers cannot build it
@@ -278,9 +289,10 @@ def load_model(
         if source.init:
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            _seeded_init(model, seed, any_family)
         else:
             model = _from_pretrained(AutoModel, source, local_files_only=_offline(), dtype=torch_dtype,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, **placement)
     except RKSPError:
         raise
     except (torch.OutOfMemoryError, MemoryError):
@@ -289,7 +301,8 @@ def load_model(
         if source.kind == "hub":
             raise _hub_error(source, e) from None
         raise RKSPError(f"could not load weights from {source.id}: {str(e).splitlines()[0]}") from None
-    model.to(device)
+    if not placement:
+        model.to(device)
     model.eval()
     if source.kind == "hub" and not source.init:
         source.revision = getattr(config, "_commit_hash", None) or source.revision
@@ -299,6 +312,30 @@ def load_model(
         "n_params": int(sum(p.numel() for p in model.parameters())),
     }
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
+
+
+def _seeded_init(model, seed: int, any_family: bool) -> None:
+    """Group-by-group seeded init (hf_rksp.init_weights), so the streamed --init path gives the same weights.
+
+    Families whose blocks hf-rksp cannot find by itself (``--blocks``) keep the plain seeded init.
+    """
+    from .blocks import find_blocks
+    from .init_weights import seeded_init
+
+    try:
+        _, blocks = find_blocks(model)
+    except RKSPError:
+        if any_family:
+            return
+        raise
+    seeded_init(model, blocks, seed)
+
+
+def fits_in_memory(config, dtype: str, fraction: float = 0.5) -> bool:
+    """Whether the whole model takes less than ``fraction`` of the available RAM (else audits stream)."""
+    import psutil
+
+    return estimate_bytes(config, parse_dtype(dtype)) < fraction * psutil.virtual_memory().available
 
 
 def checkpoint_dir(source: Source) -> Path:
@@ -319,14 +356,12 @@ def checkpoint_dir(source: Source) -> Path:
 def load_for_streaming(
     source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False
 ) -> LoadedModel:
-    """Config, tokenizer and the base model on the meta device: no weights are read here."""
+    """Config, tokenizer and the base model on the meta device: no weights are read or created here."""
     from .streaming import build_meta_model
 
-    if source.init:
-        raise RKSPError("--stream reads weights from a checkpoint; --init builds the whole model (drop --stream)")
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code, any_family)
-    ckpt = checkpoint_dir(source)
+    ckpt = None if source.init else checkpoint_dir(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         model = build_meta_model(config, torch_dtype)
@@ -338,7 +373,8 @@ def load_for_streaming(
         "family": config.model_type,
         "model_class": type(model).__name__,
         "n_params": int(sum(p.numel() for p in model.parameters())),
-        "checkpoint_dir": str(ckpt),
+        "checkpoint_dir": None if ckpt is None else str(ckpt),
         "dtype": torch_dtype,
+        "streamed": True,
     }
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)

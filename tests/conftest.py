@@ -36,11 +36,17 @@ def tiny_config(family: str, **overrides):
 
 
 def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
-    """Write a tiny random checkpoint of ``family`` to ``path`` (config.json + safetensors)."""
+    """Write a tiny random checkpoint of ``family`` to ``path`` (config.json + safetensors).
+
+    Its weights are what ``--init --seed seed`` builds (hf_rksp.init_weights).
+    """
     from transformers import AutoModel
 
-    torch.manual_seed(seed)
+    from hf_rksp.blocks import find_blocks
+    from hf_rksp.init_weights import seeded_init
+
     model = AutoModel.from_config(tiny_config(family, **overrides))
+    seeded_init(model, find_blocks(model)[1], seed)
     model.save_pretrained(path)
     return path
 

@@ -70,7 +70,9 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
     for key in ("hf_rksp", "torch", "transformers", "python"):
         assert key in da["environment"]
     assert len(da["inputs"]["sha256"]) == 64
-    assert da["risk"] is None and da["risk_unavailable_reason"]
+    r = da["risk"]  # the shipped risk model, at the llama family's default lr; a tiny llama is outside its range
+    assert 0 < r["probability"] < 1 and r["lr"] == 3e-4 and "default" in r["lr_source"]
+    assert r["in_range"] is False and any("family 'llama'" in w for w in r["warnings"])
     assert "--seed 3" in da["command"] and "--init" in da["command"]
     # same seed: same numbers; other seed: other weights and ids
     assert da["blocks"] == b.data["blocks"]

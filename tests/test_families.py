@@ -58,6 +58,19 @@ def test_family_audits_at_init(model_type, tmp_path):
         assert b["rank_used"] in (63, 64) and 0 <= b["near_unit_mass"] <= 1
 
 
+@pytest.mark.support("streaming")
+@pytest.mark.parametrize("model_type", sorted(set(TINY) - {"t5", "vit"}))
+def test_family_streams_at_init(model_type, tmp_path):
+    """--init --stream (each block created from its own seed, run, dropped) equals the whole-model --init."""
+    cfg = config_file(tmp_path, model_type)
+    whole = audit(config=cfg, tokens=128, seq_len=64, out_dir=None, progress=False).data
+    streamed = audit(config=cfg, tokens=128, seq_len=64, out_dir=None, progress=False, stream=True).data
+    assert streamed["method"]["streamed"] and len(streamed["blocks"]) == len(whole["blocks"]) == 2
+    for a, b in zip(whole["blocks"], streamed["blocks"]):
+        assert a["rank_used"] == b["rank_used"] and a["near_unit_mass"] == b["near_unit_mass"]
+        assert a["spectral_radius"] == pytest.approx(b["spectral_radius"], rel=1e-6)
+
+
 @pytest.mark.parametrize("model_type", ["gpt_neox", "opt", "falcon", "mixtral", "mamba", "deberta-v2"])
 def test_hooks_see_the_residual_stream(model_type, tmp_path):
     """Block inputs are the hidden states the model reports between blocks."""

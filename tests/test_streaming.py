@@ -70,7 +70,6 @@ def test_stream_refuses_what_it_cannot_stream(tmp_path, capsys, smollm2_gguf):
     cases = [
         ([str(ckpt), "--stream"], ".bin"),
         ([str(tmp_path / "x"), "--init", "--stream"], None),  # missing path wins first
-        (["gpt2", "--init", "--stream"], "--init"),
         ([str(smollm2_gguf), "--stream"], "gguf"),
     ]
     for argv, word in cases:
@@ -79,6 +78,58 @@ def test_stream_refuses_what_it_cannot_stream(tmp_path, capsys, smollm2_gguf):
         assert rc != 0 and err.startswith("hf-rksp: error:") and len(err.strip().splitlines()) == 1, err
         if word:
             assert word in err
+
+
+def _same_blocks(a: dict, b: dict) -> None:
+    """Same numbers: these paths do the same float32 forward and the same spectral algebra."""
+    assert len(a["blocks"]) == len(b["blocks"])
+    for x, y in zip(a["blocks"], b["blocks"]):
+        assert x["rank_used"] == y["rank_used"] and x["near_unit_mass"] == y["near_unit_mass"]
+        assert x["spectral_radius"] == pytest.approx(y["spectral_radius"], rel=1e-6)
+        assert x["fit_r2"] == pytest.approx(y["fit_r2"], abs=1e-6)
+
+
+@pytest.mark.support("streaming")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_init_streamed_equals_whole_model_init(family, tmp_path):
+    """--init --stream creates each block from its own seed: the same weights as the whole-model --init."""
+    cfg = tmp_path / "config.json"
+    tiny_config(family).to_json_file(cfg)
+    whole = audit(None, config=str(cfg), out_dir=None, seed=3, **SMALL)
+    streamed = audit(None, config=str(cfg), out_dir=None, seed=3, stream=True, **SMALL)
+    assert streamed.data["method"]["streamed"] is True and "seeded init" in streamed.data["method"]["snapshots"]
+    _same_blocks(whole.data, streamed.data)
+    other = audit(None, config=str(cfg), out_dir=None, seed=4, stream=True, **SMALL)
+    assert other.data["blocks"][0]["spectral_radius"] != streamed.data["blocks"][0]["spectral_radius"]
+
+
+def test_interrupted_stream_resumes_to_the_same_json(tmp_path, monkeypatch):
+    """Ctrl-C while block 2 loads; the rerun picks up at block 2 and writes what an uninterrupted run writes."""
+    from hf_rksp.streaming import CheckpointWeights
+
+    ckpt = sharded_checkpoint("llama", tmp_path / "ckpt")
+    reference = audit(str(ckpt), out_dir=None, stream=True, **SMALL)
+    out = tmp_path / "out"
+    real_block = CheckpointWeights.block
+
+    def interrupted(self, i, names):
+        if i == 2:
+            raise KeyboardInterrupt
+        return real_block(self, i, names)
+
+    monkeypatch.setattr(CheckpointWeights, "block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
+    partial = list((out / "audits" / ".partial").iterdir())
+    assert len(partial) == 1 and json.loads((partial[0] / "progress.json").read_text())["next_block"] == 2
+    assert not (out / "audits" / "ckpt").exists()  # nothing published by the interrupted run
+    monkeypatch.setattr(CheckpointWeights, "block", real_block)
+    resumed = audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
+    assert resumed.data["timings"]["resumed_at_block"] == 2
+    assert resumed.data["blocks"] == reference.data["blocks"]
+    assert not any((out / "audits" / ".partial").iterdir())  # progress removed once complete
+    on_disk = json.loads((out / "audits" / "ckpt" / "audit.json").read_text())
+    assert on_disk["blocks"] == reference.data["blocks"]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +153,9 @@ def smollm2_safetensors(smollm2_gguf, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.support("streaming", "llama")
 def test_smollm2_streamed_matches_exact_whole_model(smollm2_safetensors):
-    """Issue 3's agreement figure: per-block near-unit mass within 0.01, spectral radius within 0.5%."""
+    """Issue 3's agreement figure, streamed (default gram whitening) vs exact whole-model: per-block near-unit
+    mass within 0.01, spectral radius within 0.5%.  (The randomized range finder misses it here: see
+    spectral.resolve_method.)"""
     assert len(list(smollm2_safetensors.glob("*.safetensors"))) >= 2
     exact = audit(str(smollm2_safetensors), out_dir=None, whitening="exact", tokens=512, seq_len=256, progress=False)
     streamed = audit(str(smollm2_safetensors), out_dir=None, stream=True, tokens=512, seq_len=256, progress=False)
@@ -110,3 +163,31 @@ def test_smollm2_streamed_matches_exact_whole_model(smollm2_safetensors):
     for a, b in zip(exact.data["blocks"], streamed.data["blocks"]):
         assert abs(a["near_unit_mass"] - b["near_unit_mass"]) <= 0.01
         assert b["spectral_radius"] == pytest.approx(a["spectral_radius"], rel=5e-3)
+
+
+def test_device_map_cpu_matches_plain_load(tmp_path):
+    """--device-map cpu goes through accelerate's dispatch and gives the plain load's numbers."""
+    ckpt = sharded_checkpoint("llama", tmp_path / "ckpt")
+    plain = audit(str(ckpt), out_dir=None, **SMALL)
+    mapped = audit(str(ckpt), out_dir=None, device_map="cpu", max_memory="cpu=4GiB", **SMALL)
+    _same_blocks(plain.data, mapped.data)
+    assert "--device-map cpu --max-memory cpu=4GiB" in mapped.data["command"]
+
+
+def test_placement_and_quantization_errors(tmp_path, capsys):
+    ckpt = sharded_checkpoint("gpt2", tmp_path / "ckpt")
+    capsys.readouterr()  # the checkpoint writer's progress bar
+    cases = [
+        (["--max-memory", "cpu=4GiB"], "--device-map"),
+        (["--device-map", "cpu", "--max-memory", "lots"], "DEVICE=SIZE"),
+        (["--device-map", "cpu", "--stream"], "--stream"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(["--load-in-8bit"], "CUDA"), (["--load-in-4bit"], "CUDA"), (["--device-map", "cuda"], "CUDA")]
+    for extra, word in cases:
+        rc = main(["audit", str(ckpt), *extra, "--tokens", "256", "--seq-len", "128", "--out-dir", str(tmp_path / "o"),
+                   "-q"])
+        err = capsys.readouterr().err
+        assert rc != 0 and err.startswith("hf-rksp: error:") and len(err.strip().splitlines()) == 1, (extra, err)
+        assert word in err, (extra, err)
+        assert not (tmp_path / "o").exists()

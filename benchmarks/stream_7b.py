@@ -1,0 +1,118 @@
+"""Streamed audit of a LLaMA-2-7B-shaped model: peak memory and time against reading + running the same blocks.
+
+    python benchmarks/make_llama2_7b_checkpoint.py            # once: ~13.5 GB under /tmp
+    python benchmarks/stream_7b.py --json                     # the checkpoint, 512 tokens
+    python benchmarks/stream_7b.py --init --json              # the 7B config at seeded init (no checkpoint)
+    python benchmarks/stream_7b.py --dmd --json               # whitened DMD vs block forward at d=4096, N=2048
+
+Each measurement runs in its own child process, which reports its own peak
+RSS (getrusage ru_maxrss), so the figures are the audit process's, not this
+script's.  Plain and audit children alternate for ``--rounds`` rounds (the
+first round warms the page cache for both) and the fastest of each is kept.  ``read_plus_forward_seconds`` streams the same blocks through the
+same code (weights read, every block run over every token) with the spectral
+work replaced by nothing; ``time_ratio`` = audit / that, from the same run.
+Calibration: seeded random token ids (the checkpoint ships no tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time, torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+from hf_rksp.audit import AuditOptions, audit, calibration_for, stream_profile
+from hf_rksp.loading import load_for_streaming, resolve_source
+t0 = time.perf_counter()
+if args["mode"] == "audit":
+    r = audit(args["source"], init=args["init"], config=args.get("config"), out_dir=None, stream=True,
+              tokens=args["tokens"], seq_len=args["seq_len"], progress=False)
+    out = {"seconds": time.perf_counter() - t0, "timings": r.data["timings"], "blocks": len(r.data["blocks"]),
+           "near_unit_mass": r.data["summary"]["near_unit_mass"], "n_params": r.data["source"]["n_params"]}
+else:  # the same streaming, no spectral work
+    import hf_rksp.audit as A
+    A.block_result = lambda i, x, y, opts: {"near_unit_mass": 0.0}
+    opts = AuditOptions(tokens=args["tokens"], seq_len=args["seq_len"], stream=True)
+    loaded = load_for_streaming(resolve_source(args["source"], init=args["init"], config_path=args.get("config")))
+    calib = calibration_for(loaded, opts)
+    res, _, timings = stream_profile(loaded, calib.input_ids, opts, progress=False)
+    out = {"seconds": time.perf_counter() - t0, "timings": timings, "blocks": len(res)}
+out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print("RESULT " + json.dumps(out))
+"""
+
+
+def child(args: dict) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise SystemExit(f"child failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="/tmp/llama2-7b-random")
+    ap.add_argument("--init", action="store_true", help="the LLaMA-2-7B config at seeded init instead of a checkpoint")
+    ap.add_argument("--dmd", action="store_true",
+                    help="whitened DMD of a block at d=4096, N=2048 vs that block's forward (2-block 7B-width config)")
+    ap.add_argument("--tokens", type=int, default=None, help="default 512 (2048 with --dmd)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating plain/audit rounds; the fastest of each counts")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    a = ap.parse_args(argv)
+
+    base = {"threads": a.threads, "init": a.init or a.dmd, "source": "meta-llama/Llama-2-7b-hf"}
+    if a.dmd:
+        import tempfile
+
+        from hf_rksp.loading import load_config, resolve_source
+
+        cfg = load_config(resolve_source("meta-llama/Llama-2-7b-hf", init=True))
+        cfg.num_hidden_layers = 2
+        tmp = Path(tempfile.mkdtemp()) / "config.json"
+        cfg.to_json_file(tmp)
+        tokens = a.tokens or 2048
+        r = child({**base, "mode": "audit", "source": None, "config": str(tmp), "tokens": tokens, "seq_len": 512})
+        t = r["timings"]
+        out = {"d_model": 4096, "tokens": tokens, "blocks": r["blocks"],
+               "block_forward_seconds": t["forward_s"] / r["blocks"], "dmd_seconds": t["spectral_s"] / r["blocks"],
+               "dmd_over_forward": t["spectral_s"] / t["forward_s"], "capture_seconds": t["capture_s"], "peak_rss_gib": r["peak_rss_gib"]}
+    else:
+        tokens = a.tokens or 512
+        if not a.init:
+            ck = Path(a.checkpoint)
+            if not (ck / "model.safetensors.index.json").is_file():
+                raise SystemExit(f"no checkpoint at {ck}: run benchmarks/make_llama2_7b_checkpoint.py first")
+            base["source"] = str(ck)
+        job = {**base, "tokens": tokens, "seq_len": tokens}
+        # alternate plain / audit so that both see the same page cache; the first pair warms it
+        runs = {"plain": [], "audit": []}
+        for _ in range(a.rounds):
+            for mode in ("plain", "audit"):
+                runs[mode].append(child({**job, "mode": mode}))
+        audit_r, plain = min(runs["audit"], key=lambda r: r["seconds"]), min(runs["plain"], key=lambda r: r["seconds"])
+        out = {"rounds": a.rounds, "audit_seconds_all": [r["seconds"] for r in runs["audit"]],
+               "read_plus_forward_seconds_all": [r["seconds"] for r in runs["plain"]],
+               "source": "LLaMA-2-7B config at seeded init" if a.init else base["source"], "tokens": tokens,
+               "blocks": audit_r["blocks"], "peak_rss_gib": max(r["peak_rss_gib"] for r in runs["audit"]),
+               "audit_seconds": audit_r["seconds"], "read_plus_forward_seconds": plain["seconds"],
+               "time_ratio": audit_r["seconds"] / plain["seconds"], "plain_peak_rss_gib": plain["peak_rss_gib"],
+               "near_unit_mass": audit_r["near_unit_mass"], "n_params": audit_r["n_params"],
+               "audit_timings": audit_r["timings"]}
+        if not a.init:
+            out["checkpoint_gib"] = sum(p.stat().st_size for p in Path(a.checkpoint).glob("*.safetensors")) / 2**30
+    out["threads"] = a.threads
+    print(json.dumps(out) if a.json else json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
