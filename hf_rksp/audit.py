@@ -45,6 +45,7 @@ class AuditOptions:
     device: str = "cpu"
     batch_size: int = 1
     whitening: str = "auto"  # auto | gram | exact | randomized
+    power_iters: int = 2  # randomized range finder only
     text: str | None = None
     dataset: str | None = None
     dataset_config: str | None = None
@@ -147,6 +148,8 @@ def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
             raise RKSPError("--max-memory goes with --device-map")
     if opts.device_map is not None and opts.stream:
         raise RKSPError("--device-map places a whole model; --stream loads one block at a time (use one of them)")
+    if opts.power_iters < 0:
+        raise RKSPError(f"--power-iters must be >= 0, got {opts.power_iters}")
     if opts.whitening not in ("auto", "gram", "exact", "randomized"):
         raise RKSPError(f"unknown whitening {opts.whitening!r} (auto, gram, exact, randomized)")
 
@@ -166,6 +169,8 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
     parts += ["--delta", f"{opts.delta:g}", "--seed", str(opts.seed), "--dtype", opts.dtype]
     if opts.whitening != "auto":
         parts += ["--whitening", opts.whitening]
+    if opts.power_iters != 2:
+        parts += ["--power-iters", str(opts.power_iters)]
     if opts.text:
         parts += ["--text", opts.text]
     if opts.dataset:
@@ -200,7 +205,8 @@ def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions) -
     numbers do not depend on which blocks ran before it (streaming resumes).
     """
     g = torch.Generator().manual_seed(group_seed(opts.seed, i))
-    bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, generator=g)
+    bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, niter=opts.power_iters,
+                        generator=g)
     ev = bs.eigenvalues
     return {
         "index": i,
@@ -346,6 +352,8 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
         "environment": report.environment(device),
         "timings": timings,
     }
+    if data["method"]["whitening"] == "randomized":
+        data["method"]["power_iters"] = opts.power_iters
     data["risk"] = risk.assess(data["summary"], lr=opts.lr, family=data["source"]["family"], init=src.init,
                                n_blocks=len(block_results), d_model=d_model, method=data["method"])
     if data["risk"] is None:
@@ -391,7 +399,7 @@ def audit(
     else:
         loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed,
                             trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None,
-                            placement=placement_kwargs(opts))
+                            placement=placement_kwargs(opts), blocks=opts.blocks)
     t_load = time.perf_counter()
     resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
     data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,

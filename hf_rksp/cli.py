@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--whitening", choices=["auto", "gram", "exact", "randomized"], default="auto",
                    help="subspace finder: gram (exact, d x d or N x N Gram; the default 'auto'), exact SVD (reference), "
                         "randomized (approximate: opt-in)")
+    m.add_argument("--exact", action="store_true", help="shorthand for --whitening exact (full-SVD reference path)")
+    m.add_argument("--power-iters", type=int, default=2,
+                   help="power iterations of the randomized range finder (--whitening randomized; default 2)")
     m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
     k = a.add_argument_group("risk (the model fitted on hf-rksp's divergence sweep)")
     k.add_argument("--lr", type=float, metavar="LR",
@@ -180,7 +183,8 @@ def cmd_audit(args) -> int:
     else:
         opts = AuditOptions(
             tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, delta=args.delta, seed=args.seed,
-            dtype=args.dtype, device=args.device, batch_size=args.batch_size, whitening=args.whitening,
+            dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+            whitening="exact" if args.exact else args.whitening, power_iters=args.power_iters,
             text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
             column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision, name=args.name,
             blocks=args.blocks, stream=args.stream, lr=args.lr, device_map=args.device_map,

@@ -262,6 +262,7 @@ def load_model(
     trust_remote_code: bool = False,
     any_family: bool = False,
     placement: dict | None = None,
+    blocks: str | None = None,
 ) -> LoadedModel:
     """Build the base model: pretrained weights, or random init from the config with ``seed``.
 
@@ -289,7 +290,7 @@ def load_model(
         if source.init:
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-            _seeded_init(model, seed, any_family)
+            _seeded_init(model, seed, blocks)
         else:
             model = _from_pretrained(AutoModel, source, local_files_only=_offline(), dtype=torch_dtype,
                                      trust_remote_code=trust_remote_code, **placement)
@@ -314,21 +315,15 @@ def load_model(
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
 
 
-def _seeded_init(model, seed: int, any_family: bool) -> None:
+def _seeded_init(model, seed: int, blocks_path: str | None) -> None:
     """Group-by-group seeded init (hf_rksp.init_weights), so the streamed --init path gives the same weights.
 
-    Families whose blocks hf-rksp cannot find by itself (``--blocks``) keep the plain seeded init.
+    ``blocks_path`` is ``--blocks`` for families hf-rksp does not know.
     """
     from .blocks import find_blocks
     from .init_weights import seeded_init
 
-    try:
-        _, blocks = find_blocks(model)
-    except RKSPError:
-        if any_family:
-            return
-        raise
-    seeded_init(model, blocks, seed)
+    seeded_init(model, find_blocks(model, blocks_path)[1], seed)
 
 
 def fits_in_memory(config, dtype: str, fraction: float = 0.5) -> bool:

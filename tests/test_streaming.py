@@ -191,3 +191,18 @@ def test_placement_and_quantization_errors(tmp_path, capsys):
         assert rc != 0 and err.startswith("hf-rksp: error:") and len(err.strip().splitlines()) == 1, (extra, err)
         assert word in err, (extra, err)
         assert not (tmp_path / "o").exists()
+
+
+def test_exact_and_power_iteration_flags(tmp_path, capsys):
+    ckpt = sharded_checkpoint("llama", tmp_path / "ckpt")
+    capsys.readouterr()
+    base = ["audit", str(ckpt), "--tokens", "256", "--seq-len", "128", "-q"]
+    assert main([*base, "--exact", "--out-dir", str(tmp_path / "a")]) == 0
+    a = json.loads((tmp_path / "a" / "audits" / "ckpt" / "audit.json").read_text())
+    assert a["method"]["whitening"] == "exact" and "--whitening exact" in a["command"]
+    assert main([*base, "--whitening", "randomized", "--power-iters", "4", "--out-dir", str(tmp_path / "b")]) == 0
+    b = json.loads((tmp_path / "b" / "audits" / "ckpt" / "audit.json").read_text())
+    assert b["method"]["power_iters"] == 4 and "--power-iters 4" in b["command"]
+    capsys.readouterr()
+    assert main([*base, "--power-iters", "-1", "--out-dir", str(tmp_path / "c")]) != 0
+    assert "--power-iters" in capsys.readouterr().err and not (tmp_path / "c").exists()
