@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic
+from ..audit import DEFAULT_RANK, METHOD_VERSION, AuditOptions
 from .run import MARGIN, WINDOW
+
+_AUDIT = AuditOptions()  # the sweep's features use the audit's defaults (hf_rksp.sweep.run.rksp_features)
 
 #: predictor name -> list of (row field, transform); "lr only" is the covariate alone
 PREDICTORS: dict[str, list[tuple[str, str]]] = {
@@ -220,7 +223,7 @@ def risk_model(fit: list[dict]) -> dict:
                   "weights": "random init (the sweep audits models before their first step)",
                   "architecture": "decoder-only transformers, GPT-style (pre-LN, post-LN, no norm)"},
         "sweep_data_sha256": data_hash(fit),
-        "rksp": {"version": "1", "delta": 0.05, "tokens": 2048, "rank": 256},
+        "rksp": {"version": METHOD_VERSION, "delta": _AUDIT.delta, "tokens": _AUDIT.tokens, "rank": DEFAULT_RANK},
     }
 
 
