@@ -243,10 +243,20 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
     else:
         weights = CheckpointWeights(loaded.model, loaded.info["checkpoint_dir"], dtype, device)
     resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
-    results, timings = stream_snapshots_and_profile(
-        loaded.model, blocks, path, weights, input_ids, lambda i, x, y: block_result(i, x, y, opts),
-        batch_size=opts.batch_size, device=device, progress=progress, resume=resume,
-    )
+    routers = RouterRecorder(find_routers(blocks))
+
+    def profile_block(i, x, y):  # router statistics join each block's result, so they survive a resume
+        r = block_result(i, x, y, opts)
+        stats = routers.summary().get(i)
+        if stats is not None:
+            r["router"] = stats
+        return r
+
+    with routers.recording():
+        results, timings = stream_snapshots_and_profile(
+            loaded.model, blocks, path, weights, input_ids, profile_block,
+            batch_size=opts.batch_size, device=device, progress=progress, resume=resume,
+        )
     if resume is not None:
         resume.clear()
     return results, path, timings
