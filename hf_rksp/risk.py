@@ -24,7 +24,7 @@ CEILING_P = 0.1  # the learning-rate ceiling is the largest lr with P(divergence
 BANDS = ((0.1, "low"), (0.5, "medium"), (1.01, "high"))
 
 #: risk-model feature name -> key of the audit's model-level summary
-_SUMMARY_KEY = {"rksp_near_unit_mass": "near_unit_mass", "rksp_spectral_radius_max": "spectral_radius_max",
+SUMMARY_KEY = {"rksp_near_unit_mass": "near_unit_mass", "rksp_spectral_radius_max": "spectral_radius_max",
                 "rksp_outside_mass_mean": "outside_mass_mean"}
 
 
@@ -68,7 +68,7 @@ def assess(summary: dict, *, lr: float | None, family: str | None, init: bool, n
     lr = float(lr) if lr is not None else default_lr(family)
     if not lr > 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
-    values = {name: float(summary[key]) for name, key in _SUMMARY_KEY.items()}
+    values = {name: float(summary[key]) for name, key in SUMMARY_KEY.items()}
     rest, slope, mu = _logit(model, values)
     z = rest + slope * (math.log10(lr) - mu)
     p = 1.0 / (1.0 + math.exp(-max(-40.0, min(40.0, z))))

@@ -107,6 +107,23 @@ class KSSConfig:
         return w
 
 
+def _profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int]:
+    """The audit's model-level summary at the current weights (no grad), and the block count.
+
+    ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
+    """
+    from .audit import profile_model
+    from .report import summarize
+
+    was_training = model.training
+    try:
+        blocks, _, _ = profile_model(model, input_ids, options, device=str(next(model.parameters()).device),
+                                     progress=False)
+    finally:
+        model.train(was_training)
+    return summarize(blocks), len(blocks)
+
+
 def _finite(v):
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
@@ -168,8 +185,7 @@ class KSSTrainer(Trainer):
         KSS is enabled for the whole run when P(divergence) >= auto_threshold;
         the decision is logged, stored in the KSS state and kept on resume.
         """
-        from .audit import AuditOptions, profile_model
-        from .report import summarize
+        from .audit import AuditOptions
 
         cfg = self.kss_config
         rows, n = [], 0
@@ -182,17 +198,10 @@ class KSSTrainer(Trainer):
         ids = torch.cat(rows)
         ids = ids[: max(1, cfg.auto_tokens // ids.shape[1])]
         model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        try:
-            opts = AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]), delta=cfg.delta)
-            blocks, _, _ = profile_model(model, ids, opts, device=str(next(model.parameters()).device),
-                                         progress=False)
-        finally:
-            model.train(was_training)
-        s = summarize(blocks)
+        opts = AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]), delta=cfg.delta)
+        s, n_blocks = _profile_summary(model, ids, opts)
         r = assess(s, lr=self.args.learning_rate, family=getattr(model.config, "model_type", None), init=True,
-                   n_blocks=len(blocks), d_model=int(model.config.hidden_size))
+                   n_blocks=n_blocks, d_model=int(model.config.hidden_size))
         decision = {"probability": r["probability"], "band": r["band"], "lr": r["lr"], "in_range": r["in_range"],
                     "near_unit_mass": s["near_unit_mass"], "spectral_radius_max": s["spectral_radius_max"],
                     "threshold": cfg.auto_threshold, "enabled": r["probability"] >= cfg.auto_threshold}
@@ -396,19 +405,11 @@ class RKSPMonitorCallback(TrainerCallback):
         return self
 
     def profile(self, model) -> dict:
-        from .audit import profile_model
-
-        was_training = model.training
-        device = str(next(model.parameters()).device)
-        try:
-            blocks, _, _ = profile_model(model, self.input_ids, self.options, device=device, progress=False)
-        finally:
-            model.train(was_training)
-        n = len(blocks)
+        s, _ = _profile_summary(model, self.input_ids, self.options)
         return {
-            "rksp/near_unit_mass": sum(b["near_unit_mass"] for b in blocks) / n,
-            "rksp/spectral_radius": max(b["spectral_radius"] for b in blocks),
-            "rksp/outside_mass": sum(b["outside_mass"] for b in blocks) / n,
+            "rksp/near_unit_mass": s["near_unit_mass"],
+            "rksp/spectral_radius": s["spectral_radius_max"],
+            "rksp/outside_mass": s["outside_mass_mean"],
         }
 
     def _check(self, m: dict, step: int, is_zero: bool) -> None:

@@ -25,6 +25,7 @@ import torch
 from ..audit import AuditOptions, profile_model
 from ..calibration import default_text
 from ..report import summarize
+from ..risk import SUMMARY_KEY
 from .model import SweepLM, SweepLMConfig
 
 WINDOW = 10
@@ -99,8 +100,7 @@ def rksp_features(model: SweepLM) -> dict[str, float]:
     model.eval()
     blocks, _, _ = profile_model(model, calibration_ids(), AuditOptions(seq_len=SEQ_LEN), progress=False)
     s = summarize(blocks)
-    return {"rksp_near_unit_mass": s["near_unit_mass"], "rksp_spectral_radius_max": s["spectral_radius_max"],
-            "rksp_outside_mass_mean": s["outside_mass_mean"], "rksp_fit_r2_mean": s["fit_r2_mean"]}
+    return {**{name: s[key] for name, key in SUMMARY_KEY.items()}, "rksp_fit_r2_mean": s["fit_r2_mean"]}
 
 
 def baselines(model: SweepLM, batch: torch.Tensor) -> dict[str, float]:
