@@ -22,7 +22,7 @@ from .init_weights import group_seed
 from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
 from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
 from .moe import RouterRecorder, find_routers
-from .spectral import REL_TOL, block_spectrum, max_rank, resolve_method
+from .spectral import DEFAULT_POWER_ITERS, REL_TOL, block_spectrum, max_rank, resolve_method
 
 logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
@@ -45,7 +45,7 @@ class AuditOptions:
     device: str = "cpu"
     batch_size: int = 1
     whitening: str = "auto"  # auto | gram | exact | randomized
-    power_iters: int = 2  # randomized range finder only
+    power_iters: int = DEFAULT_POWER_ITERS  # randomized range finder only
     text: str | None = None
     dataset: str | None = None
     dataset_config: str | None = None
@@ -169,7 +169,7 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
     parts += ["--delta", f"{opts.delta:g}", "--seed", str(opts.seed), "--dtype", opts.dtype]
     if opts.whitening != "auto":
         parts += ["--whitening", opts.whitening]
-    if opts.power_iters != 2:
+    if opts.power_iters != DEFAULT_POWER_ITERS:
         parts += ["--power-iters", str(opts.power_iters)]
     if opts.text:
         parts += ["--text", opts.text]
@@ -198,6 +198,11 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
     return shlex.join(parts)
 
 
+def spectral_device() -> str | None:
+    """Where the randomized range finder runs: the GPU when there is one (in float32 there), else beside the data."""
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions) -> dict:
     """RKSP v1 features of block ``i`` from its snapshots, as a JSON-ready dict.
 
@@ -206,7 +211,7 @@ def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions) -
     """
     g = torch.Generator().manual_seed(group_seed(opts.seed, i))
     bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, niter=opts.power_iters,
-                        generator=g)
+                        generator=g, device=spectral_device())
     ev = bs.eigenvalues
     return {
         "index": i,
@@ -327,7 +332,7 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
             "seq_len": calib.seq_len,
             "seed": opts.seed,
             "dtype": opts.dtype,
-            "whitening": resolve_method(opts.whitening, d_model),
+            "whitening": resolve_method(opts.whitening, calib.n_tokens, d_model, effective_rank(opts)),
             "rel_tol": REL_TOL,
             "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)"
             + (("; layer-major streaming at seeded init" if src.init else "; layer-major streaming from the checkpoint")
@@ -364,6 +369,9 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     }
     if data["method"]["whitening"] == "randomized":
         data["method"]["power_iters"] = opts.power_iters
+        data["method"]["range_finder"] = {"dtype": "float32", "device": spectral_device() or "cpu",
+                                          "oversample": max(16, min(effective_rank(opts),
+                                                                    max_rank(calib.n_tokens, d_model)) // 2)}
     data["risk"] = risk.assess(data["summary"], lr=opts.lr, family=data["source"]["family"], init=src.init,
                                n_blocks=len(block_results), d_model=d_model, method=data["method"])
     if data["risk"] is None:

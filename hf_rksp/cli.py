@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .errors import RKSPError
+from .spectral import DEFAULT_POWER_ITERS
 
 PUSH_HELP = """\
 Publish an audit to the Hugging Face Hub in a single commit (or none).
@@ -78,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max whitening rank r (default 256, capped at N-1 and d; an explicit r > N-1 is an error)")
     m.add_argument("--delta", type=float, default=0.05, help="near-unit band half-width: | |lambda| - 1 | <= delta (default 0.05)")
     m.add_argument("--whitening", choices=["auto", "gram", "exact", "randomized"], default="auto",
-                   help="subspace finder: gram (exact, d x d or N x N Gram; the default 'auto'), exact SVD (reference), "
-                        "randomized (approximate: opt-in)")
+                   help="subspace finder: auto (default: randomized when min(N-1, d) >= 4 x rank, e.g. 7B widths, "
+                        "else gram), gram (exact eigen-decomposition of the d x d or N x N moments), exact (full SVD, "
+                        "the reference), randomized (float32 subspace iteration on the moments, on the GPU when there "
+                        "is one; float64 Rayleigh-Ritz)")
     m.add_argument("--exact", action="store_true", help="shorthand for --whitening exact (full-SVD reference path)")
-    m.add_argument("--power-iters", type=int, default=2,
-                   help="power iterations of the randomized range finder (--whitening randomized; default 2)")
+    m.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS,
+                   help="power iterations of the randomized range finder, when randomized whitening is used "
+                        f"(default {DEFAULT_POWER_ITERS})")
     m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
     k = a.add_argument_group("risk (the model fitted on hf-rksp's divergence sweep)")
     k.add_argument("--lr", type=float, metavar="LR",
