@@ -22,7 +22,7 @@ from .init_weights import group_seed
 from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
 from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
 from .moe import RouterRecorder, find_routers
-from .spectral import DEFAULT_POWER_ITERS, REL_TOL, block_spectrum, max_rank, resolve_method
+from .spectral import DEFAULT_POWER_ITERS, MAX_POWER_ITERS, RANGE_TOL, REL_TOL, block_spectrum, max_rank, resolve_method
 
 logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
@@ -213,7 +213,7 @@ def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions) -
     bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, niter=opts.power_iters,
                         generator=g, device=spectral_device())
     ev = bs.eigenvalues
-    return {
+    out = {
         "index": i,
         "near_unit_mass": bs.near_unit_mass,
         "spectral_radius": bs.spectral_radius,
@@ -222,6 +222,10 @@ def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions) -
         "rank_used": bs.rank_used,
         "eigenvalues": torch.stack([ev.real, ev.imag], dim=1).tolist(),
     }
+    w = bs.whitening
+    if w is not None and w.power_iters is not None:  # the range finder ran: how far, and whether it was kept
+        out["whitening"] = {"method": w.method, "power_iters": w.power_iters, "error_estimate": w.error_estimate}
+    return out
 
 
 def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) -> list[dict]:
@@ -370,6 +374,7 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     if data["method"]["whitening"] == "randomized":
         data["method"]["power_iters"] = opts.power_iters
         data["method"]["range_finder"] = {"dtype": "float32", "device": spectral_device() or "cpu",
+                                          "tolerance": RANGE_TOL, "max_power_iters": MAX_POWER_ITERS,
                                           "oversample": max(16, min(effective_rank(opts),
                                                                     max_rank(calib.n_tokens, d_model)) // 2)}
     data["risk"] = risk.assess(data["summary"], lr=opts.lr, family=data["source"]["family"], init=src.init,

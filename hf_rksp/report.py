@@ -142,7 +142,7 @@ CARD_TEMPLATE = """---
 {router_section}## How it was produced
 
 - Source: `{source_id}` ({kind}{revision}), family `{family}`, {n_blocks} blocks, d_model = {d_model}, {n_params:,} parameters{init}.
-- Method: RKSP v{mversion} — whitened DMD of each residual block's input/output snapshots, rank ≤ {rank}, δ = {delta:g}, whitening `{whitening}`.
+- Method: RKSP v{mversion} — whitened DMD of each residual block's input/output snapshots, rank ≤ {rank}, δ = {delta:g}, whitening `{whitening}`{whitening_detail}.
 - Calibration input: {n_tokens} tokens ({origin}) in sequences of {seq_len}, sha256 `{sha}`, dtype {dtype}, seed {seed}.
 - Software: hf-rksp {v_rksp}, torch {v_torch}, transformers {v_tf}.
 
@@ -242,6 +242,8 @@ def render_card(audit: dict) -> str:
         rank=m["rank"],
         delta=m["delta"],
         whitening=m["whitening"],
+        whitening_detail=(f" ({m['power_iters']} power iterations, {m['range_finder']['dtype']} range finder on "
+                          f"{m['range_finder']['device']})" if "range_finder" in m else ""),
         n_tokens=inp["n_tokens"],
         origin=inp["origin"],
         seq_len=inp["seq_len"],

@@ -27,8 +27,15 @@ from .errors import RKSPError
 #: Relative singular-value cut-off of RKSP v1 (s_i > REL_TOL * s_1 are kept).
 REL_TOL = 1e-6
 
-#: Power iterations of the randomized range finder (on the moment matrix; see _randomized_basis).
+#: Power iterations the randomized range finder runs at least (more if it has not converged; see _whiten_randomized).
 DEFAULT_POWER_ITERS = 6
+
+#: Predicted top-r subspace error, (s_k / s_r)^(2q+2), the range finder iterates down to.
+RANGE_TOL = 1e-2
+
+#: Around this many power iterations the exact Gram path costs as much (d = 4096, N = 2048, 2 CPU cores);
+#: a block whose spectrum is too flat to converge by then falls back to it.
+MAX_POWER_ITERS = 32
 
 #: "auto" whitening is randomized when min(N - 1, d) >= this x rank (see resolve_method).
 RANDOMIZED_MIN_RATIO = 4
@@ -37,6 +44,8 @@ __all__ = [
     "REL_TOL",
     "DEFAULT_POWER_ITERS",
     "RANDOMIZED_MIN_RATIO",
+    "RANGE_TOL",
+    "MAX_POWER_ITERS",
     "Whitening",
     "BlockSpectrum",
     "whiten",
@@ -61,6 +70,10 @@ class Whitening:
     work_dtype: torch.dtype | None = None
     #: the whitened snapshots Zx themselves, when the method had them at no cost (randomized)
     z: torch.Tensor | None = None
+    #: randomized only: power iterations run, and the predicted subspace error they reached
+    #: (set on a gram fallback too, with what the range finder had reached when it gave up)
+    power_iters: int | None = None
+    error_estimate: float | None = None
 
     @property
     def rank(self) -> int:
@@ -87,6 +100,7 @@ class BlockSpectrum:
     outside_mass: float
     fit_r2: float
     rank_used: int
+    whitening: Whitening | None = None
 
 
 def max_rank(n_tokens: int, d: int) -> int:
@@ -141,36 +155,40 @@ def _lu_normalize(z: torch.Tensor) -> torch.Tensor:
     perm = list(range(m))  # LAPACK's row swaps, applied in order, as one permutation
     for i, j in enumerate(pivots.tolist()):
         perm[i], perm[j - 1] = perm[j - 1], perm[i]
-    lower = lu.tril(-1) + torch.eye(m, k, dtype=z.dtype, device=z.device)
+    lower = lu.tril(-1)
+    lower.diagonal().fill_(1)
     out = torch.empty_like(lower)
     out[torch.tensor(perm, device=z.device)] = lower
     return out
 
 
-def _randomized_basis(
-    xc: torch.Tensor,
-    k: int,
-    niter: int,
-    generator: torch.Generator | None,
-    chunk: int,
-) -> torch.Tensor:
-    """Orthonormal (d x k) basis of the dominant right singular subspace of xc.
+class _SubspaceIteration:
+    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4) that can be resumed.
 
-    Randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4)
-    on the moment matrix of the smaller side: once G is formed, a power
-    iteration costs m^2 k (m = min(N, d)) instead of 2 N d k, so several are
-    cheap.  The subspace error scales as (s_{k+1} / s_r)^(2 niter + 2).
+    It runs on the moment matrix of the smaller side: once G is formed, a
+    power iteration costs m^2 k (m = min(N, d)) instead of 2 N d k, so
+    several are cheap.  After q iterations the sketch spans (G^(q+1)) Omega,
+    whose top-r subspace error scales as (s_{k+1} / s_r)^(2q+2).
     """
-    g, rows = _moments(xc, chunk)
-    m = g.shape[0]
-    omega = torch.randn(m, k, generator=generator, dtype=torch.float32, device="cpu").to(xc.dtype).to(xc.device)
-    z = _lu_normalize(g @ omega)
-    for _ in range(niter):
-        z = _lu_normalize(g @ z)
-    if rows:  # left subspace -> right subspace: half a power step, Xc^T Z
-        z = xc.T @ z
-    q, _ = torch.linalg.qr(z)
-    return q
+
+    def __init__(self, xc: torch.Tensor, k: int, generator: torch.Generator | None, chunk: int):
+        self.xc = xc
+        self.g, self.rows = _moments(xc, chunk)
+        m = self.g.shape[0]
+        omega = torch.randn(m, k, generator=generator, dtype=torch.float32, device="cpu").to(xc.dtype).to(xc.device)
+        self.z = _lu_normalize(self.g @ omega)
+        self.iters = 0
+
+    def run_to(self, iters: int) -> None:
+        while self.iters < iters:
+            self.z = _lu_normalize(self.g @ self.z)
+            self.iters += 1
+
+    def basis(self) -> torch.Tensor:
+        """Orthonormal (d x k) basis of the current estimate of the dominant right singular subspace."""
+        z = self.xc.T @ self.z if self.rows else self.z  # left -> right subspace: half a power step
+        q, _ = torch.linalg.qr(z)
+        return q
 
 
 def resolve_method(method: str, n: int, d: int, rank: int) -> str:
@@ -267,13 +285,21 @@ def whiten(
 
 
 def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, chunk, work_dtype, device) -> Whitening:
-    """The randomized method of whiten(): (N x d)-sized work in ``work_dtype`` on ``device``, r x r algebra in ``dtype``.
+    """The randomized method of whiten(): (N x d)-sized work in ``work_dtype`` on ``device``, k x k algebra in ``dtype``.
 
     The snapshots are never copied to float64: the mean, the centered copy,
-    the moments and the subspace iteration live in ``work_dtype`` (float32 by default; on the GPU when ``device`` is one),
-    and the Rayleigh-Ritz step takes the exact SVD of Xc Q (N x k) in
-    ``dtype``, so the singular values are those of the float32-rounded data
-    in the found subspace and Zx is orthonormal to float32 rounding.
+    the moments and the subspace iteration live in ``work_dtype`` (float32
+    by default; on the GPU when ``device`` is one).  The Rayleigh-Ritz step
+    diagonalizes (Xc Q)^T (Xc Q) in ``dtype``: singular values of the
+    float32-rounded data in the found subspace, Zx orthonormal to float32
+    rounding.
+
+    Convergence is checked, not assumed: with Ritz values s_1 >= ... >= s_k,
+    the predicted subspace error after q iterations is (s_k / s_r)^(2q+2).
+    Above RANGE_TOL the iteration goes on to the q that brings it under,
+    from where it stopped; when that q exceeds MAX_POWER_ITERS (a flat
+    spectrum, e.g. random-init activations, where iterating costs more
+    than the exact eigen-decomposition) the block falls back to ``gram``.
     """
     n, d = x.shape
     possible = max_rank(n, d)
@@ -286,20 +312,36 @@ def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, ch
     xw = x.to(device=dev, dtype=wdt)
     mean = xw.mean(dim=0)
     xw = xw - mean
-    mean = mean.to(cdt)
     k = min(rank + (max(16, rank // 2) if oversample is None else oversample), possible)
-    q = _randomized_basis(xw, k, niter, generator, chunk)
-    b = (xw @ q).to(dtype=cdt)  # Rayleigh-Ritz: the data projected onto the found subspace
-    evals, w = torch.linalg.eigh(b.T @ b)  # (k x k), ascending; B^T B = W S^2 W^T
-    s = evals.flip(-1).clamp_min(0).sqrt()
-    r = _truncate(s, rank, rel_tol)
-    if r < 1:
-        raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
+    it = _SubspaceIteration(xw, k, generator, chunk)
+    target = niter
+    while True:
+        it.run_to(target)
+        q = it.basis()
+        b = (xw @ q).to(dtype=cdt)  # Rayleigh-Ritz: the data projected onto the found subspace
+        evals, w = torch.linalg.eigh(b.T @ b)  # (k x k), ascending; B^T B = W S^2 W^T
+        s = evals.flip(-1).clamp_min(0).sqrt()
+        r = _truncate(s, rank, rel_tol)
+        if r < 1:
+            raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
+        ratio = float(s[k - 1] / s[r - 1]) if k > r else 0.0
+        estimate = ratio ** (2 * it.iters + 2)
+        if estimate <= RANGE_TOL or k >= it.g.shape[0]:  # converged, or the sketch spans everything
+            break
+        need = math.ceil(math.log(RANGE_TOL) / (2 * math.log(ratio)) - 1) if ratio < 1 else MAX_POWER_ITERS + 1
+        if need > MAX_POWER_ITERS:
+            del it, xw, b
+            w_exact = whiten(x, rank, rel_tol=rel_tol, method="gram", dtype=dtype)
+            w_exact.power_iters, w_exact.error_estimate = target, estimate
+            return w_exact
+        # the Ritz ratio creeps up as s_k converges from below, so the first prediction runs short: 30% margin
+        target = max(math.ceil(1.3 * need), it.iters + 1)
     w = w.flip(-1)[:, :r]
     v = q.to(cdt) @ w
     home = x.device
-    return Whitening(mean=mean.to(home), basis=v.to(home), scale=s[:r].to(home), method="randomized",
-                     work_dtype=wdt if wdt != cdt else None, z=((b @ w) / s[:r]).to(home))
+    return Whitening(mean=mean.to(cdt).to(home), basis=v.to(home), scale=s[:r].to(home), method="randomized",
+                     work_dtype=wdt if wdt != cdt else None, z=((b @ w) / s[:r]).to(home),
+                     power_iters=it.iters, error_estimate=estimate)
 
 
 def dmd_operator(zx: torch.Tensor, zy: torch.Tensor) -> torch.Tensor:
@@ -370,4 +412,4 @@ def block_spectrum(
     resid = float(((zy - zx @ k) ** 2).sum())
     r2 = 1.0 - resid / zy_sq if zy_sq > 0 else math.nan
     feats = spectral_features(eig, delta)
-    return BlockSpectrum(eigenvalues=eig, fit_r2=r2, rank_used=w.rank, **feats)
+    return BlockSpectrum(eigenvalues=eig, fit_r2=r2, rank_used=w.rank, whitening=w, **feats)

@@ -259,3 +259,25 @@ def test_randomized_whitening_is_orthonormal_and_reuses_its_projection():
     assert torch.allclose(w.z.T @ w.z, eye, atol=1e-5)  # float32 data: ~eps32 * cond
     assert torch.allclose(w.apply(x), w.z, atol=1e-5)
     assert torch.allclose(w.basis.T @ w.basis, eye, atol=1e-6)
+
+
+def test_range_finder_iterates_until_converged_and_falls_back_on_flat_spectra():
+    """The predicted subspace error (s_k/s_r)^(2q+2) decides how many iterations run, not the minimum."""
+    from hf_rksp.spectral import MAX_POWER_ITERS, RANGE_TOL
+
+    g = np.random.default_rng(3)
+    n, d, r = 1200, 400, 40
+    # slowly decaying spectrum: s_40 / s_60 = 1.05, far from converged after 2 iterations
+    x = g.standard_normal((n, d)) @ np.diag(np.linspace(1.0, 0.2, d)) @ np.linalg.qr(g.standard_normal((d, d)))[0]
+    y = x @ (np.eye(d) + 0.3 * g.standard_normal((d, d)) / np.sqrt(d))
+    ref = reference(x, y, rank=r, delta=0.05)
+    got = block_spectrum(torch.from_numpy(x), torch.from_numpy(y), rank=r, method="randomized", niter=2,
+                         generator=torch.Generator().manual_seed(0))
+    w = got.whitening
+    assert w.method == "randomized" and 2 < w.power_iters <= MAX_POWER_ITERS and w.error_estimate <= RANGE_TOL
+    # converged (28 iterations): eigenvalue error 3e-4; stopped at the 2 asked for it would be 0.056
+    assert match_error(got.eigenvalues.numpy(), ref["eigenvalues"]) < 5e-3
+    # all singular values equal: no iteration count can separate the top r, so the exact Gram path runs
+    flat = np.linalg.qr(g.standard_normal((n, d)))[0] * 3.0
+    w = whiten(torch.from_numpy(flat), r, method="randomized", generator=torch.Generator().manual_seed(0))
+    assert w.method == "gram" and w.power_iters == 6 and w.error_estimate > RANGE_TOL

@@ -210,3 +210,22 @@ def test_exact_and_power_iteration_flags(tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--power-iters", "-1", "--out-dir", str(tmp_path / "c")]) != 0
     assert "--power-iters" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_auto_whitening_goes_randomized_on_wide_data_and_says_so(tmp_path):
+    """min(N-1, d) >= 4r picks the randomized range finder; the JSON and the card record how it ran,
+    and streamed and whole-model audits draw the same sketches (per-block seeds)."""
+    ckpt = sharded_checkpoint("llama", tmp_path / "ckpt")
+    whole = audit(str(ckpt), out_dir=tmp_path / "o", rank=8, **SMALL)  # d = 64 >= 4 x 8
+    m = whole.data["method"]
+    assert m["whitening"] == "randomized" and m["power_iters"] == 6
+    assert m["range_finder"] == {"dtype": "float32", "device": "cuda" if torch.cuda.is_available() else "cpu",
+                                 "oversample": 16, "tolerance": 1e-2, "max_power_iters": 32}
+    for b in whole.data["blocks"]:
+        w = b["whitening"]
+        assert w["method"] == "gram" or (w["power_iters"] >= 6 and w["error_estimate"] <= 1e-2), w
+    card = next((tmp_path / "o" / "model_cards").glob("*/README.md")).read_text()
+    assert "whitening `randomized` (6 power iterations, float32 range finder on" in card
+    streamed = audit(str(ckpt), out_dir=None, rank=8, stream=True, **SMALL)
+    _same_blocks(whole.data, streamed.data)
+    assert audit(str(ckpt), out_dir=None, rank=32, **SMALL).data["method"]["whitening"] == "gram"  # 64 < 4 x 32
