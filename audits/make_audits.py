@@ -46,7 +46,7 @@ def shipped() -> dict[str, list[str]]:
             smol(), "--init", "--name", "HuggingFaceTB/SmolLM2-135M-Instruct"],
         "sentence-transformers__all-MiniLM-L6-v2": lambda: [minilm(), "--name", "sentence-transformers/all-MiniLM-L6-v2"],
         "gpt2__init": lambda: ["gpt2", "--init"],
-        # streamed: the 7B model never exists whole; ~15 min on 2 CPU cores, ~2 GiB of RAM
+        # streamed: the 7B model never exists whole; ~3 min on 2 CPU cores, ~2 GiB of RAM
         "meta-llama__Llama-2-7b-hf__init": lambda: ["meta-llama/Llama-2-7b-hf", "--init", "--stream"],
         # the streaming benchmark's checkpoint (benchmarks/make_llama2_7b_checkpoint.py, 13.5 GB, not in the repo)
         "hf-rksp__llama2-7b-shaped-random-bf16": lambda: [

@@ -76,6 +76,23 @@ def _summarize(blocks: list[dict]) -> dict:
     }
 
 
+def _range_finder_detail(method: dict, blocks: list[dict]) -> str:
+    """How the randomized range finder ran: iterations per block and any exact fallbacks."""
+    if "range_finder" not in method:
+        return ""
+    rf = method["range_finder"]
+    runs = [b["whitening"] for b in blocks if "whitening" in b]
+    iters = [w["power_iters"] for w in runs if w["method"] == "randomized"]
+    span = f"{min(iters)}" if iters and min(iters) == max(iters) else (f"{min(iters)}–{max(iters)}" if iters else "")
+    parts = [f"{rf['dtype']} range finder on {rf['device']}"]
+    if span:
+        parts.append(f"{span} power iterations per block to a predicted subspace error ≤ {rf['tolerance']:g}")
+    fallback = len(runs) - len(iters)
+    if fallback:
+        parts.append(f"{fallback} block{'s' if fallback > 1 else ''} too flat to converge, whitened by the exact Gram path")
+    return " (" + "; ".join(parts) + ")"
+
+
 def verdict(audit: dict) -> str:
     """A plain-language reading of the features; it states measurements, not a probability."""
     s = audit["summary"]
@@ -242,8 +259,7 @@ def render_card(audit: dict) -> str:
         rank=m["rank"],
         delta=m["delta"],
         whitening=m["whitening"],
-        whitening_detail=(f" ({m['power_iters']} power iterations, {m['range_finder']['dtype']} range finder on "
-                          f"{m['range_finder']['device']})" if "range_finder" in m else ""),
+        whitening_detail=_range_finder_detail(m, audit["blocks"]),
         n_tokens=inp["n_tokens"],
         origin=inp["origin"],
         seq_len=inp["seq_len"],

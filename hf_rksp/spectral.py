@@ -329,13 +329,14 @@ def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, ch
         if estimate <= RANGE_TOL or k >= it.g.shape[0]:  # converged, or the sketch spans everything
             break
         need = math.ceil(math.log(RANGE_TOL) / (2 * math.log(ratio)) - 1) if ratio < 1 else MAX_POWER_ITERS + 1
-        if need > MAX_POWER_ITERS:
+        if need > MAX_POWER_ITERS or it.iters >= max(MAX_POWER_ITERS, niter):
+            ran = it.iters
             del it, xw, b
             w_exact = whiten(x, rank, rel_tol=rel_tol, method="gram", dtype=dtype)
-            w_exact.power_iters, w_exact.error_estimate = target, estimate
+            w_exact.power_iters, w_exact.error_estimate = ran, estimate
             return w_exact
         # the Ritz ratio creeps up as s_k converges from below, so the first prediction runs short: 30% margin
-        target = max(math.ceil(1.3 * need), it.iters + 1)
+        target = min(max(math.ceil(1.3 * need), it.iters + 1), max(MAX_POWER_ITERS, niter))
     w = w.flip(-1)[:, :r]
     v = q.to(cdt) @ w
     home = x.device
