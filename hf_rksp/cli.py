@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "is one; float64 Rayleigh-Ritz)")
     m.add_argument("--exact", action="store_true", help="shorthand for --whitening exact (full-SVD reference path)")
     m.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS,
-                   help="power iterations of the randomized range finder, when randomized whitening is used "
+                   help="minimum power iterations of the randomized range finder, when randomized whitening is used; "
+                        "it iterates further until converged, or falls back to gram on a flat spectrum "
                         f"(default {DEFAULT_POWER_ITERS})")
     m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
     k = a.add_argument_group("risk (the model fitted on hf-rksp's divergence sweep)")
