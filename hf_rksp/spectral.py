@@ -150,15 +150,30 @@ def _lu_normalize(z: torch.Tensor) -> torch.Tensor:
     the last step orthonormalizes with QR (Halko et al. 2011, sec. 4.5; the
     normalizer scikit-learn's randomized_svd uses).
     """
-    lu, pivots = torch.linalg.lu_factor(z)
-    m, k = z.shape
+    return _permuted_lower(*torch.linalg.lu_factor(z))
+
+
+def _orthonormalize(z: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of span(z) by Cholesky QR with the k x k Gram in float64 (2x faster than
+    Householder QR at 4096 x 384); Householder QR when that Gram is too ill-conditioned to factor."""
+    z64 = z.double()
+    gram = z64.T @ z64
+    factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+    if int(info) != 0:
+        return torch.linalg.qr(z)[0]
+    return torch.linalg.solve_triangular(factor, z64, upper=True, left=False).to(z.dtype)
+
+
+def _permuted_lower(lu: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
+    """P L from LAPACK's packed LU factors and row swaps."""
+    m, k = lu.shape
     perm = list(range(m))  # LAPACK's row swaps, applied in order, as one permutation
     for i, j in enumerate(pivots.tolist()):
         perm[i], perm[j - 1] = perm[j - 1], perm[i]
     lower = lu.tril(-1)
     lower.diagonal().fill_(1)
     out = torch.empty_like(lower)
-    out[torch.tensor(perm, device=z.device)] = lower
+    out[torch.tensor(perm, device=lu.device)] = lower
     return out
 
 
@@ -177,18 +192,73 @@ class _SubspaceIteration:
         m = self.g.shape[0]
         omega = torch.randn(m, k, generator=generator, dtype=torch.float32, device="cpu").to(xc.dtype).to(xc.device)
         self.z = _lu_normalize(self.g @ omega)
-        self.iters = 0
+        self.iters = 0  # products with G after the first
+        self.effective = 0.0  # the power iterations they are worth (Chebyshev steps are worth more)
+        self.filtered: tuple[int, float] | None = None  # a Chebyshev filter not yet credited: (degree, hi)
 
-    def run_to(self, iters: int) -> None:
-        while self.iters < iters:
+    def credit_filter(self, lam_r: float, lam_k: float) -> None:
+        """Count a Chebyshev filter as the power iterations it equals, judged by the Ritz values after it.
+
+        A filter of degree m with damped interval [0, hi] amplifies lambda_r by
+        cosh(m acosh(2 lambda_r / hi - 1)) and nothing in [0, hi]; power
+        iterations gain lambda_r / lambda_k each.  If lambda_k turned out above
+        hi the filter was not damping all of the unwanted part, and each of its
+        steps is counted as one plain iteration only.
+        """
+        if self.filtered is None:
+            return
+        degree, hi = self.filtered
+        self.filtered = None
+        if lam_k <= 0 or lam_r <= lam_k or lam_k > hi:
+            self.effective += degree
+            return
+        per_step = math.acosh(2 * lam_r / hi - 1) / math.log(lam_r / lam_k)
+        self.effective += degree * max(1.0, per_step)
+
+    def run_to(self, effective: float) -> None:
+        while self.effective < effective:
             self.z = _lu_normalize(self.g @ self.z)
             self.iters += 1
+            self.effective += 1
+
+    def probe(self) -> torch.Tensor:
+        """Ritz values of G in the current sketch, descending, in float64: a cheap look at the spectrum."""
+        self.z = _orthonormalize(self.z)
+        h = (self.z.T @ (self.g @ self.z)).double()
+        return torch.linalg.eigvalsh((h + h.T) / 2).flip(-1).clamp_min(0)
+
+    def chebyshev(self, degree: int, hi: float, top: float) -> None:
+        """Filter the sketch with the Chebyshev polynomial T_degree of G, [0, hi] mapped onto [-1, 1].
+
+        Eigenvalues <= hi (the unwanted part) stay bounded by 1 while lambda_r > hi
+        grows like exp(degree acosh(t_r)), t_r = 2 lambda_r / hi - 1: on a flat
+        spectrum (lambda_k / lambda_r = 0.86) a step does what 5 power iterations do
+        (Zhou & Saad 2007, Chebyshev-filtered subspace iteration).  The three-term
+        recurrence is kept consistent by rescaling both of its terms alike, by
+        the LU factor of the newest one, whenever the eigenvalues up to ``top``
+        may have grown by 1e3 since the last time.
+        """
+        c = hi / 2
+        y0 = self.z
+        y1 = torch.addmm(y0, self.g, y0, beta=-1.0, alpha=1 / c)  # T_1 = (G - c) / c
+        t1 = max(2 * top / hi - 1, 1.0 + 1e-12)
+        growth = t1 + math.sqrt(t1 * t1 - 1)  # per-step growth of the largest term: LU-rescale before 1e3
+        every = max(1, int(math.log(1e3) / math.log(growth)))
+        for step in range(1, degree):
+            y2 = torch.addmm(y0, self.g, y1, beta=-1.0, alpha=2 / c)  # T_{j+1} = 2 (G - c) / c T_j - T_{j-1}
+            y0, y1 = y1, y2.add_(y1, alpha=-2.0)
+            if step % every == 0:
+                lu, pivots = torch.linalg.lu_factor(y1)
+                y0 = torch.linalg.solve_triangular(torch.triu(lu[: y1.shape[1]]), y0, upper=True, left=False)
+                y1 = _permuted_lower(lu, pivots)
+        self.z = _lu_normalize(y1)
+        self.iters += degree
+        self.filtered = (degree, hi)
 
     def basis(self) -> torch.Tensor:
         """Orthonormal (d x k) basis of the current estimate of the dominant right singular subspace."""
         z = self.xc.T @ self.z if self.rows else self.z  # left -> right subspace: half a power step
-        q, _ = torch.linalg.qr(z)
-        return q
+        return _orthonormalize(z)
 
 
 def resolve_method(method: str, n: int, d: int, rank: int) -> str:
@@ -314,7 +384,8 @@ def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, ch
     xw = xw - mean
     k = min(rank + (max(16, rank // 2) if oversample is None else oversample), possible)
     it = _SubspaceIteration(xw, k, generator, chunk)
-    target = niter
+    _accelerate_if_slow(it, k, rank, niter)
+    target = max(niter, it.effective)
     while True:
         it.run_to(target)
         q = it.basis()
@@ -325,10 +396,11 @@ def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, ch
         if r < 1:
             raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
         ratio = float(s[k - 1] / s[r - 1]) if k > r else 0.0
-        estimate = ratio ** (2 * it.iters + 2)
+        it.credit_filter(float(s[r - 1]) ** 2, float(s[k - 1]) ** 2)
+        estimate = ratio ** (2 * it.effective + 2)
         if estimate <= RANGE_TOL or k >= it.g.shape[0]:  # converged, or the sketch spans everything
             break
-        need = math.ceil(math.log(RANGE_TOL) / (2 * math.log(ratio)) - 1) if ratio < 1 else MAX_POWER_ITERS + 1
+        need = math.ceil(math.log(RANGE_TOL) / (2 * math.log(ratio)) - 1) if ratio < 1 else math.inf
         if need > MAX_POWER_ITERS or it.iters >= max(MAX_POWER_ITERS, niter):
             ran = it.iters
             del it, xw, b
@@ -336,13 +408,45 @@ def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, ch
             w_exact.power_iters, w_exact.error_estimate = ran, estimate
             return w_exact
         # the Ritz ratio creeps up as s_k converges from below, so the first prediction runs short: 30% margin
-        target = min(max(math.ceil(1.3 * need), it.iters + 1), max(MAX_POWER_ITERS, niter))
+        target = min(max(math.ceil(1.3 * need), it.effective + 1), max(MAX_POWER_ITERS, niter))
     w = w.flip(-1)[:, :r]
     v = q.to(cdt) @ w
     home = x.device
     return Whitening(mean=mean.to(cdt).to(home), basis=v.to(home), scale=s[:r].to(home), method="randomized",
                      work_dtype=wdt if wdt != cdt else None, z=((b @ w) / s[:r]).to(home),
                      power_iters=it.iters, error_estimate=estimate)
+
+
+#: Power iterations before the sketch's Ritz values are looked at to choose between more power
+#: iterations and a Chebyshev filter.
+PROBE_ITERS = 3
+
+
+def _accelerate_if_slow(it: _SubspaceIteration, k: int, rank: int, niter: int) -> None:
+    """Switch to a Chebyshev filter when power iterations would converge slowly.
+
+    After PROBE_ITERS iterations the Ritz values of G in the sketch estimate
+    rho = lambda_k / lambda_r; when rho^(niter + 1) is still above RANGE_TOL
+    (random-init activations: rho ~ 0.86, ~30 iterations needed) the filter of
+    the degree that brings the predicted error under RANGE_TOL replaces
+    them.  A decaying spectrum (every SmolLM2 block) keeps plain iterations.
+    """
+    if k <= rank or niter <= PROBE_ITERS:
+        return
+    it.run_to(PROBE_ITERS)
+    lam = it.probe()
+    lam_r, lam_k = float(lam[rank - 1]), float(lam[k - 1])
+    if lam_k <= 0 or lam_r <= lam_k or (lam_k / lam_r) ** (niter + 1) <= RANGE_TOL:
+        return
+    rho = lam_k / lam_r
+    # After a few iterations lambda_k's Ritz value still lags (lambda_r's converges first), so rho is
+    # low: the damped interval reaches up to lambda_r rho^(1/3) to be sure to cover lambda_(k+1).
+    hi = lam_r * rho ** (1 / 3)
+    now = rho ** (it.effective + 1)
+    speed = math.acosh(2 * lam_r / hi - 1)  # log-amplification of lambda_r per filter step
+    degree = max(1, math.ceil(math.acosh(max(1.0, now / RANGE_TOL)) / speed))
+    if degree <= MAX_POWER_ITERS:  # else too flat for any iteration: the Rayleigh-Ritz check falls back to gram
+        it.chebyshev(degree, hi=hi, top=float(lam[0]))
 
 
 def dmd_operator(zx: torch.Tensor, zy: torch.Tensor) -> torch.Tensor:
