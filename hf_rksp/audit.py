@@ -22,7 +22,8 @@ from .init_weights import group_seed
 from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
 from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
 from .moe import RouterRecorder, find_routers
-from .spectral import DEFAULT_POWER_ITERS, MAX_POWER_ITERS, RANGE_TOL, REL_TOL, block_spectrum, max_rank, resolve_method
+from .spectral import (DEFAULT_POWER_ITERS, MAX_POWER_ITERS, RANGE_TOL, REL_TOL, block_spectrum, default_oversample,
+                       max_rank, resolve_method)
 
 logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
@@ -375,8 +376,8 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
         data["method"]["power_iters"] = opts.power_iters
         data["method"]["range_finder"] = {"dtype": "float32", "device": spectral_device() or "cpu",
                                           "tolerance": RANGE_TOL, "max_power_iters": MAX_POWER_ITERS,
-                                          "oversample": max(16, min(effective_rank(opts),
-                                                                    max_rank(calib.n_tokens, d_model)) // 2)}
+                                          "oversample": default_oversample(min(effective_rank(opts),
+                                                                               max_rank(calib.n_tokens, d_model)))}
     data["risk"] = risk.assess(data["summary"], lr=opts.lr, family=data["source"]["family"], init=src.init,
                                n_blocks=len(block_results), d_model=d_model, method=data["method"])
     if data["risk"] is None:

@@ -55,6 +55,7 @@ __all__ = [
     "block_spectrum",
     "max_rank",
     "resolve_method",
+    "default_oversample",
 ]
 
 
@@ -113,10 +114,24 @@ def _row_chunks(n: int, chunk: int):
         yield slice(start, min(n, start + chunk))
 
 
+def _capped_rank(n: int, d: int, rank: int) -> tuple[int, int]:
+    """(largest rank the data allow, the requested rank capped by it); too few tokens is an error."""
+    possible = max_rank(n, d)
+    if possible < 1:
+        raise RKSPError(f"need at least 2 tokens to whiten, got {n}")
+    return possible, min(rank, possible)
+
+
+def default_oversample(rank: int) -> int:
+    """Columns the randomized range finder sketches beyond the rank: r/2 (at least 16), for slow spectra."""
+    return max(16, rank // 2)
+
+
 def _truncate(s: torch.Tensor, rank: int, rel_tol: float) -> int:
-    if s.numel() == 0 or not bool(s[0] > 0):
-        return 0
-    keep = int((s > rel_tol * s[0]).sum())
+    """How many singular values RKSP keeps: at most ``rank``, each above rel_tol * s_1; none is an error."""
+    keep = int((s > rel_tol * s[0]).sum()) if s.numel() and bool(s[0] > 0) else 0
+    if keep < 1:
+        raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
     return min(rank, keep)
 
 
@@ -147,8 +162,8 @@ def _lu_normalize(z: torch.Tensor) -> torch.Tensor:
     """A well-conditioned basis of span(z): the permuted unit-lower factor P L of z = P L U.
 
     Cheaper than QR (3x at 2048 x 384) and enough between power iterations;
-    the last step orthonormalizes with QR (Halko et al. 2011, sec. 4.5; the
-    normalizer scikit-learn's randomized_svd uses).
+    the basis handed to Rayleigh-Ritz is orthonormalized (_orthonormalize)
+    (Halko et al. 2011, sec. 4.5; the normalizer scikit-learn's randomized_svd uses).
     """
     return _permuted_lower(*torch.linalg.lu_factor(z))
 
@@ -320,37 +335,26 @@ def whiten(
     if dtype is not None:
         x = x.to(dtype)
     n, d = x.shape
-    possible = max_rank(n, d)
-    if possible < 1:
-        raise RKSPError(f"need at least 2 tokens to whiten, got {n}")
-    rank = min(rank, possible)
+    possible, rank = _capped_rank(n, d, rank)
     mean = x.mean(dim=0)
     xc = x - mean
     if method == "exact":
         _, s, vh = torch.linalg.svd(xc, full_matrices=False)
         v = vh.T
-    elif method == "gram" and n < d:
-        # Fewer tokens than dimensions (KSS's per-step subsample): the (N x N) row
-        # Gram Xc Xc^T = U S^2 U^T is the smaller problem, and V = Xc^T U S^-1.
-        evals, evecs = torch.linalg.eigh(xc @ xc.T)  # ascending
-        s = evals.flip(-1)[:possible].clamp_min(0).sqrt()
-        r = _truncate(s, rank, rel_tol)
-        if r < 1:
-            raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
-        s = s[:r]
-        v = (xc.T @ evecs.flip(-1)[:, :r]) / s
     elif method == "gram":
-        gram = torch.zeros(d, d, dtype=xc.dtype, device=xc.device)
-        for sl in _row_chunks(n, chunk):
-            gram += xc[sl].T @ xc[sl]
+        gram, rows = _moments(xc, chunk)
         evals, evecs = torch.linalg.eigh(gram)  # ascending
         s = evals.flip(-1)[:possible].clamp_min(0).sqrt()
-        v = evecs.flip(-1)[:, :possible]
+        if rows:
+            # Fewer tokens than dimensions (KSS's per-step subsample): the (N x N) row
+            # Gram Xc Xc^T = U S^2 U^T is the smaller problem, and V = Xc^T U S^-1.
+            s = s[:_truncate(s, rank, rel_tol)]
+            v = (xc.T @ evecs.flip(-1)[:, :s.numel()]) / s
+        else:
+            v = evecs.flip(-1)[:, :possible]
     else:
         raise ValueError(f"unknown whitening method {method!r} (exact, gram, randomized, auto)")
     r = _truncate(s, rank, rel_tol)
-    if r < 1:
-        raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
     return Whitening(mean=mean, basis=v[:, :r], scale=s[:r], method=method)
 
 
@@ -372,20 +376,18 @@ def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, ch
     than the exact eigen-decomposition) the block falls back to ``gram``.
     """
     n, d = x.shape
-    possible = max_rank(n, d)
-    if possible < 1:
-        raise RKSPError(f"need at least 2 tokens to whiten, got {n}")
-    rank = min(rank, possible)
+    possible, rank = _capped_rank(n, d, rank)
     cdt = dtype or x.dtype
     wdt = work_dtype or cdt
     dev = x.device if device is None else torch.device(device)
     xw = x.to(device=dev, dtype=wdt)
     mean = xw.mean(dim=0)
     xw = xw - mean
-    k = min(rank + (max(16, rank // 2) if oversample is None else oversample), possible)
+    k = min(rank + (default_oversample(rank) if oversample is None else oversample), possible)
     it = _SubspaceIteration(xw, k, generator, chunk)
     _accelerate_if_slow(it, k, rank, niter)
     target = max(niter, it.effective)
+    cap = max(MAX_POWER_ITERS, niter)  # an explicit --power-iters above the cap still runs in full
     while True:
         it.run_to(target)
         q = it.basis()
@@ -393,22 +395,20 @@ def _whiten_randomized(x, rank, rel_tol, dtype, oversample, niter, generator, ch
         evals, w = torch.linalg.eigh(b.T @ b)  # (k x k), ascending; B^T B = W S^2 W^T
         s = evals.flip(-1).clamp_min(0).sqrt()
         r = _truncate(s, rank, rel_tol)
-        if r < 1:
-            raise RKSPError("snapshots are constant: the residual stream has no variance to whiten")
         ratio = float(s[k - 1] / s[r - 1]) if k > r else 0.0
         it.credit_filter(float(s[r - 1]) ** 2, float(s[k - 1]) ** 2)
         estimate = ratio ** (2 * it.effective + 2)
         if estimate <= RANGE_TOL or k >= it.g.shape[0]:  # converged, or the sketch spans everything
             break
         need = math.ceil(math.log(RANGE_TOL) / (2 * math.log(ratio)) - 1) if ratio < 1 else math.inf
-        if need > MAX_POWER_ITERS or it.iters >= max(MAX_POWER_ITERS, niter):
+        if need > MAX_POWER_ITERS or it.iters >= cap:
             ran = it.iters
             del it, xw, b
             w_exact = whiten(x, rank, rel_tol=rel_tol, method="gram", dtype=dtype)
             w_exact.power_iters, w_exact.error_estimate = ran, estimate
             return w_exact
         # the Ritz ratio creeps up as s_k converges from below, so the first prediction runs short: 30% margin
-        target = min(max(math.ceil(1.3 * need), it.effective + 1), max(MAX_POWER_ITERS, niter))
+        target = min(max(math.ceil(1.3 * need), it.effective + 1), cap)
     w = w.flip(-1)[:, :r]
     v = q.to(cdt) @ w
     home = x.device
