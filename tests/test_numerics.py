@@ -277,7 +277,7 @@ def test_range_finder_iterates_until_converged_and_falls_back_on_flat_spectra():
     assert w.method == "randomized" and 2 < w.power_iters <= MAX_POWER_ITERS and w.error_estimate <= RANGE_TOL
     # converged (28 iterations): eigenvalue error 3e-4; stopped at the 2 asked for it would be 0.056
     assert match_error(got.eigenvalues.numpy(), ref["eigenvalues"]) < 5e-3
-    # with the default minimum (6 > PROBE_ITERS) a Chebyshev filter does it in fewer products with G (13)
+    # with the default minimum (6 > PROBE_ITERS) a Chebyshev filter does it in fewer products with G (10)
     cheb = block_spectrum(torch.from_numpy(x), torch.from_numpy(y), rank=r, method="randomized",
                           generator=torch.Generator().manual_seed(0))
     assert cheb.whitening.method == "randomized" and cheb.whitening.error_estimate <= RANGE_TOL
