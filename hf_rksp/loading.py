@@ -333,6 +333,23 @@ def fits_in_memory(config, dtype: str, fraction: float = 0.5) -> bool:
     return estimate_bytes(config, parse_dtype(dtype)) < fraction * psutil.virtual_memory().available
 
 
+def save_sharded(loaded: LoadedModel, out: str | Path, max_shard_size: str = "2GB") -> Path:
+    """Write a whole-loaded model (from GGUF, .bin, ...) as a sharded safetensors checkpoint + index,
+    config and tokenizer: the layout streaming reads block by block."""
+    from huggingface_hub import save_torch_state_dict
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(loaded.model.state_dict(), out, max_shard_size=max_shard_size)
+    cfg = loaded.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config  # a GGUF's: the safetensors hold the de-quantized weights
+    cfg.save_pretrained(out)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out)
+    return out
+
+
 def checkpoint_dir(source: Source) -> Path:
     """The local directory holding ``source``'s weights (a hub id resolves to its cached snapshot)."""
     if source.kind == "dir":

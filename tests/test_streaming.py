@@ -135,19 +135,10 @@ def test_interrupted_stream_resumes_to_the_same_json(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2_safetensors(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct (real weights) rewritten as a sharded safetensors checkpoint + tokenizer."""
-    from huggingface_hub import save_torch_state_dict
+    from hf_rksp.loading import load_model, resolve_source, save_sharded
 
-    from hf_rksp.loading import load_model, resolve_source
-
-    loaded = load_model(resolve_source(str(smollm2_gguf)))
-    out = tmp_path_factory.mktemp("smol_st")
-    save_torch_state_dict(loaded.model.state_dict(), out, max_shard_size="150MB")
-    cfg = loaded.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config  # the GGUF's; the safetensors hold plain float32
-    cfg.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
-    return out
+    return save_sharded(load_model(resolve_source(str(smollm2_gguf))), tmp_path_factory.mktemp("smol_st"),
+                        max_shard_size="150MB")
 
 
 @pytest.mark.slow
