@@ -6,6 +6,7 @@ the head would cost time and memory for nothing.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -341,8 +342,8 @@ def save_sharded(loaded: LoadedModel, out: str | Path, max_shard_size: str = "2G
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict(loaded.model.state_dict(), out, max_shard_size=max_shard_size)
-    cfg = loaded.config
-    if getattr(cfg, "quantization_config", None) is not None:
+    cfg = copy.deepcopy(loaded.config)  # the caller's model keeps its own config
+    if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # a GGUF's: the safetensors hold the de-quantized weights
     cfg.save_pretrained(out)
     if loaded.tokenizer is not None:
