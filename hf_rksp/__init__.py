@@ -1,10 +1,11 @@
-"""hf-rksp: Residual Koopman Spectral Profiling audits for Hugging Face transformers."""
+"""hf-rksp: Residual Koopman Spectral Profiling (RKSP v2) audits and KSS for Hugging Face transformers."""
 
 __version__ = "0.1.0"
 
 from .audit import AuditOptions, AuditResult, audit  # noqa: E402
 from .errors import RKSPError  # noqa: E402
-from .spectral import block_spectrum, dmd_operator, spectral_features, whiten  # noqa: E402
+from .spectral import FEATURES, BlockFeatures, RKSPConfig, kss_penalty, profile_block  # noqa: E402
+
 
 __all__ = [
     "__version__",
@@ -12,10 +13,11 @@ __all__ = [
     "AuditOptions",
     "AuditResult",
     "RKSPError",
-    "block_spectrum",
-    "dmd_operator",
-    "spectral_features",
-    "whiten",
+    "FEATURES",
+    "BlockFeatures",
+    "RKSPConfig",
+    "kss_penalty",
+    "profile_block",
     "KSSConfig",
     "KSSTrainer",
     "RKSPMonitorCallback",

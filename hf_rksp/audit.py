@@ -14,23 +14,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import calibration as cal
-from . import report, risk
+from . import report
 from .blocks import find_blocks, stack_labels
 from .capture import capture_snapshots
-from .errors import RKSPError
+from .errors import ConfigError, OutputError, RKSPError
 from .init_weights import group_seed
 from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
 from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
 from .moe import RouterRecorder, find_routers
-from .spectral import (DEFAULT_POWER_ITERS, MAX_POWER_ITERS, RANGE_TOL, REL_TOL, block_spectrum, default_oversample,
-                       max_rank, resolve_method)
+from .risk import UNAVAILABLE as RISK_UNAVAILABLE
+from .spectral import FEATURE_NAMES, METHOD_VERSION, RKSPConfig, profile_block
+from .summary import summarize
 
 logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
-METHOD_VERSION = "1"
-DEFAULT_RANK = 256
 VISION_FAMILIES = ("vit",)
-RISK_UNAVAILABLE = "this build of hf-rksp ships no fitted risk model (hf_rksp/data/risk_model.json)"
+#: --rank auto: full DMD while the operator is at most this wide, else rank AUTO_RANK (see README, [ours])
+FULL_DMD_MAX = 1024
+AUTO_RANK = 32
 
 
 @dataclass
@@ -39,14 +40,17 @@ class AuditOptions:
 
     tokens: int = 2048
     seq_len: int = 512
-    rank: int | None = None  # None: DEFAULT_RANK, capped by what the tokens allow
-    delta: float = 0.05
+    rank: str | int = "auto"  # "full", an integer r (rank-r randomized DMD), or "auto" (see resolve_rank)
+    eps: float = RKSPConfig.eps
+    band_upper: float = RKSPConfig.band_upper
+    band_lower: float = RKSPConfig.band_lower
+    contractive: float = RKSPConfig.contractive
+    resdmd_tau: float = RKSPConfig.resdmd_tau
+    kreiss: bool = True
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
     batch_size: int = 1
-    whitening: str = "auto"  # auto | gram | exact | randomized
-    power_iters: int = DEFAULT_POWER_ITERS  # randomized range finder only
     text: str | None = None
     dataset: str | None = None
     dataset_config: str | None = None
@@ -70,7 +74,8 @@ class AuditResult:
 
     @property
     def near_unit_mass(self) -> float:
-        return self.data["summary"]["near_unit_mass"]
+        """The paper's score: the layer-mean near-unit mass M_~1."""
+        return self.data["summary"]["score"]
 
 
 def _device(name: str) -> str:
@@ -112,23 +117,39 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
     return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
 
 
-def effective_rank(opts: AuditOptions) -> int:
-    return DEFAULT_RANK if opts.rank is None else opts.rank
+def resolve_rank(rank: str | int, n_tokens: int, d_model: int) -> int | None:
+    """The DMD rank an audit uses: None for full DMD, or r.
+
+    ``"auto"`` **[ours]**: full DMD while the operator (min(N - 1, d) wide) is
+    at most FULL_DMD_MAX wide, rank AUTO_RANK (the paper's own default
+    recipe) beyond, where the full eigen-decomposition and Kreiss search
+    would cost several block forwards on a CPU (LLaMA-7B: k = 2047).
+    """
+    if rank == "full":
+        return None
+    if rank == "auto":
+        return None if min(n_tokens - 1, d_model) <= FULL_DMD_MAX else AUTO_RANK
+    return int(rank)
+
+
+def rksp_config(opts: AuditOptions, n_tokens: int, d_model: int) -> RKSPConfig:
+    """The spectral core's parameters for this audit (raises ConfigError on a bad value)."""
+    return RKSPConfig(eps=opts.eps, rank=resolve_rank(opts.rank, n_tokens, d_model), band_upper=opts.band_upper,
+                      band_lower=opts.band_lower, contractive=opts.contractive, resdmd_tau=opts.resdmd_tau,
+                      kreiss=opts.kreiss)
 
 
 def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
     """Reject option combinations that cannot work, before any heavy work."""
     cal.check_shape(opts.tokens, opts.seq_len)
-    if opts.rank is not None and opts.rank < 1:
-        raise RKSPError(f"--rank must be at least 1, got {opts.rank}")
-    if not 0 < opts.delta < 1:
-        raise RKSPError(f"--delta must be in (0, 1), got {opts.delta}")
-    if opts.rank is not None and opts.rank > opts.tokens - 1:
-        possible = max_rank(opts.tokens, d_model or opts.tokens)
-        raise RKSPError(
-            f"--rank {opts.rank} needs at least {opts.rank + 1} tokens; with --tokens {opts.tokens} "
-            f"the largest possible rank is {possible}"
-        )
+    if not (opts.rank in ("auto", "full") or (isinstance(opts.rank, int) and not isinstance(opts.rank, bool))):
+        raise ConfigError(f"rank must be 'full', 'auto' or an integer, got {opts.rank!r}", param="rank")
+    if isinstance(opts.rank, int) and opts.rank < 1:
+        raise ConfigError(f"rank must be at least 1, got {opts.rank}", param="rank")
+    if isinstance(opts.rank, int) and opts.rank > opts.tokens - 1:
+        raise ConfigError(f"rank {opts.rank} needs at least {opts.rank + 1} tokens; with {opts.tokens} tokens "
+                          f"the largest possible rank is {opts.tokens - 1}", param="rank")
+    rksp_config(opts, opts.tokens, d_model or opts.tokens)  # validates eps, bands, tau
     if opts.batch_size < 1:
         raise RKSPError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.text is not None and not Path(opts.text).is_file():
@@ -149,10 +170,6 @@ def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
             raise RKSPError("--max-memory goes with --device-map")
     if opts.device_map is not None and opts.stream:
         raise RKSPError("--device-map places a whole model; --stream loads one block at a time (use one of them)")
-    if opts.power_iters < 0:
-        raise RKSPError(f"--power-iters must be >= 0, got {opts.power_iters}")
-    if opts.whitening not in ("auto", "gram", "exact", "randomized"):
-        raise RKSPError(f"unknown whitening {opts.whitening!r} (auto, gram, exact, randomized)")
 
 
 def command_line(source: str | None, init: bool, config: str | None, opts: AuditOptions) -> str:
@@ -165,13 +182,14 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
     elif init:
         parts.append("--init")
     parts += ["--tokens", str(opts.tokens), "--seq-len", str(opts.seq_len)]
-    if opts.rank is not None:
-        parts += ["--rank", str(opts.rank)]
-    parts += ["--delta", f"{opts.delta:g}", "--seed", str(opts.seed), "--dtype", opts.dtype]
-    if opts.whitening != "auto":
-        parts += ["--whitening", opts.whitening]
-    if opts.power_iters != DEFAULT_POWER_ITERS:
-        parts += ["--power-iters", str(opts.power_iters)]
+    parts += ["--rank", str(opts.rank)]
+    defaults = AuditOptions()
+    for name in ("eps", "band_upper", "band_lower", "contractive", "resdmd_tau"):
+        if getattr(opts, name) != getattr(defaults, name):
+            parts += ["--" + name.replace("_", "-"), f"{getattr(opts, name):g}"]
+    if not opts.kreiss:
+        parts.append("--no-kreiss")
+    parts += ["--seed", str(opts.seed), "--dtype", opts.dtype]
     if opts.text:
         parts += ["--text", opts.text]
     if opts.dataset:
@@ -199,43 +217,29 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
     return shlex.join(parts)
 
 
-def spectral_device() -> str | None:
-    """Where the randomized range finder runs: the GPU when there is one (in float32 there), else beside the data."""
-    return "cuda" if torch.cuda.is_available() else None
-
-
 def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: AuditOptions) -> dict:
-    """RKSP v1 features of block ``i`` from its snapshots, as a JSON-ready dict.
+    """RKSP v2 features of block ``i`` from its snapshots, as a JSON-ready dict (null for inf/undefined).
 
-    The randomized range finder of block i draws from its own seed, so a block's
+    Rank-r randomized DMD of block i draws from its own seed, so a block's
     numbers do not depend on which blocks ran before it (streaming resumes).
     """
     g = torch.Generator().manual_seed(group_seed(opts.seed, i))
-    bs = block_spectrum(x, y, effective_rank(opts), opts.delta, method=opts.whitening, niter=opts.power_iters,
-                        generator=g, device=spectral_device())
-    ev = bs.eigenvalues
-    out = {
-        "index": i,
-        "near_unit_mass": bs.near_unit_mass,
-        "spectral_radius": bs.spectral_radius,
-        "outside_mass": bs.outside_mass,
-        "fit_r2": bs.fit_r2,
-        "rank_used": bs.rank_used,
-        "eigenvalues": torch.stack([ev.real, ev.imag], dim=1).tolist(),
-    }
-    w = bs.whitening
-    if w is not None and w.power_iters is not None:  # the range finder ran: how far, and whether it was kept
-        out["whitening"] = {"method": w.method, "power_iters": w.power_iters, "error_estimate": w.error_estimate}
+    f = profile_block(x, y, rksp_config(opts, x.shape[0], x.shape[1]), generator=g)
+    out = {"index": i}
+    out.update({name: f.value(name) for name in FEATURE_NAMES})
+    ev = f.eigenvalues
+    out.update({"m": f.m, "rank": f.rank, "flags": f.flags,
+                "eigenvalues": torch.stack([ev.real, ev.imag], dim=1).tolist()})
     return out
 
 
 def profile_blocks(x_list, y_list, opts: AuditOptions, progress: bool = True) -> list[dict]:
-    """RKSP v1 features of every block, as JSON-ready dicts."""
+    """RKSP v2 features of every block, as JSON-ready dicts."""
     out = []
     bar = tqdm(range(len(x_list)), desc="spectra", unit="block", disable=not progress)
     for i in bar:
         out.append(block_result(i, x_list[i], y_list[i], opts))
-        bar.set_postfix(near_unit=f"{out[-1]['near_unit_mass']:.3f}")
+        bar.set_postfix(near_unit=f"{out[-1]['near_unit_mass']:.3f}", rho=f"{out[-1]['spectral_radius']:.3f}")
     return out
 
 
@@ -299,6 +303,27 @@ def profile_model(
     return results, path, {"forward_s": t1 - t0, "spectral_s": time.perf_counter() - t1}
 
 
+def method_record(opts: AuditOptions, calib, d_model: int, streamed: bool, path: str, init: bool) -> dict:
+    """The method block of the audit JSON: every parameter that changes the numbers."""
+    config = rksp_config(opts, calib.n_tokens, d_model)
+    return {
+        "name": METHOD_NAME,
+        "version": METHOD_VERSION,
+        "rank": "full" if config.rank is None else config.rank,
+        "rank_option": str(opts.rank),
+        **{k: v for k, v in config.to_json().items() if k != "rank"},
+        "kreiss_of": "A / max(rho, 1)",
+        "tokens": opts.tokens,
+        "seq_len": calib.seq_len,
+        "seed": opts.seed,
+        "dtype": opts.dtype,
+        "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)"
+        + (("; layer-major streaming at seeded init" if init else "; layer-major streaming from the checkpoint")
+           if streamed else ""),
+        "streamed": streamed,
+    }
+
+
 def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True,
                 resume_root: Path | None = None) -> dict:
     """The audit JSON of an already loaded model (calibration, capture, spectra, summary).
@@ -328,22 +353,7 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
         "slug": src.slug,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "method": {
-            "name": METHOD_NAME,
-            "version": METHOD_VERSION,
-            "rank": effective_rank(opts),
-            "delta": opts.delta,
-            "tokens": opts.tokens,
-            "seq_len": calib.seq_len,
-            "seed": opts.seed,
-            "dtype": opts.dtype,
-            "whitening": resolve_method(opts.whitening, calib.n_tokens, d_model, effective_rank(opts)),
-            "rel_tol": REL_TOL,
-            "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)"
-            + (("; layer-major streaming at seeded init" if src.init else "; layer-major streaming from the checkpoint")
-               if streamed else ""),
-            "streamed": streamed,
-        },
+        "method": method_record(opts, calib, d_model, streamed, path, src.init),
         "source": {
             "id": src.display_id,
             "path": src.id if src.name else None,
@@ -367,21 +377,12 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
             **calib.detail,
         },
         "blocks": block_results,
-        "summary": report.summarize(block_results),
+        "summary": summarize(block_results),
         "risk": None,
         "environment": report.environment(device),
         "timings": timings,
     }
-    if data["method"]["whitening"] == "randomized":
-        data["method"]["power_iters"] = opts.power_iters
-        data["method"]["range_finder"] = {"dtype": "float32", "device": spectral_device() or "cpu",
-                                          "tolerance": RANGE_TOL, "max_power_iters": MAX_POWER_ITERS,
-                                          "oversample": default_oversample(min(effective_rank(opts),
-                                                                               max_rank(calib.n_tokens, d_model)))}
-    data["risk"] = risk.assess(data["summary"], lr=opts.lr, family=data["source"]["family"], init=src.init,
-                               n_blocks=len(block_results), d_model=d_model, method=data["method"])
-    if data["risk"] is None:
-        data["risk_unavailable_reason"] = RISK_UNAVAILABLE
+    data["risk_unavailable_reason"] = RISK_UNAVAILABLE
     data["summary"]["verdict"] = report.verdict(data)
     return data
 
@@ -396,7 +397,7 @@ def audit(
     progress: bool = True,
     **kwargs,
 ) -> AuditResult:
-    """Audit a model with RKSP v1 and (unless ``out_dir`` is None) write JSON, plots and card.
+    """Audit a model with RKSP v2 and (unless ``out_dir`` is None) write JSON, plots and card.
 
     ``source`` is a hub id (from the local cache when offline), a checkpoint
     directory or a .gguf file; ``init=True`` or ``config=PATH`` audits the
@@ -434,27 +435,18 @@ def audit(
         try:
             result.paths = report.write_outputs(data, out_dir)
         except OSError as e:
-            raise RKSPError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
+            raise OutputError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
     return result
 
 
 def rerender(audit_json: str, out_dir: str = ".") -> AuditResult:
     """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed."""
-    import json
+    from .record import read_audit
 
-    p = Path(audit_json)
-    if p.is_dir():
-        p = p / "audit.json"
-    if not p.is_file():
-        raise RKSPError(f"--from-audit file not found: {audit_json}")
+    result = AuditResult(data=read_audit(audit_json))
+    result.data["summary"]["verdict"] = report.verdict(result.data)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RKSPError(f"{p} is not valid JSON: {e}") from None
-    report.validate_audit(data)
-    result = AuditResult(data=data)
-    try:
-        result.paths = report.write_outputs(data, out_dir)
+        result.paths = report.write_outputs(result.data, out_dir)
     except OSError as e:
-        raise RKSPError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
+        raise OutputError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
     return result

@@ -36,8 +36,6 @@ BLOCK_PATHS: dict[str, str] = {
     "vit": "layers",
     # encoder-decoder: both stacks, profiled separately ("+" joins stacks, in forward order)
     "t5": "encoder.block+decoder.block",
-    # the divergence sweep's own small transformers (hf_rksp.sweep.model)
-    "rksp_sweep_lm": "blocks",
 }
 
 

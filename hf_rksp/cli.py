@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import RKSPError
-from .spectral import DEFAULT_POWER_ITERS
+from .errors import ConfigError, RKSPError
 
 PUSH_HELP = """\
 Publish an audit to the Hugging Face Hub in a single commit (or none).
@@ -24,12 +23,15 @@ examples:
 """
 
 AUDIT_HELP = """\
-Audit a transformer with Residual Koopman Spectral Profiling (RKSP v1).
+Audit a transformer with Residual Koopman Spectral Profiling (RKSP v2, the
+method of arXiv 2602.22988).
 
 For every residual block, snapshots of the residual stream entering (X) and
-leaving (Y) the block are whitened and a DMD operator K is fitted (Y ~ X K);
-its eigenvalues give the near-unit spectral mass (fraction of modes with
-|lambda| within --delta of 1), the spectral radius and the outside mass.
+leaving (Y) the block are ZCA-whitened with X's covariance (+ eps I) and the
+DMD operator A = Y~ X~^+ is fitted.  Its eigenvalues give the mass partition
+(expansive |lambda| > 1.05, near-unit [0.90, 1.05], contractive < 0.80), the
+spectral radius, kappa(V), the Kreiss constant and the ResDMD residuals; the
+fit gives eta_nl.  The score is the mean near-unit mass M over blocks.
 
 Writes audits/<slug>/audit.json, spectrum.png, profile.png and a Hub model card
 model_cards/<slug>/README.md (slug = hub id with / -> __, plus __init at init).
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  hf-rksp audit ./my-checkpoint            # pretrained weights (dir, .gguf, or cached hub id)\n"
             "  hf-rksp audit gpt2 --init                # architecture at random init, offline\n"
             "  hf-rksp audit --config config.json       # any config at random init\n"
-            "  hf-rksp audit MODEL --tokens 2048 --rank 256 --delta 0.05\n"
+            "  hf-rksp audit MODEL --tokens 2048 --rank 32      # rank-32 randomized DMD\n"
+            "  hf-rksp audit MODEL --eps 1e-5 --band-upper 1.05 --band-lower 0.90 --contractive 0.80 --resdmd-tau 0.1\n"
             "run 'hf-rksp audit --help' for every option"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,24 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks", metavar="PATH",
                    help="attribute path of the residual block list for an unknown family (e.g. model.layers)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code from the repo (off by default)")
-    m = a.add_argument_group("method (RKSP v1)")
+    m = a.add_argument_group("method (RKSP v2; defaults are the paper's)")
     m.add_argument("--tokens", type=int, default=2048, help="calibration tokens N (default 2048)")
     m.add_argument("--seq-len", type=int, default=512, help="sequence length T; N/T sequences, no padding (default 512)")
-    m.add_argument("--rank", type=int, default=None,
-                   help="max whitening rank r (default 256, capped at N-1 and d; an explicit r > N-1 is an error)")
-    m.add_argument("--delta", type=float, default=0.05, help="near-unit band half-width: | |lambda| - 1 | <= delta (default 0.05)")
-    m.add_argument("--whitening", choices=["auto", "gram", "exact", "randomized"], default="auto",
-                   help="subspace finder: auto (default: randomized when min(N-1, d) >= 4 x rank, e.g. 7B widths, "
-                        "else gram), gram (exact eigen-decomposition of the d x d or N x N moments), exact (full SVD, "
-                        "the reference), randomized (float32 subspace iteration on the moments, on the GPU when there "
-                        "is one; float64 Rayleigh-Ritz)")
-    m.add_argument("--exact", action="store_true", help="shorthand for --whitening exact (full-SVD reference path)")
-    m.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS,
-                   help="minimum power iterations of the randomized range finder, when randomized whitening is used; "
-                        "it iterates further until converged, or falls back to gram on a flat spectrum "
-                        f"(default {DEFAULT_POWER_ITERS})")
+    m.add_argument("--rank", type=_rank, default="auto", metavar="full|auto|R",
+                   help="full: all k eigenvalues of the operator on the range of X~ (k = its numerical rank); "
+                        "R: seeded rank-R randomized DMD; auto (default): full while min(N-1, d) <= 1024, "
+                        "rank 32 beyond (7B widths, where full costs several block forwards on a CPU)")
+    m.add_argument("--eps", type=float, default=1e-5, help="whitening regularizer: Sigma = Xc Xc^T/(N-1) + eps I "
+                                                          "(default 1e-5)")
+    m.add_argument("--band-upper", type=float, default=1.05,
+                   help="expansive above, near-unit up to this |lambda| (1 + eps_u; default 1.05)")
+    m.add_argument("--band-lower", type=float, default=0.90, help="near-unit from this |lambda| (1 - eps_n; default 0.90)")
+    m.add_argument("--contractive", type=float, default=0.80,
+                   help="contractive below this |lambda| (1 - delta_c; default 0.80)")
+    m.add_argument("--resdmd-tau", type=float, default=0.1,
+                   help="ResDMD residual threshold: modes with r_j <= tau are kept (default 0.1)")
+    m.add_argument("--no-kreiss", action="store_true", help="skip the Kreiss constant (the costliest feature)")
     m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
-    k = a.add_argument_group("risk (the model fitted on hf-rksp's divergence sweep)")
+    k = a.add_argument_group("risk (no calibrated v2 model ships yet: risk is null, with the reason)")
     k.add_argument("--lr", type=float, metavar="LR",
                    help="peak learning rate the probability of divergence is given for (default: the family's "
                         "typical pretraining value, e.g. gpt2 6e-4, llama 3e-4, bert 1e-4; see README)")
@@ -142,8 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank(text: str):
+    if text in ("full", "auto"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected full, auto or an integer, got {text!r}") from None
+
+
+def _fmt(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def print_summary(result) -> None:
     from .report import risk_line
+    from .spectral import FEATURES
 
     d = result.data
     s = d["summary"]
@@ -151,11 +169,11 @@ def print_summary(result) -> None:
         "",
         f"RKSP audit of {d['source']['id']}" + (" (random init)" if d["source"]["init"] else ""),
         f"  blocks {d['source']['n_blocks']}, d_model {d['source']['d_model']}, "
-        f"{d['inputs']['n_tokens']} tokens ({d['inputs']['origin']}), rank <= {d['method']['rank']}",
-        f"  near-unit mass M      {s['near_unit_mass']:.4f}",
-        f"  spectral radius max   {s['spectral_radius_max']:.4f} (block {s['spectral_radius_max_block']})",
-        f"  outside mass (mean)   {s['outside_mass_mean']:.4f}",
-        f"  DMD fit R^2 (mean)    {s['fit_r2_mean']:.4f}",
+        f"{d['inputs']['n_tokens']} tokens ({d['inputs']['origin']}), DMD rank {d['method']['rank']}",
+        f"  {'feature':<36}{'mean':>10}{'min':>10}{'max':>10}",
+        *[f"  {f.label[:35]:<36}" + "".join(f"{_fmt(s['features'][f.name][k], f.fmt):>10}" for k in ("mean", "min", "max"))
+          for f in FEATURES],
+        f"  score M (mean near-unit mass)       {s['score']:.4f}",
         "  risk                  " + risk_line(d),
         f"  time                  {d['timings']['total_s']:.1f} s",
     ]
@@ -187,9 +205,9 @@ def cmd_audit(args) -> int:
         result = rerender(args.from_audit, out_dir=args.out_dir)
     else:
         opts = AuditOptions(
-            tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, delta=args.delta, seed=args.seed,
-            dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-            whitening="exact" if args.exact else args.whitening, power_iters=args.power_iters,
+            tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, eps=args.eps, band_upper=args.band_upper,
+            band_lower=args.band_lower, contractive=args.contractive, resdmd_tau=args.resdmd_tau,
+            kreiss=not args.no_kreiss, seed=args.seed, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
             text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
             column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision, name=args.name,
             blocks=args.blocks, stream=args.stream, lr=args.lr, device_map=args.device_map,
@@ -237,23 +255,30 @@ def cmd_compare(args) -> int:
     if args.plot:
         atomic.write_bytes(args.plot, compare_png(a, b))
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2, allow_nan=False))
         return 0
     print(f"A: {res['a']['slug']}\nB: {res['b']['slug']}")
-    print(f"{'':<22}{'A':>10}{'B':>10}{'B-A':>10}")
+    print(f"{'':<30}{'A':>10}{'B':>10}{'B-A':>10}")
     for k, v in res["summary"].items():
-        print(f"{k:<22}{v['a']:>10.4f}{v['b']:>10.4f}{v['delta']:>+10.4f}")
+        print(f"{k[:29]:<30}{_fmt(v['a'], '.4f'):>10}{_fmt(v['b'], '.4f'):>10}{_fmt(v['delta'], '+.4f'):>10}")
     if res["blocks"]:
-        print(f"\n{'block':>5}{'d near-unit':>13}{'d radius':>11}{'d outside':>11}{'d R2':>9}")
+        cols = ("near_unit_mass", "expansive_mass", "spectral_radius", "nonlinearity_ratio")
+        print(f"\n{'block':>5}" + "".join(f"{'d ' + c[:12]:>16}" for c in cols))
         for r in res["blocks"]:
-            print(f"{r['index']:>5}{r['near_unit_mass_delta']:>+13.4f}{r['spectral_radius_delta']:>+11.4f}"
-                  f"{r['outside_mass_delta']:>+11.4f}{r['fit_r2_delta']:>+9.4f}")
+            print(f"{r['index']:>5}" + "".join(f"{_fmt(r[c + '_delta'], '+.4f'):>16}" for c in cols))
     for w in res["warnings"]:
         print(f"warning: {w}")
     print("\n" + res["verdict"])
     if args.plot:
         print(f"wrote plot {args.plot}")
     return 0
+
+
+def _worded(e: RKSPError) -> str:
+    """The one place library errors are worded as flags: a ConfigError names its option."""
+    if isinstance(e, ConfigError) and e.param:
+        return f"--{e.param.replace('_', '-')}: {e}"
+    return str(e).replace("\n", " ")
 
 
 COMMANDS = {"audit": cmd_audit, "push": cmd_push, "compare": cmd_compare}
@@ -273,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except RKSPError as e:
-        print(f"hf-rksp: error: {e}", file=sys.stderr)
+        print(f"hf-rksp: error: {_worded(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hf-rksp: interrupted; nothing was written", file=sys.stderr)

@@ -2,58 +2,60 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .errors import RKSPError
-from .report import validate_audit
+from .errors import AuditFileError
+from .record import read_audit
+from .spectral import FEATURES
 
-FEATURES = ("near_unit_mass", "spectral_radius", "outside_mass", "fit_r2")
+#: model-level rows: (feature, aggregate)
+SUMMARY_ROWS = tuple((f.name, "mean") for f in FEATURES) + (("spectral_radius", "max"),)
 
 
 def load_audit(ref: str | Path, out_dir: str | Path = ".") -> dict:
     """An audit from a path to audit.json, an audit directory, or a slug under ``out_dir``/audits."""
     p = Path(ref)
-    candidates = [p, p / "audit.json", Path(out_dir) / "audits" / str(ref) / "audit.json"]
-    for c in candidates:
+    for c in (p, p / "audit.json", Path(out_dir) / "audits" / str(ref) / "audit.json"):
         if c.is_file():
-            try:
-                data = json.loads(c.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RKSPError(f"{c} is not valid JSON: {e}") from None
-            validate_audit(data)
-            return data
-    raise RKSPError(f"no audit found for {ref!r} (a path to audit.json, an audit directory, or a slug)")
+            return read_audit(c)
+    raise AuditFileError(f"no audit found for {ref!r} (a path to audit.json, an audit directory, or a slug)")
+
+
+def _delta(a, b):
+    return None if a is None or b is None else b - a
 
 
 def compare(a: dict, b: dict) -> dict:
-    """Per-block and model-level differences b - a, with a short verdict."""
+    """Per-block and model-level differences b - a, with a short verdict (same method version only)."""
+    va, vb = a["method"]["version"], b["method"]["version"]
+    if va != vb:
+        raise AuditFileError(f"cannot compare an RKSP v{va} audit with an RKSP v{vb} audit: re-run the older one")
     na, nb = len(a["blocks"]), len(b["blocks"])
     same_depth = na == nb
     per_block = []
     if same_depth:
         for ba, bb in zip(a["blocks"], b["blocks"]):
-            per_block.append({"index": ba["index"], **{f"{f}_delta": bb[f] - ba[f] for f in FEATURES}})
-    sa, sb = a["summary"], b["summary"]
-    keys = ("near_unit_mass", "spectral_radius_max", "spectral_radius_mean", "outside_mass_mean", "fit_r2_mean")
-    summary = {k: {"a": sa[k], "b": sb[k], "delta": sb[k] - sa[k]} for k in keys}
+            per_block.append({"index": ba["index"], **{f"{f.name}_delta": _delta(ba[f.name], bb[f.name])
+                                                       for f in FEATURES}})
+    fa, fb = a["summary"]["features"], b["summary"]["features"]
+    summary = {f"{name}_{agg}": {"a": fa[name][agg], "b": fb[name][agg], "delta": _delta(fa[name][agg], fb[name][agg])}
+               for name, agg in SUMMARY_ROWS}
     warnings = []
-    for field in ("delta", "tokens", "rank", "version"):
+    for field in ("rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau", "tokens"):
         if a["method"][field] != b["method"][field]:
             warnings.append(f"method.{field} differs ({a['method'][field]} vs {b['method'][field]})")
     if a["inputs"]["sha256"] != b["inputs"]["sha256"]:
         warnings.append("calibration tokens differ (different tokenizer, text or seed)")
     if not same_depth:
         warnings.append(f"block counts differ ({na} vs {nb}): per-block differences omitted")
-    dm = summary["near_unit_mass"]["delta"]
-    dr = summary["spectral_radius_max"]["delta"]
+    ma, mb = a["summary"]["score"], b["summary"]["score"]
+    ra, rb = fa["spectral_radius"]["max"], fb["spectral_radius"]["max"]
     moved = max(per_block, key=lambda r: abs(r["near_unit_mass_delta"]), default=None)
-    verdict = (
-        f"B vs A: near-unit mass M {sa['near_unit_mass']:.3f} -> {sb['near_unit_mass']:.3f} ({dm:+.3f}); "
-        f"max spectral radius {sa['spectral_radius_max']:.3f} -> {sb['spectral_radius_max']:.3f} ({dr:+.3f})."
-    )
+    verdict = (f"B vs A: near-unit mass M {ma:.3f} -> {mb:.3f} ({mb - ma:+.3f}); "
+               f"max spectral radius {ra:.3f} -> {rb:.3f} ({rb - ra:+.3f}).")
     if moved is not None:
-        verdict += f" Largest per-block change in near-unit mass: block {moved['index']} ({moved['near_unit_mass_delta']:+.3f})."
+        verdict += (f" Largest per-block change in near-unit mass: block {moved['index']} "
+                    f"({moved['near_unit_mass_delta']:+.3f}).")
     return {
         "a": {"slug": a["slug"], "id": a["source"]["id"], "init": a["source"]["init"]},
         "b": {"slug": b["slug"], "id": b["source"]["id"], "init": b["source"]["init"]},
@@ -68,8 +70,7 @@ def compare_png(a: dict, b: dict) -> bytes:
     """Both profiles on one figure, against relative depth so different depths still line up."""
     from . import plots
 
-    plt = plots.plt
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    fig, (ax1, ax2) = plots.subplots(2, 1, figsize=(7, 5), sharex=True)
     for audit, style in ((a, "o-"), (b, "s--")):
         n = len(audit["blocks"])
         depth = [i / max(1, n - 1) for i in range(n)]

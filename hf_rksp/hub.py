@@ -12,12 +12,11 @@ every message this module raises.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RKSPError
-from .report import validate_audit
+from .record import read_audit
 
 AUDIT_FILES = ("audit.json", "spectrum.png", "profile.png")
 
@@ -83,11 +82,7 @@ def plan_push(
 ) -> PushPlan:
     """Everything a push would upload, after validating the audit JSON against the schema."""
     audit_dir, card_dir = locate_audit(slug_or_dir, out_dir)
-    try:
-        audit = json.loads((audit_dir / "audit.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RKSPError(f"{audit_dir / 'audit.json'} is not valid JSON: {e}") from None
-    validate_audit(audit)
+    audit = read_audit(audit_dir / "audit.json")
     if mode == "model-pr":
         if repo_id is None:
             if audit["source"]["kind"] != "hub":

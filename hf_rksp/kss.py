@@ -3,8 +3,8 @@
 For each selected block, on a random subsample of n token positions of the
 current training batch (the same positions for every block):
 
-    K = whitened DMD operator of (X, Y)           (hf_rksp.spectral.whitened_operator,
-                                                    the audit's own function; r x r)
+    K = whitened DMD operator of (X, Y)           (hf_rksp.spectral: whiten + dmd_operator,
+                                                    the audit's own functions; r x r)
 
 The whitening (mean, basis V, scale S) is computed on X.detach(): a
 stop-gradient through the basis.  Gradients flow through
@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .capture import _hidden_in, _hidden_out
-from .spectral import spectral_features, whitened_operator
+from .spectral import dmd_operator, mass_partition, whiten
 
 __all__ = [
     "choose_rotation",
@@ -159,11 +159,14 @@ def block_kss_loss(
     min_denominator: float = 1e-3,
 ) -> BlockKSS:
     """The KSS loss of one block from snapshots ``x``, ``y`` (n x d, with grad); see the module docstring."""
-    k, _, _, _ = whitened_operator(x, y, rank, method=whitening, dtype=dtype)
+    wh = whiten(x, y, dtype=dtype)
+    k = dmd_operator(wh, rank if rank < wh.k else None).matrix
     r = k.shape[0]
     with torch.no_grad():
         eig = torch.linalg.eigvals(k.detach())
-    hard = spectral_features(eig, delta)
+    parts = mass_partition(eig)
+    hard = {"near_unit_mass": parts["near_unit_mass"], "outside_mass": parts["expansive_mass"],
+            "spectral_radius": float(eig.abs().max())}
     radii = (target_radius - delta, target_radius + delta)
     thetas, dmins = [], []
     for rho in radii:

@@ -1,4 +1,4 @@
-"""Report: the audit JSON (schema 1.0), the spectral model card, and writing them atomically."""
+"""Report: the spectral model card and the plots of an audit, and writing them with the JSON atomically."""
 
 from __future__ import annotations
 
@@ -7,29 +7,10 @@ import shutil
 from pathlib import Path
 
 from . import atomic, plots
+from .record import SCHEMA_VERSION, validate_audit
+from .spectral import FEATURES
 
-SCHEMA_VERSION = "1.0"
-SCHEMA_FILE = "schema/audit.schema.json"
-
-
-def audit_schema() -> dict:
-    import json
-    from importlib import resources
-
-    return json.loads(resources.files("hf_rksp").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
-
-
-def validate_audit(audit: dict) -> None:
-    """Raise RKSPError naming the first violation of the published JSON Schema."""
-    import jsonschema
-
-    from .errors import RKSPError
-
-    validator = jsonschema.Draft202012Validator(audit_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(audit))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise RKSPError(f"audit JSON does not match {SCHEMA_FILE} at {where}: {error.message}")
+__all__ = ["SCHEMA_VERSION", "environment", "verdict", "risk_line", "render_card", "write_outputs"]
 
 
 def environment(device: str) -> dict:
@@ -50,69 +31,36 @@ def environment(device: str) -> dict:
     }
 
 
-def summarize(blocks: list[dict]) -> dict:
-    """Model-level features: M is the mean near-unit mass over blocks (RKSP v1 step 7).
-
-    Encoder-decoder models also get one summary per stack under ``stacks``.
-    """
-    out = _summarize(blocks)
-    stacks = sorted({b["stack"] for b in blocks if "stack" in b})
-    if stacks:
-        out["stacks"] = {s: _summarize([b for b in blocks if b.get("stack") == s]) for s in stacks}
-    return out
-
-
-def _summarize(blocks: list[dict]) -> dict:
-    n = len(blocks)
-    radii = [b["spectral_radius"] for b in blocks]
-    worst = max(range(n), key=lambda i: radii[i])
-    return {
-        "near_unit_mass": sum(b["near_unit_mass"] for b in blocks) / n,
-        "spectral_radius_max": radii[worst],
-        "spectral_radius_max_block": blocks[worst]["index"],
-        "spectral_radius_mean": sum(radii) / n,
-        "outside_mass_mean": sum(b["outside_mass"] for b in blocks) / n,
-        "fit_r2_mean": sum(b["fit_r2"] for b in blocks) / n,
-    }
-
-
-def _range_finder_detail(method: dict, blocks: list[dict]) -> str:
-    """How the randomized range finder ran: iterations per block and any exact fallbacks."""
-    if "range_finder" not in method:
-        return ""
-    rf = method["range_finder"]
-    runs = [b["whitening"] for b in blocks if "whitening" in b]
-    iters = [w["power_iters"] for w in runs if w["method"] == "randomized"]
-    span = f"{min(iters)}" if iters and min(iters) == max(iters) else (f"{min(iters)}–{max(iters)}" if iters else "")
-    parts = [f"{rf['dtype']} range finder on {rf['device']}"]
-    if span:
-        parts.append(f"{span} power iterations per block to a predicted subspace error ≤ {rf['tolerance']:g}")
-    fallback = len(runs) - len(iters)
-    if fallback:
-        parts.append(f"{fallback} block{'s' if fallback > 1 else ''} too flat to converge, whitened by the exact Gram path")
-    return " (" + "; ".join(parts) + ")"
+def _fmt(v, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
 
 
 def verdict(audit: dict) -> str:
     """A plain-language reading of the features; it states measurements, not a probability."""
-    s = audit["summary"]
+    s, m = audit["summary"], audit["method"]
+    f = s["features"]
     n = audit["source"]["n_blocks"]
     what = "at random initialization" if audit["source"]["init"] else "with its weights"
     text = (
-        f"{n} blocks audited {what}. Near-unit spectral mass M = {s['near_unit_mass']:.3f} "
-        f"(mean fraction of Koopman modes with |λ| within {audit['method']['delta']:g} of 1); "
-        f"largest spectral radius {s['spectral_radius_max']:.3f} (block {s['spectral_radius_max_block']}); "
-        f"on average {100 * s['outside_mass_mean']:.1f}% of modes lie outside the band, beyond the unit circle. "
-        f"The linear operator explains R² = {s['fit_r2_mean']:.3f} of the whitened block outputs on average."
+        f"{n} blocks audited {what}. Near-unit spectral mass M = {s['score']:.3f} (mean share of DMD eigenvalues "
+        f"with {m['band_lower']:g} <= |λ| <= {m['band_upper']:g}); expansive mass {f['expansive_mass']['mean']:.3f} "
+        f"(|λ| > {m['band_upper']:g}), contractive mass {f['contractive_mass']['mean']:.3f} "
+        f"(|λ| < {m['contractive']:g}); largest spectral radius {f['spectral_radius']['max']:.3f} "
+        f"(block {s['spectral_radius_max_block']}); mean eigenvector condition number "
+        f"κ(V) = {_fmt(f['eigvec_condition']['mean'], '.3g')}; mean nonlinearity ratio "
+        f"η_nl = {_fmt(f['nonlinearity_ratio']['mean'], '.3f')}; "
+        f"{100 * f['resdmd_kept']['mean']:.0f}% of modes pass the ResDMD filter (r ≤ {m['resdmd_tau']:g})."
     )
-    r = audit.get("risk")
-    if r is None:
-        text += " No calibrated probability of divergence is given: " + audit["risk_unavailable_reason"]
-        return text
-    text += f" Risk of divergence: {risk_line(audit)}."
-    if not r["in_range"]:
-        text += (" Read it with care: this audit lies outside what the risk model was fitted on ("
-                 + "; ".join(r["warnings"]) + ").")
+    flagged = {k: v for k, v in s["flagged_blocks"].items() if v}
+    if flagged.get("near_identity"):
+        text += (f" Blocks {flagged['near_identity']} barely change the residual stream: their η_nl is "
+                 "unreliable (zero-init / ReZero-like).")
+    if flagged.get("rank_deficient"):
+        text += f" Blocks {flagged['rank_deficient']} see rank-deficient inputs: fewer eigenvalues than d."
+    if audit.get("risk") is None:
+        text += " No calibrated probability of divergence is given: " + audit["risk_unavailable_reason"] + "."
+    else:
+        text += f" Risk of divergence: {risk_line(audit)}."
     return text
 
 
@@ -120,7 +68,7 @@ def risk_line(audit: dict) -> str:
     """One line: probability, band, learning rate, ceiling, and whether the model is in range."""
     r = audit.get("risk")
     if r is None:
-        return "not available (no fitted risk model in this build)"
+        return "not available: " + audit.get("risk_unavailable_reason", "no fitted risk model")
     ceiling = (f"lr ceiling (P < {r['lr_ceiling_probability']:g}) {r['lr_ceiling']:.3g}"
                if r["lr_ceiling"] is not None else "no lr ceiling (risk does not grow with lr in the fit)")
     return (f"P(divergence) = {r['probability']:.3f} ({r['band']}) at lr {r['lr']:.3g} ({r['lr_source']}); "
@@ -139,27 +87,24 @@ CARD_TEMPLATE = """---
 
 ![RKSP profile](profile.png)
 
-## Summary
+## Summary (over blocks)
 
-| feature | value |
-|---|---|
-| near-unit spectral mass M (mean over blocks) | {M:.4f} |
-| largest spectral radius (block) | {rho_max:.4f} ({rho_block}) |
-| mean spectral radius | {rho_mean:.4f} |
-| mean outside mass | {outside:.4f} |
-| mean DMD fit R² | {r2:.4f} |
-| probability of divergence | {risk} |
+| feature | mean | min | max | std | early | middle | late |
+|---|---:|---:|---:|---:|---:|---:|---:|
+{summary_rows}
+
+Probability of divergence: {risk}
 
 ## Per block
 
-| block | near-unit mass | spectral radius | outside mass | fit R² | rank |
-|---:|---:|---:|---:|---:|---:|
+| block | {block_header} | m |
+|---:|{block_align}---:|
 {rows}
 
 {router_section}## How it was produced
 
 - Source: `{source_id}` ({kind}{revision}), family `{family}`, {n_blocks} blocks, d_model = {d_model}, {n_params:,} parameters{init}.
-- Method: RKSP v{mversion} — whitened DMD of each residual block's input/output snapshots, rank ≤ {rank}, δ = {delta:g}, whitening `{whitening}`{whitening_detail}.
+- Method: RKSP v{mversion}, the paper's whitened DMD of each residual block's input/output snapshots: ZCA whitening with X's covariance + {eps:g} I, {rank_text}; bands: expansive |λ| > {band_upper:g}, near-unit [{band_lower:g}, {band_upper:g}], contractive < {contractive:g}; ResDMD τ = {resdmd_tau:g}; Kreiss constant of A / max(ρ, 1).
 - Calibration input: {n_tokens} tokens ({origin}) in sequences of {seq_len}, sha256 `{sha}`, dtype {dtype}, seed {seed}.
 - Software: hf-rksp {v_rksp}, torch {v_torch}, transformers {v_tf}.
 
@@ -174,24 +119,26 @@ The full result, eigenvalues included, is in `audit.json` (schema {schema}).
 ## Limitations
 
 - The spectrum describes the model on the calibration tokens above; other text, lengths or dtypes move it.
-- RKSP linearizes each block around the observed snapshots; the fit R² says how much of the block's map a linear operator explains.
-- The probability of divergence comes from a logistic model fitted on hf-rksp's own divergence sweep (small GPT-style transformers trained from scratch at random init; see the hf-rksp README). It is calibrated only inside that sweep's ranges; the risk entry of `audit.json` lists every way this model lies outside them.
+- RKSP linearizes each block around the observed snapshots; η_nl and the ResDMD share say how far that linear operator can be trusted.
+- M is the paper's score (AUROC 0.995 in its sweep); it is not a probability. This build ships no calibrated v2 risk model.
 """
+
+#: the per-block table's columns (a subset of the registry: the full record is in audit.json)
+CARD_BLOCK_COLUMNS = ("near_unit_mass", "expansive_mass", "contractive_mass", "spectral_radius", "eigvec_condition",
+                      "nonlinearity_ratio", "kreiss_constant", "resdmd_kept")
+#: the model-index metrics: (summary feature, aggregate, metric name)
+CARD_METRICS = (("near_unit_mass", "mean", "Near-unit spectral mass M (RKSP v2)"),
+                ("expansive_mass", "mean", "Expansive mass M_>1"),
+                ("spectral_radius", "max", "Max spectral radius"),
+                ("eigvec_condition", "mean", "Mean eigenvector condition number kappa(V)"),
+                ("nonlinearity_ratio", "mean", "Mean nonlinearity ratio eta_nl"))
 
 
 def eval_results(audit: dict) -> list:
     """The audit's headline numbers as Hub `model-index` results (shown as evaluation results)."""
     from huggingface_hub import EvalResult
 
-    s = audit["summary"]
-    metrics = [
-        ("near_unit_mass", s["near_unit_mass"], "Near-unit spectral mass (RKSP M)"),
-        ("spectral_radius_max", s["spectral_radius_max"], "Max spectral radius"),
-        ("outside_mass_mean", s["outside_mass_mean"], "Mean outside mass"),
-        ("fit_r2_mean", s["fit_r2_mean"], "Mean DMD fit R2"),
-    ]
-    if audit.get("risk"):
-        metrics.append(("divergence_probability", audit["risk"]["probability"], "Probability of divergence"))
+    feats = audit["summary"]["features"]
     common = dict(
         task_type="other",
         task_name=f"RKSP v{audit['method']['version']} spectral audit",
@@ -199,7 +146,27 @@ def eval_results(audit: dict) -> list:
         dataset_name=audit["inputs"]["origin"],
         dataset_config=f"{audit['inputs']['n_tokens']} tokens",
     )
-    return [EvalResult(metric_type=t, metric_value=round(float(v), 6), metric_name=n, **common) for t, v, n in metrics]
+    return [EvalResult(metric_type=f"{name}_{agg}", metric_value=round(float(feats[name][agg]), 6),
+                       metric_name=label, **common)
+            for name, agg, label in CARD_METRICS if feats[name][agg] is not None]
+
+
+def _router_section(blocks: list[dict]) -> str:
+    routed = [b for b in blocks if "router" in b]
+    if not routed:
+        return ""
+    return (
+        "## Mixture-of-experts routing\n\n"
+        "| block | experts (top-k) | max / mean expert load | max abs router logit | mean router entropy (max) |\n"
+        "|---:|---:|---:|---:|---:|\n"
+        + "\n".join(
+            f"| {b['index']} | {b['router']['n_experts']} ({b['router']['top_k']}) | "
+            f"{b['router']['load_max_over_mean']:.3f} | {b['router']['router_logit_max']:.3f} | "
+            f"{b['router']['router_entropy_mean']:.3f} ({b['router']['router_entropy_max']:.3f}) |"
+            for b in routed
+        )
+        + "\n\n"
+    )
 
 
 def render_card(audit: dict) -> str:
@@ -213,40 +180,25 @@ def render_card(audit: dict) -> str:
         model_name=audit["slug"],
         eval_results=eval_results(audit),
     )
-    rows = "\n".join(
-        f"| {b['index']} | {b['near_unit_mass']:.4f} | {b['spectral_radius']:.4f} | "
-        f"{b['outside_mass']:.4f} | {b['fit_r2']:.4f} | {b['rank_used']} |"
-        for b in audit["blocks"]
+    summary_rows = "\n".join(
+        f"| {f.label} ({f.symbol}) | "
+        + " | ".join(_fmt(s["features"][f.name][k], f.fmt) for k in ("mean", "min", "max", "std", "early",
+                                                                      "middle", "late")) + " |"
+        for f in FEATURES
     )
-    risk = audit["risk"]
-    routed = [b for b in audit["blocks"] if "router" in b]
-    router_section = ""
-    if routed:
-        router_section = (
-            "## Mixture-of-experts routing\n\n"
-            "| block | experts (top-k) | max / mean expert load | max abs router logit | mean router entropy (max) |\n"
-            "|---:|---:|---:|---:|---:|\n"
-            + "\n".join(
-                f"| {b['index']} | {b['router']['n_experts']} ({b['router']['top_k']}) | "
-                f"{b['router']['load_max_over_mean']:.3f} | {b['router']['router_logit_max']:.3f} | "
-                f"{b['router']['router_entropy_mean']:.3f} ({b['router']['router_entropy_max']:.3f}) |"
-                for b in routed
-            )
-            + "\n\n"
-        )
+    cols = [f for f in FEATURES if f.name in CARD_BLOCK_COLUMNS]
+    rows = "\n".join(f"| {b['index']} | " + " | ".join(_fmt(b[f.name], f.fmt) for f in cols) + f" | {b['m']} |"
+                      for b in audit["blocks"])
     text = CARD_TEMPLATE.format(
-        router_section=router_section,
         card_data=data.to_yaml(),
         title=src["id"] + (" (random init)" if src["init"] else ""),
-        verdict=audit["summary"]["verdict"],
-        M=s["near_unit_mass"],
-        rho_max=s["spectral_radius_max"],
-        rho_block=s["spectral_radius_max_block"],
-        rho_mean=s["spectral_radius_mean"],
-        outside=s["outside_mass_mean"],
-        r2=s["fit_r2_mean"],
+        verdict=s["verdict"],
+        summary_rows=summary_rows,
         risk=risk_line(audit),
+        block_header=" | ".join(f.symbol for f in cols),
+        block_align="---:|" * len(cols),
         rows=rows,
+        router_section=_router_section(audit["blocks"]),
         source_id=src["id"],
         kind=src["kind"],
         revision=f", revision `{src['revision']}`" if src.get("revision") else "",
@@ -256,10 +208,13 @@ def render_card(audit: dict) -> str:
         n_params=src["n_params"],
         init=f", random init (seed {m['seed']})" if src["init"] else "",
         mversion=m["version"],
-        rank=m["rank"],
-        delta=m["delta"],
-        whitening=m["whitening"],
-        whitening_detail=_range_finder_detail(m, audit["blocks"]),
+        eps=m["eps"],
+        rank_text=("full DMD (all eigenvalues on the range of X~)" if m["rank"] == "full"
+                   else f"seeded rank-{m['rank']} randomized DMD"),
+        band_upper=m["band_upper"],
+        band_lower=m["band_lower"],
+        contractive=m["contractive"],
+        resdmd_tau=m["resdmd_tau"],
         n_tokens=inp["n_tokens"],
         origin=inp["origin"],
         seq_len=inp["seq_len"],

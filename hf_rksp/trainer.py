@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from . import atomic
 from .blocks import find_blocks
 from .errors import RKSPError
-from .risk import assess, load_risk_model
+from .risk import default_lr
 from .kss import SnapshotSampler, block_kss_loss
 
 logger = logging.getLogger("hf_rksp")
@@ -60,17 +60,15 @@ class KSSConfig:
     dtype: str = "float64"  # algebra dtype under autograd: float64 | float32
     min_denominator: float = 1e-3
     seed: int = 0  # token subsample generator (seeded per step: resumable)
-    auto_threshold: float = 0.5  # mode="auto": KSS turns on when P(divergence) >= this
+    auto_threshold: float = 0.5  # mode="auto": KSS on when the mean near-unit mass M exceeds this (paper Fig. 7)
+    auto_low: float = 0.3  # mode="auto": KSS off below this M; in between on for lr > 2x the family default
     auto_tokens: int = 2048  # mode="auto": tokens of the first training batches audited
 
     def __post_init__(self):
         if self.mode not in ("on", "off", "auto"):
             raise ValueError(f"KSSConfig.mode must be 'on', 'off' or 'auto', got {self.mode!r}")
-        if self.mode == "auto" and load_risk_model() is None:
-            raise ValueError("KSSConfig(mode='auto') needs the fitted risk model (hf_rksp/data/risk_model.json), "
-                             "which this build lacks; use mode='on' or mode='off'")
-        if not 0 < self.auto_threshold < 1 or self.auto_tokens < 2:
-            raise ValueError("KSSConfig: auto_threshold must be in (0, 1) and auto_tokens >= 2")
+        if not 0 < self.auto_low <= self.auto_threshold < 1 or self.auto_tokens < 2:
+            raise ValueError("KSSConfig: 0 < auto_low <= auto_threshold < 1 and auto_tokens >= 2 are required")
         if self.decay not in ("constant", "linear", "cosine"):
             raise ValueError(f"KSSConfig.decay must be constant, linear or cosine, got {self.decay!r}")
         if self.every_n_steps < 1:
@@ -113,7 +111,7 @@ def _profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int
     ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
     """
     from .audit import profile_model
-    from .report import summarize
+    from .summary import summarize
 
     was_training = model.training
     try:
@@ -182,7 +180,8 @@ class KSSTrainer(Trainer):
     def kss_auto_decide(self) -> dict:
         """mode="auto": audit the model as it is now on the first training batches, at the Trainer's lr.
 
-        KSS is enabled for the whole run when P(divergence) >= auto_threshold;
+        KSS is enabled for the whole run by the paper's rule (Fig. 7): M > auto_threshold, or
+        auto_low <= M with a learning rate above 2x the family's default;
         the decision is logged, stored in the KSS state and kept on resume.
         """
         from .audit import AuditOptions
@@ -198,18 +197,19 @@ class KSSTrainer(Trainer):
         ids = torch.cat(rows)
         ids = ids[: max(1, cfg.auto_tokens // ids.shape[1])]
         model = self.accelerator.unwrap_model(self.model)
-        opts = AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]), delta=cfg.delta)
-        s, n_blocks = _profile_summary(model, ids, opts)
-        r = assess(s, lr=self.args.learning_rate, family=getattr(model.config, "model_type", None), init=True,
-                   n_blocks=n_blocks, d_model=int(model.config.hidden_size))
-        decision = {"probability": r["probability"], "band": r["band"], "lr": r["lr"], "in_range": r["in_range"],
-                    "near_unit_mass": s["near_unit_mass"], "spectral_radius_max": s["spectral_radius_max"],
-                    "threshold": cfg.auto_threshold, "enabled": r["probability"] >= cfg.auto_threshold}
+        opts = AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]), kreiss=False)
+        s, _ = _profile_summary(model, ids, opts)
+        m = s["score"]
+        lr, lr_default = self.args.learning_rate, default_lr(getattr(model.config, "model_type", None))
+        # The paper's decision rule (Fig. 7) until a v2 risk model ships: M > 0.5 -> on, M < 0.3 -> off,
+        # in between on for learning rates above 2x the family's default.
+        enabled = m > cfg.auto_threshold or (m >= cfg.auto_low and lr > 2 * lr_default)
+        decision = {"near_unit_mass": m, "spectral_radius_max": s["features"]["spectral_radius"]["max"],
+                    "lr": lr, "lr_default": lr_default, "enabled": enabled,
+                    "rule": f"paper Fig. 7: M > {cfg.auto_threshold:g}, or M >= {cfg.auto_low:g} with lr > 2x default"}
         self.kss_state.auto = decision
-        logger.warning("RKSP before training: M = %.3f, P(divergence) = %.3f (%s) at lr %g -> KSS %s%s",
-                       s["near_unit_mass"], r["probability"], r["band"], r["lr"],
-                       "ON" if decision["enabled"] else "off",
-                       "" if r["in_range"] else " (model outside the risk model's fitted range)")
+        logger.warning("RKSP before training: M = %.3f at lr %g (family default %g) -> KSS %s", m, lr, lr_default,
+                       "ON" if enabled else "off")
         return decision
 
     def kss_weight_now(self) -> float:
@@ -296,7 +296,7 @@ class KSSTrainer(Trainer):
             logs["kss/steps"] = self.kss_state.kss_steps
         auto = self.kss_state.auto
         if auto is not None and "loss" in logs and not self._kss_auto_logged:
-            logs["kss/auto_probability"] = auto["probability"]
+            logs["kss/auto_near_unit_mass"] = auto["near_unit_mass"]
             logs["kss/auto_enabled"] = float(auto["enabled"])
             self._kss_auto_logged = True
             self._kss_pending, self._kss_pending_n = {}, 0
@@ -405,12 +405,13 @@ class RKSPMonitorCallback(TrainerCallback):
         return self
 
     def profile(self, model) -> dict:
+        from .spectral import FEATURES
+
         s, _ = _profile_summary(model, self.input_ids, self.options)
-        return {
-            "rksp/near_unit_mass": s["near_unit_mass"],
-            "rksp/spectral_radius": s["spectral_radius_max"],
-            "rksp/outside_mass": s["outside_mass_mean"],
-        }
+        out = {"rksp/near_unit_mass": s["score"], "rksp/spectral_radius": s["features"]["spectral_radius"]["max"]}
+        out.update({f"rksp/{f.name}_mean": s["features"][f.name]["mean"] for f in FEATURES
+                    if s["features"][f.name]["mean"] is not None})
+        return out
 
     def _check(self, m: dict, step: int, is_zero: bool) -> None:
         msgs = []

@@ -125,11 +125,7 @@ def pytest_sessionfinish(session, exitstatus):
 
     rows = ["| family | model class | " + " | ".join(SUPPORT_FEATURES) + " |",
             "|---|---|" + "---|" * len(SUPPORT_FEATURES)]
-    from hf_rksp.sweep.model import SweepLMConfig
-
     for family in sorted(BLOCK_PATHS):
-        if family == SweepLMConfig.model_type:  # the sweep's own model, not a transformers family
-            continue
         cls = AutoModel._model_mapping.get(AutoConfig.for_model(family).__class__, None)
         cells = []
         for feat in SUPPORT_FEATURES:

@@ -58,10 +58,28 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
     b = audit(str(tiny_dirs["llama"]), init=True, out_dir=str(tmp_path / "b"), seed=3, **SMALL)
     c = audit(str(tiny_dirs["llama"]), init=True, out_dir=None, seed=4, **SMALL)
     da = json.loads(open(a.paths["audit"]).read())
-    assert da["schema_version"] == "1.0"
-    for key in ("name", "version", "rank", "delta", "tokens", "seq_len", "seed", "dtype"):
+    assert da["schema_version"] == "2.0"
+    for key in ("name", "version", "rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau", "tokens",
+                "seq_len", "seed", "dtype"):
         assert key in da["method"]
-    assert da["method"]["name"] == "RKSP" and da["method"]["version"] == "1"
+    m = da["method"]
+    assert m["name"] == "RKSP" and m["version"] == "2"
+    # the paper's defaults (PAPER.md), recorded; d = 64 <= 1024: --rank auto is full DMD
+    assert (m["eps"], m["band_upper"], m["band_lower"], m["contractive"], m["resdmd_tau"]) == (1e-5, 1.05, 0.9, 0.8, 0.1)
+    assert m["rank"] == "full" and m["rank_option"] == "auto"
+    from hf_rksp.spectral import FEATURE_NAMES
+
+    for blk in da["blocks"]:
+        assert set(FEATURE_NAMES) <= set(blk) and blk["m"] == blk["rank"] == len(blk["eigenvalues"]) == 64
+        masses = [blk[k] for k in ("near_unit_mass", "expansive_mass", "mid_mass", "contractive_mass")]
+        assert sum(masses) == pytest.approx(1.0)
+    summ = da["summary"]
+    assert summ["score"] == pytest.approx(sum(blk["near_unit_mass"] for blk in da["blocks"]) / 3)
+    for name in FEATURE_NAMES:
+        agg = summ["features"][name]
+        assert set(agg) == {"mean", "max", "min", "std", "early", "middle", "late", "n"}
+    nu = [blk["near_unit_mass"] for blk in da["blocks"]]  # 3 blocks: one per third of depth
+    assert (summ["features"]["near_unit_mass"]["early"], summ["features"]["near_unit_mass"]["late"]) == (nu[0], nu[2])
     for key in ("id", "revision", "family", "n_blocks", "d_model", "n_params"):
         assert key in da["source"]
     assert da["source"]["n_params"] == sum(
@@ -70,9 +88,9 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
     for key in ("hf_rksp", "torch", "transformers", "python"):
         assert key in da["environment"]
     assert len(da["inputs"]["sha256"]) == 64
-    r = da["risk"]  # the shipped risk model, at the llama family's default lr; a tiny llama is outside its range
-    assert 0 < r["probability"] < 1 and r["lr"] == 3e-4 and "default" in r["lr_source"]
-    assert r["in_range"] is False and any("family 'llama'" in w for w in r["warnings"])
+    # the v1 risk model does not apply to v2: no invented probability, and the reason
+    assert da["risk"] is None and "v1" in da["risk_unavailable_reason"]
+    assert "No calibrated probability" in da["summary"]["verdict"]
     assert "--seed 3" in da["command"] and "--init" in da["command"]
     # same seed: same numbers; other seed: other weights and ids
     assert da["blocks"] == b.data["blocks"]

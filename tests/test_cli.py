@@ -282,7 +282,33 @@ def test_config_impossible_architecture(capsys, work, out):
 
 def test_rank_larger_than_tokens_allow(capsys, work, out):
     rc, _, err = audit_cli(capsys, out, "gpt2", "--init", "--rank", "300", "--tokens", "256", "--seq-len", "128")
-    assert_one_error_line(rc, err, "--rank 300", "largest possible rank is 255")
+    assert_one_error_line(rc, err, "--rank", "rank 300", "largest possible rank is 255")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--eps", "0"], ["--eps", "eps must be > 0"]),
+    (["--eps=-1e-5"], ["--eps", "eps must be > 0"]),
+    (["--rank", "0"], ["--rank", "at least 1"]),
+    (["--rank", "-3"], ["--rank", "at least 1"]),
+    (["--band-upper", "0.95"], ["--band-upper", "above 1"]),
+    (["--band-lower", "-0.1"], ["--band-lower", "(0, 1)"]),
+    (["--band-lower", "1.2"], ["--band-lower", "(0, 1)"]),
+    (["--contractive", "0.95"], ["--contractive", "band_lower"]),
+    (["--contractive", "-0.5"], ["--contractive"]),
+    (["--resdmd-tau", "0"], ["--resdmd-tau", "> 0"]),
+    (["--resdmd-tau", "-1"], ["--resdmd-tau", "> 0"]),
+])
+def test_bad_method_options_one_line_nothing_written(capsys, work, out, argv, words):
+    """Every v2 method option out of range: one clear line naming the option, and nothing written."""
+    rc, _, err = audit_cli(capsys, out, "gpt2", "--init", *SMALL, *argv)
+    assert_one_error_line(rc, err, *words)
+    assert_nothing_written(out)
+
+
+def test_rank_not_a_number_is_a_usage_error(capsys, work, out):
+    rc, _, err = audit_cli(capsys, out, "gpt2", "--init", *SMALL, "--rank", "most")
+    assert rc == 2 and "expected full, auto or an integer" in err
     assert_nothing_written(out)
 
 
@@ -489,14 +515,15 @@ def test_failure_while_publishing_keeps_earlier_outputs(capsys, work, out, ckpts
 def test_help(capsys, argv):
     rc, stdout, err = run_cli(capsys, *argv)
     assert rc == 0, err
-    for opt in ("--init", "--config", "--tokens", "--rank", "--delta"):
+    for opt in ("--init", "--config", "--tokens", "--rank", "--eps", "--band-upper", "--band-lower", "--contractive",
+                "--resdmd-tau"):
         assert opt in stdout, f"`hf-rksp {' '.join(argv)}` does not mention {opt}:\n{stdout}"
 
 
 def test_help_console_script(work):
     p = run_script(["audit", "--help"], work)
     assert p.returncode == 0, p.stderr
-    assert "--init" in p.stdout and "--delta" in p.stdout and p.stderr == ""
+    assert "--init" in p.stdout and "--band-upper" in p.stdout and p.stderr == ""
 
 
 def test_version(capsys):

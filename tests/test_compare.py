@@ -28,8 +28,11 @@ def test_compare_function(two):
     for ra, ba, bb in zip(res["blocks"], a.data["blocks"], b.data["blocks"]):
         assert ra["near_unit_mass_delta"] == pytest.approx(bb["near_unit_mass"] - ba["near_unit_mass"])
         assert ra["spectral_radius_delta"] == pytest.approx(bb["spectral_radius"] - ba["spectral_radius"])
-    s = res["summary"]["near_unit_mass"]
+    s = res["summary"]["near_unit_mass_mean"]
     assert s["delta"] == pytest.approx(b.near_unit_mass - a.near_unit_mass)
+    from hf_rksp.spectral import FEATURE_NAMES
+
+    assert {f"{n}_mean" for n in FEATURE_NAMES} | {"spectral_radius_max"} == set(res["summary"])
     assert "near-unit mass" in res["verdict"]
     same = compare(a.data, a.data)
     assert all(r["near_unit_mass_delta"] == 0 for r in same["blocks"]) and same["warnings"] == []
@@ -55,3 +58,35 @@ def test_from_audit_rerenders_same_card(two, tmp_path, capsys):
     assert (tmp_path / "model_cards" / slug / "README.md").read_text() == open(a.paths["card"]).read()
     assert json.loads((tmp_path / "audits" / slug / "audit.json").read_text()) == a.data
     assert load_audit(slug, tmp_path) == a.data
+
+
+def test_compare_refuses_other_method_versions(two, tmp_path, capsys):
+    """A v1 audit is not read (one clear line), and compare() refuses mixed versions."""
+    from hf_rksp.errors import AuditFileError
+
+    _, a, _ = two
+    old = json.loads(open(a.paths["audit"]).read())
+    old["method"]["version"] = "1"
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(old))
+    rc = main(["compare", str(p), a.paths["audit"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "v1 audit" in err
+    with pytest.raises(AuditFileError, match="cannot compare an RKSP v1 audit with an RKSP v2"):
+        compare(old, a.data)
+
+
+def test_reader_rejects_nan_and_non_utf8(two, tmp_path):
+    from hf_rksp.errors import AuditFileError
+    from hf_rksp.record import read_audit
+
+    _, a, _ = two
+    text = open(a.paths["audit"]).read()
+    bad = tmp_path / "nan.json"
+    bad.write_text(text.replace('"spectral_radius": ', '"spectral_radius": NaN, "x": ', 1))
+    with pytest.raises(AuditFileError, match="NaN"):
+        read_audit(bad)
+    raw = tmp_path / "latin.json"
+    raw.write_bytes(b'{"slug": "\xff"}')
+    with pytest.raises(AuditFileError, match="UTF-8"):
+        read_audit(raw)

@@ -1,0 +1,94 @@
+"""The DMD operator A = Y~ X~^+ on the range of X~: full, or rank-r randomized (Eq. 6).
+
+Both variants are the same thing on a different orthonormal basis B (k x m)
+of a subspace of range(X~), in the V coordinates of ``Whitened``: with the
+compressed snapshots Xb = B^T X~, Yb = B^T Y~ (m x N),
+
+    Hb  = Xb Xb^T = B^T Sigma^2 B          (diagonal for both bases below)
+    GH  = Yb Xb^T = B^T D_w C D_w B
+    GG  = Yb Yb^T = B^T D_w Syy D_w B
+    A~  = Yb Xb^+ = GH Hb^-1               (m x m)
+
+- full (B = I, m = k): A~ is the compression of the paper's A onto range(X~),
+  and its k eigenvalues are all the nonzero eigenvalues of A (A = Y~ X~^+ is
+  zero on the orthogonal complement of range(X~)).
+- rank r (Erichson et al. 2019): B spans the seeded randomized range of X~,
+  Q = orth(X~ Omega) after ``power_iters`` power iterations with ``oversample``
+  extra columns, cut to the top-r left singular vectors of Q^T X~.  X~ Omega
+  for a Gaussian Omega (N x (r + p)) has, in V coordinates, the distribution
+  of Sigma Omega' with a Gaussian Omega' (k x (r + p)): that is what is drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .whitening import Whitened
+
+#: Erichson et al.'s defaults for the randomized range finder.
+OVERSAMPLE = 10
+POWER_ITERS = 2
+
+
+@dataclass
+class DMDOperator:
+    """A~ on an m-dimensional subspace of range(X~), with the Gram blocks its features need."""
+
+    matrix: torch.Tensor  # A~ (m x m)
+    hb: torch.Tensor  # diag of Xb Xb^T (m,)
+    gh: torch.Tensor  # Yb Xb^T (m x m)
+    gg: torch.Tensor  # Yb Yb^T (m x m)
+    full: bool  # B = I: the operator on all of range(X~)
+
+    @property
+    def m(self) -> int:
+        return int(self.matrix.shape[0])
+
+
+def _compress(wh: Whitened, basis: torch.Tensor | None, hb: torch.Tensor) -> DMDOperator:
+    dw = wh.w
+    gh = dw[:, None] * wh.cross * dw[None, :]
+    gg = dw[:, None] * wh.yy * dw[None, :]
+    if basis is not None:
+        gh = basis.T @ gh @ basis
+        gg = basis.T @ gg @ basis
+    return DMDOperator(matrix=gh / hb[None, :], hb=hb, gh=gh, gg=gg, full=basis is None)
+
+
+def full_operator(wh: Whitened) -> DMDOperator:
+    """The paper's A = Y~ X~^+ on all of range(X~) (k eigenvalues; k = d at full rank)."""
+    return _compress(wh, None, wh.sigma.detach() ** 2)
+
+
+def randomized_operator(wh: Whitened, rank: int, *, generator: torch.Generator | None = None,
+                        oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS) -> DMDOperator:
+    """Seeded rank-r randomized DMD of the whitened snapshots (m = min(r, k)).
+
+    The basis is computed without gradient (a stop-gradient through the random
+    range, as through the whitening); the operator is differentiable in C, Syy.
+    """
+    if rank < 1 or oversample < 0 or power_iters < 0:
+        raise ConfigError(f"rank must be >= 1, oversample and power_iters >= 0; got {rank}, {oversample}, "
+                          f"{power_iters}")
+    k = wh.k
+    if rank >= k:
+        return full_operator(wh)
+    sigma = wh.sigma.detach()
+    cols = min(rank + oversample, k)
+    omega = torch.randn(k, cols, generator=generator, dtype=torch.float64).to(sigma)
+    q = torch.linalg.qr(sigma[:, None] ** (2 * power_iters + 1) * omega).Q  # orth(X~ (X~^T X~)^q Omega)
+    evals, ub = torch.linalg.eigh(q.T @ (sigma[:, None] ** 2 * q))  # (Q^T X~)(Q^T X~)^T = Ub Sb^2 Ub^T
+    top = torch.argsort(evals, descending=True)[:rank]
+    basis = q @ ub[:, top]
+    return _compress(wh, basis, evals[top].clamp_min(torch.finfo(sigma.dtype).tiny))
+
+
+def dmd_operator(wh: Whitened, rank: int | None = None, *, generator: torch.Generator | None = None,
+                 oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS) -> DMDOperator:
+    """Full DMD (``rank=None``) or rank-r randomized DMD of whitened snapshots."""
+    if rank is None:
+        return full_operator(wh)
+    return randomized_operator(wh, rank, generator=generator, oversample=oversample, power_iters=power_iters)

@@ -1,0 +1,153 @@
+"""ZCA whitening of a block's snapshots (the paper's Eqs. 7-9), reduced to the range of X~.
+
+Snapshots are row-major here: ``x``, ``y`` are (N x d), one token state per
+row (the paper's X, Y are their transposes).  With Xc = X - mean(X),
+Yc = Y - mean(Y) and the eigen-decomposition Xc^T Xc = V S^2 V^T,
+
+    Sigma = Xc^T Xc / (N - 1) + eps I,     W = Sigma^(-1/2)
+          = V diag(w) V^T + eps^(-1/2) (I - V V^T),   w_i = (s_i^2 / (N - 1) + eps)^(-1/2)
+    X~ = Xc W,   Y~ = Yc W                 (X's W for both)
+
+so the singular values of X~ are Sigma_i = s_i w_i, its right singular
+vectors (in feature space) are V, and every DMD quantity on the range of X~
+can be written with k x k matrices in the V coordinates:
+
+    C    = (Yc V)^T (Xc V)     cross moment            (k x k)
+    Syy  = (Yc V)^T (Yc V)     Y's moment in range(V)  (k x k)
+
+plus a few scalars for what Y~ has outside range(V) (scaled by eps^(-1/2);
+it enters eta_nl only).  ``whiten`` gets these from the moments of the
+smaller side: the d x d moments when N > d, the N x N kernels when N <= d
+(LLaMA-7B width), so no d x d whitening matrix is ever formed.
+
+Numerical rank (the pseudo-inverse cut, **[ours]**): a direction is kept when
+Sigma_i > rel_cut * max Sigma (rel_cut = 1e-6, the cut the paper's
+pseudo-inverse needs to be finite) and s_i^2 > m * 2^-52 * s_1^2 (m the
+Gram's size): below that an eigenvalue of a float64 Gram is rounding noise,
+as is any direction of float32 activations that small.
+
+Gradients (KSS): V, s and w come from ``x.detach()`` (a stop-gradient through
+the whitening matrix); C and Syy are differentiable in x and y.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SnapshotError
+
+#: Relative cut of the pseudo-inverse of X~ (PAPER.md: 1e-6 x the largest singular value).
+REL_CUT = 1e-6
+#: The paper's whitening regularizer (absolute, Eq. 9).
+EPS = 1e-5
+
+
+@dataclass
+class Whitened:
+    """A block's whitened snapshots, in the coordinates of the right singular vectors V of Xc.
+
+    ``s`` are the kept singular values of Xc, ``w`` the whitening weights, so
+    X~ has singular values ``sigma = s * w``.  ``basis`` (d x k) is V itself
+    (None in N-space, where V is never formed).
+    """
+
+    s: torch.Tensor  # (k,)
+    w: torch.Tensor  # (k,)
+    cross: torch.Tensor  # C = (Yc V)^T (Xc V), (k, k)
+    yy: torch.Tensor  # Syy = (Yc V)^T (Yc V), (k, k)
+    y_norm2: float  # ||Yc||_F^2
+    diff_norm2: float  # ||Yc - Xc||_F^2
+    y_rows_norm2: float  # ||Vr^T Yc||_F^2: Yc projected on the row space of Xc (Vr = Xc V S^-1)
+    n: int
+    d: int
+    eps: float
+    basis: torch.Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.s.shape[0])
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.s * self.w
+
+    @property
+    def full_rank(self) -> bool:
+        """True when range(X~) is the whole feature space (k = d): nothing of Y~ lies outside it."""
+        return self.k == self.d
+
+    def outside(self) -> tuple[float, float]:
+        """(||Y~ (I - P)||^2, ||(Y~ - X~)||^2) outside range(V), P the row projector of X~.
+
+        Both are eps^-1 x the part of Yc (resp. Yc - Xc) that V does not span;
+        zero when k = d.
+        """
+        if self.full_rank:
+            return 0.0, 0.0
+        s2 = self.s.detach() ** 2
+        cross, yy = self.cross.detach(), self.yy.detach()
+        y_in = float(torch.diagonal(yy).sum())
+        y_perp = max(self.y_norm2 - y_in, 0.0)
+        rows_in = float(((cross.T / self.s.detach()[:, None]) ** 2).sum())  # ||Vr^T Yc V||^2 = ||S^-1 C^T||^2
+        y_perp_rows = max(self.y_rows_norm2 - rows_in, 0.0)
+        d_in = y_in - 2 * float(torch.diagonal(cross).sum()) + float(s2.sum())
+        d_perp = max(self.diff_norm2 - d_in, 0.0)
+        return max(y_perp - y_perp_rows, 0.0) / self.eps, d_perp / self.eps
+
+
+def _keep(s2: torch.Tensor, n: int, eps: float, rel_cut: float) -> torch.Tensor:
+    """Indices (descending s) of the directions kept: see the module docstring."""
+    s2 = s2.clamp_min(0)
+    order = torch.argsort(s2, descending=True)
+    s2 = s2[order]
+    if s2.numel() == 0 or not bool(s2[0] > 0):
+        raise SnapshotError("the residual stream entering this block is constant: nothing to whiten")
+    sigma = (s2 / (s2 / (n - 1) + eps)).sqrt()
+    floor = s2.numel() * torch.finfo(torch.float64).eps * s2[0]
+    kept = (sigma > rel_cut * sigma[0]) & (s2 > floor)
+    return order[: int(kept.sum())]
+
+
+def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float = REL_CUT,
+           dtype: torch.dtype = torch.float64) -> Whitened:
+    """The paper's ZCA-whitened snapshots of one block, reduced to the range of X~ (see module doc).
+
+    ``x``, ``y``: (N x d) input and output token states of the block, the
+    same tokens in the same order.  The small algebra runs in ``dtype``.
+    """
+    if x.ndim != 2 or x.shape != y.shape:
+        raise SnapshotError(f"snapshots must be two (N x d) matrices of one shape, got {tuple(x.shape)} "
+                            f"and {tuple(y.shape)}")
+    n, d = x.shape
+    if n < 2:
+        raise SnapshotError(f"whitening needs at least 2 token states, got {n}")
+    if not (eps > 0 and 0 < rel_cut < 1):
+        raise SnapshotError(f"eps must be > 0 and rel_cut in (0, 1), got {eps}, {rel_cut}")
+    x, y = x.to(dtype), y.to(dtype)
+    xc = x - x.mean(dim=0)
+    yc = y - y.mean(dim=0)
+    xd = xc.detach()
+    y_norm2 = float((yc.detach() ** 2).sum())
+    diff_norm2 = float(((yc.detach() - xd) ** 2).sum())
+    if n > d:  # d-space: the (d x d) moments
+        evals, evecs = torch.linalg.eigh(xd.T @ xd)
+        idx = _keep(evals, n, eps, rel_cut)
+        v = evecs[:, idx]
+        s = evals[idx].clamp_min(0).sqrt()
+        px, py = xc @ v, yc @ v
+        y_rows = float(((xd.T @ yc.detach()).T @ v / s).pow(2).sum())  # ||S^-1 V^T Xc^T Yc||^2
+        basis = v
+    else:  # N-space: the (N x N) kernel; V = Xc^T U S^-1 is never formed
+        evals, evecs = torch.linalg.eigh(xd @ xd.T)
+        idx = _keep(evals, n, eps, rel_cut)
+        u = evecs[:, idx]
+        s = evals[idx].clamp_min(0).sqrt()
+        px = (xc @ (xd.T @ u)) / s  # = U S, differentiable in x
+        py = (yc @ (xd.T @ u)) / s  # = Yc V
+        y_rows = float((u.T @ yc.detach()).pow(2).sum())
+        basis = None
+    w = (s ** 2 / (n - 1) + eps).rsqrt()
+    return Whitened(s=s, w=w, cross=py.T @ px, yy=py.T @ py, y_norm2=y_norm2, diff_norm2=diff_norm2,
+                    y_rows_norm2=y_rows, n=n, d=d, eps=eps, basis=basis)
