@@ -47,7 +47,8 @@ class RKSPConfig:
     def __post_init__(self):
         checks = (
             ("eps", self.eps > 0, f"eps must be > 0, got {self.eps}"),
-            ("rank", self.rank is None or (isinstance(self.rank, int) and self.rank >= 1),
+            ("rank", self.rank is None or (isinstance(self.rank, int) and not isinstance(self.rank, bool)
+                                           and self.rank >= 1),
              f"rank must be full (None) or an integer >= 1, got {self.rank}"),
             ("band_upper", self.band_upper > 1, f"band_upper must be above 1, got {self.band_upper}"),
             ("band_lower", 0 < self.band_lower < 1, f"band_lower must be in (0, 1), got {self.band_lower}"),
@@ -224,7 +225,7 @@ def features_of(op: DMDOperator, wh, config: RKSPConfig = RKSPConfig()) -> Block
         nonlinearity_ratio=eta,
         kreiss_constant=None if kreiss is None else _finite_or_none(kreiss),
         resdmd_kept=float(kept.double().mean()),
-        resdmd_residual_median=float(resf.median()) if resf.numel() else None,
+        resdmd_residual_median=float(resf.quantile(0.5)) if resf.numel() else None,
         resdmd_residual_max=float(resf.max()) if resf.numel() else None,
         **{f"{k}_kept": kept_masses[k] for k in ("near_unit_mass", "expansive_mass", "mid_mass", "contractive_mass")},
         m=op.m, rank=wh.k, eigenvalues=lam, flags=flags,

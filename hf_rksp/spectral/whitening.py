@@ -97,12 +97,15 @@ class Whitened:
         return max(y_perp - y_perp_rows, 0.0) / self.eps, d_perp / self.eps
 
 
-def _keep(s2: torch.Tensor, n: int, eps: float, rel_cut: float) -> torch.Tensor:
-    """Indices (descending s) of the directions kept: see the module docstring."""
+def _keep(s2: torch.Tensor, n: int, eps: float, rel_cut: float, constant_level: float) -> torch.Tensor:
+    """Indices (descending s) of the directions kept: see the module docstring.
+
+    ``constant_level``: the largest s_1^2 that centering rounding alone leaves in a constant stream.
+    """
     s2 = s2.clamp_min(0)
     order = torch.argsort(s2, descending=True)
     s2 = s2[order]
-    if s2.numel() == 0 or not bool(s2[0] > 0):
+    if s2.numel() == 0 or not bool(s2[0] > constant_level):
         raise SnapshotError("the residual stream entering this block is constant: nothing to whiten")
     sigma = (s2 / (s2 / (n - 1) + eps)).sqrt()
     floor = s2.numel() * torch.finfo(torch.float64).eps * s2[0]
@@ -129,11 +132,13 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
     xc = x - x.mean(dim=0)
     yc = y - y.mean(dim=0)
     xd = xc.detach()
+    # a constant stream leaves only centering rounding, |xc| <~ 64 eps |x|, in each of the N d entries
+    constant_level = n * d * (64 * torch.finfo(dtype).eps * float(x.detach().abs().max())) ** 2
     y_norm2 = float((yc.detach() ** 2).sum())
     diff_norm2 = float(((yc.detach() - xd) ** 2).sum())
     if n > d:  # d-space: the (d x d) moments
         evals, evecs = torch.linalg.eigh(xd.T @ xd)
-        idx = _keep(evals, n, eps, rel_cut)
+        idx = _keep(evals, n, eps, rel_cut, constant_level)
         v = evecs[:, idx]
         s = evals[idx].clamp_min(0).sqrt()
         px, py = xc @ v, yc @ v
@@ -141,7 +146,7 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
         basis = v
     else:  # N-space: the (N x N) kernel; V = Xc^T U S^-1 is never formed
         evals, evecs = torch.linalg.eigh(xd @ xd.T)
-        idx = _keep(evals, n, eps, rel_cut)
+        idx = _keep(evals, n, eps, rel_cut, constant_level)
         u = evecs[:, idx]
         s = evals[idx].clamp_min(0).sqrt()
         px = (xc @ (xd.T @ u)) / s  # = U S, differentiable in x
