@@ -3,8 +3,9 @@
     python benchmarks/make_llama2_7b_checkpoint.py            # once: ~13.5 GB under /tmp
     python benchmarks/stream_7b.py --json                     # the checkpoint, 512 tokens
     python benchmarks/stream_7b.py --init --json              # the 7B config at seeded init (no checkpoint)
-    python benchmarks/stream_7b.py --dmd --json               # whitened DMD vs block forward at d=4096, N=2048
-                                                              # (default whitening, and the exact gram path)
+
+The spectral work per block at 7B width against a block's forward (full DMD,
+rank-32, every feature) is benchmarks/spectral_speed.py's.
 
 Each measurement runs in its own child process, which reports its own peak
 RSS (getrusage ru_maxrss), so the figures are the audit process's, not this
@@ -33,11 +34,10 @@ from hf_rksp.loading import load_for_streaming, resolve_source
 t0 = time.perf_counter()
 if args["mode"] == "audit":
     r = audit(args["source"], init=args["init"], config=args.get("config"), out_dir=None, stream=True,
-              tokens=args["tokens"], seq_len=args["seq_len"], progress=False, whitening=args.get("whitening", "auto"))
+              tokens=args["tokens"], seq_len=args["seq_len"], progress=False)
     out = {"seconds": time.perf_counter() - t0, "timings": r.data["timings"], "blocks": len(r.data["blocks"]),
-           "near_unit_mass": r.data["summary"]["near_unit_mass"], "n_params": r.data["source"]["n_params"],
-           "whitening": r.data["method"]["whitening"], "block_masses": [b["near_unit_mass"] for b in r.data["blocks"]],
-           "block_whitening": [b.get("whitening") for b in r.data["blocks"]]}
+           "near_unit_mass": r.data["summary"]["score"], "n_params": r.data["source"]["n_params"],
+           "rank": r.data["method"]["rank"]}
 elif args["mode"] == "plain":  # the same streaming, no spectral work
     A = sys.modules["hf_rksp.audit"]  # the module: `import hf_rksp.audit as A` gives the audit() function
     A.block_result = lambda i, x, y, opts: {"near_unit_mass": 0.0}
@@ -46,22 +46,6 @@ elif args["mode"] == "plain":  # the same streaming, no spectral work
     calib = calibration_for(loaded, opts)
     res, _, timings = stream_profile(loaded, calib.input_ids, opts, progress=False)
     out = {"seconds": time.perf_counter() - t0, "timings": timings, "blocks": len(res)}
-elif args["mode"] == "decaying":  # snapshots of the same size whose spectrum decays like a trained model's
-    from hf_rksp.audit import block_result
-    n, d, alpha = args["tokens"], args["d_model"], args["alpha"]
-    g = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(d, n, generator=g))
-    x = (u * torch.arange(1, n + 1).float() ** -alpha) @ v.T
-    y = x @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d**0.5)
-    opts = AuditOptions(tokens=n)
-    block_result(0, x, y, opts)  # warm-up
-    runs = []
-    for _ in range(3):
-        t1 = time.perf_counter()
-        res = block_result(0, x, y, opts)
-        runs.append(time.perf_counter() - t1)
-    out = {"seconds": min(runs), "whitening": res.get("whitening")}
 out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print("RESULT " + json.dumps(out))
 """
@@ -80,71 +64,37 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="/tmp/llama2-7b-random")
     ap.add_argument("--init", action="store_true", help="the LLaMA-2-7B config at seeded init instead of a checkpoint")
-    ap.add_argument("--dmd", action="store_true",
-                    help="whitened DMD of a block at d=4096, N=2048 vs that block's forward (2-block 7B-width config)")
-    ap.add_argument("--tokens", type=int, default=None, help="default 512 (2048 with --dmd)")
-    ap.add_argument("--alpha", type=float, default=1.0,
-                    help="--dmd: singular-value decay s_i ~ i^-alpha of the decaying snapshots (default 1.0: at "
-                         "r = 256 the slowest decay measured on SmolLM2's blocks, s_256/s_384 ~ 1.5)")
+    ap.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=2, help="alternating plain/audit rounds; the fastest of each counts")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     a = ap.parse_args(argv)
 
-    base = {"threads": a.threads, "init": a.init or a.dmd, "source": "meta-llama/Llama-2-7b-hf"}
-    if a.dmd:
-        import tempfile
-
-        from hf_rksp.loading import load_config, resolve_source
-
-        cfg = load_config(resolve_source("meta-llama/Llama-2-7b-hf", init=True))
-        cfg.num_hidden_layers = 2
-        tmp = Path(tempfile.mkdtemp()) / "config.json"
-        cfg.to_json_file(tmp)
-        tokens = a.tokens or 2048
-        job = {**base, "mode": "audit", "source": None, "config": str(tmp), "tokens": tokens, "seq_len": 512}
-        r = child(job)  # the default whitening ("auto": randomized at this width)
-        g = child({**job, "whitening": "gram"})  # the exact Gram path on the same blocks, for comparison
-        dec = child({**job, "mode": "decaying", "d_model": 4096, "alpha": a.alpha})
-        t, tg = r["timings"], g["timings"]
-        fwd = t["forward_s"] / r["blocks"]
-        out = {"d_model": 4096, "tokens": tokens, "blocks": r["blocks"], "whitening": r["whitening"],
-               "block_forward_seconds": fwd, "capture_seconds": t["capture_s"], "peak_rss_gib": r["peak_rss_gib"],
-               # random-init blocks: flat spectra, the range finder iterates until converged
-               "init_dmd_seconds": t["spectral_s"] / r["blocks"], "init_dmd_over_forward": t["spectral_s"] / t["forward_s"],
-               "init_power_iters": [w and w["power_iters"] for w in r["block_whitening"]],
-               "init_gram_dmd_seconds": tg["spectral_s"] / g["blocks"],
-               "init_gram_dmd_over_forward": tg["spectral_s"] / tg["forward_s"],
-               "init_max_abs_mass_diff_vs_gram": max(abs(u - v) for u, v in zip(r["block_masses"], g["block_masses"])),
-               # same-size snapshots with s_i ~ i^-alpha, against the init block's forward from the same run
-               "decaying_alpha": a.alpha, "decaying_dmd_seconds": dec["seconds"],
-               "decaying_dmd_over_forward": dec["seconds"] / fwd,
-               "decaying_power_iters": dec["whitening"] and dec["whitening"]["power_iters"]}
-    else:
-        tokens = a.tokens or 512
-        if not a.init:
-            ck = Path(a.checkpoint)
-            if not (ck / "model.safetensors.index.json").is_file():
-                raise SystemExit(f"no checkpoint at {ck}: run benchmarks/make_llama2_7b_checkpoint.py first")
-            base["source"] = str(ck)
-        job = {**base, "tokens": tokens, "seq_len": tokens}
-        # alternate plain / audit so that both see the same page cache; the first pair warms it
-        runs = {"plain": [], "audit": []}
-        for _ in range(a.rounds):
-            for mode in ("plain", "audit"):
-                runs[mode].append(child({**job, "mode": mode}))
-        audit_r, plain = min(runs["audit"], key=lambda r: r["seconds"]), min(runs["plain"], key=lambda r: r["seconds"])
-        out = {"rounds": a.rounds, "audit_seconds_all": [r["seconds"] for r in runs["audit"]],
-               "read_plus_forward_seconds_all": [r["seconds"] for r in runs["plain"]],
-               "source": "LLaMA-2-7B config at seeded init" if a.init else base["source"], "tokens": tokens,
-               "blocks": audit_r["blocks"], "peak_rss_gib": max(r["peak_rss_gib"] for r in runs["audit"]),
-               "audit_seconds": audit_r["seconds"], "read_plus_forward_seconds": plain["seconds"],
-               "time_ratio": audit_r["seconds"] / plain["seconds"], "plain_peak_rss_gib": plain["peak_rss_gib"],
-               "plain_timings": plain["timings"],
-               "near_unit_mass": audit_r["near_unit_mass"], "n_params": audit_r["n_params"],
-               "audit_timings": audit_r["timings"]}
-        if not a.init:
-            out["checkpoint_gib"] = sum(p.stat().st_size for p in Path(a.checkpoint).glob("*.safetensors")) / 2**30
+    base = {"threads": a.threads, "init": a.init, "source": "meta-llama/Llama-2-7b-hf"}
+    tokens = a.tokens
+    if not a.init:
+        ck = Path(a.checkpoint)
+        if not (ck / "model.safetensors.index.json").is_file():
+            raise SystemExit(f"no checkpoint at {ck}: run benchmarks/make_llama2_7b_checkpoint.py first")
+        base["source"] = str(ck)
+    job = {**base, "tokens": tokens, "seq_len": tokens}
+    # alternate plain / audit so that both see the same page cache; the first pair warms it
+    runs = {"plain": [], "audit": []}
+    for _ in range(a.rounds):
+        for mode in ("plain", "audit"):
+            runs[mode].append(child({**job, "mode": mode}))
+    audit_r, plain = min(runs["audit"], key=lambda r: r["seconds"]), min(runs["plain"], key=lambda r: r["seconds"])
+    out = {"rounds": a.rounds, "audit_seconds_all": [r["seconds"] for r in runs["audit"]],
+           "read_plus_forward_seconds_all": [r["seconds"] for r in runs["plain"]],
+           "source": "LLaMA-2-7B config at seeded init" if a.init else base["source"], "tokens": tokens,
+           "blocks": audit_r["blocks"], "peak_rss_gib": max(r["peak_rss_gib"] for r in runs["audit"]),
+           "audit_seconds": audit_r["seconds"], "read_plus_forward_seconds": plain["seconds"],
+           "time_ratio": audit_r["seconds"] / plain["seconds"], "plain_peak_rss_gib": plain["peak_rss_gib"],
+           "plain_timings": plain["timings"],
+           "near_unit_mass": audit_r["near_unit_mass"], "n_params": audit_r["n_params"], "rank": audit_r["rank"],
+           "audit_timings": audit_r["timings"]}
+    if not a.init:
+        out["checkpoint_gib"] = sum(p.stat().st_size for p in Path(a.checkpoint).glob("*.safetensors")) / 2**30
     out["threads"] = a.threads
     print(json.dumps(out) if a.json else json.dumps(out, indent=2))
     return 0

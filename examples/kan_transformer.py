@@ -80,10 +80,10 @@ def main() -> None:
     args = ap.parse_args()
     blocks = audit_kan(args.layers, args.width, args.tokens, seed=args.seed)
     print(f"KAN-GPT2 at init: {args.layers} blocks, width {args.width}, {args.tokens} random tokens")
-    print(f"{'block':>5} {'near-unit':>10} {'radius':>8} {'outside':>8} {'fit R2':>7}")
+    print(f"{'block':>5} {'near-unit':>10} {'expansive':>10} {'radius':>8} {'eta_nl':>7} {'ResDMD kept':>12}")
     for b in blocks:
-        print(f"{b['index']:>5} {b['near_unit_mass']:>10.4f} {b['spectral_radius']:>8.4f} "
-              f"{b['outside_mass']:>8.4f} {b['fit_r2']:>7.4f}")
+        print(f"{b['index']:>5} {b['near_unit_mass']:>10.4f} {b['expansive_mass']:>10.4f} "
+              f"{b['spectral_radius']:>8.4f} {b['nonlinearity_ratio']:>7.4f} {b['resdmd_kept']:>12.3f}")
     m = sum(b["near_unit_mass"] for b in blocks) / len(blocks)
     print(f"near-unit mass M = {m:.4f}")
 

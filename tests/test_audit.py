@@ -138,3 +138,16 @@ def test_shipped_configs_build_on_meta_device():
     with init_empty_weights():
         m = AutoModel.from_config(_config_from_dict(shipped_config("meta-llama/Llama-2-7b-hf"), "", False))
     assert 6.4e9 < sum(p.numel() for p in m.parameters()) < 6.8e9
+
+
+def test_published_schema_is_the_generated_one():
+    """hf_rksp/schema/audit.schema.json is hf_rksp.record.audit_schema(), built from the feature registry."""
+    from importlib import resources
+
+    from hf_rksp.record import audit_schema
+    from hf_rksp.spectral import FEATURE_NAMES
+
+    published = json.loads(resources.files("hf_rksp").joinpath("schema/audit.schema.json").read_text())
+    assert published == audit_schema()
+    block = published["properties"]["blocks"]["items"]
+    assert set(FEATURE_NAMES) <= set(block["required"])

@@ -55,7 +55,7 @@ def test_family_audits_at_init(model_type, tmp_path):
     assert d["source"]["family"] == model_type and len(d["blocks"]) == n_blocks
     for b in d["blocks"]:
         # a LayerNorm'd stream (post-LN encoders) has zero feature-mean: rank d - 1
-        assert b["rank_used"] in (63, 64) and 0 <= b["near_unit_mass"] <= 1
+        assert b["rank"] in (63, 64) and b["m"] == b["rank"] and 0 <= b["near_unit_mass"] <= 1
 
 
 @pytest.mark.support("streaming")
@@ -67,7 +67,7 @@ def test_family_streams_at_init(model_type, tmp_path):
     streamed = audit(config=cfg, tokens=128, seq_len=64, out_dir=None, progress=False, stream=True).data
     assert streamed["method"]["streamed"] and len(streamed["blocks"]) == len(whole["blocks"]) == 2
     for a, b in zip(whole["blocks"], streamed["blocks"]):
-        assert a["rank_used"] == b["rank_used"] and a["near_unit_mass"] == b["near_unit_mass"]
+        assert a["rank"] == b["rank"] and a["near_unit_mass"] == b["near_unit_mass"]
         assert a["spectral_radius"] == pytest.approx(b["spectral_radius"], rel=1e-6)
         assert ("router" in a) == ("router" in b)  # MoE routing statistics, streamed too
         if "router" in a:  # key by key: pytest >= 9.2's approx refuses dicts holding lists
@@ -171,7 +171,7 @@ def test_kan_transformer_example_audits():
     model = mod.kan_gpt2(layers=2, width=32)
     assert all(isinstance(b.mlp, mod.KANFeedForward) for b in model.h)
     blocks = mod.audit_kan(layers=2, width=32, tokens=256, seq_len=128)
-    assert len(blocks) == 2 and all(b["rank_used"] == 32 for b in blocks)
+    assert len(blocks) == 2 and all(b["rank"] == 32 for b in blocks)
     # the KAN feed-forward changes the map: same seed, GPT-2 with its MLPs, different spectrum
     from hf_rksp.audit import AuditOptions, profile_model
     from hf_rksp.calibration import random_ids
@@ -203,7 +203,5 @@ def test_t5_encoder_and_decoder_stacks_profiled_separately(tmp_path):
     assert [(b["stack"], b["stack_index"]) for b in blocks] == [
         ("encoder", 0), ("encoder", 1), ("decoder", 0), ("decoder", 1), ("decoder", 2)]
     stacks = res.data["summary"]["stacks"]
-    assert stacks["encoder"]["near_unit_mass"] == pytest.approx(
-        sum(b["near_unit_mass"] for b in blocks[:2]) / 2)
-    assert stacks["decoder"]["near_unit_mass"] == pytest.approx(
-        sum(b["near_unit_mass"] for b in blocks[2:]) / 3)
+    assert stacks["encoder"]["score"] == pytest.approx(sum(b["near_unit_mass"] for b in blocks[:2]) / 2)
+    assert stacks["decoder"]["score"] == pytest.approx(sum(b["near_unit_mass"] for b in blocks[2:]) / 3)

@@ -39,12 +39,15 @@ def _check_complete(result, family, n_blocks, d_model):
     assert d["source"]["n_blocks"] == n_blocks == len(d["blocks"])
     assert d["source"]["d_model"] == d_model
     assert d["inputs"]["origin"] == "embedded-text"  # the real tokenizer was found offline
-    cap = min(256, 512 - 1, d_model)
+    cap = min(512 - 1, d_model)  # full DMD (d <= 1024): k = the numerical rank of X~
+    assert d["method"]["rank"] == "full"
     for b in d["blocks"]:
         # block 0 sees token embeddings: its numerical rank is bounded by the distinct tokens
-        assert len(b["eigenvalues"]) == b["rank_used"] <= cap
+        assert len(b["eigenvalues"]) == b["m"] == b["rank"] <= cap
         assert 0.0 <= b["near_unit_mass"] <= 1.0
-    assert all(b["rank_used"] == cap for b in d["blocks"][1:])
+        assert ("rank_deficient" in b["flags"]) == (b["rank"] < cap)
+    # later blocks: full rank, or d - 1 after a LayerNorm (its output has zero mean over features)
+    assert all(b["rank"] >= cap - 1 for b in d["blocks"][1:])
     on_disk = json.loads(open(result.paths["audit"]).read())
     assert on_disk["summary"] == d["summary"]
 
@@ -56,9 +59,18 @@ def test_smollm2_pretrained_vs_init(smol_pair):
     _check_complete(init, "llama", 30, 576)
     # same tokenizer, same text: identical calibration ids for both audits
     assert trained.data["inputs"]["sha256"] == init.data["inputs"]["sha256"]
+    _trained_vs_init(trained, init)
+
+
+def _trained_vs_init(trained, init):
+    """What the audits show (README, "Reading the numbers"): trained weights have a much lower near-unit mass
+    than the same architecture at init, where blocks are close to the identity, and a larger spectral radius
+    (SmolLM2 0.19 vs 0.45 and rho 6.2 vs 1.6; MiniLM 0.11 vs 0.52 and 3.8 vs 1.2, at 512 tokens)."""
     mt, mi = trained.near_unit_mass, init.near_unit_mass
     assert mt < mi - 0.15, (mt, mi)
-    assert trained.data["summary"]["fit_r2_mean"] < init.data["summary"]["fit_r2_mean"]
+    rt = trained.data["summary"]["features"]["spectral_radius"]["max"]
+    ri = init.data["summary"]["features"]["spectral_radius"]["max"]
+    assert rt > 2 * ri, (rt, ri)
 
 
 @pytest.mark.support("pretrained audit", "bert")
@@ -66,9 +78,7 @@ def test_minilm_pretrained_vs_init(minilm_pair):
     trained, init = minilm_pair
     _check_complete(trained, "bert", 6, 384)
     _check_complete(init, "bert", 6, 384)
-    mt, mi = trained.near_unit_mass, init.near_unit_mass
-    assert mt < mi - 0.15, (mt, mi)
-    assert trained.data["summary"]["fit_r2_mean"] < init.data["summary"]["fit_r2_mean"]
+    _trained_vs_init(trained, init)
 
 
 def test_real_model_card(smol_pair):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from hf_rksp.report import validate_audit
+from hf_rksp.record import read_audit
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "audits").glob("*/audit.json"))
@@ -20,8 +20,7 @@ SHIPPED = sorted((REPO / "audits").glob("*/audit.json"))
 def test_every_shipped_audit_validates_and_has_its_card():
     assert len(SHIPPED) >= 4
     for p in SHIPPED:
-        data = json.loads(p.read_text())
-        validate_audit(data)
+        data = read_audit(p)  # schema 2.0, method v2
         assert data["slug"] == p.parent.name
         card = REPO / "model_cards" / data["slug"] / "README.md"
         assert card.is_file(), card
@@ -51,9 +50,9 @@ def test_small_audits_regenerate(slug, tmp_path):
     assert new["method"] == old["method"]
     assert len(new["blocks"]) == len(old["blocks"])
     for bn, bo in zip(new["blocks"], old["blocks"]):
-        assert bn["rank_used"] == bo["rank_used"]
-        assert bn["near_unit_mass"] == pytest.approx(bo["near_unit_mass"], abs=1.0 / bo["rank_used"] + 1e-12)
-        for k in ("spectral_radius", "fit_r2"):
+        assert bn["m"] == bo["m"] and bn["rank"] == bo["rank"]
+        assert bn["near_unit_mass"] == pytest.approx(bo["near_unit_mass"], abs=1.0 / bo["m"] + 1e-12)
+        for k in ("spectral_radius", "nonlinearity_ratio"):
             assert bn[k] == pytest.approx(bo[k], rel=1e-5, abs=1e-8)
         en = np.array(bn["eigenvalues"]) @ [1, 1j]
         eo = np.array(bo["eigenvalues"]) @ [1, 1j]
