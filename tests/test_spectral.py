@@ -407,10 +407,7 @@ def test_kreiss_against_brute_force(seed):
     assert kreiss_of(A) == pytest.approx(k_bf, rel=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: kreiss_constant's coarse grid (8 radii over 5 decades) picks the "
-                   "wrong cell and the shrinking refinement cannot travel to the peak; returns 3.115, "
-                   "K >= 3.197 (2.6% low)")
-def test_kreiss_search_misses_the_peak():
+def test_kreiss_search_finds_the_peak():
     """A certificate, no search needed: at z = -1.174 the exact resolvent gives (|z|-1)||R(z)|| = 3.1967."""
     A = np.array([[-0.75, 0.29, -5.7, -5.82], [0.0, -0.9, -2.2, -1.37], [0.0, 0.0, 0.01, 1.78],
                   [0.0, 0.0, 0.0, -0.71]])
@@ -477,14 +474,11 @@ def test_kreiss_exactly_nilpotent(lam, a):
     assert math.isinf(k) or k == pytest.approx(jordan_kreiss_closed_form(lam, a), rel=1e-3)
 
 
-@pytest.mark.xfail(strict=False, reason="BUG (LAPACK-dependent): an exactly defective matrix has V singular to "
-                   "~1e-16, V^-1 ~ 1e16 is finite, and V D_z V^-1 loses everything to cancellation: "
-                   "finite wrong values, too high or too low (measured 1.859 vs 1, 1.205 vs 1.45, 1.717 vs 1.408, "
-                   "3.078 vs 3.817)")
 @pytest.mark.parametrize("lam,a", [(0.5, 1.0), (0.9, 0.5), (0.5 + 0.3j, 2.0), (-0.8, 3.0)])
 def test_kreiss_exactly_defective(lam, a):
-    """Exact 2 x 2 Jordan blocks (|lam| < 1, so K is finite): the function should return inf (cannot tell) or
-    the closed form within 1e-3."""
+    """Exact 2 x 2 Jordan blocks (|lam| < 1, so K is finite): V is singular to ~1e-16, so V D_z V^-1 would
+    lose everything to cancellation; the function must return inf (cannot tell) or the closed form within 1e-3
+    (it switches to LU solves of zI - A when given the matrix and V is too ill-conditioned)."""
     k = _exact_jordan_kreiss(lam, a)
     assert math.isinf(k) or k == pytest.approx(jordan_kreiss_closed_form(lam, a), rel=1e-3)
 
