@@ -246,6 +246,14 @@ def _power(res: _Resolvent, z: torch.Tensor, y: torch.Tensor, products: int, *, 
     return torch.nan_to_num(sigma, nan=0.0, posinf=0.0), y, x
 
 
+
+def _reorthogonalize(x: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    """x with its components along the (column-wise, per point) unit vectors in ``basis`` removed, twice."""
+    for _ in range(2):
+        for v in basis:
+            x = x - v * (v.conj() * x).sum(0)
+    return x
+
 def _lanczos(res: _Resolvent, z: torch.Tensor, y: torch.Tensor, products: int):
     """Golub-Kahan bidiagonalization, ``products`` products with R (R^* between them) from y, per column.
 
@@ -259,20 +267,14 @@ def _lanczos(res: _Resolvent, z: torch.Tensor, y: torch.Tensor, products: int):
     q = y / _col_norms(y).clamp_min(1e-300)
     for i in range(products):
         qs.append(q)
-        p = res.apply(z, q)
-        for _ in range(2):
-            for pp in ps:
-                p = p - pp * (pp.conj() * p).sum(0)
+        p = _reorthogonalize(res.apply(z, q), ps)
         a = _col_norms(p)
         p = p / a.clamp_min(1e-300)
         ps.append(p)
         bidiag[:, i, i] = a
         if i == products - 1:
             break
-        q = res.apply_adjoint(z, p)
-        for _ in range(2):
-            for qq in qs:
-                q = q - qq * (qq.conj() * q).sum(0)
+        q = _reorthogonalize(res.apply_adjoint(z, p), qs)
         bb = _col_norms(q)
         q = q / bb.clamp_min(1e-300)
         bidiag[:, i, i + 1] = bb
