@@ -110,7 +110,7 @@ def _profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int
 
     ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
     """
-    from .audit import profile_model
+    from .profiling import profile_model
     from .summary import summarize
 
     was_training = model.training
@@ -184,7 +184,7 @@ class KSSTrainer(Trainer):
         auto_low <= M with a learning rate above 2x the family's default;
         the decision is logged, stored in the KSS state and kept on resume.
         """
-        from .audit import AuditOptions
+        from .profiling import ProfileOptions
 
         cfg = self.kss_config
         rows, n = [], 0
@@ -197,7 +197,7 @@ class KSSTrainer(Trainer):
         ids = torch.cat(rows)
         ids = ids[: max(1, cfg.auto_tokens // ids.shape[1])]
         model = self.accelerator.unwrap_model(self.model)
-        opts = AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]), kreiss=False)
+        opts = ProfileOptions(kreiss=False)
         s, _ = _profile_summary(model, ids, opts)
         m = s["score"]
         lr, lr_default = self.args.learning_rate, default_lr(getattr(model.config, "model_type", None))
@@ -357,7 +357,7 @@ class RKSPMonitorCallback(TrainerCallback):
 
     Works with the plain ``Trainer``.  At train begin it records a baseline;
     every ``every_n_steps`` optimizer steps it runs
-    :func:`hf_rksp.audit.profile_model` (no grad) on ``input_ids`` and logs
+    :func:`hf_rksp.profiling.profile_model` (no grad) on ``input_ids`` and logs
     ``rksp/near_unit_mass`` (model-level M), ``rksp/spectral_radius`` (max
     over blocks) and ``rksp/outside_mass``, and warns (logger ``hf_rksp``)
     when M or the radius passes an absolute threshold or moves from the
@@ -382,14 +382,13 @@ class RKSPMonitorCallback(TrainerCallback):
         max_near_unit_change: float | None = 0.1,
         max_radius_change: float | None = 0.25,
     ):
-        from .audit import AuditOptions
+        from .profiling import ProfileOptions
 
         if input_ids.ndim != 2:
             raise ValueError("input_ids must be (B, T) token ids")
         self.input_ids = input_ids
         self.every_n_steps = int(every_n_steps)
-        self.options = options or AuditOptions(tokens=int(input_ids.numel()), seq_len=int(input_ids.shape[1]),
-                                               batch_size=int(input_ids.shape[0]))
+        self.options = options or ProfileOptions(batch_size=int(input_ids.shape[0]))
         self.max_near_unit_mass = max_near_unit_mass
         self.max_spectral_radius = max_spectral_radius
         self.max_near_unit_change = max_near_unit_change

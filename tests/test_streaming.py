@@ -200,7 +200,7 @@ def test_rank_r_is_seeded_per_block_and_recorded(tmp_path):
 
 
 def test_rank_auto_is_full_up_to_1024_wide_then_32():
-    from hf_rksp.audit import resolve_rank
+    from hf_rksp.profiling import resolve_rank
 
     assert resolve_rank("auto", 2048, 576) is None and resolve_rank("auto", 2048, 1024) is None
     assert resolve_rank("auto", 2048, 4096) == 32 and resolve_rank("auto", 512, 4096) is None  # k <= 511
