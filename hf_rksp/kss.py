@@ -6,9 +6,9 @@ current training batch (the same positions for every block):
     K = whitened DMD operator of (X, Y)           (hf_rksp.spectral: whiten + dmd_operator,
                                                     the audit's own functions; r x r)
 
-The whitening (mean, basis V, scale S) is computed on X.detach(): a
-stop-gradient through the basis.  Gradients flow through
-Zx = (X - mean) V S^-1 and Zy = (Y - mean(Y)) V S^-1 into the block's weights.
+The whitening (V, s, w of hf_rksp.spectral.whiten) and the random basis are
+computed without gradient: a stop-gradient through them.  Gradients flow
+through the projected moments C = (Yc V)^T (Xc V) into the block's weights.
 
 **Soft eigenvalue count** inside the circle of radius rho, with M nodes
 z_k = rho * exp(2 pi i (k + theta) / M), k = 0..M-1 (trapezoidal rule of the
@@ -154,7 +154,6 @@ def block_kss_loss(
     outside_weight: float = 1.0,
     radius_weight: float = 1.0,
     radius_power: int = 8,
-    whitening: str = "gram",
     dtype: torch.dtype = torch.float64,
     min_denominator: float = 1e-3,
 ) -> BlockKSS:

@@ -48,7 +48,7 @@ class KSSConfig:
     every_n_steps: int = 1
     blocks: list[int] | None = None  # block indices (negative allowed); None: all blocks
     subsample: int = 256  # token positions per step
-    rank: int = 64  # whitening rank cap (also capped by subsample - 1 and d)
+    rank: int = 64  # rank of the randomized DMD (full when the subsample allows no more)
     delta: float = 0.05  # band half-width
     target_radius: float = 1.0
     nodes: int = 32  # contour nodes M (transition width ~ radius / M)
@@ -56,7 +56,6 @@ class KSSConfig:
     outside_weight: float = 1.0
     radius_weight: float = 1.0
     radius_power: int = 8
-    whitening: str = "gram"
     dtype: str = "float64"  # algebra dtype under autograd: float64 | float32
     min_denominator: float = 1e-3
     seed: int = 0  # token subsample generator (seeded per step: resumable)
@@ -248,7 +247,7 @@ class KSSTrainer(Trainer):
                     results.append(block_kss_loss(
                         x, y, rank=cfg.rank, delta=cfg.delta, target_radius=cfg.target_radius, nodes=cfg.nodes,
                         near_weight=cfg.near_weight, outside_weight=cfg.outside_weight,
-                        radius_weight=cfg.radius_weight, radius_power=cfg.radius_power, whitening=cfg.whitening,
+                        radius_weight=cfg.radius_weight, radius_power=cfg.radius_power,
                         dtype=_DTYPES[cfg.dtype], min_denominator=cfg.min_denominator,
                     ))
                 except RKSPError as e:  # e.g. a collapsed (constant) residual stream: nothing to shape
