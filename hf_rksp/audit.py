@@ -6,7 +6,7 @@ import hashlib
 import logging
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
 from .moe import RouterRecorder, find_routers
 from .risk import UNAVAILABLE as RISK_UNAVAILABLE
 from .profiling import ProfileOptions, block_result, profile_model, rksp_config
+from .record import (AuditRecord, BlockRecord, InputsRecord, MethodRecord, SourceRecord, SummaryRecord,
+                     read_audit)
 from .spectral import METHOD_VERSION
 from .summary import summarize
 
@@ -53,15 +55,31 @@ class AuditOptions(ProfileOptions):
     quantize: str | None = None  # "8bit" | "4bit" (bitsandbytes, CUDA only)
 
 
+#: the options the reproducing command records, in its order: ALWAYS_RECORDED always, the others when they
+#: differ from AuditOptions' defaults; NOT_RECORDED do not change the numbers
+COMMAND_OPTIONS = ("tokens", "seq_len", "rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau",
+                   "kreiss", "seed", "dtype", "text", "dataset", "split", "column", "dataset_config", "revision",
+                   "trust_remote_code", "name", "blocks", "lr", "device_map", "max_memory", "quantize", "stream")
+ALWAYS_RECORDED = ("tokens", "seq_len", "rank", "seed", "dtype")
+NOT_RECORDED = ("device", "batch_size")
+
+
 @dataclass
 class AuditResult:
-    data: dict
+    """An audit: the typed record, and the files written (empty when nothing was)."""
+
+    record: AuditRecord
     paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def near_unit_mass(self) -> float:
         """The paper's score: the layer-mean near-unit mass M_~1."""
-        return self.data["summary"]["score"]
+        return self.record.summary.score
+
+    @property
+    def data(self) -> dict:
+        """The audit as its JSON dict (``record.to_dict()``), e.g. ``data["blocks"][0]["spectral_radius"]``."""
+        return self.record.to_dict()
 
 
 def _device(name: str) -> str:
@@ -136,6 +154,16 @@ def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
         raise RKSPError("--device-map places a whole model; --stream loads one block at a time (use one of them)")
 
 
+def option_words(name: str, value) -> list[str]:
+    """One option as `hf-rksp audit` words: ``--flag VALUE``, a switch, ``--no-kreiss`` or ``--load-in-8bit``."""
+    if name == "quantize":
+        return [f"--load-in-{value}"]
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag] if value else ["--no-" + flag[2:]]
+    return [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+
+
 def command_line(source: str | None, init: bool, config: str | None, opts: AuditOptions) -> str:
     """The exact `hf-rksp audit` command that reproduces this audit."""
     parts = ["hf-rksp", "audit"]
@@ -145,39 +173,11 @@ def command_line(source: str | None, init: bool, config: str | None, opts: Audit
         parts += ["--config", config]
     elif init:
         parts.append("--init")
-    parts += ["--tokens", str(opts.tokens), "--seq-len", str(opts.seq_len)]
-    parts += ["--rank", str(opts.rank)]
     defaults = AuditOptions()
-    for name in ("eps", "band_upper", "band_lower", "contractive", "resdmd_tau"):
-        if getattr(opts, name) != getattr(defaults, name):
-            parts += ["--" + name.replace("_", "-"), f"{getattr(opts, name):g}"]
-    if not opts.kreiss:
-        parts.append("--no-kreiss")
-    parts += ["--seed", str(opts.seed), "--dtype", opts.dtype]
-    if opts.text:
-        parts += ["--text", opts.text]
-    if opts.dataset:
-        parts += ["--dataset", opts.dataset, "--split", opts.split, "--column", opts.column]
-        if opts.dataset_config:
-            parts += ["--dataset-config", opts.dataset_config]
-    if opts.revision:
-        parts += ["--revision", opts.revision]
-    if opts.trust_remote_code:
-        parts.append("--trust-remote-code")
-    if opts.name:
-        parts += ["--name", opts.name]
-    if opts.blocks:
-        parts += ["--blocks", opts.blocks]
-    if opts.lr is not None:
-        parts += ["--lr", f"{opts.lr:g}"]
-    if opts.device_map:
-        parts += ["--device-map", opts.device_map]
-    if opts.max_memory:
-        parts += ["--max-memory", opts.max_memory]
-    if opts.quantize:
-        parts.append(f"--load-in-{opts.quantize}")
-    if opts.stream:
-        parts.append("--stream")
+    for name in COMMAND_OPTIONS:
+        value = getattr(opts, name)
+        if name in ALWAYS_RECORDED or value != getattr(defaults, name):
+            parts += option_words(name, value)
     return shlex.join(parts)
 
 
@@ -214,10 +214,10 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
     return results, path, timings
 
 
-def method_record(opts: AuditOptions, calib, d_model: int, streamed: bool, path: str, init: bool) -> dict:
-    """The method block of the audit JSON: every parameter that changes the numbers."""
+def method_record(opts: AuditOptions, calib, d_model: int, streamed: bool, path: str, init: bool) -> MethodRecord:
+    """The method of the audit: every parameter that changes the numbers."""
     config = rksp_config(opts, calib.n_tokens, d_model)
-    return {
+    return MethodRecord.from_dict({
         "name": METHOD_NAME,
         "version": METHOD_VERSION,
         "rank": "full" if config.rank is None else config.rank,
@@ -232,12 +232,26 @@ def method_record(opts: AuditOptions, calib, d_model: int, streamed: bool, path:
         + (("; layer-major streaming at seeded init" if init else "; layer-major streaming from the checkpoint")
            if streamed else ""),
         "streamed": streamed,
-    }
+    })
+
+
+def source_record(loaded: LoadedModel, n_blocks: int) -> SourceRecord:
+    """What was audited, and how it was found."""
+    src = loaded.source
+    return SourceRecord(id=src.display_id, path=src.id if src.name else None, kind=src.kind, init=src.init,
+                        revision=src.revision, config_origin=src.config_origin, gguf_file=src.gguf_file,
+                        family=loaded.info["family"], model_class=loaded.info["model_class"], n_blocks=n_blocks,
+                        d_model=int(loaded.config.hidden_size), n_params=loaded.info["n_params"])
+
+
+def inputs_record(calib: cal.Calibration) -> InputsRecord:
+    return InputsRecord(origin=calib.origin, n_tokens=calib.n_tokens, n_sequences=int(calib.input_ids.shape[0]),
+                        seq_len=calib.seq_len, sha256=calib.sha256, extra=dict(calib.detail))
 
 
 def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True,
-                resume_root: Path | None = None) -> dict:
-    """The audit JSON of an already loaded model (calibration, capture, spectra, summary).
+                resume_root: Path | None = None) -> AuditRecord:
+    """The audit record of an already loaded model (calibration, capture, spectra, summary).
 
     A streamed audit with ``resume_root`` saves its progress after every block
     under ``resume_root/<slug>-<key>`` and resumes from there when rerun.
@@ -258,44 +272,21 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     else:
         block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
                                                      progress=progress, input_name=calib.input_name)
-    src = loaded.source
-    data = {
-        "schema_version": report.SCHEMA_VERSION,
-        "slug": src.slug,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "method": method_record(opts, calib, d_model, streamed, path, src.init),
-        "source": {
-            "id": src.display_id,
-            "path": src.id if src.name else None,
-            "kind": src.kind,
-            "init": src.init,
-            "revision": src.revision,
-            "config_origin": src.config_origin,
-            "gguf_file": src.gguf_file,
-            "family": loaded.info["family"],
-            "model_class": loaded.info["model_class"],
-            "n_blocks": len(block_results),
-            "d_model": d_model,
-            "n_params": loaded.info["n_params"],
-        },
-        "inputs": {
-            "origin": calib.origin,
-            "n_tokens": calib.n_tokens,
-            "n_sequences": int(calib.input_ids.shape[0]),
-            "seq_len": calib.seq_len,
-            "sha256": calib.sha256,
-            **calib.detail,
-        },
-        "blocks": block_results,
-        "summary": summarize(block_results),
-        "risk": None,
-        "environment": report.environment(device),
-        "timings": timings,
-    }
-    data["risk_unavailable_reason"] = RISK_UNAVAILABLE
-    data["summary"]["verdict"] = report.verdict(data)
-    return data
+    record = AuditRecord(
+        slug=loaded.source.slug,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=command,
+        method=method_record(opts, calib, d_model, streamed, path, loaded.source.init),
+        source=source_record(loaded, len(block_results)),
+        inputs=inputs_record(calib),
+        blocks=[BlockRecord.from_dict(b) for b in block_results],
+        summary=SummaryRecord.from_dict(summarize(block_results)),
+        risk=None,
+        environment=report.environment(device),
+        timings=timings,
+        risk_unavailable_reason=RISK_UNAVAILABLE,
+    )
+    return report.with_verdict(record)
 
 
 def audit(
@@ -314,11 +305,10 @@ def audit(
     directory or a .gguf file; ``init=True`` or ``config=PATH`` audits the
     architecture at random init.  Keyword arguments override ``options``.
     """
-    opts = options or AuditOptions()
-    for k, v in kwargs.items():
-        if not hasattr(opts, k):
-            raise TypeError(f"audit() got an unknown option {k!r}")
-        setattr(opts, k, v)
+    unknown = sorted(set(kwargs) - {f.name for f in fields(AuditOptions)})
+    if unknown:
+        raise TypeError(f"audit() got unknown options {unknown}")
+    opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
     check_options(opts)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise RKSPError(f"--out-dir {out_dir} exists and is not a directory")
@@ -338,13 +328,13 @@ def audit(
                             placement=placement_kwargs(opts), blocks=opts.blocks)
     t_load = time.perf_counter()
     resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
-    data = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
-                       resume_root=resume_root)
-    data["timings"] = {"load_s": t_load - t0, **data["timings"], "total_s": time.perf_counter() - t0}
-    result = AuditResult(data=data)
+    record = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
+                         resume_root=resume_root)
+    timings = {"load_s": t_load - t0, **record.timings, "total_s": time.perf_counter() - t0}
+    result = AuditResult(record=replace(record, timings=timings))
     if out_dir is not None:
         try:
-            result.paths = report.write_outputs(data, out_dir)
+            result.paths = report.write_outputs(result.record, out_dir)
         except OSError as e:
             raise OutputError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
     return result
@@ -352,12 +342,9 @@ def audit(
 
 def rerender(audit_json: str, out_dir: str = ".") -> AuditResult:
     """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed."""
-    from .record import read_audit
-
-    result = AuditResult(data=read_audit(audit_json))
-    result.data["summary"]["verdict"] = report.verdict(result.data)
+    result = AuditResult(record=report.with_verdict(read_audit(audit_json)))
     try:
-        result.paths = report.write_outputs(result.data, out_dir)
+        result.paths = report.write_outputs(result.record, out_dir)
     except OSError as e:
         raise OutputError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from .errors import ConfigError, RKSPError
 
@@ -45,6 +46,11 @@ examples:
 """
 
 
+def _option(group, *flags, **kwargs):
+    """A field of AuditOptions (its ``dest``): unset unless given, so the dataclass alone holds the default."""
+    return group.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hf-rksp",
@@ -69,55 +75,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", action="store_true",
                    help="build the architecture at random init (no weights); configs of famous checkpoints ship offline")
     g.add_argument("--config", metavar="PATH", help="a config.json to build at random init (implies --init)")
-    g.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    g.add_argument("--name", metavar="HUB_ID",
-                   help="the hub id a local directory or .gguf stands for: names the slug and the card's base_model")
-    g.add_argument("--blocks", metavar="PATH",
-                   help="attribute path of the residual block list for an unknown family (e.g. model.layers)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code from the repo (off by default)")
+    # every option below is a field of AuditOptions (dest = field name); AuditOptions holds the defaults
+    _option(g, "--revision", help="hub revision (branch, tag or commit)")
+    _option(g, "--name", metavar="HUB_ID",
+            help="the hub id a local directory or .gguf stands for: names the slug and the card's base_model")
+    _option(g, "--blocks", metavar="PATH",
+            help="attribute path of the residual block list for an unknown family (e.g. model.layers)")
+    _option(g, "--trust-remote-code", action="store_true",
+            help="allow custom modeling code from the repo (off by default)")
     m = a.add_argument_group("method (RKSP v2; defaults are the paper's)")
-    m.add_argument("--tokens", type=int, default=2048, help="calibration tokens N (default 2048)")
-    m.add_argument("--seq-len", type=int, default=512, help="sequence length T; N/T sequences, no padding (default 512)")
-    m.add_argument("--rank", type=_rank, default="auto", metavar="full|auto|R",
-                   help="full: all k eigenvalues of the operator on the range of X~ (k = its numerical rank); "
-                        "R: seeded rank-R randomized DMD; auto (default): full while min(N-1, d) <= 1024, "
-                        "rank 32 beyond (7B widths, where full costs several block forwards on a CPU)")
-    m.add_argument("--eps", type=float, default=1e-5, help="whitening regularizer: Sigma = Xc Xc^T/(N-1) + eps I "
-                                                          "(default 1e-5)")
-    m.add_argument("--band-upper", type=float, default=1.05,
-                   help="expansive above, near-unit up to this |lambda| (1 + eps_u; default 1.05)")
-    m.add_argument("--band-lower", type=float, default=0.90, help="near-unit from this |lambda| (1 - eps_n; default 0.90)")
-    m.add_argument("--contractive", type=float, default=0.80,
-                   help="contractive below this |lambda| (1 - delta_c; default 0.80)")
-    m.add_argument("--resdmd-tau", type=float, default=0.1,
-                   help="ResDMD residual threshold: modes with r_j <= tau are kept (default 0.1)")
-    m.add_argument("--no-kreiss", action="store_true", help="skip the Kreiss constant (the costliest feature)")
-    m.add_argument("--seed", type=int, default=0, help="seed for random init, random token ids and the range finder (default 0)")
+    _option(m, "--tokens", type=int, help="calibration tokens N (default 2048)")
+    _option(m, "--seq-len", type=int, help="sequence length T; N/T sequences, no padding (default 512)")
+    _option(m, "--rank", type=_rank, metavar="full|auto|R",
+            help="full: all k eigenvalues of the operator on the range of X~ (k = its numerical rank); "
+                 "R: seeded rank-R randomized DMD; auto (default): full while min(N-1, d) <= 1024, "
+                 "rank 32 beyond (7B widths, where full costs several block forwards on a CPU)")
+    _option(m, "--eps", type=float, help="whitening regularizer: Sigma = Xc Xc^T/(N-1) + eps I (default 1e-5)")
+    _option(m, "--band-upper", type=float,
+            help="expansive above, near-unit up to this |lambda| (1 + eps_u; default 1.05)")
+    _option(m, "--band-lower", type=float, help="near-unit from this |lambda| (1 - eps_n; default 0.90)")
+    _option(m, "--contractive", type=float, help="contractive below this |lambda| (1 - delta_c; default 0.80)")
+    _option(m, "--resdmd-tau", type=float,
+            help="ResDMD residual threshold: modes with r_j <= tau are kept (default 0.1)")
+    _option(m, "--no-kreiss", dest="kreiss", action="store_false",
+            help="skip the Kreiss constant (the costliest feature)")
+    _option(m, "--seed", type=int, help="seed for random init, random token ids and the range finder (default 0)")
     k = a.add_argument_group("risk (no calibrated v2 model ships yet: risk is null, with the reason)")
-    k.add_argument("--lr", type=float, metavar="LR",
-                   help="peak learning rate the probability of divergence is given for (default: the family's "
-                        "typical pretraining value, e.g. gpt2 6e-4, llama 3e-4, bert 1e-4; see README)")
+    _option(k, "--lr", type=float, metavar="LR",
+            help="peak learning rate the probability of divergence is given for (default: the family's "
+                 "typical pretraining value, e.g. gpt2 6e-4, llama 3e-4, bert 1e-4; see README)")
     c = a.add_argument_group("calibration input (default: the English text embedded in the package)")
-    c.add_argument("--text", metavar="FILE", help="UTF-8 text file to calibrate on")
-    c.add_argument("--dataset", metavar="NAME_OR_PATH", help="a `datasets` dataset to calibrate on")
-    c.add_argument("--dataset-config", help="dataset configuration name")
-    c.add_argument("--split", default="train", help="dataset split (default train)")
-    c.add_argument("--column", default="text", help="dataset text column (default text)")
+    _option(c, "--text", metavar="FILE", help="UTF-8 text file to calibrate on")
+    _option(c, "--dataset", metavar="NAME_OR_PATH", help="a `datasets` dataset to calibrate on")
+    _option(c, "--dataset-config", help="dataset configuration name")
+    _option(c, "--split", help="dataset split (default train)")
+    _option(c, "--column", help="dataset text column (default text)")
     r = a.add_argument_group("runtime")
-    r.add_argument("--dtype", default="float32", help="forward dtype: float32 (default), bfloat16, float16")
-    r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    r.add_argument("--batch-size", type=int, default=1, help="sequences per forward batch (default 1)")
-    r.add_argument("--stream", action="store_true",
-                   help="layer-major: read (or, with --init, create) and run one block at a time "
-                        "(peak memory ~ one block + activations); automatic when the model would take more "
-                        "than half the available RAM; resumes after an interruption")
-    r.add_argument("--device-map", choices=["auto", "cpu", "cuda", "disk"],
-                   help="whole-model loading through accelerate's device map (disk: offload what does not fit)")
-    r.add_argument("--max-memory", metavar="DEV=SIZE,...",
-                   help="accelerate max_memory for --device-map, e.g. 'cuda:0=20GiB,cpu=30GiB'")
+    _option(r, "--dtype", help="forward dtype: float32 (default), bfloat16, float16")
+    _option(r, "--device", help="cpu (default), cuda, cuda:N or auto")
+    _option(r, "--batch-size", type=int, help="sequences per forward batch (default 1)")
+    _option(r, "--stream", action="store_true",
+            help="layer-major: read (or, with --init, create) and run one block at a time "
+                 "(peak memory ~ one block + activations); automatic when the model would take more "
+                 "than half the available RAM; resumes after an interruption")
+    _option(r, "--device-map", choices=["auto", "cpu", "cuda", "disk"],
+            help="whole-model loading through accelerate's device map (disk: offload what does not fit)")
+    _option(r, "--max-memory", metavar="DEV=SIZE,...",
+            help="accelerate max_memory for --device-map, e.g. 'cuda:0=20GiB,cpu=30GiB'")
     q = r.add_mutually_exclusive_group()
-    q.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights (needs CUDA)")
-    q.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit NF4 weights (needs CUDA)")
+    _option(q, "--load-in-8bit", dest="quantize", action="store_const", const="8bit",
+            help="bitsandbytes 8-bit weights (needs CUDA)")
+    _option(q, "--load-in-4bit", dest="quantize", action="store_const", const="4bit",
+            help="bitsandbytes 4-bit NF4 weights (needs CUDA)")
     r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
     r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -163,19 +172,20 @@ def print_summary(result) -> None:
     from .report import risk_line
     from .spectral import FEATURES
 
-    d = result.data
-    s = d["summary"]
+    r = result.record
+    src, s = r.source, r.summary
     lines = [
         "",
-        f"RKSP audit of {d['source']['id']}" + (" (random init)" if d["source"]["init"] else ""),
-        f"  blocks {d['source']['n_blocks']}, d_model {d['source']['d_model']}, "
-        f"{d['inputs']['n_tokens']} tokens ({d['inputs']['origin']}), DMD rank {d['method']['rank']}",
+        f"RKSP audit of {src.id}" + (" (random init)" if src.init else ""),
+        f"  blocks {src.n_blocks}, d_model {src.d_model}, {r.inputs.n_tokens} tokens ({r.inputs.origin}), "
+        f"DMD rank {r.method.rank}",
         f"  {'feature':<36}{'mean':>10}{'min':>10}{'max':>10}",
-        *[f"  {f.label[:35]:<36}" + "".join(f"{_fmt(s['features'][f.name][k], f.fmt):>10}" for k in ("mean", "min", "max"))
+        *[f"  {f.label[:35]:<36}" + "".join(f"{_fmt(getattr(s.features[f.name], k), f.fmt):>10}"
+                                            for k in ("mean", "min", "max"))
           for f in FEATURES],
-        f"  score M (mean near-unit mass)       {s['score']:.4f}",
-        "  risk                  " + risk_line(d),
-        f"  time                  {d['timings']['total_s']:.1f} s",
+        f"  score M (mean near-unit mass)       {s.score:.4f}",
+        "  risk                  " + risk_line(r),
+        f"  time                  {r.timings['total_s']:.1f} s",
     ]
     for name, path in result.paths.items():
         lines.append(f"  wrote {name:<9} {path}")
@@ -196,23 +206,22 @@ def quiet_libraries() -> None:
     logging.getLogger("hf_rksp").setLevel(logging.ERROR)
 
 
+def audit_options(args):
+    """The AuditOptions of parsed `hf-rksp audit` arguments: the options given, the dataclass's defaults else."""
+    from .audit import AuditOptions
+
+    return AuditOptions(**{f.name: getattr(args, f.name) for f in fields(AuditOptions) if hasattr(args, f.name)})
+
+
 def cmd_audit(args) -> int:
-    from .audit import AuditOptions, audit, rerender
+    from .audit import audit, rerender
 
     if args.quiet:
         quiet_libraries()
     if args.from_audit:
         result = rerender(args.from_audit, out_dir=args.out_dir)
     else:
-        opts = AuditOptions(
-            tokens=args.tokens, seq_len=args.seq_len, rank=args.rank, eps=args.eps, band_upper=args.band_upper,
-            band_lower=args.band_lower, contractive=args.contractive, resdmd_tau=args.resdmd_tau,
-            kreiss=not args.no_kreiss, seed=args.seed, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-            text=args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
-            column=args.column, trust_remote_code=args.trust_remote_code, revision=args.revision, name=args.name,
-            blocks=args.blocks, stream=args.stream, lr=args.lr, device_map=args.device_map,
-            max_memory=args.max_memory, quantize="8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None,
-        )
+        opts = audit_options(args)
         if args.push_to and args.no_write:
             raise RKSPError("--push-to needs the files: drop --no-write")
         result = audit(args.model, init=args.init, config=args.config, options=opts,
@@ -221,7 +230,7 @@ def cmd_audit(args) -> int:
     if args.push_to:
         from . import hub
 
-        plan = hub.plan_push(result.data["slug"], args.push_to, out_dir=args.out_dir)
+        plan = hub.plan_push(result.record.slug, args.push_to, out_dir=args.out_dir)
         print_push(hub.push(plan))
     return 0
 

@@ -85,9 +85,9 @@ def plan_push(
     audit = read_audit(audit_dir / "audit.json")
     if mode == "model-pr":
         if repo_id is None:
-            if audit["source"]["kind"] != "hub":
+            if audit.source.kind != "hub":
                 raise RKSPError("--to-model needs --repo-id: the audited model was not a hub id")
-            repo_id = audit["source"]["id"]
+            repo_id = audit.source.id
         prefix, create_pr = "rksp/", True
     elif mode == "own":
         if repo_id is None:
@@ -99,9 +99,9 @@ def plan_push(
         raise RKSPError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
     files = {prefix + f: audit_dir / f for f in AUDIT_FILES}
     files[prefix + "README.md"] = card_dir / "README.md"
-    what = audit["source"]["id"] + (" at init" if audit["source"]["init"] else "")
+    what = audit.source.id + (" at init" if audit.source.init else "")
     return PushPlan(repo_id=repo_id, mode=mode, revision=revision, create_pr=create_pr, private=private,
-                    files=files, commit_message=f"RKSP audit of {what} (hf-rksp {audit['environment']['hf_rksp']})")
+                    files=files, commit_message=f"RKSP audit of {what} (hf-rksp {audit.environment.hf_rksp})")
 
 
 def _scrub(text: str, token: str | None) -> str:

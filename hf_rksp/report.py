@@ -4,71 +4,70 @@ from __future__ import annotations
 
 import platform
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from . import atomic, plots
-from .record import SCHEMA_VERSION, validate_audit
+from .record import SCHEMA_VERSION, AuditRecord, BlockRecord, EnvironmentRecord
 from .spectral import FEATURES
 
-__all__ = ["SCHEMA_VERSION", "environment", "verdict", "risk_line", "render_card", "write_outputs"]
+__all__ = ["SCHEMA_VERSION", "environment", "verdict", "with_verdict", "risk_line", "render_card", "write_outputs"]
 
 
-def environment(device: str) -> dict:
+def environment(device: str) -> EnvironmentRecord:
     import numpy
     import torch
     import transformers
 
     from . import __version__
 
-    return {
-        "hf_rksp": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-    }
+    return EnvironmentRecord(hf_rksp=__version__, torch=torch.__version__, transformers=transformers.__version__,
+                             numpy=numpy.__version__, python=platform.python_version(), platform=platform.platform(),
+                             device=device)
 
 
 def _fmt(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
 
-def verdict(audit: dict) -> str:
+def verdict(audit: AuditRecord) -> str:
     """A plain-language reading of the features; it states measurements, not a probability."""
-    s, m = audit["summary"], audit["method"]
-    f = s["features"]
-    n = audit["source"]["n_blocks"]
-    what = "at random initialization" if audit["source"]["init"] else "with its weights"
+    s, m = audit.summary, audit.method
+    f = s.features
+    what = "at random initialization" if audit.source.init else "with its weights"
     text = (
-        f"{n} blocks audited {what}. Near-unit spectral mass M = {s['score']:.3f} (mean share of DMD eigenvalues "
-        f"with {m['band_lower']:g} <= |λ| <= {m['band_upper']:g}); expansive mass {f['expansive_mass']['mean']:.3f} "
-        f"(|λ| > {m['band_upper']:g}), contractive mass {f['contractive_mass']['mean']:.3f} "
-        f"(|λ| < {m['contractive']:g}); largest spectral radius {f['spectral_radius']['max']:.3f} "
-        f"(block {s['spectral_radius_max_block']}); mean eigenvector condition number "
-        f"κ(V) = {_fmt(f['eigvec_condition']['mean'], '.3g')}; mean nonlinearity ratio "
-        f"η_nl = {_fmt(f['nonlinearity_ratio']['mean'], '.3f')}; "
-        f"{100 * f['resdmd_kept']['mean']:.0f}% of modes pass the ResDMD filter (r ≤ {m['resdmd_tau']:g})."
+        f"{audit.source.n_blocks} blocks audited {what}. Near-unit spectral mass M = {s.score:.3f} (mean share of "
+        f"DMD eigenvalues with {m.band_lower:g} <= |λ| <= {m.band_upper:g}); expansive mass "
+        f"{f['expansive_mass'].mean:.3f} (|λ| > {m.band_upper:g}), contractive mass {f['contractive_mass'].mean:.3f} "
+        f"(|λ| < {m.contractive:g}); largest spectral radius {f['spectral_radius'].max:.3f} "
+        f"(block {s.spectral_radius_max_block}); mean eigenvector condition number "
+        f"κ(V) = {_fmt(f['eigvec_condition'].mean, '.3g')}; mean nonlinearity ratio "
+        f"η_nl = {_fmt(f['nonlinearity_ratio'].mean, '.3f')}; "
+        f"{100 * f['resdmd_kept'].mean:.0f}% of modes pass the ResDMD filter (r ≤ {m.resdmd_tau:g})."
     )
-    flagged = {k: v for k, v in s["flagged_blocks"].items() if v}
+    flagged = {k: v for k, v in s.flagged_blocks.items() if v}
     if flagged.get("near_identity"):
         text += (f" Blocks {flagged['near_identity']} barely change the residual stream: their η_nl is "
                  "unreliable (zero-init / ReZero-like).")
     if flagged.get("rank_deficient"):
         text += f" Blocks {flagged['rank_deficient']} see rank-deficient inputs: fewer eigenvalues than d."
-    if audit.get("risk") is None:
-        text += " No calibrated probability of divergence is given: " + audit["risk_unavailable_reason"] + "."
+    if audit.risk is None:
+        text += " No calibrated probability of divergence is given: " + audit.risk_unavailable_reason + "."
     else:
         text += f" Risk of divergence: {risk_line(audit)}."
     return text
 
 
-def risk_line(audit: dict) -> str:
+def with_verdict(audit: AuditRecord) -> AuditRecord:
+    """The record with its summary's verdict (re)written from its numbers."""
+    return replace(audit, summary=replace(audit.summary, verdict=verdict(audit)))
+
+
+def risk_line(audit: AuditRecord) -> str:
     """One line: probability, band, learning rate, ceiling, and whether the model is in range."""
-    r = audit.get("risk")
+    r = audit.risk
     if r is None:
-        return "not available: " + audit.get("risk_unavailable_reason", "no fitted risk model")
+        return "not available: " + (audit.risk_unavailable_reason or "no fitted risk model")
     ceiling = (f"lr ceiling (P < {r['lr_ceiling_probability']:g}) {r['lr_ceiling']:.3g}"
                if r["lr_ceiling"] is not None else "no lr ceiling (risk does not grow with lr in the fit)")
     return (f"P(divergence) = {r['probability']:.3f} ({r['band']}) at lr {r['lr']:.3g} ({r['lr_source']}); "
@@ -134,25 +133,25 @@ CARD_METRICS = (("near_unit_mass", "mean", "Near-unit spectral mass M (RKSP v2)"
                 ("nonlinearity_ratio", "mean", "Mean nonlinearity ratio eta_nl"))
 
 
-def eval_results(audit: dict) -> list:
+def eval_results(audit: AuditRecord) -> list:
     """The audit's headline numbers as Hub `model-index` results (shown as evaluation results)."""
     from huggingface_hub import EvalResult
 
-    feats = audit["summary"]["features"]
+    feats = audit.summary.features
     common = dict(
         task_type="other",
-        task_name=f"RKSP v{audit['method']['version']} spectral audit",
+        task_name=f"RKSP v{audit.method.version} spectral audit",
         dataset_type="text",
-        dataset_name=audit["inputs"]["origin"],
-        dataset_config=f"{audit['inputs']['n_tokens']} tokens",
+        dataset_name=audit.inputs.origin,
+        dataset_config=f"{audit.inputs.n_tokens} tokens",
     )
-    return [EvalResult(metric_type=f"{name}_{agg}", metric_value=round(float(feats[name][agg]), 6),
-                       metric_name=label, **common)
-            for name, agg, label in CARD_METRICS if feats[name][agg] is not None]
+    values = [(name, agg, label, getattr(feats[name], agg)) for name, agg, label in CARD_METRICS]
+    return [EvalResult(metric_type=f"{name}_{agg}", metric_value=round(float(v), 6), metric_name=label, **common)
+            for name, agg, label, v in values if v is not None]
 
 
-def _router_section(blocks: list[dict]) -> str:
-    routed = [b for b in blocks if "router" in b]
+def _router_section(blocks: list[BlockRecord]) -> str:
+    routed = [b for b in blocks if b.router is not None]
     if not routed:
         return ""
     return (
@@ -160,86 +159,87 @@ def _router_section(blocks: list[dict]) -> str:
         "| block | experts (top-k) | max / mean expert load | max abs router logit | mean router entropy (max) |\n"
         "|---:|---:|---:|---:|---:|\n"
         + "\n".join(
-            f"| {b['index']} | {b['router']['n_experts']} ({b['router']['top_k']}) | "
-            f"{b['router']['load_max_over_mean']:.3f} | {b['router']['router_logit_max']:.3f} | "
-            f"{b['router']['router_entropy_mean']:.3f} ({b['router']['router_entropy_max']:.3f}) |"
+            f"| {b.index} | {b.router['n_experts']} ({b.router['top_k']}) | "
+            f"{b.router['load_max_over_mean']:.3f} | {b.router['router_logit_max']:.3f} | "
+            f"{b.router['router_entropy_mean']:.3f} ({b.router['router_entropy_max']:.3f}) |"
             for b in routed
         )
         + "\n\n"
     )
 
 
-def render_card(audit: dict) -> str:
+def render_card(audit: AuditRecord) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    src, m, s, inp, env = audit["source"], audit["method"], audit["summary"], audit["inputs"], audit["environment"]
+    src, m, s, inp, env = audit.source, audit.method, audit.summary, audit.inputs, audit.environment
     data = ModelCardData(
         tags=["rksp", "koopman", "spectral-audit"],
-        base_model=src["id"] if src["kind"] == "hub" or src.get("path") else None,
+        base_model=src.id if src.kind == "hub" or src.path else None,
         library_name="hf-rksp",
-        model_name=audit["slug"],
+        model_name=audit.slug,
         eval_results=eval_results(audit),
     )
     summary_rows = "\n".join(
         f"| {f.label} ({f.symbol}) | "
-        + " | ".join(_fmt(s["features"][f.name][k], f.fmt) for k in ("mean", "min", "max", "std", "early",
-                                                                      "middle", "late")) + " |"
+        + " | ".join(_fmt(getattr(s.features[f.name], k), f.fmt) for k in ("mean", "min", "max", "std", "early",
+                                                                            "middle", "late")) + " |"
         for f in FEATURES
     )
     cols = [f for f in FEATURES if f.name in CARD_BLOCK_COLUMNS]
-    rows = "\n".join(f"| {b['index']} | " + " | ".join(_fmt(b[f.name], f.fmt) for f in cols) + f" | {b['m']} |"
-                      for b in audit["blocks"])
+    rows = "\n".join(f"| {b.index} | " + " | ".join(_fmt(b.value(f.name), f.fmt) for f in cols) + f" | {b.m} |"
+                      for b in audit.blocks)
     text = CARD_TEMPLATE.format(
         card_data=data.to_yaml(),
-        title=src["id"] + (" (random init)" if src["init"] else ""),
-        verdict=s["verdict"],
+        title=src.id + (" (random init)" if src.init else ""),
+        verdict=s.verdict,
         summary_rows=summary_rows,
         risk=risk_line(audit),
         block_header=" | ".join(f.symbol for f in cols),
         block_align="---:|" * len(cols),
         rows=rows,
-        router_section=_router_section(audit["blocks"]),
-        source_id=src["id"],
-        kind=src["kind"],
-        revision=f", revision `{src['revision']}`" if src.get("revision") else "",
-        family=src["family"],
-        n_blocks=src["n_blocks"],
-        d_model=src["d_model"],
-        n_params=src["n_params"],
-        init=f", random init (seed {m['seed']})" if src["init"] else "",
-        mversion=m["version"],
-        eps=m["eps"],
-        rank_text=("full DMD (all eigenvalues on the range of X~)" if m["rank"] == "full"
-                   else f"seeded rank-{m['rank']} randomized DMD"),
-        band_upper=m["band_upper"],
-        band_lower=m["band_lower"],
-        contractive=m["contractive"],
-        resdmd_tau=m["resdmd_tau"],
-        n_tokens=inp["n_tokens"],
-        origin=inp["origin"],
-        seq_len=inp["seq_len"],
-        sha=inp["sha256"][:16],
-        dtype=m["dtype"],
-        seed=m["seed"],
-        v_rksp=env["hf_rksp"],
-        v_torch=env["torch"],
-        v_tf=env["transformers"],
-        command=audit["command"],
-        schema=audit["schema_version"],
+        router_section=_router_section(audit.blocks),
+        source_id=src.id,
+        kind=src.kind,
+        revision=f", revision `{src.revision}`" if src.revision else "",
+        family=src.family,
+        n_blocks=src.n_blocks,
+        d_model=src.d_model,
+        n_params=src.n_params,
+        init=f", random init (seed {m.seed})" if src.init else "",
+        mversion=m.version,
+        eps=m.eps,
+        rank_text=("full DMD (all eigenvalues on the range of X~)" if m.rank == "full"
+                   else f"seeded rank-{m.rank} randomized DMD"),
+        band_upper=m.band_upper,
+        band_lower=m.band_lower,
+        contractive=m.contractive,
+        resdmd_tau=m.resdmd_tau,
+        n_tokens=inp.n_tokens,
+        origin=inp.origin,
+        seq_len=inp.seq_len,
+        sha=inp.sha256[:16],
+        dtype=m.dtype,
+        seed=m.seed,
+        v_rksp=env.hf_rksp,
+        v_torch=env.torch,
+        v_tf=env.transformers,
+        command=audit.command,
+        schema=audit.schema_version,
     )
     return str(ModelCard(text))
 
 
-def write_outputs(audit: dict, out_dir: str | Path) -> dict[str, str]:
+def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     """Write audit.json, the plots and the card; all files appear together or not at all.
 
     Everything is rendered into staging directories first and then swapped in
     as whole directories, so a failure at any point leaves the previous
     audit and card of this slug untouched.
     """
-    validate_audit(audit)
+    audit.validate()
+    text = audit.to_json()
     out_dir = Path(out_dir)
-    slug = audit["slug"]
+    slug = audit.slug
     audit_dir = out_dir / "audits" / slug
     card_dir = out_dir / "model_cards" / slug
     spectrum = plots.spectrum_png(audit)
@@ -250,7 +250,7 @@ def write_outputs(audit: dict, out_dir: str | Path) -> dict[str, str]:
     stage_a = atomic.make_dir(out_dir / "audits", f".{slug}.")
     stage_c = atomic.make_dir(out_dir / "model_cards", f".{slug}.")
     try:
-        atomic.write_json(stage_a / "audit.json", audit)
+        atomic.write_text(stage_a / "audit.json", text)
         for stage in (stage_a, stage_c):
             atomic.write_bytes(stage / "spectrum.png", spectrum)
             atomic.write_bytes(stage / "profile.png", profile)

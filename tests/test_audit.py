@@ -58,6 +58,8 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
     b = audit(str(tiny_dirs["llama"]), init=True, out_dir=str(tmp_path / "b"), seed=3, **SMALL)
     c = audit(str(tiny_dirs["llama"]), init=True, out_dir=None, seed=4, **SMALL)
     da = json.loads(open(a.paths["audit"]).read())
+    assert open(a.paths["audit"]).read() == a.record.to_json() and da == a.data  # the record is what was written
+    assert a.record.summary.score == a.near_unit_mass == da["summary"]["score"]
     assert da["schema_version"] == "2.0"
     for key in ("name", "version", "rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau", "tokens",
                 "seq_len", "seed", "dtype"):

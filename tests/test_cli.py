@@ -533,5 +533,54 @@ def test_version(capsys):
     assert rc == 0 and stdout.strip() == f"hf-rksp {__version__}"
 
 
+# ----------------------------------------------------------------------------- options defined once
+
+
+def test_every_audit_option_is_parsed_and_recorded():
+    """Each AuditOptions field is a flag of `hf-rksp audit` (dest = field name) and either recorded in the
+    reproducing command or listed as not changing the numbers."""
+    from dataclasses import fields
+
+    from hf_rksp.audit import COMMAND_OPTIONS, NOT_RECORDED, AuditOptions
+    from hf_rksp.cli import build_parser
+
+    names = {f.name for f in fields(AuditOptions)}
+    assert set(COMMAND_OPTIONS) | set(NOT_RECORDED) == names and not set(COMMAND_OPTIONS) & set(NOT_RECORDED)
+    audit_parser = build_parser()._subparsers._group_actions[0].choices["audit"]
+    assert names <= {a.dest for a in audit_parser._actions}
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"rank": 8, "eps": 1e-4, "band_upper": 1.1, "band_lower": 0.85, "contractive": 0.7, "resdmd_tau": 0.2,
+     "kreiss": False, "seed": 3, "dtype": "bfloat16", "tokens": 512, "seq_len": 128},
+    {"rank": "full", "dataset": "wikitext", "dataset_config": "wikitext-2-raw-v1", "split": "test", "column": "body",
+     "revision": "v1.0", "trust_remote_code": True, "name": "org/model", "blocks": "model.layers", "lr": 3e-4},
+    {"text": "my file.txt", "device_map": "cpu", "max_memory": "cpu=4GiB", "quantize": "4bit", "stream": True},
+])
+def test_recorded_command_parses_back_to_the_same_options(changes):
+    """command_line (generated from the option table) and the parser agree: the command reproduces the options."""
+    import shlex
+
+    from hf_rksp.audit import AuditOptions, command_line
+    from hf_rksp.cli import audit_options, build_parser
+
+    opts = AuditOptions(**changes)
+    argv = shlex.split(command_line("org/model", True, None, opts))
+    assert argv[:4] == ["hf-rksp", "audit", "org/model", "--init"]
+    args = build_parser().parse_args(argv[1:])
+    assert audit_options(args) == opts and args.model == "org/model" and args.init
+
+
+def test_default_command_is_unchanged():
+    from hf_rksp.audit import AuditOptions, command_line
+
+    assert command_line("gpt2", True, None, AuditOptions()) == (
+        "hf-rksp audit gpt2 --init --tokens 2048 --seq-len 512 --rank auto --seed 0 --dtype float32")
+    assert command_line("c.json", True, "c.json", AuditOptions(eps=2e-5, stream=True)) == (
+        "hf-rksp audit --config c.json --tokens 2048 --seq-len 512 --rank auto --eps 2e-05 --seed 0 --dtype float32 "
+        "--stream")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -23,29 +23,30 @@ def two(tmp_path_factory, tiny_dirs):
 
 def test_compare_function(two):
     _, a, b = two
-    res = compare(a.data, b.data)
-    assert len(res["blocks"]) == len(a.data["blocks"])
-    for ra, ba, bb in zip(res["blocks"], a.data["blocks"], b.data["blocks"]):
-        assert ra["near_unit_mass_delta"] == pytest.approx(bb["near_unit_mass"] - ba["near_unit_mass"])
-        assert ra["spectral_radius_delta"] == pytest.approx(bb["spectral_radius"] - ba["spectral_radius"])
+    res = compare(a.record, b.record)
+    assert len(res["blocks"]) == len(a.record.blocks)
+    for ra, ba, bb in zip(res["blocks"], a.record.blocks, b.record.blocks):
+        assert ra["near_unit_mass_delta"] == pytest.approx(bb.near_unit_mass - ba.near_unit_mass)
+        assert ra["spectral_radius_delta"] == pytest.approx(bb.spectral_radius - ba.spectral_radius)
     s = res["summary"]["near_unit_mass_mean"]
     assert s["delta"] == pytest.approx(b.near_unit_mass - a.near_unit_mass)
     from hf_rksp.spectral import FEATURE_NAMES
 
     assert {f"{n}_mean" for n in FEATURE_NAMES} | {"spectral_radius_max"} == set(res["summary"])
     assert "near-unit mass" in res["verdict"]
-    same = compare(a.data, a.data)
+    same = compare(a.record, a.record)
     assert all(r["near_unit_mass_delta"] == 0 for r in same["blocks"]) and same["warnings"] == []
 
 
 def test_compare_cli(two, capsys, tmp_path):
     out, a, b = two
     png = tmp_path / "cmp.png"
-    rc = main(["compare", a.paths["audit"], str(out / "trained" / "audits" / b.data["slug"]), "--plot", str(png), "--json"])
+    rc = main(["compare", a.paths["audit"], str(out / "trained" / "audits" / b.record.slug), "--plot", str(png),
+               "--json"])
     res = json.loads(capsys.readouterr().out)
     assert rc == 0 and png.read_bytes()[:4] == b"\x89PNG"
-    assert res["a"]["slug"] == a.data["slug"] and res["b"]["init"] is False
-    rc = main(["compare", a.data["slug"], "does-not-exist", "--out-dir", str(out)])
+    assert res["a"]["slug"] == a.record.slug and res["b"]["init"] is False
+    rc = main(["compare", a.record.slug, "does-not-exist", "--out-dir", str(out)])
     err = capsys.readouterr().err
     assert rc != 0 and err.startswith("hf-rksp: error:") and "does-not-exist" in err
 
@@ -54,14 +55,16 @@ def test_from_audit_rerenders_same_card(two, tmp_path, capsys):
     out, a, _ = two
     rc = main(["audit", "--from-audit", a.paths["audit"], "--out-dir", str(tmp_path), "-q"])
     assert rc == 0, capsys.readouterr().err
-    slug = a.data["slug"]
+    slug = a.record.slug
     assert (tmp_path / "model_cards" / slug / "README.md").read_text() == open(a.paths["card"]).read()
-    assert json.loads((tmp_path / "audits" / slug / "audit.json").read_text()) == a.data
-    assert load_audit(slug, tmp_path) == a.data
+    assert (tmp_path / "audits" / slug / "audit.json").read_text() == open(a.paths["audit"]).read()
+    assert load_audit(slug, tmp_path) == a.record
 
 
 def test_compare_refuses_other_method_versions(two, tmp_path, capsys):
     """A v1 audit is not read (one clear line), and compare() refuses mixed versions."""
+    from dataclasses import replace
+
     from hf_rksp.errors import AuditFileError
 
     _, a, _ = two
@@ -73,7 +76,7 @@ def test_compare_refuses_other_method_versions(two, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "v1 audit" in err
     with pytest.raises(AuditFileError, match="cannot compare an RKSP v1 audit with an RKSP v2"):
-        compare(old, a.data)
+        compare(replace(a.record, method=replace(a.record.method, version="1")), a.record)
 
 
 def test_reader_rejects_nan_and_non_utf8(two, tmp_path):

@@ -20,11 +20,11 @@ SHIPPED = sorted((REPO / "audits").glob("*/audit.json"))
 def test_every_shipped_audit_validates_and_has_its_card():
     assert len(SHIPPED) >= 4
     for p in SHIPPED:
-        data = read_audit(p)  # schema 2.0, method v2
-        assert data["slug"] == p.parent.name
-        card = REPO / "model_cards" / data["slug"] / "README.md"
+        record = read_audit(p)  # schema 2.0, method v2
+        assert record.slug == p.parent.name
+        card = REPO / "model_cards" / record.slug / "README.md"
         assert card.is_file(), card
-        assert data["command"] in card.read_text()
+        assert record.command in card.read_text()
 
 
 def _make_audits():
