@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..errors import ConfigError
-from .kreiss import complex_inverse, kreiss_constant, real_basis, unit_columns
+from .kreiss import _kreiss, complex_inverse, real_basis, unit_columns
 from .operator import OVERSAMPLE, POWER_ITERS, DMDOperator, dmd_operator
 from .whitening import EPS, REL_CUT, whiten
 
@@ -143,18 +143,77 @@ def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def eigvec_condition(vectors: torch.Tensor) -> float:
+def _spectral_norm(mat: torch.Tensor, *, rtol: float = 1e-12, max_steps: int = 200) -> float:
+    """||mat||_2 by Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization (seeded start).
+
+    After j steps mat V_j = U_j B_j exactly and mat^* U_j = V_j B_j^* + beta_j v_{j+1} e_j^*, so the top
+    singular triplet (s, y, x) of the small bidiagonal B_j is a singular triplet of mat up to the residual
+    beta_j |y_j|: a singular value of mat lies within it (and s <= ||mat||).  Stops when that bound is
+    below ``rtol`` x s (or the Krylov space is exhausted): 20-40 steps (two matrix-vector products
+    each) for the unit-column eigenvector matrices at m = 576 and their inverses, ~5x cheaper than an
+    eigen-decomposition of mat^* mat.  Falls back to ``svdvals`` after ``max_steps``.
+    """
+    m, n = mat.shape
+    if min(m, n) == 0:
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(n, generator=gen, dtype=torch.float64).to(mat.dtype)
+    steps = min(m, n, max_steps)
+    cap = min(steps + 1, 48)
+    vs = torch.empty(cap, n, dtype=mat.dtype)  # rows: v_1, v_2, ... (grown on demand)
+    us = torch.empty(cap, m, dtype=mat.dtype)  # rows: u_1, u_2, ...
+    vs[0] = v / torch.linalg.vector_norm(v)
+    alpha, beta = [], []
+    mat_h = mat.mH.contiguous()  # a row-major copy: gemv with mat^* as fast as with mat
+    u = None
+    for j in range(steps):
+        if j + 1 >= vs.shape[0]:
+            vs, us = torch.cat([vs, torch.empty_like(vs)]), torch.cat([us, torch.empty_like(us)])
+        u = mat @ vs[j] if u is None else mat @ vs[j] - beta[-1] * u
+        u = u - (us[:j].conj() @ u) @ us[:j]  # full reorthogonalization (classical Gram-Schmidt)
+        a = float(torch.linalg.vector_norm(u))
+        if not a > 0:
+            break
+        u = u / a
+        us[j] = u
+        alpha.append(a)
+        w = mat_h @ u - a * vs[j]
+        w = w - (vs[:j + 1].conj() @ w) @ vs[:j + 1]
+        b = float(torch.linalg.vector_norm(w))
+        beta.append(b)
+        if (j >= 11 and j % 6 == 5) or j == steps - 1 or not b > 0:  # test convergence every 6 steps
+            bid = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+            if j > 0:
+                bid += torch.diag(torch.tensor(beta[:-1], dtype=torch.float64), 1)
+            left, sv, _ = torch.linalg.svd(bid)
+            if not b > 0 or b * float(left[-1, 0].abs()) <= rtol * float(sv[0]) or j + 1 == min(m, n):
+                return float(sv[0])
+        vs[j + 1] = w / b
+    else:
+        return float(torch.linalg.svdvals(mat)[0])
+    return float(max(alpha)) if alpha else 0.0
+
+
+def eigvec_condition(vectors: torch.Tensor, inverse: torch.Tensor | None = None) -> float:
     """kappa(V) = ||V||_2 ||V^-1||_2 with every right eigenvector scaled to unit norm (inf if singular).
 
     For the eigenvectors of a real operator (real columns and adjacent conjugate pairs, as
     torch.linalg.eig returns them), kappa(V) = kappa(Wr) for the real matrix Wr of ``real_basis``
-    (V = Wr U, U unitary): everything below runs in real arithmetic, ~4x cheaper.  From the
-    eigenvalues of the Gram M^* M (M = Wr or V; 3x cheaper than an SVD) while they resolve kappa
-    (kappa^2 well below 1 / float64 eps); from singular values beyond.
+    (V = Wr U, U unitary): everything below runs in real arithmetic, ~4x cheaper.  With ``inverse``
+    (V^-1 of the unit-column V, as ``eigen`` returns it): ||V||_2 ||V^-1||_2 by ``_spectral_norm``, a few
+    matrix-vector products.  Without it: from the eigenvalues of the Gram M^* M (M = Wr or V; 3x
+    cheaper than an SVD) while they resolve kappa (kappa^2 well below 1 / float64 eps); from singular
+    values beyond.
     """
     v = unit_columns(vectors)
     basis = real_basis(v)
     mat = basis[0] if basis is not None else v
+    if inverse is not None:
+        inv = inverse.to(v.dtype) * torch.linalg.vector_norm(vectors, dim=0)[:, None].to(v.dtype)  # unit-column V's
+        if basis is not None:
+            mat_inv = _real_inverse(inv, *basis[1:])
+            return _condition(mat, mat_inv)
+        return _condition(mat, inv)
     g = torch.linalg.eigvalsh(mat.mH @ mat)
     if float(g[0]) > 1e-8 * float(g[-1]):
         return math.sqrt(float(g[-1]) / float(g[0]))
@@ -162,12 +221,35 @@ def eigvec_condition(vectors: torch.Tensor) -> float:
     return float(sv[0] / sv[-1]) if float(sv[-1]) > 0 else math.inf
 
 
+def _condition(mat: torch.Tensor, mat_inv: torch.Tensor) -> float:
+    """||M||_2 ||M^-1||_2 from M and its computed inverse (inf if the inverse is not finite)."""
+    if not bool(torch.isfinite(torch.view_as_real(mat_inv) if mat_inv.is_complex() else mat_inv).all()):
+        return math.inf
+    return _spectral_norm(mat) * _spectral_norm(mat_inv)
+
+
+def _real_inverse(inv: torch.Tensor, jp: torch.Tensor, jq: torch.Tensor, jr: torch.Tensor) -> torch.Tensor:
+    """Wr^-1 = U V^-1 (the inverse of ``real_basis``'s Wr) from V^-1: rows Re(w_p + w_q) / sqrt2,
+    Im(w_q - w_p) / sqrt2, Re w_r (the inverse of ``complex_inverse``)."""
+    wv = torch.view_as_real(inv)
+    s2 = math.sqrt(2.0)
+    return torch.cat([(wv[jp, :, 0] + wv[jq, :, 0]) / s2, (wv[jq, :, 1] - wv[jp, :, 1]) / s2, wv[jr, :, 0]], 0)
+
+
 def resdmd_residuals(op: DMDOperator, eigenvalues: torch.Tensor, left: torch.Tensor, eps_r: float) -> torch.Tensor:
     """Eq. 10 for every mode: ||u^*(Yb - lam Xb)|| / (||u^* Xb|| + eps_r), from the Gram blocks.
 
     ``left`` holds the left eigenvectors as columns (u_j^* A~ = lam_j u_j^*);
     ||u^*(Yb - lam Xb)||^2 = u^* GG u - 2 Re(conj(lam) u^* GH u) + |lam|^2 u^* Hb u.
+    When ``left``'s columns are real or adjacent conjugate pairs (the left eigenvectors of a real A~ as
+    ``eigen`` returns them) and the Grams are real, the quadratic forms run in real arithmetic on one
+    real vector per pair (``_real_residuals``), ~8x cheaper than complex products.
     """
+    left = left.detach().resolve_conj()
+    basis = real_basis(left) if not (op.gg.is_complex() or op.gh.is_complex()) else None
+    if basis is not None:
+        wr, jp, jq, jr = basis  # columns sqrt2 Re u_p, sqrt2 Im u_p, u_r
+        return _real_residuals(op, eigenvalues, wr.T, jp, jq, jr, eps_r)
     u = left.to(torch.complex128)
     gg, gh = op.gg.detach().to(u.dtype), op.gh.detach().to(u.dtype)
     hb = op.hb.detach().double()
@@ -176,6 +258,39 @@ def resdmd_residuals(op: DMDOperator, eigenvalues: torch.Tensor, left: torch.Ten
     xx = ((u.abs() ** 2) * hb[:, None]).sum(0)
     lam = eigenvalues.to(u.dtype)
     num = (uu - 2 * (lam.conj() * uh).real + lam.abs() ** 2 * xx).clamp_min(0).sqrt()
+    return num / (xx.sqrt() + eps_r)
+
+
+def _real_residuals(op: DMDOperator, eigenvalues: torch.Tensor, rows: torch.Tensor, jp: torch.Tensor,
+                    jq: torch.Tensor, jr: torch.Tensor, eps_r: float) -> torch.Tensor:
+    """``resdmd_residuals`` from real rows [a_p; b_p; c_r] with u_p = (a_p + i b_p) / sqrt2 the left
+    eigenvector of lam_p, u_q = conj(u_p) that of lam_q, u_r = c_r (real) that of lam_r (these rows are
+    ``real_basis``'s Wr^-1 for the left eigenvectors of ``eigen``).  With u = (a + i b) / sqrt2 and a real G:
+    u^* G u = (a^T G a + b^T G b) / 2 + i (a^T G b - b^T G a) / 2; one real product R [GG^T GH^T].
+    """
+    r = rows.detach().double()
+    m = r.shape[0]
+    npair = jp.numel()
+    gg, gh = op.gg.detach().double(), op.gh.detach().double()
+    hb = op.hb.detach().double()
+    prod = r @ torch.cat([gg.T, gh.T], 1)  # row j: (GG r_j)^T, (GH r_j)^T
+    pg, ph = prod[:, :m], prod[:, m:]
+    qg = (r * pg).sum(1)  # r_j^T GG r_j
+    qh = (r * ph).sum(1)  # r_j^T GH r_j
+    qx = (r * r * hb).sum(1)  # r_j^T Hb r_j
+    uu = torch.empty(m, dtype=torch.float64)
+    xx = torch.empty(m, dtype=torch.float64)
+    uh = torch.empty(m, dtype=torch.complex128)
+    a, b = slice(0, npair), slice(npair, 2 * npair)
+    uu[jp] = uu[jq] = (qg[a] + qg[b]) / 2
+    xx[jp] = xx[jq] = (qx[a] + qx[b]) / 2
+    cross = ((r[a] * ph[b]).sum(1) - (r[b] * ph[a]).sum(1)) / 2  # (a^T GH b - b^T GH a) / 2
+    uh_p = torch.complex((qh[a] + qh[b]) / 2, cross)
+    uh[jp], uh[jq] = uh_p, uh_p.conj()
+    uu[jr], xx[jr], uh[jr] = qg[2 * npair:], qx[2 * npair:], qh[2 * npair:].to(torch.complex128)
+    lam = eigenvalues.detach().to(torch.complex128)
+    lr, li = lam.real, lam.imag
+    num = (uu - 2 * (lr * uh.real + li * uh.imag) + (lr * lr + li * li) * xx).clamp_min(0).sqrt()
     return num / (xx.sqrt() + eps_r)
 
 
@@ -195,6 +310,37 @@ def nonlinearity_ratio(op: DMDOperator, wh, eps_nl: float) -> tuple[float, float
     return fit / (upd + eps_nl), upd, math.sqrt(float(hb.sum()))
 
 
+@dataclass
+class _Decomposition:
+    """An eigen-decomposition of A~ with what the features share: the real form of V and its inverse."""
+
+    lam: torch.Tensor  # (m,) eigenvalues
+    vec: torch.Tensor  # unit-norm right eigenvectors V
+    inv: torch.Tensor  # V^-1 (inf when V is singular to working precision)
+    basis: tuple | None  # ``real_basis(V)``: (Wr, jp, jq, jr), or None
+    wr_inv: torch.Tensor | None  # Wr^-1 (None without a real basis or when singular)
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(torch.view_as_real(self.inv)).all())
+
+
+def _decompose(op: DMDOperator) -> _Decomposition:
+    lam, vec = torch.linalg.eig(op.matrix.detach())
+    vec = unit_columns(vec)
+    basis = real_basis(vec)
+    wr_inv = None
+    try:
+        if basis is not None:
+            wr_inv = torch.linalg.inv(basis[0])
+            inv = complex_inverse(wr_inv, *basis[1:])
+        else:
+            inv = torch.linalg.inv(vec)
+    except RuntimeError:  # defective to working precision
+        inv, wr_inv = torch.full_like(vec, complex(math.inf, 0)), None
+    return _Decomposition(lam, vec, inv, basis, wr_inv)
+
+
 def eigen(op: DMDOperator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(eigenvalues, unit-norm right eigenvectors V, V^-1) of A~ (no gradient).
 
@@ -202,27 +348,42 @@ def eigen(op: DMDOperator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     V^-1 = U^* Wr^-1), a real inverse ~4x cheaper than the complex one, with rows of conjugate
     pairs exactly conjugate.
     """
-    lam, vec = torch.linalg.eig(op.matrix.detach())
-    vec = unit_columns(vec)
-    basis = real_basis(vec)
-    try:
-        inv = complex_inverse(torch.linalg.inv(basis[0]), *basis[1:]) if basis is not None else torch.linalg.inv(vec)
-    except RuntimeError:  # defective to working precision
-        inv = torch.full_like(vec, complex(math.inf, 0))
-    return lam, vec, inv
+    dec = _decompose(op)
+    return dec.lam, dec.vec, dec.inv
+
+
+def _kappa(dec: _Decomposition) -> float:
+    """``eigvec_condition`` of the decomposition, from the inverse already computed."""
+    if not dec.finite:
+        return math.inf
+    if dec.basis is not None and dec.wr_inv is not None:
+        return _condition(dec.basis[0], dec.wr_inv)
+    return _condition(dec.vec, dec.inv)
+
+
+def _residuals(op: DMDOperator, dec: _Decomposition, eps_r: float) -> torch.Tensor:
+    """``resdmd_residuals`` for the left eigenvectors of the decomposition (rows of V^-1)."""
+    if not dec.finite:
+        return torch.full(dec.lam.shape, math.inf)
+    if dec.basis is not None and dec.wr_inv is not None and not (op.gg.is_complex() or op.gh.is_complex()):
+        # left eigenvector u_p = conj(row p of V^-1)^T = (a + i b) / sqrt2 for Wr^-1's rows a, b of pair p
+        return _real_residuals(op, dec.lam, dec.wr_inv, *dec.basis[1:], eps_r)
+    return resdmd_residuals(op, dec.lam, dec.inv.mH, eps_r)
 
 
 def features_of(op: DMDOperator, wh, config: RKSPConfig = RKSPConfig()) -> BlockFeatures:
     """Every v2 feature of one operator (see module doc)."""
-    lam, vec, inv = eigen(op)
+    dec = _decompose(op)
+    lam, vec, inv = dec.lam, dec.vec, dec.inv
     masses = mass_partition(lam, config)
-    finite_inv = bool(torch.isfinite(torch.view_as_real(inv)).all())
-    kappa = eigvec_condition(vec) if finite_inv else math.inf
-    res = resdmd_residuals(op, lam, inv.mH, config.eps_r) if finite_inv else torch.full(lam.shape, math.inf)
+    finite_inv = dec.finite
+    kappa = _kappa(dec)
+    res = _residuals(op, dec, config.eps_r)
     kept = res <= config.resdmd_tau
     kept_masses = mass_partition(lam[kept], config)
     eta, upd, xnorm = nonlinearity_ratio(op, wh, config.eps_nl)
-    kreiss = kreiss_constant(lam, vec, inv) if config.kreiss and finite_inv else (math.inf if config.kreiss else None)
+    kreiss = (_kreiss(lam, vec, inv, basis=dec.basis) if config.kreiss and finite_inv
+              else (math.inf if config.kreiss else None))
     flags = []
     if upd <= config.identity_tol * xnorm:
         flags.append("near_identity")

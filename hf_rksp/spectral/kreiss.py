@@ -160,11 +160,13 @@ class _Resolvent:
     solves with the matrix itself.
     """
 
-    def __init__(self, lam: torch.Tensor, v: torch.Tensor, w: torch.Tensor, matrix: torch.Tensor | None = None):
+    def __init__(self, lam: torch.Tensor, v: torch.Tensor, w: torch.Tensor, matrix: torch.Tensor | None = None,
+                 basis: tuple | None = None):
         self.matrix, self.basis, self._lu_z = matrix, None, None
         if matrix is not None:
             return
-        basis = real_basis(v)
+        if basis is None:
+            basis = real_basis(v)
         if basis is not None:
             wr, jp, jq, jr = basis
             npair = jp.numel()
@@ -179,9 +181,12 @@ class _Resolvent:
 
     @staticmethod
     def _real_mm(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """a @ y for a real a and a complex (m x b) y, as one real product (y^T a^T)^T: with the b
+        vectors as rows BLAS runs 1.5-2.5x faster for the narrow blocks here (b <~ 100)."""
         m, b = y.shape
-        out = a @ torch.view_as_real(y.contiguous()).reshape(m, 2 * b)
-        return torch.view_as_complex(out.reshape(a.shape[0], b, 2))
+        rows = torch.view_as_real(y).permute(1, 2, 0).reshape(2 * b, m)  # Re y_1, Im y_1, Re y_2, ...
+        out = rows @ a.mT
+        return torch.view_as_complex(out.reshape(b, 2, a.shape[0]).permute(2, 0, 1).contiguous())
 
     def _middle(self, z: torch.Tensor, y: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """U diag(1/(z - lam)) U^* y (or its adjoint): per pair the block [[al, be], [-be, al]]."""
@@ -383,6 +388,12 @@ def kreiss_constant(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: t
     precision (||V||_F ||V^-1||_F > 4.5e13, e.g. a defective A) -- without it such a V gives inf -- and,
     for m <= 256, already when they are ill-conditioned (> 1e10).
     """
+    return _kreiss(eigenvalues, vectors, inverse, matrix=matrix)
+
+
+def _kreiss(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Tensor, *,
+            matrix: torch.Tensor | None = None, basis: tuple | None = None) -> float:
+    """``kreiss_constant``; ``basis``: ``real_basis(vectors)`` when the caller has it already."""
     lam = eigenvalues.detach().to(torch.complex128)
     m = lam.numel()
     if m == 0:
@@ -398,7 +409,7 @@ def kreiss_constant(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: t
     vn = _col_norms(v) if finite else None
     if finite and bool((vn > 0).all()):
         if not bool(((vn - 1).abs() <= 1e-14).all()):
-            v, w = v / vn, w * vn[:, None]
+            v, w, basis = v / vn, w * vn[:, None], None
         kappa = _col_norms(w.T)
         cond_f = float(kappa.square().sum().sqrt()) * math.sqrt(m)  # ||V||_F ||V^-1||_F, unit columns
     else:
@@ -414,7 +425,7 @@ def kreiss_constant(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: t
         if not finite or not bool(torch.isfinite(kappa).all()):
             v = w = torch.eye(m, dtype=torch.complex128)
             kappa = torch.ones(m, dtype=torch.float64)
-    res = _Resolvent(lam, v, w, a if use_matrix else None)
+    res = _Resolvent(lam, v, w, a if use_matrix else None, basis=basis)
     real = res.symmetric(lam)
     mod = lam.abs()
     delta = (1 - mod).clamp_min(0)
