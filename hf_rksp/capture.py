@@ -88,7 +88,7 @@ def capture_snapshots(
         for batch in tqdm(batches, desc="forward", unit="batch", disable=not progress):
             batch = batch.to(device)
             if input_name == "input_ids":
-                extra = {"decoder_input_ids": batch} if getattr(model.config, "is_encoder_decoder", False) else {}
+                extra = {"decoder_input_ids": batch} if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else {}
                 model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False, **extra)
             else:  # images and other dense inputs: no mask, no cache
                 model(**{input_name: batch.to(next(model.parameters()).dtype)})

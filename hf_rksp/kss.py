@@ -1,204 +1,195 @@
-"""Koopman Spectral Shaping (KSS): a differentiable penalty on residual-block spectra.
+"""Koopman Spectral Shaping (KSS), the paper's Definition 2: its settings and the loss of one layer.
 
-For each selected block, on a random subsample of n token positions of the
-current training batch (the same positions for every block):
+At a KSS step, for a seeded random share (``layer_fraction``, the paper's
+50%) of the selected blocks, on ``subsample`` random token positions of the
+current training batch (the same positions in every block):
 
-    K = whitened DMD operator of (X, Y)           (hf_rksp.spectral: whiten + dmd_operator,
-                                                    the audit's own functions; r x r)
+    X, Y     = the block's input and output token states (with grad)
+    A~       = the paper's whitened DMD operator of (X, Y), seeded rank-r
+               randomized DMD (hf_rksp.spectral: whiten -> dmd_operator,
+               the audit's own functions; r = 32)
+    lam      = eigenvalues of A~ (hf_rksp.spectral.differentiable_eigenvalues)
+    L_l      = kss_penalty(lam)   (Eq. 14: unstable penalty above tau_u, and
+               beta (m_soft - gamma)^2 pulling the soft near-unit mass, Eq. 15,
+               toward gamma)
 
-The whitening (V, s, w of hf_rksp.spectral.whiten) and the random basis are
-computed without gradient: a stop-gradient through them.  Gradients flow
-through the projected moments C = (Yc V)^T (Xc V) into the block's weights.
+and the trainer adds ``alpha * mean_l L_l`` to the task loss.
 
-**Soft eigenvalue count** inside the circle of radius rho, with M nodes
-z_k = rho * exp(2 pi i (k + theta) / M), k = 0..M-1 (trapezoidal rule of the
-argument-principle integral):
-
-    c_rho(K) = Re (1/M) sum_k tr( z_k (z_k I - K)^-1 )
-             = Re sum_i 1 / (1 - e^{-2 pi i theta} (lambda_i / rho)^M)        (exact identity)
-
-Each eigenvalue contributes ~1 if |lambda| < rho and ~0 if |lambda| > rho; the
-error of one term is at most q / (1 - q) with q = exp(-M |ln(|lambda| / rho)|)
-(so the transition has width ~ rho / M).  With target radius R and band delta:
-
-    near    = (c_{R+delta}(K) - c_{R-delta}(K)) / r      soft near-unit mass
-    outside = (r - c_{R+delta}(K)) / r                    soft outside mass
-    rho_p   = (||K^p||_F^2 / r)^(1 / 2p)                  smooth spectral radius (Gelfand; p = 8)
-
-    L_block = w_near * near + w_out * outside + w_rad * max(0, rho_p - (R + delta))^2
-    L_KSS   = mean over selected blocks of L_block
-
-**Why the gradient is stable.** No eigen-decomposition is differentiated:
-eigenvector derivatives carry 1 / (lambda_i - lambda_j) and blow up at
-(near-)degenerate eigenvalues, which is where residual blocks at init live (all
-near 1).  c_rho is the trace of an analytic matrix function f(K), and
-d tr f(K) = tr(f'(K) dK): its gradient is f'(K)^T, which has no
-1 / (lambda_i - lambda_j) factor; the only singularities of f are the M poles
-(z_k themselves).  To keep eigenvalues away from them, the node rotation theta
-is chosen each step from the eigenvalues of the *detached* K (computed with
-torch.linalg.eigvals, never differentiated): of 8M candidate rotations, the one
-that maximizes d_min = min_i |1 - e^{-2 pi i theta} (lambda_i / rho)^M|.  Each
-eigenvalue's term is then bounded by 1 / d_min and its derivative by
-M / (|lambda| d_min^2); with m eigenvalues near the circle the best rotation
-gives d_min >~ pi / m whatever M.  If d_min still falls below
-``min_denominator`` (many eigenvalues crowding the circle) that count is
-detached for the step (reported as skipped) instead of producing a huge
-gradient.  Each term is a linear solve with (z_k I - K), whose condition number
-is ~ ||K|| / dist(z_k, spectrum) and does not grow with the far-outside
-eigenvalues (a power form tr (I - (K/rho)^M)^-1 would, as rho_max^M).  rho_p
-is computed as s * (||(K/s)^p||_F^2 / r)^(1/2p) with s = ||K||_F / sqrt(r)
-(detached) so it cannot overflow.  The algebra runs in float64 (complex128)
-by default.
+**What carries gradient, what is detached.** Gradients reach the block's
+weights through the centered snapshots Xc, Yc in the projected moments
+C = (Yc V)^T (Xc V) and Syy, hence through A~ and its eigenvalues.  Detached
+(stop-gradient): the whitening basis V and weights w (from X's covariance,
+Eq. 9), the X~ Gram Hb, and the random range basis of the randomized DMD.
+Why: their derivatives go through an eigen-decomposition of X's covariance
+(eigenvector derivatives with 1 / (s_i^2 - s_j^2) factors, unbounded when
+directions of X have near-equal variance, as in isotropic residual streams
+at init), and the random basis is a sampling device, not part of the model.
+The eigenvalue derivatives themselves need no eigenvector derivative; a
+layer whose eigenvalues are ill-conditioned (condition number above
+``max_condition``, e.g. a Jordan block) is skipped for the step and counted.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from .capture import _hidden_in, _hidden_out
-from .spectral import dmd_operator, mass_partition, whiten
+from .errors import ConfigError, SnapshotError
+from .spectral import (MAX_CONDITION, RKSPConfig, differentiable_eigenvalues, dmd_operator, kss_penalty,
+                       mass_partition, soft_near_unit_mass, whiten)
+from .spectral.whitening import EPS
 
-__all__ = [
-    "choose_rotation",
-    "soft_count",
-    "soft_spectral_radius",
-    "block_kss_loss",
-    "BlockKSS",
-    "SnapshotSampler",
-]
-
-
-def choose_rotation(
-    eigenvalues: torch.Tensor, radius: float, nodes: int, candidates: int | None = None
-) -> tuple[float, float]:
-    """Node rotation theta in [0, 1) keeping the poles of the soft count farthest from ``eigenvalues``.
-
-    Returns (theta, d_min) with d_min = min_i |1 - e^{-2 pi i theta} (lambda_i / radius)^M|.
-    """
-    ev = eigenvalues.detach().to(torch.complex128).cpu()
-    j = candidates or 8 * nodes
-    thetas = (torch.arange(j, dtype=torch.float64) + 0.5) / j
-    mod = ev.abs().clamp_min(1e-300)
-    u = nodes * torch.log(mod / radius)  # log |w_i|
-    keep = u.abs() < 30.0  # farther eigenvalues have |1 - w| >= 1 - e^-30
-    if not bool(keep.any()):
-        return float(thetas[0]), 1.0
-    u, phi = u[keep], nodes * torch.angle(ev[keep])
-    ang = phi[None, :] - 2 * math.pi * thetas[:, None]
-    w = torch.exp(u)[None, :]
-    d = torch.sqrt((1 - w * torch.cos(ang)) ** 2 + (w * torch.sin(ang)) ** 2)  # |1 - w e^{i ang}|
-    dmin = d.min(dim=1).values
-    best = int(dmin.argmax())
-    d_best = float(dmin[best])
-    if not bool(keep.all()):
-        d_best = min(d_best, 1.0 - math.exp(-30.0))
-    return float(thetas[best]), d_best
-
-
-def soft_count(k: torch.Tensor, radii, nodes: int, thetas) -> torch.Tensor:
-    """Soft number of eigenvalues of ``k`` inside each circle: Re (1/M) sum_k tr(z_k (z_k I - K)^-1).
-
-    ``radii`` and ``thetas`` are sequences of the same length; returns a real
-    tensor of that length, differentiable in ``k`` (linear solves only).
-    """
-    r = k.shape[-1]
-    cdt = torch.complex128 if k.dtype == torch.float64 else torch.complex64
-    rad = torch.as_tensor(list(radii), dtype=torch.float64)
-    th = torch.as_tensor(list(thetas), dtype=torch.float64)
-    ang = 2 * math.pi * (torch.arange(nodes, dtype=torch.float64)[None, :] + th[:, None]) / nodes  # (R, M)
-    z = torch.polar(rad[:, None].expand_as(ang), ang).to(device=k.device, dtype=cdt)  # (R, M)
-    eye = torch.eye(r, dtype=cdt, device=k.device)
-    a = z[..., None, None] * eye - k.to(cdt)  # (R, M, r, r)
-    tr = torch.linalg.inv(a).diagonal(dim1=-2, dim2=-1).sum(-1)  # tr (zI - K)^-1
-    return (z * tr).mean(dim=-1).real
-
-
-def soft_spectral_radius(k: torch.Tensor, power: int = 8) -> torch.Tensor:
-    """rho_p = (||K^p||_F^2 / r)^(1/2p), computed with a detached scale so it cannot overflow."""
-    r = k.shape[-1]
-    s = (k.detach().norm() / math.sqrt(r)).clamp_min(1e-30)
-    kp = torch.linalg.matrix_power(k / s, power)
-    return s * ((kp * kp).sum() / r).clamp_min(1e-300) ** (1.0 / (2 * power))
+__all__ = ["KSSConfig", "LayerKSS", "layer_kss", "select_layers", "SnapshotSampler"]
 
 
 @dataclass
-class BlockKSS:
-    """KSS loss of one block and what it measured (hard features from the detached K)."""
+class KSSConfig:
+    """Settings of Koopman Spectral Shaping (saved with every checkpoint).
 
-    loss: torch.Tensor
-    soft_near: float
-    soft_outside: float
-    soft_radius: float
+    The loss added to the task loss at optimizer step t is
+    ``alpha * schedule(t) * mean_l L_l`` on steps where ``t % every_n_steps == 0``;
+    defaults are the paper's (T, tau_u, tau_l, alpha = 0.15, r = 32, 50% of
+    layers, every 10 steps) or, where it gives none, ours (README).
+    """
+
+    mode: str = "on"  # "on" | "off" | "auto" (RKSP before the first step decides, paper Fig. 7)
+    alpha: float = 0.15  # weight of the KSS term (paper: 0.15 main setting)
+    every_n_steps: int = 10  # paper: every 10-20 steps
+    layer_fraction: float = 0.5  # share of the selected blocks drawn (seeded) at each KSS step (paper: 50%)
+    blocks: list[int] | None = None  # block indices (negative allowed) to draw from; None: all blocks
+    block_path: str | None = None  # block list of a model whose family hf-rksp does not know ("blocks")
+    subsample: int = 512  # token positions of the training batch per KSS step [ours]
+    rank: int = 32  # rank r of the randomized DMD (paper: 32)
+    T: float = 20.0  # sigmoid sharpness (Eqs. 14-15)
+    tau_u: float = 1.05  # upper edge of the near-unit band; modes above are penalized
+    tau_l: float = 0.90  # lower edge of the near-unit band
+    gamma: float = 0.4  # target soft near-unit mass (paper: in [0.3, 0.5])
+    beta: float = 1.0  # weight of the near-unit target (paper: not given) [ours]
+    eps: float = EPS  # whitening regularizer, as in the audit
+    max_condition: float = MAX_CONDITION  # skip a layer whose eigenvalue condition number exceeds this [ours]
+    warmup_steps: int = 0  # linear ramp of alpha over these optimizer steps (0: the paper's constant alpha)
+    decay: str = "constant"  # "constant" | "linear" | "cosine" (to 0 after warm-up)
+    decay_steps: int | None = None  # None: decay over the rest of training (max_steps)
+    seed: int = 0  # layer draw, token subsample and random basis (seeded per step: resumable)
+    auto_threshold: float = 0.5  # mode="auto": KSS on when the mean near-unit mass M exceeds this
+    auto_low: float = 0.3  # mode="auto": below this M (and modest kappa) KSS stays off
+    auto_kappa: float = 1e4  # mode="auto": layer-mean kappa(V) above this counts as "large" [ours]
+    auto_tokens: int = 2048  # mode="auto": tokens of the first training batches profiled
+
+    def __post_init__(self):
+        checks = (
+            ("mode", self.mode in ("on", "off", "auto"), f"mode must be 'on', 'off' or 'auto', got {self.mode!r}"),
+            ("alpha", _finite(self.alpha) and self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            ("every_n_steps", _int(self.every_n_steps) and self.every_n_steps >= 1,
+             f"every_n_steps must be an integer >= 1, got {self.every_n_steps}"),
+            ("layer_fraction", _finite(self.layer_fraction) and 0 < self.layer_fraction <= 1,
+             f"layer_fraction must be in (0, 1], got {self.layer_fraction}"),
+            ("rank", _int(self.rank) and self.rank >= 2, f"rank must be an integer >= 2, got {self.rank}"),
+            ("subsample", _int(self.subsample) and self.subsample > self.rank,
+             f"subsample must be an integer > rank ({self.rank}), got {self.subsample}"),
+            ("T", _finite(self.T) and self.T > 0, f"T must be > 0, got {self.T}"),
+            ("tau_l", _finite(self.tau_l) and _finite(self.tau_u) and 0 < self.tau_l < 1 < self.tau_u,
+             f"need 0 < tau_l < 1 < tau_u (a band around |lambda| = 1), got tau_l = {self.tau_l}, "
+             f"tau_u = {self.tau_u}"),
+            ("gamma", _finite(self.gamma) and 0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}"),
+            ("beta", _finite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            ("eps", _finite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            ("max_condition", self.max_condition > 1, f"max_condition must be > 1, got {self.max_condition}"),
+            ("warmup_steps", _int(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps must be an integer >= 0, got {self.warmup_steps}"),
+            ("decay", self.decay in ("constant", "linear", "cosine"),
+             f"decay must be constant, linear or cosine, got {self.decay!r}"),
+            ("auto_threshold", 0 < self.auto_low <= self.auto_threshold < 1,
+             f"need 0 < auto_low <= auto_threshold < 1, got {self.auto_low}, {self.auto_threshold}"),
+            ("auto_kappa", self.auto_kappa > 1, f"auto_kappa must be > 1, got {self.auto_kappa}"),
+            ("auto_tokens", _int(self.auto_tokens) and self.auto_tokens >= 2,
+             f"auto_tokens must be an integer >= 2, got {self.auto_tokens}"),
+        )
+        for param, ok, message in checks:
+            if not ok:
+                raise ConfigError(f"KSSConfig.{message}", param=param)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KSSConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def schedule(self, step: int, max_steps: int | None) -> float:
+        """alpha at optimizer step ``step`` (0-based), before every_n_steps."""
+        w = self.alpha
+        if self.warmup_steps > 0:
+            w *= min(1.0, (step + 1) / self.warmup_steps)
+        if self.decay != "constant":
+            span = self.decay_steps
+            if span is None:
+                span = (max_steps or 0) - self.warmup_steps
+            if span and span > 0:
+                p = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+                w *= (1.0 - p) if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+        return w
+
+    def penalty_kwargs(self) -> dict:
+        return {"T": self.T, "tau_u": self.tau_u, "tau_l": self.tau_l, "gamma": self.gamma, "beta": self.beta}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def select_layers(n: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """A seeded random ceil(fraction * n) of range(n), sorted (at least one)."""
+    k = max(1, math.ceil(fraction * n - 1e-9))
+    return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+
+
+@dataclass
+class LayerKSS:
+    """L_l of one layer and what it measured (hard masses from the same eigenvalues, detached)."""
+
+    loss: torch.Tensor  # L_l; differentiable unless skipped
+    soft_near_unit_mass: float
     near_unit_mass: float
+    expansive_mass: float
     spectral_radius: float
-    outside_mass: float
-    rank: int
-    d_min: float
-    skipped: int = 0
-    extra: dict = field(default_factory=dict)
+    condition: float  # largest eigenvalue condition number
+    rank: int  # r actually used (min(r, k))
+    skipped: bool  # ill-conditioned eigenvalues or a non-finite value: no gradient from this layer
 
 
-def block_kss_loss(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    rank: int = 64,
-    delta: float = 0.05,
-    target_radius: float = 1.0,
-    nodes: int = 32,
-    near_weight: float = 1.0,
-    outside_weight: float = 1.0,
-    radius_weight: float = 1.0,
-    radius_power: int = 8,
-    dtype: torch.dtype = torch.float64,
-    min_denominator: float = 1e-3,
-) -> BlockKSS:
-    """The KSS loss of one block from snapshots ``x``, ``y`` (n x d, with grad); see the module docstring."""
-    wh = whiten(x, y, dtype=dtype)
-    k = dmd_operator(wh, rank if rank < wh.k else None).matrix
-    r = k.shape[0]
+def layer_kss(x: torch.Tensor, y: torch.Tensor, config: KSSConfig, *,
+              generator: torch.Generator | None = None) -> LayerKSS:
+    """L_l (Eq. 14) of one block from its (n x d) snapshots, with grad; see the module docstring.
+
+    Raises SnapshotError when the snapshots cannot be whitened (a constant stream).
+    """
+    wh = whiten(x, y, eps=config.eps, dtype=torch.float64)
+    op = dmd_operator(wh, config.rank if config.rank < wh.k else None, generator=generator)
+    spec = differentiable_eigenvalues(op.matrix, max_condition=config.max_condition)
+    lam = spec.eigenvalues
+    loss = kss_penalty(lam, **config.penalty_kwargs())
+    skipped = not spec.differentiable or not bool(torch.isfinite(loss.detach()))
+    if skipped:
+        loss = loss.detach()
+    bands = RKSPConfig(band_upper=config.tau_u, band_lower=config.tau_l,
+                       contractive=min(RKSPConfig.contractive, config.tau_l))
+    hard = mass_partition(lam.detach(), bands) if bool(torch.isfinite(lam.detach()).all()) else {}
     with torch.no_grad():
-        eig = torch.linalg.eigvals(k.detach())
-    parts = mass_partition(eig)
-    hard = {"near_unit_mass": parts["near_unit_mass"], "outside_mass": parts["expansive_mass"],
-            "spectral_radius": float(eig.abs().max())}
-    radii = (target_radius - delta, target_radius + delta)
-    thetas, dmins = [], []
-    for rho in radii:
-        th, dm = choose_rotation(eig, rho, nodes)
-        thetas.append(th)
-        dmins.append(dm)
-    counts = soft_count(k, radii, nodes, thetas)
-    skipped = 0
-    parts = []
-    for i, dm in enumerate(dmins):
-        if dm < min_denominator:
-            parts.append(counts[i].detach())
-            skipped += 1
-        else:
-            parts.append(counts[i])
-    c_in, c_out = parts
-    near = (c_out - c_in) / r
-    outside = (r - c_out) / r
-    rho_p = soft_spectral_radius(k, radius_power)
-    hinge = torch.relu(rho_p - (target_radius + delta)) ** 2
-    loss = near_weight * near + outside_weight * outside + radius_weight * hinge
-    return BlockKSS(
-        loss=loss,
-        soft_near=float(near.detach()),
-        soft_outside=float(outside.detach()),
-        soft_radius=float(rho_p.detach()),
-        near_unit_mass=hard["near_unit_mass"],
-        spectral_radius=hard["spectral_radius"],
-        outside_mass=hard["outside_mass"],
-        rank=r,
-        d_min=min(dmins),
-        skipped=skipped,
-    )
+        soft = float(soft_near_unit_mass(lam.detach(), T=config.T, tau_u=config.tau_u, tau_l=config.tau_l))
+    return LayerKSS(loss=loss, soft_near_unit_mass=soft, near_unit_mass=hard.get("near_unit_mass", math.nan),
+                    expansive_mass=hard.get("expansive_mass", math.nan),
+                    spectral_radius=float(lam.detach().abs().max()), condition=spec.condition, rank=op.m,
+                    skipped=skipped)
 
 
 class SnapshotSampler:
@@ -259,5 +250,5 @@ class SnapshotSampler:
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if any(t is None for t in self.inputs + self.outputs):
-            raise RuntimeError("KSS hooks did not see every selected block in the forward pass")
+            raise SnapshotError("KSS hooks did not see every selected block in the forward pass")
         return list(zip(self.inputs, self.outputs))

@@ -268,3 +268,36 @@ def associative_recall(batch: int, *, seed: int, n_pairs: int = 4, length: int =
     query, labels = keys[rows, which], values[rows, which]
     pairs = torch.stack([keys, values], dim=2).reshape(batch, 2 * n_pairs)
     return torch.cat([pairs, fillers, query[:, None]], dim=1), labels
+
+
+class RecallModel(nn.Module):
+    """A GPT for the associative-recall task in ``transformers.Trainer`` form.
+
+    ``forward(input_ids, labels)`` returns ``{"loss", "logits"}`` with the
+    cross-entropy of the *last* position's logits against the recalled value
+    (PAPER.md D.1).  The blocks are at ``gpt.blocks`` (``KSSConfig(block_path="gpt.blocks")``).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gpt = GPT(cfg)
+
+    def forward(self, input_ids, labels=None, **_):
+        logits = self.gpt(input_ids)[:, -1]
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.float(), labels)
+        return out
+
+
+class RecallDataset(torch.utils.data.Dataset):
+    """``n`` associative-recall sequences, generated once from ``seed`` (no downloads)."""
+
+    def __init__(self, n: int, *, seed: int, **task):
+        self.input_ids, self.labels = associative_recall(n, seed=seed, **task)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}

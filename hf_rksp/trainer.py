@@ -1,8 +1,8 @@
-"""KSSTrainer (a transformers.Trainer with the KSS loss), KSSConfig, and RKSPMonitorCallback.
+"""KSSTrainer (a transformers.Trainer with the paper's KSS loss), and RKSPMonitorCallback.
 
 Usage: replace ``Trainer(...)`` with ``KSSTrainer(..., kss_config=KSSConfig(...))``.
-The loss is defined in :mod:`hf_rksp.kss`; this module schedules it, adds it
-to the task loss, logs it and checkpoints its state.
+The loss and its settings are defined in :mod:`hf_rksp.kss`; this module
+schedules it, adds it to the task loss, logs it and checkpoints its state.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -19,89 +19,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from . import atomic
 from .blocks import find_blocks
-from .errors import RKSPError
+from .errors import SnapshotError
+from .init_weights import group_seed
+from .kss import KSSConfig, SnapshotSampler, layer_kss, select_layers
 from .risk import default_lr
-from .kss import SnapshotSampler, block_kss_loss
 
 logger = logging.getLogger("hf_rksp")
 
 KSS_STATE_NAME = "kss_state.json"
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
-__all__ = ["KSSConfig", "KSSTrainer", "RKSPMonitorCallback", "KSS_STATE_NAME"]
-
-
-@dataclass
-class KSSConfig:
-    """Settings of Koopman Spectral Shaping (saved with every checkpoint).
-
-    The loss added to the task loss at optimizer step t is
-    ``weight * schedule(t) * L_KSS`` on steps where ``t % every_n_steps == 0``
-    (see :mod:`hf_rksp.kss` for L_KSS).
-    """
-
-    mode: str = "on"  # "on" | "off" | "auto" (RKSP audit before the first step decides)
-    weight: float = 0.1  # lambda
-    warmup_steps: int = 0  # linear ramp of lambda from 0 over these optimizer steps
-    decay: str = "constant"  # "constant" | "linear" | "cosine" (to 0 after warm-up)
-    decay_steps: int | None = None  # None: decay over the rest of training (max_steps)
-    every_n_steps: int = 1
-    blocks: list[int] | None = None  # block indices (negative allowed); None: all blocks
-    subsample: int = 256  # token positions per step
-    rank: int = 64  # rank of the randomized DMD (full when the subsample allows no more)
-    delta: float = 0.05  # band half-width
-    target_radius: float = 1.0
-    nodes: int = 32  # contour nodes M (transition width ~ radius / M)
-    near_weight: float = 1.0
-    outside_weight: float = 1.0
-    radius_weight: float = 1.0
-    radius_power: int = 8
-    dtype: str = "float64"  # algebra dtype under autograd: float64 | float32
-    min_denominator: float = 1e-3
-    seed: int = 0  # token subsample generator (seeded per step: resumable)
-    auto_threshold: float = 0.5  # mode="auto": KSS on when the mean near-unit mass M exceeds this (paper Fig. 7)
-    auto_low: float = 0.3  # mode="auto": KSS off below this M; in between on for lr > 2x the family default
-    auto_tokens: int = 2048  # mode="auto": tokens of the first training batches audited
-
-    def __post_init__(self):
-        if self.mode not in ("on", "off", "auto"):
-            raise ValueError(f"KSSConfig.mode must be 'on', 'off' or 'auto', got {self.mode!r}")
-        if not 0 < self.auto_low <= self.auto_threshold < 1 or self.auto_tokens < 2:
-            raise ValueError("KSSConfig: 0 < auto_low <= auto_threshold < 1 and auto_tokens >= 2 are required")
-        if self.decay not in ("constant", "linear", "cosine"):
-            raise ValueError(f"KSSConfig.decay must be constant, linear or cosine, got {self.decay!r}")
-        if self.every_n_steps < 1:
-            raise ValueError(f"KSSConfig.every_n_steps must be >= 1, got {self.every_n_steps}")
-        if self.subsample < 2 or self.rank < 1 or self.nodes < 2 or self.radius_power < 1:
-            raise ValueError("KSSConfig: subsample >= 2, rank >= 1, nodes >= 2 and radius_power >= 1 are required")
-        if not 0 < self.delta < self.target_radius:
-            raise ValueError(f"KSSConfig.delta must be in (0, target_radius), got {self.delta}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"KSSConfig.dtype must be float64 or float32, got {self.dtype!r}")
-        if self.weight < 0 or self.warmup_steps < 0:
-            raise ValueError("KSSConfig.weight and warmup_steps must be non-negative")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "KSSConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def schedule(self, step: int, max_steps: int | None) -> float:
-        """lambda at optimizer step ``step`` (0-based), before every_n_steps."""
-        w = self.weight
-        if self.warmup_steps > 0:
-            w *= min(1.0, (step + 1) / self.warmup_steps)
-        if self.decay != "constant":
-            span = self.decay_steps
-            if span is None:
-                span = (max_steps or 0) - self.warmup_steps
-            if span and span > 0:
-                p = min(1.0, max(0.0, (step - self.warmup_steps) / span))
-                w *= (1.0 - p) if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
-        return w
+__all__ = ["KSSConfig", "KSSTrainer", "RKSPMonitorCallback", "KSS_STATE_NAME", "has_normalization"]
 
 
 def _profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int]:
@@ -121,6 +48,12 @@ def _profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int
     return summarize(blocks), len(blocks)
 
 
+def has_normalization(model) -> bool:
+    """True if any submodule is a normalization layer (LayerNorm, RMSNorm, ... by class name)."""
+    return any(isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm))
+               or type(m).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")) for m in model.modules())
+
+
 def _finite(v):
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
@@ -129,22 +62,25 @@ def _finite(v):
 class _KSSState:
     kss_steps: int = 0  # optimizer steps on which KSS ran
     evaluations: int = 0  # KSS loss evaluations (micro-batches)
-    skipped_counts: int = 0  # soft counts detached because a pole was too close
-    degenerate_blocks: int = 0  # block evaluations skipped: snapshots with nothing to whiten
+    layers_evaluated: int = 0  # layer losses computed
+    layers_skipped: int = 0  # of those, dropped: ill-conditioned eigenvalues (or a non-finite value)
+    degenerate_layers: int = 0  # layers with snapshots that cannot be whitened (constant stream)
     last_step: int = -1
     last: dict = field(default_factory=dict)  # last evaluation's metrics
-    auto: dict | None = None  # mode="auto": the audit's risk and the decision (kept on resume)
+    auto: dict | None = None  # mode="auto": the profile and the decision (kept on resume)
 
 
 class KSSTrainer(Trainer):
-    """``transformers.Trainer`` that adds lambda * L_KSS to the task loss.
+    """``transformers.Trainer`` that adds alpha * mean_l L_l (the paper's KSS) to the task loss.
 
     Everything else (TrainingArguments, gradient accumulation, mixed precision,
-    ``accelerate launch``, callbacks, save/resume) is the Trainer's own.  Logs
-    ``kss/loss``, ``kss/near_unit_mass`` (mean over selected blocks),
-    ``kss/spectral_radius`` (max over selected blocks), ``kss/outside_mass``
-    and ``kss/weight`` with the training loss; writes ``kss_state.json`` into
-    every checkpoint and restores it on ``train(resume_from_checkpoint=...)``.
+    ``accelerate launch``, callbacks, save/resume) is the Trainer's own.  With
+    each training log: ``kss/loss`` (mean L_l), ``kss/alpha``,
+    ``kss/soft_near_unit_mass`` and ``kss/near_unit_mass`` (soft and hard,
+    mean over the drawn layers), ``kss/expansive_mass``,
+    ``kss/spectral_radius`` (max), ``kss/layers_skipped`` (running total)
+    and ``kss/steps``; writes ``kss_state.json`` into every checkpoint and
+    restores it on ``train(resume_from_checkpoint=...)``.
     """
 
     def __init__(self, *args, kss_config: KSSConfig | None = None, **kwargs):
@@ -159,8 +95,9 @@ class KSSTrainer(Trainer):
 
     # -- the loss ---------------------------------------------------------
     def _kss_selected_blocks(self, model) -> list:
+        """The blocks KSS draws from (KSSConfig.blocks of the model's residual blocks)."""
         if self._kss_blocks is None:
-            _, blocks = find_blocks(self.accelerator.unwrap_model(model))
+            _, blocks = find_blocks(self.accelerator.unwrap_model(model), self.kss_config.block_path)
             n = len(blocks)
             idx = list(range(n)) if self.kss_config.blocks is None else self.kss_config.blocks
             sel = []
@@ -177,11 +114,12 @@ class KSSTrainer(Trainer):
         return mode == "on" or (mode == "auto" and bool((self.kss_state.auto or {}).get("enabled")))
 
     def kss_auto_decide(self) -> dict:
-        """mode="auto": audit the model as it is now on the first training batches, at the Trainer's lr.
+        """mode="auto": profile the model as it is now on the first training batches (RKSP v2, no Kreiss).
 
-        KSS is enabled for the whole run by the paper's rule (Fig. 7): M > auto_threshold, or
-        auto_low <= M with a learning rate above 2x the family's default;
-        the decision is logged, stored in the KSS state and kept on resume.
+        The paper's decision flow (Fig. 7), until a v2 risk model ships: KSS on when
+        M > auto_threshold or the layer-mean kappa(V) > auto_kappa; off when M < auto_low (kappa modest);
+        in between, on for a model without normalization or a learning rate above 2x the family's default.
+        The decision is logged, stored in the KSS state and kept on resume.
         """
         from .profiling import ProfileOptions
 
@@ -196,19 +134,28 @@ class KSSTrainer(Trainer):
         ids = torch.cat(rows)
         ids = ids[: max(1, cfg.auto_tokens // ids.shape[1])]
         model = self.accelerator.unwrap_model(self.model)
-        opts = ProfileOptions(kreiss=False)
-        s, _ = _profile_summary(model, ids, opts)
+        s, _ = _profile_summary(model, ids, ProfileOptions(kreiss=False, blocks=cfg.block_path))
         m = s["score"]
-        lr, lr_default = self.args.learning_rate, default_lr(getattr(model.config, "model_type", None))
-        # The paper's decision rule (Fig. 7) until a v2 risk model ships: M > 0.5 -> on, M < 0.3 -> off,
-        # in between on for learning rates above 2x the family's default.
-        enabled = m > cfg.auto_threshold or (m >= cfg.auto_low and lr > 2 * lr_default)
-        decision = {"near_unit_mass": m, "spectral_radius_max": s["features"]["spectral_radius"]["max"],
-                    "lr": lr, "lr_default": lr_default, "enabled": enabled,
-                    "rule": f"paper Fig. 7: M > {cfg.auto_threshold:g}, or M >= {cfg.auto_low:g} with lr > 2x default"}
+        kappa = s["features"]["eigvec_condition"]["mean"]
+        kappa = math.inf if kappa is None else kappa  # null: some block's V is singular
+        lr, lr_default = self.args.learning_rate, default_lr(getattr(getattr(model, "config", None),
+                                                                     "model_type", None))
+        normed = has_normalization(model)
+        if m > cfg.auto_threshold or kappa > cfg.auto_kappa:
+            enabled, why = True, f"M > {cfg.auto_threshold:g}" if m > cfg.auto_threshold else \
+                f"kappa > {cfg.auto_kappa:g}"
+        elif m < cfg.auto_low:
+            enabled, why = False, f"M < {cfg.auto_low:g} with modest kappa"
+        else:
+            enabled = (not normed) or lr > 2 * lr_default
+            why = ("no normalization" if not normed else f"lr > 2x default {lr_default:g}") if enabled else \
+                f"M in [{cfg.auto_low:g}, {cfg.auto_threshold:g}], normalized, lr <= 2x default"
+        decision = {"near_unit_mass": m, "eigvec_condition_mean": _finite(kappa),
+                    "spectral_radius_max": s["features"]["spectral_radius"]["max"], "lr": lr,
+                    "lr_default": lr_default, "normalized": normed, "enabled": enabled, "reason": why}
         self.kss_state.auto = decision
-        logger.warning("RKSP before training: M = %.3f at lr %g (family default %g) -> KSS %s", m, lr, lr_default,
-                       "ON" if enabled else "off")
+        logger.warning("RKSP before training: M = %.3f, mean kappa %.3g, lr %g (family default %g) -> KSS %s (%s)",
+                       m, kappa, lr, lr_default, "ON" if enabled else "off", why)
         return decision
 
     def kss_weight_now(self) -> float:
@@ -226,79 +173,91 @@ class KSSTrainer(Trainer):
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        lam = self.kss_weight_now() if model.training else 0.0
-        if lam <= 0.0:
+        alpha = self.kss_weight_now() if model.training else 0.0
+        if alpha <= 0.0:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         cfg = self.kss_config
-        blocks = self._kss_selected_blocks(model)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.state.global_step * 101
-                                            + self.kss_state.evaluations % 101)
+        step = self.state.global_step
+        pool = self._kss_selected_blocks(model)
+        # one layer draw per optimizer step (all its micro-batches); tokens drawn per micro-batch
+        chosen = select_layers(len(pool), cfg.layer_fraction, torch.Generator().manual_seed(group_seed(cfg.seed, step)))
+        gen = torch.Generator().manual_seed(group_seed(cfg.seed + 1, step * 1009 + self.kss_state.evaluations % 1009))
         mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None  # dict or BatchEncoding
         valid = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) else None
-        with SnapshotSampler(blocks, cfg.subsample, gen, valid) as sampler:
+        with SnapshotSampler([pool[i] for i in chosen], cfg.subsample, gen, valid) as sampler:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
-        dev_type = loss.device.type
-        with torch.autocast(device_type=dev_type, enabled=False):
-            results = []
-            for x, y in sampler.pairs():
+        with torch.autocast(device_type=loss.device.type, enabled=False):
+            results, degenerate = [], 0
+            for i, (x, y) in zip(chosen, sampler.pairs()):
+                basis_gen = torch.Generator().manual_seed(group_seed(cfg.seed + 2, step * 1009 + i))
                 try:
-                    results.append(block_kss_loss(
-                        x, y, rank=cfg.rank, delta=cfg.delta, target_radius=cfg.target_radius, nodes=cfg.nodes,
-                        near_weight=cfg.near_weight, outside_weight=cfg.outside_weight,
-                        radius_weight=cfg.radius_weight, radius_power=cfg.radius_power,
-                        dtype=_DTYPES[cfg.dtype], min_denominator=cfg.min_denominator,
-                    ))
-                except RKSPError as e:  # e.g. a collapsed (constant) residual stream: nothing to shape
-                    if not self.kss_state.degenerate_blocks:
+                    results.append(layer_kss(x, y, cfg, generator=basis_gen))
+                except SnapshotError as e:  # a collapsed (constant) residual stream: nothing to shape
+                    if not self.kss_state.degenerate_layers:
                         logger.warning("KSS skips a block this step: %s", e)
-                    self.kss_state.degenerate_blocks += 1
-            if not results:
-                return (loss, outputs) if return_outputs else loss
-            kss = torch.stack([r.loss for r in results]).mean()
-        term = lam * kss
-        if self._loss_is_scaled_for_ga(num_items_in_batch):
-            term = term / self.current_gradient_accumulation_steps
-        loss = loss + term.to(loss.dtype)
-        self._kss_record(float(kss.detach()), lam, results)
+                    degenerate += 1
+        used = [r.loss for r in results if not r.skipped]
+        if used:
+            kss = torch.stack(used).mean()
+            term = alpha * kss
+            if self._loss_is_scaled_for_ga(num_items_in_batch):
+                term = term / self.current_gradient_accumulation_steps
+            loss = loss + term.to(loss.dtype)
+        self._kss_record(alpha, results, degenerate)
         return (loss, outputs) if return_outputs else loss
 
-    def _kss_record(self, kss: float, lam: float, results) -> None:
+    def _kss_record(self, alpha: float, results, degenerate: int) -> None:
         st = self.kss_state
         st.evaluations += 1
         if st.last_step != self.state.global_step:
             st.kss_steps += 1
             st.last_step = self.state.global_step
-        st.skipped_counts += sum(r.skipped for r in results)
+        st.layers_evaluated += len(results)
+        st.layers_skipped += sum(r.skipped for r in results)
+        st.degenerate_layers += degenerate
+        if not results:
+            return
+        used = [r for r in results if not r.skipped]
+
+        def mean(values):
+            values = [v for v in values if math.isfinite(v)]
+            return sum(values) / len(values) if values else math.nan
+
         m = {
-            "kss/loss": kss,
-            "kss/weight": lam,
-            "kss/near_unit_mass": sum(r.near_unit_mass for r in results) / len(results),
-            "kss/spectral_radius": max(r.spectral_radius for r in results),
-            "kss/outside_mass": sum(r.outside_mass for r in results) / len(results),
-            "kss/soft_near_unit_mass": sum(r.soft_near for r in results) / len(results),
+            "kss/loss": mean([float(r.loss.detach()) for r in used]) if used else math.nan,
+            "kss/alpha": alpha,
+            "kss/soft_near_unit_mass": mean([r.soft_near_unit_mass for r in results]),
+            "kss/near_unit_mass": mean([r.near_unit_mass for r in results]),
+            "kss/expansive_mass": mean([r.expansive_mass for r in results]),
+            "kss/spectral_radius": max((r.spectral_radius for r in results if math.isfinite(r.spectral_radius)),
+                                       default=math.nan),
         }
         st.last = {**m, "step": self.state.global_step}
         for k, v in m.items():
-            self._kss_pending[k] = self._kss_pending.get(k, 0.0) + v
+            if math.isfinite(v):
+                self._kss_pending[k] = self._kss_pending.get(k, 0.0) + v
+                self._kss_pending[k + "#n"] = self._kss_pending.get(k + "#n", 0) + 1
         self._kss_pending_n += 1
 
     # -- logging ----------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._kss_pending_n:
-            vals = torch.tensor([self._kss_pending[k] / self._kss_pending_n for k in sorted(self._kss_pending)],
+            keys = sorted(k for k in self._kss_pending if not k.endswith("#n"))
+            vals = torch.tensor([self._kss_pending[k] / self._kss_pending[k + "#n"] for k in keys],
                                 dtype=torch.float64, device=self.args.device)
             if self.accelerator.num_processes > 1:
                 vals = self.accelerator.reduce(vals, reduction="mean")
-            logs.update({k: float(v) for k, v in zip(sorted(self._kss_pending), vals.tolist())})
+            logs.update({k: float(v) for k, v in zip(keys, vals.tolist())})
             logs["kss/steps"] = self.kss_state.kss_steps
+            logs["kss/layers_skipped"] = self.kss_state.layers_skipped
+            self._kss_pending, self._kss_pending_n = {}, 0
         auto = self.kss_state.auto
         if auto is not None and "loss" in logs and not self._kss_auto_logged:
             logs["kss/auto_near_unit_mass"] = auto["near_unit_mass"]
             logs["kss/auto_enabled"] = float(auto["enabled"])
             self._kss_auto_logged = True
-            self._kss_pending, self._kss_pending_n = {}, 0
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, RKSPMonitorCallback):
                 logs.update(cb.pop_pending())
@@ -308,7 +267,7 @@ class KSSTrainer(Trainer):
     def kss_state_dict(self) -> dict:
         st = asdict(self.kss_state)
         st["last"] = {k: _finite(v) for k, v in st["last"].items()}
-        return {"format": 1, "config": self.kss_config.to_dict(), "state": st}
+        return {"format": 2, "config": self.kss_config.to_dict(), "state": st}
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -331,11 +290,8 @@ class KSSTrainer(Trainer):
         elif saved != self.kss_config:
             logger.warning("resuming with a KSSConfig that differs from the checkpoint's; using the one passed")
         st = d["state"]
-        self.kss_state = _KSSState(
-            kss_steps=int(st["kss_steps"]), evaluations=int(st["evaluations"]),
-            skipped_counts=int(st["skipped_counts"]), degenerate_blocks=int(st.get("degenerate_blocks", 0)),
-            last_step=int(st["last_step"]), last=dict(st["last"]), auto=st.get("auto"),
-        )
+        known = {f for f in _KSSState.__dataclass_fields__}
+        self.kss_state = _KSSState(**{k: v for k, v in st.items() if k in known})
         return True
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):

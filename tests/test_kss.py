@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from hf_rksp.audit import AuditOptions, profile_model
 from hf_rksp.blocks import find_blocks
-from hf_rksp.kss import SnapshotSampler, block_kss_loss, choose_rotation, soft_count
+from hf_rksp.kss import KSSConfig as _KSSConfig, LayerKSS, SnapshotSampler, layer_kss
+from hf_rksp.spectral import differentiable_eigenvalues, kss_penalty
 
 VOCAB = 256
 
@@ -86,72 +87,117 @@ def test_core_operator_is_differentiable_with_stop_gradient_whitening():
     torch.testing.assert_close(eigen(ref)[0], torch.linalg.eigvals(op.matrix.detach()))
 
 
-def _hard_symmetric(ev, delta):
-    """v1 KSS's hard counts: share of |lambda| within delta of 1, and above 1 + delta."""
-    mod = ev.abs()
-    return {"near_unit_mass": float(((mod - 1).abs() <= delta).double().mean()),
-            "outside_mass": float((mod > 1 + delta).double().mean())}
+# -- eigenvalue gradients (hf_rksp.spectral.differentiable_eigenvalues) ---------------------------
+
+def _loss_of(a: torch.Tensor) -> torch.Tensor:
+    s = differentiable_eigenvalues(a)
+    return kss_penalty(s.eigenvalues)
 
 
-# -- the soft counts ---------------------------------------------------------------------------
-
-def _step_error_bound(ev, radius, nodes, theta):
-    """Per-eigenvalue bound on |Re f(lambda) - 1[|lambda| < radius]|: min(q/(1-q), 1 + 1/|1 - w|)."""
-    w = (ev / radius) ** nodes * complex(math.cos(-2 * math.pi * theta), math.sin(-2 * math.pi * theta))
-    q = torch.minimum(w.abs(), 1 / w.abs())
-    tail = torch.where(q < 1, q / (1 - q), torch.full_like(q, float("inf")))
-    return torch.minimum(tail, 1 + 1 / (1 - w).abs())
+def _central_fd(a0: torch.Tensor, direction: torch.Tensor, h: float) -> float:
+    """Five-point central difference (truncation error O(h^4))."""
+    with torch.no_grad():
+        f = [float(_loss_of(a0 + k * h * direction)) for k in (-2, -1, 1, 2)]
+    return (f[0] - 8 * f[1] + 8 * f[2] - f[3]) / (12 * h)
 
 
-@pytest.mark.parametrize("nodes", [32, 128])
-def test_soft_counts_agree_with_hard_counts(nodes):
-    """tr of the contour quadrature equals sum_i 1/(1 - w_i) (identity, 1e-8), and the soft masses
-    differ from the hard masses by no more than the analytic per-eigenvalue bound
-    (each term's error is <= q/(1-q), q = exp(-M |ln |lambda|/rho|)); on average by < 0.03 at M = 128."""
-    g = torch.Generator().manual_seed(0)
-    r, delta, errs = 64, 0.05, []
-    for trial in range(12):
-        k = torch.randn(r, r, dtype=torch.float64, generator=g) / math.sqrt(r) * (0.9 + 0.02 * trial)
-        ev = torch.linalg.eigvals(k)
-        radii = (1 - delta, 1 + delta)
-        th = [choose_rotation(ev, rho, nodes)[0] for rho in radii]
-        c = soft_count(k, radii, nodes, th)
-        for j, rho in enumerate(radii):
-            w = (ev / rho) ** nodes * complex(math.cos(-2 * math.pi * th[j]), math.sin(-2 * math.pi * th[j]))
-            assert abs(float((1 / (1 - w)).sum().real) - float(c[j])) < 1e-8
-        hard = _hard_symmetric(ev, delta)
-        soft_near, soft_out = float(c[1] - c[0]) / r, float(r - c[1]) / r
-        b_in = _step_error_bound(ev, radii[0], nodes, th[0]).sum()
-        b_out = _step_error_bound(ev, radii[1], nodes, th[1]).sum()
-        assert abs(soft_near - hard["near_unit_mass"]) * r <= float(b_in + b_out) + 1e-9
-        assert abs(soft_out - hard["outside_mass"]) * r <= float(b_out) + 1e-9
-        errs.append(abs(soft_near - hard["near_unit_mass"]))
-    if nodes == 128:
-        assert sum(errs) / len(errs) < 0.03
+def test_eigenvalue_gradient_equals_torch_eig_backward():
+    """V^-H diag(g) V^H from the forward's own decomposition = torch.linalg.eigvals' backward (1e-10:
+    the same formula, different solves)."""
+    a = (torch.randn(24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 5)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    _loss_of(a1).backward()
+    kss_penalty(torch.linalg.eigvals(a2)).backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_gradients_finite_at_degenerate_and_defective_spectra():
-    """The identity (r-fold eigenvalue 1 on the band) and a Jordan block: the soft counts' gradient is
-    finite and non-zero; eig's backward through eigenvectors is not finite at the identity."""
-    for k0 in (torch.eye(16, dtype=torch.float64),
-               torch.eye(16, dtype=torch.float64) + torch.diag(torch.ones(15, dtype=torch.float64), 1)):
-        k = k0.clone().requires_grad_()
-        ev = torch.linalg.eigvals(k.detach())
-        th = [choose_rotation(ev, rho, 32)[0] for rho in (0.95, 1.05)]
-        c = soft_count(k, (0.95, 1.05), 32, th)
-        (c[1] - c[0]).backward()
-        assert torch.isfinite(k.grad).all() and k.grad.abs().sum() > 0
-    k = torch.eye(16, dtype=torch.float64, requires_grad=True)
-    _, vecs = torch.linalg.eig(k)  # what an eigenvector-based loss would differentiate
-    vecs.abs().sum().backward()
-    assert not torch.isfinite(k.grad).all()
+@pytest.mark.parametrize("scale", [1e-2, 1e-4])
+def test_near_identity_operator_gradient_matches_finite_differences(scale):
+    """A = 0.97 I + scale R, all 32 eigenvalues within `scale` of each other (no-norm blocks at init):
+    eigenvector derivatives blow up like 1/scale, eigenvalue derivatives do not; the gradient is finite
+    and equals a five-point central difference along random directions (1e-5 relative: h = 3e-4 scale
+    keeps h ||E|| / gap ~ 0.01 for eigenvalue gaps ~0.3 scale, so the truncation error is ~1e-8; the
+    eigenvalues' rounding, ~1e-14 each, costs ~1e-6 after dividing by h)."""
+    g = torch.Generator().manual_seed(1)
+    a0 = 0.97 * torch.eye(32, dtype=torch.float64) + scale * torch.randn(32, 32, dtype=torch.float64, generator=g)
+    a = a0.clone().requires_grad_()
+    s = differentiable_eigenvalues(a)
+    assert s.differentiable and s.condition < 1e3
+    kss_penalty(s.eigenvalues).backward()
+    assert torch.isfinite(a.grad).all() and float(a.grad.abs().sum()) > 0
+    for _ in range(3):
+        e = torch.randn(32, 32, dtype=torch.float64, generator=g)
+        assert float((a.grad * e).sum()) == pytest.approx(_central_fd(a0, e, 3e-4 * scale), rel=1e-5)
 
 
-def test_rotation_keeps_poles_away_from_eigenvalues_on_the_circle():
-    ev = torch.polar(torch.ones(32, dtype=torch.float64), torch.rand(32, generator=torch.Generator().manual_seed(3),
-                                                                     dtype=torch.float64) * 2 * math.pi)
-    _, dmin = choose_rotation(ev, 1.0, 32)
-    assert dmin > 0.02  # ~ pi / m for m eigenvalues exactly on the circle
+def test_jordan_block_is_skipped_with_a_finite_gradient():
+    """An exact Jordan block: the eigenvalue is not differentiable there (a perturbation eps of the corner
+    moves the 4 eigenvalues by eps^(1/4), the loss by ~eps^(1/2): the one-sided difference quotient grows
+    as h shrinks), so no gradient is defined; the layer is flagged (condition above max_condition) and the
+    gradient is finite (zero).  Pulled apart (diagonal 1, 1.2, 1.4, 1.6 on the same Jordan chain) the
+    eigenvalues are well enough conditioned and the gradient equals a central difference (1e-6 relative)."""
+    n = 4
+    jordan = torch.eye(n, dtype=torch.float64) + torch.diag(torch.ones(n - 1, dtype=torch.float64), 1)
+    a = jordan.clone().requires_grad_()
+    s = differentiable_eigenvalues(a)
+    assert not s.differentiable and s.condition > 1e4 and s.eigenvalues.requires_grad is False
+    loss = kss_penalty(s.eigenvalues)
+    assert loss.requires_grad is False  # nothing flows: the caller skips the layer
+    corner = torch.zeros(n, n, dtype=torch.float64)
+    corner[-1, 0] = 1.0
+    with torch.no_grad():
+        quotients = [abs(float(_loss_of(jordan + h * corner) - _loss_of(jordan))) / h for h in (1e-4, 1e-6, 1e-8)]
+    assert quotients[0] < quotients[1] < quotients[2] and quotients[2] > 30 * quotients[0]
+
+    apart = jordan + torch.diag(torch.arange(n, dtype=torch.float64) * 0.2)
+    a = apart.clone().requires_grad_()
+    s = differentiable_eigenvalues(a)
+    assert s.differentiable and s.condition < 1e3
+    kss_penalty(s.eigenvalues).backward()
+    assert torch.isfinite(a.grad).all()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        e = torch.randn(n, n, dtype=torch.float64, generator=g)
+        assert float((a.grad * e).sum()) == pytest.approx(_central_fd(apart, e, 1e-6), rel=1e-6)
+
+
+def test_layer_kss_gradient_on_a_no_norm_block_at_init_matches_finite_differences():
+    """The whole KSS path (whitening -> rank-32 randomized DMD -> eigenvalues -> Eq. 14) on a no-norm
+    block of the paper's model at init (near-identity: the update is ~2% of the stream), differentiated
+    into the block's own weights.  Those weights change Y only, and everything detached (whitening basis,
+    Hb, random basis) depends on X only, so the gradient is exact there: it equals a central difference
+    (1e-5 relative, h = 1e-5)."""
+    from hf_rksp.kss import KSSConfig, layer_kss
+    from hf_rksp.paper_models import GPT, GPTConfig, associative_recall
+
+    torch.manual_seed(42)
+    model = GPT(GPTConfig(norm="none", d_model=64, n_layers=2, n_heads=4)).double()
+    ids, _ = associative_recall(8, seed=42)
+    with torch.no_grad():
+        x = (model.wte(ids) + model.wpe(torch.arange(ids.shape[1]))).detach()
+    block = model.blocks[0]
+    w = block.mlp.proj.weight
+    cfg = KSSConfig()
+
+    def loss() -> LayerKSS:
+        y = block(x)
+        return layer_kss(x.reshape(-1, 64), y.reshape(-1, 64), cfg, generator=torch.Generator().manual_seed(0))
+
+    r = loss()
+    assert not r.skipped and r.rank == 32
+    with torch.no_grad():
+        assert float((block(x) - x).norm() / x.norm()) < 0.1  # near-identity
+    (grad,) = torch.autograd.grad(r.loss, w)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+    e = torch.randn(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    h = 1e-5
+    with torch.no_grad():
+        w.add_(h * e)
+        up = float(loss().loss)
+        w.sub_(2 * h * e)
+        down = float(loss().loss)
+        w.add_(h * e)
+    assert float((grad * e).sum()) == pytest.approx((up - down) / (2 * h), rel=1e-5)
 
 
 # -- the loss on real blocks -------------------------------------------------------------------
@@ -163,13 +209,14 @@ def test_kss_loss_gradients_reach_block_weights(family, no_norm):
     ids = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(0))
     with SnapshotSampler(list(blocks), 128, torch.Generator().manual_seed(0)) as s:
         model(input_ids=ids)
-    losses = [block_kss_loss(x, y, rank=32) for x, y in s.pairs()]
+    losses = [layer_kss(x, y, _KSSConfig(), generator=torch.Generator().manual_seed(0)) for x, y in s.pairs()]
+    assert not any(r.skipped for r in losses)
     torch.stack([r.loss for r in losses]).mean().backward()
     for b in blocks:
         grads = [p.grad for p in b.parameters() if p.requires_grad]
         assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
         assert sum(float(gr.abs().sum()) for gr in grads) > 0
-    assert all(0 <= r.near_unit_mass <= 1 and r.rank == 32 for r in losses)
+    assert all(0 <= r.near_unit_mass <= 1 and r.rank == 32 and math.isfinite(float(r.loss.detach())) for r in losses)
 
 
 def test_no_norm_high_lr_training_stays_finite(tmp_path):
@@ -177,7 +224,7 @@ def test_no_norm_high_lr_training_stays_finite(tmp_path):
 
     model = tiny_lm("gpt2", no_norm=True)
     tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=8, learning_rate=3e-2, max_grad_norm=0.0),
-                    train_dataset=Tokens(), kss_config=KSSConfig(weight=1.0, rank=32))
+                    train_dataset=Tokens(), kss_config=KSSConfig(alpha=1.0, every_n_steps=1))
     tr.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     kss_logs = [h for h in tr.state.log_history if "kss/loss" in h]
@@ -186,35 +233,56 @@ def test_no_norm_high_lr_training_stays_finite(tmp_path):
 
 # -- KSSTrainer --------------------------------------------------------------------------------
 
+def kss_view(model, cfg) -> tuple[float, float, float]:
+    """What KSS sees on a fixed batch: mean hard near-unit mass, expansive mass and L_l over every block's
+    rank-32 operator (no grad, fixed seeds)."""
+    _, blocks = find_blocks(model)
+    ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(5))
+    was = model.training
+    model.eval()
+    with torch.no_grad(), SnapshotSampler(list(blocks), cfg.subsample, torch.Generator().manual_seed(0)) as s:
+        model(input_ids=ids)
+    model.train(was)
+    rs = [layer_kss(x, y, cfg, generator=torch.Generator().manual_seed(i)) for i, (x, y) in enumerate(s.pairs())]
+    n = len(rs)
+    return (sum(r.near_unit_mass for r in rs) / n, sum(r.expansive_mass for r in rs) / n,
+            sum(float(r.loss) for r in rs) / n)
+
+
 @pytest.mark.support("KSS")
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_kss_on_moves_spectrum_in_the_intended_direction(family, tmp_path):
-    """Same seed, data and steps: with KSS on, the audit's model-level near-unit mass and spectral
-    radius on a fixed batch end lower than with KSS off."""
+    """Same seed, data and steps on a no-norm model (near-unit mass far above gamma at init): with KSS on
+    (alpha 1, every step, lr 3e-3), the KSS loss of every block on a fixed batch ends lower than with KSS
+    off, and the expansive mass no higher.  (How the near-unit mass moves under the defaults is
+    benchmarks/kss_behaviour.py's.)"""
     from hf_rksp import KSSConfig, KSSTrainer
 
+    STEPS = 40
     out = {}
     for mode in ("off", "on"):
-        model = tiny_lm(family)
-        tr = KSSTrainer(model=model, args=targs(tmp_path / mode, max_steps=20), train_dataset=Tokens(),
-                        kss_config=KSSConfig(mode=mode, weight=1.0))
+        model = tiny_lm(family, no_norm=True)
+        cfg = KSSConfig(mode=mode, alpha=1.0, every_n_steps=1)
+        tr = KSSTrainer(model=model, args=targs(tmp_path / mode, max_steps=STEPS, learning_rate=3e-3),
+                        train_dataset=Tokens(), kss_config=cfg)
         tr.train()
-        out[mode] = model_profile(model)
+        out[mode] = kss_view(model, cfg)
         keys = {k for h in tr.state.log_history for k in h}
         if mode == "on":
-            assert {"kss/loss", "kss/near_unit_mass", "kss/spectral_radius", "kss/weight"} <= keys
-            assert tr.kss_state.kss_steps == 20
+            assert {"kss/loss", "kss/near_unit_mass", "kss/soft_near_unit_mass", "kss/expansive_mass",
+                    "kss/spectral_radius", "kss/alpha", "kss/layers_skipped"} <= keys
+            assert tr.kss_state.kss_steps == STEPS and tr.kss_state.layers_evaluated == STEPS  # 50% of 2 blocks
         else:
             assert not any(k.startswith("kss/") for k in keys)
-    assert out["on"][0] < out["off"][0], out
-    assert out["on"][1] < out["off"][1], out
+    assert out["on"][2] < out["off"][2], out
+    assert out["on"][1] <= out["off"][1], out
 
 
 def test_checkpoint_resume_keeps_kss_state(tmp_path):
     from hf_rksp import KSSConfig, KSSTrainer
     from hf_rksp.trainer import KSS_STATE_NAME
 
-    cfg = KSSConfig(weight=0.5, every_n_steps=2, warmup_steps=2, rank=32)
+    cfg = KSSConfig(alpha=0.5, every_n_steps=2, warmup_steps=2)
     full = KSSTrainer(model=tiny_lm("gpt2"), args=targs(tmp_path / "a", max_steps=6, save_strategy="steps",
                                                         save_steps=3), train_dataset=Tokens(), kss_config=cfg)
     full.train()
@@ -237,7 +305,7 @@ def test_gradient_accumulation_and_bf16(tmp_path):
 
     tr = KSSTrainer(model=tiny_lm("llama"), args=targs(tmp_path, max_steps=2, gradient_accumulation_steps=2,
                                                        per_device_train_batch_size=4, bf16=True, logging_steps=1),
-                    train_dataset=Tokens(), kss_config=KSSConfig(weight=1.0, rank=32))
+                    train_dataset=Tokens(), kss_config=KSSConfig(alpha=1.0, every_n_steps=1))
     tr.train()
     assert tr.kss_state.kss_steps == 2 and tr.kss_state.evaluations == 4
     assert all(math.isfinite(h["kss/loss"]) for h in tr.state.log_history if "kss/loss" in h)
@@ -246,18 +314,12 @@ def test_gradient_accumulation_and_bf16(tmp_path):
 def test_config_validation_and_schedule():
     from hf_rksp import KSSConfig
 
-    with pytest.raises(ValueError, match="'on', 'off' or 'auto'"):
-        KSSConfig(mode="maybe")
-    with pytest.raises(ValueError, match="auto_threshold"):
-        KSSConfig(mode="auto", auto_threshold=1.5)
-    with pytest.raises(ValueError):
-        KSSConfig(decay="exp")
-    c = KSSConfig(weight=2.0, warmup_steps=4, decay="linear", decay_steps=10)
+    c = KSSConfig(alpha=2.0, warmup_steps=4, decay="linear", decay_steps=10)
     assert c.schedule(0, 100) == pytest.approx(0.5)
     assert c.schedule(3, 100) == pytest.approx(2.0)
     assert c.schedule(9, 100) == pytest.approx(2.0 * 0.5)
     assert c.schedule(20, 100) == 0.0
-    cos = KSSConfig(weight=1.0, decay="cosine")
+    cos = KSSConfig(alpha=1.0, decay="cosine")
     assert cos.schedule(50, 100) == pytest.approx(0.5)
     assert KSSConfig.from_dict(c.to_dict()) == c
 
@@ -313,7 +375,7 @@ def test_kss_trains_moe_and_ssm_families(model_type, kw, tmp_path):
     model = AutoModelForCausalLM.from_config(
         AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=128, **kw))
     tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=3, logging_steps=1), train_dataset=Tokens(n=24),
-                    kss_config=KSSConfig(mode="on", weight=1.0))
+                    kss_config=KSSConfig(mode="on", alpha=1.0, every_n_steps=1))
     tr.train()
     logs = [h for h in tr.state.log_history if "kss/loss" in h]
     assert logs and all(math.isfinite(h["kss/loss"]) and h["kss/loss"] > 0 for h in logs)
@@ -324,30 +386,74 @@ def test_kss_trains_moe_and_ssm_families(model_type, kw, tmp_path):
     ids = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(0))
     with SnapshotSampler(list(blocks), 128, torch.Generator().manual_seed(0)) as s:
         model(input_ids=ids)
-    torch.stack([block_kss_loss(x, y, rank=32).loss for x, y in s.pairs()]).mean().backward()
+    torch.stack([layer_kss(x, y, _KSSConfig()).loss for x, y in s.pairs()]).mean().backward()
     for b in blocks:
         grads = [p.grad for p in b.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-@pytest.mark.parametrize("score,lr,expect_on", [(0.6, 1e-4, True), (0.2, 1.0, False), (0.4, 1e-4, False),
-                                                (0.4, 2e-3, True)])
-def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score, lr, expect_on):
-    """mode="auto" profiles the model before step 1 and applies the paper's Fig. 7 rule (no v2 risk model
-    ships yet): M > 0.5 -> on; M < 0.3 -> off; in between on above 2x the family's default lr (gpt2: 6e-4).
-    The profile is stubbed to a given score, so every branch of the rule is exercised."""
+@pytest.mark.parametrize("score,kappa,lr,no_norm,expect_on", [
+    (0.6, 50.0, 1e-4, False, True),  # M > 0.5
+    (0.2, 50.0, 1.0, False, False),  # M < 0.3, modest kappa: off whatever the lr
+    (0.2, 1e5, 1e-4, False, True),  # large kappa
+    (0.2, None, 1e-4, False, True),  # kappa infinite (a singular V)
+    (0.4, 50.0, 1e-4, False, False),  # in between, normalized, default lr
+    (0.4, 50.0, 2e-3, False, True),  # in between, lr > 2x the family default (gpt2: 6e-4)
+    (0.4, 50.0, 1e-4, True, True),  # in between, no normalization
+])
+def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score, kappa, lr, no_norm, expect_on):
+    """mode="auto" profiles the model before step 1 and applies the paper's Fig. 7 flow (no v2 risk model
+    ships yet).  The profile is stubbed to a given M and mean kappa, so every branch is exercised."""
     from hf_rksp import KSSConfig, KSSTrainer, trainer
 
     def fake_profile(model, ids, options):
-        feats = {"spectral_radius": {"max": 1.5}}
+        feats = {"spectral_radius": {"max": 1.5}, "eigvec_condition": {"mean": kappa}}
         return {"score": score, "features": feats}, 2
 
     monkeypatch.setattr(trainer, "_profile_summary", fake_profile)
-    tr = KSSTrainer(model=tiny_lm("gpt2"), args=targs(tmp_path, max_steps=2, learning_rate=lr, logging_steps=1),
-                    train_dataset=Tokens(), kss_config=KSSConfig(mode="auto"))
+    model = tiny_lm("gpt2", no_norm=no_norm)
+    assert trainer.has_normalization(model) is not no_norm
+    tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=2, learning_rate=lr, logging_steps=1),
+                    train_dataset=Tokens(), kss_config=KSSConfig(mode="auto", every_n_steps=1))
     tr.train()
     auto = tr.kss_state.auto
     assert auto["enabled"] is expect_on and auto["lr"] == lr and auto["near_unit_mass"] == score
+    assert auto["normalized"] is not no_norm and auto["reason"]
     assert (tr.kss_state.kss_steps > 0) is expect_on
     assert tr.kss_state_dict()["state"]["auto"] == auto  # saved with checkpoints, kept on resume
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"alpha": -0.1}, "alpha"), ({"gamma": 1.5}, "gamma"), ({"gamma": -0.1}, "gamma"),
+    ({"tau_l": 1.05, "tau_u": 1.05}, "tau_l"), ({"tau_l": 0.9, "tau_u": 0.95}, "tau_l"), ({"rank": 1}, "rank"),
+    ({"every_n_steps": 0}, "every_n_steps"), ({"layer_fraction": 0.0}, "layer_fraction"),
+    ({"subsample": 32}, "subsample"), ({"T": 0.0}, "T"), ({"beta": -1.0}, "beta"), ({"alpha": math.nan}, "alpha"),
+    ({"mode": "maybe"}, "mode"), ({"auto_threshold": 1.5}, "auto_threshold"), ({"decay": "exp"}, "decay"),
+])
+def test_bad_kss_config_raises_one_clear_error(kwargs, param):
+    from hf_rksp import KSSConfig
+    from hf_rksp.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        KSSConfig(**kwargs)
+    assert e.value.param == param and str(e.value).startswith("KSSConfig.") and "\n" not in str(e.value)
+
+
+def test_kss_defaults_are_the_papers():
+    from hf_rksp import KSSConfig
+
+    c = KSSConfig()
+    assert (c.alpha, c.every_n_steps, c.layer_fraction, c.rank, c.T, c.tau_u, c.tau_l) == \
+        (0.15, 10, 0.5, 32, 20.0, 1.05, 0.90)
+    assert 0.3 <= c.gamma <= 0.5
+
+
+def test_layer_draw_is_seeded_and_half():
+    from hf_rksp.kss import select_layers
+
+    draws = [select_layers(12, 0.5, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(len(d) == 6 and d == sorted(set(d)) for d in draws)
+    assert draws[0] == select_layers(12, 0.5, torch.Generator().manual_seed(0))
+    assert len({tuple(d) for d in draws}) > 10
+    assert select_layers(1, 0.5, torch.Generator().manual_seed(0)) == [0]

@@ -4,7 +4,7 @@
     operator.py   A = Y~ X~^+ on range(X~): full, or seeded rank-r randomized DMD (Eq. 6)
     kreiss.py     the Kreiss constant (Eq. 29)
     features.py   mass partition, rho, kappa(V), eta_nl, ResDMD; the typed record; the feature registry
-    shaping.py    the differentiable KSS terms (Eqs. 14-15)
+    shaping.py    the differentiable KSS terms (Eqs. 14-15) and eigenvalues safe to differentiate
 
 The audit (no grad) and KSS (with grad) call the same functions.
 """
@@ -13,7 +13,8 @@ from .features import (FEATURE_NAMES, FEATURES, BlockFeatures, Feature, RKSPConf
                        features_of, mass_partition, nonlinearity_ratio, profile_block, resdmd_residuals)
 from .kreiss import kreiss_constant
 from .operator import DMDOperator, dmd_operator, full_operator, randomized_operator
-from .shaping import kss_penalty, soft_near_unit_mass, unstable_penalty
+from .shaping import (MAX_CONDITION, Spectrum, differentiable_eigenvalues, eigenvalue_condition, kss_penalty,
+                      soft_near_unit_mass, unstable_penalty)
 from .whitening import EPS, REL_CUT, Whitened, whiten
 
 METHOD_VERSION = "2"
@@ -23,4 +24,5 @@ __all__ = [
     "Whitened", "whiten", "DMDOperator", "dmd_operator", "full_operator", "randomized_operator", "eigen",
     "eigvec_condition", "features_of", "mass_partition", "nonlinearity_ratio", "profile_block",
     "resdmd_residuals", "kreiss_constant", "kss_penalty", "soft_near_unit_mass", "unstable_penalty",
+    "MAX_CONDITION", "Spectrum", "differentiable_eigenvalues", "eigenvalue_condition",
 ]
