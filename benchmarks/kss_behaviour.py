@@ -14,10 +14,11 @@ the paper's label; training stops there):
   512 held-out token states per block, which is what KSS shapes;
 - ``accuracy`` on 512 held-out sequences; ``diverged`` and the step.
 
-    python benchmarks/kss_behaviour.py --json                  # 2 seeds, 300 steps
+    python benchmarks/kss_behaviour.py --json                  # 2 seeds, 300 steps, lr 0.01
+    python benchmarks/kss_behaviour.py --json --lr 0.002       # the largest stable lr of Table 5
     python benchmarks/kss_behaviour.py --seeds 42 --steps 100  # quicker
 
-Results are written to benchmarks/results/kss_behaviour.json after every run (``--resume`` skips
+Results are written to benchmarks/results/kss_behaviour_lr<LR>.json after every run (``--resume`` skips
 runs already there).
 """
 
@@ -45,7 +46,7 @@ from hf_rksp.paper_models import GPTConfig, RecallDataset, RecallModel, associat
 from hf_rksp.profiling import ProfileOptions, profile_model  # noqa: E402
 from hf_rksp.trainer import KSSTrainer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "kss_behaviour.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 BLOCKS = "gpt.blocks"
 #: the paper's divergence label (PAPER.md, Protocol)
 LOSS_LIMIT, GRAD_LIMIT = 50.0, 500.0
@@ -137,9 +138,10 @@ def main(argv=None) -> int:
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/kss_behaviour_lr<LR>.json")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out with these settings")
     a = p.parse_args(argv)
+    a.out = a.out or RESULTS / f"kss_behaviour_lr{a.lr:g}.json"
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("hf_rksp").setLevel(logging.ERROR)
     settings = {k: getattr(a, k) for k in ("steps", "warmup", "lr", "batch", "d", "layers", "heads")}
