@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .audit import AuditOptions, AuditResult, audit  # noqa: E402
 from .errors import RKSPError  # noqa: E402
+from .record import AuditRecord, read_audit  # noqa: E402
 from .spectral import FEATURES, BlockFeatures, RKSPConfig, kss_penalty, profile_block  # noqa: E402
 
 
@@ -12,6 +13,8 @@ __all__ = [
     "audit",
     "AuditOptions",
     "AuditResult",
+    "AuditRecord",
+    "read_audit",
     "RKSPError",
     "FEATURES",
     "BlockFeatures",
