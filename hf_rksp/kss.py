@@ -40,7 +40,7 @@ from torch import nn
 from .capture import _hidden_in, _hidden_out
 from .errors import ConfigError, SnapshotError
 from .spectral import (MAX_CONDITION, RKSPConfig, differentiable_eigenvalues, dmd_operator, kss_penalty,
-                       mass_partition, soft_near_unit_mass, whiten)
+                       mass_partition, soft_near_unit_mass, unstable_penalty, whiten)
 from .spectral.whitening import EPS
 
 __all__ = ["KSSConfig", "LayerKSS", "layer_kss", "select_layers", "SnapshotSampler"]
@@ -69,6 +69,7 @@ class KSSConfig:
     tau_l: float = 0.90  # lower edge of the near-unit band
     gamma: float = 0.4  # target soft near-unit mass (paper: in [0.3, 0.5])
     beta: float = 1.0  # weight of the near-unit target (paper: not given) [ours]
+    terms: str = "both"  # "both" | "unstable" | "near_unit": the paper's Table 6 ablations
     eps: float = EPS  # whitening regularizer, as in the audit
     max_condition: float = MAX_CONDITION  # skip a layer whose eigenvalue condition number exceeds this [ours]
     warmup_steps: int = 0  # linear ramp of alpha over these optimizer steps (0: the paper's constant alpha)
@@ -97,6 +98,8 @@ class KSSConfig:
              f"tau_u = {self.tau_u}"),
             ("gamma", _finite(self.gamma) and 0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}"),
             ("beta", _finite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            ("terms", self.terms in ("both", "unstable", "near_unit"),
+             f"terms must be 'both', 'unstable' or 'near_unit', got {self.terms!r}"),
             ("eps", _finite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}"),
             ("max_condition", self.max_condition > 1, f"max_condition must be > 1, got {self.max_condition}"),
             ("warmup_steps", _int(self.warmup_steps) and self.warmup_steps >= 0,
@@ -135,8 +138,15 @@ class KSSConfig:
                 w *= (1.0 - p) if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
         return w
 
-    def penalty_kwargs(self) -> dict:
-        return {"T": self.T, "tau_u": self.tau_u, "tau_l": self.tau_l, "gamma": self.gamma, "beta": self.beta}
+    def penalty(self, eigenvalues: torch.Tensor) -> torch.Tensor:
+        """L_l of Eq. 14 (or one of its two terms, ``terms``) for one layer's eigenvalues."""
+        if self.terms == "unstable":
+            return unstable_penalty(eigenvalues, T=self.T, tau_u=self.tau_u)
+        if self.terms == "near_unit":
+            m_soft = soft_near_unit_mass(eigenvalues, T=self.T, tau_u=self.tau_u, tau_l=self.tau_l)
+            return self.beta * (m_soft - self.gamma) ** 2
+        return kss_penalty(eigenvalues, T=self.T, tau_u=self.tau_u, tau_l=self.tau_l, gamma=self.gamma,
+                           beta=self.beta)
 
 
 def _finite(v) -> bool:
@@ -177,7 +187,7 @@ def layer_kss(x: torch.Tensor, y: torch.Tensor, config: KSSConfig, *,
     op = dmd_operator(wh, config.rank if config.rank < wh.k else None, generator=generator)
     spec = differentiable_eigenvalues(op.matrix, max_condition=config.max_condition)
     lam = spec.eigenvalues
-    loss = kss_penalty(lam, **config.penalty_kwargs())
+    loss = config.penalty(lam)
     skipped = not spec.differentiable or not bool(torch.isfinite(loss.detach()))
     if skipped:
         loss = loss.detach()

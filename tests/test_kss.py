@@ -429,7 +429,7 @@ def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score
     ({"tau_l": 1.05, "tau_u": 1.05}, "tau_l"), ({"tau_l": 0.9, "tau_u": 0.95}, "tau_l"), ({"rank": 1}, "rank"),
     ({"every_n_steps": 0}, "every_n_steps"), ({"layer_fraction": 0.0}, "layer_fraction"),
     ({"subsample": 32}, "subsample"), ({"T": 0.0}, "T"), ({"beta": -1.0}, "beta"), ({"alpha": math.nan}, "alpha"),
-    ({"mode": "maybe"}, "mode"), ({"auto_threshold": 1.5}, "auto_threshold"), ({"decay": "exp"}, "decay"),
+    ({"mode": "maybe"}, "mode"), ({"terms": "all"}, "terms"), ({"auto_threshold": 1.5}, "auto_threshold"), ({"decay": "exp"}, "decay"),
 ])
 def test_bad_kss_config_raises_one_clear_error(kwargs, param):
     from hf_rksp import KSSConfig
@@ -447,6 +447,15 @@ def test_kss_defaults_are_the_papers():
     assert (c.alpha, c.every_n_steps, c.layer_fraction, c.rank, c.T, c.tau_u, c.tau_l) == \
         (0.15, 10, 0.5, 32, 20.0, 1.05, 0.90)
     assert 0.3 <= c.gamma <= 0.5
+
+
+def test_ablation_terms_are_the_two_halves_of_eq_14():
+    from hf_rksp import KSSConfig
+
+    lam = torch.tensor([0.5 + 0.2j, 0.95, -1.02 + 0.1j, 1.2 - 0.3j], dtype=torch.complex128)
+    both, unstable, near = (float(KSSConfig(terms=t).penalty(lam)) for t in ("both", "unstable", "near_unit"))
+    assert both == pytest.approx(unstable + near, rel=1e-12) and unstable > 0 and near > 0
+    assert both == pytest.approx(float(kss_penalty(lam)), rel=1e-12)
 
 
 def test_layer_draw_is_seeded_and_half():
