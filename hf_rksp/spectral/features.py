@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..errors import ConfigError
-from .kreiss import _kreiss, complex_inverse, real_basis, unit_columns
+from .kreiss import _all_finite, _kreiss, complex_inverse, real_basis, unit_columns
 from .operator import OVERSAMPLE, POWER_ITERS, DMDOperator, dmd_operator
 from .whitening import EPS, REL_CUT, whiten
 
@@ -223,7 +223,7 @@ def eigvec_condition(vectors: torch.Tensor, inverse: torch.Tensor | None = None)
 
 def _condition(mat: torch.Tensor, mat_inv: torch.Tensor) -> float:
     """||M||_2 ||M^-1||_2 from M and its computed inverse (inf if the inverse is not finite)."""
-    if not bool(torch.isfinite(torch.view_as_real(mat_inv) if mat_inv.is_complex() else mat_inv).all()):
+    if not _all_finite(mat_inv):
         return math.inf
     return _spectral_norm(mat) * _spectral_norm(mat_inv)
 
@@ -319,10 +319,7 @@ class _Decomposition:
     inv: torch.Tensor  # V^-1 (inf when V is singular to working precision)
     basis: tuple | None  # ``real_basis(V)``: (Wr, jp, jq, jr), or None
     wr_inv: torch.Tensor | None  # Wr^-1 (None without a real basis or when singular)
-
-    @property
-    def finite(self) -> bool:
-        return bool(torch.isfinite(torch.view_as_real(self.inv)).all())
+    finite: bool  # V^-1 is finite
 
 
 def _decompose(op: DMDOperator) -> _Decomposition:
@@ -338,7 +335,7 @@ def _decompose(op: DMDOperator) -> _Decomposition:
             inv = torch.linalg.inv(vec)
     except RuntimeError:  # defective to working precision
         inv, wr_inv = torch.full_like(vec, complex(math.inf, 0)), None
-    return _Decomposition(lam, vec, inv, basis, wr_inv)
+    return _Decomposition(lam, vec, inv, basis, wr_inv, _all_finite(inv))
 
 
 def eigen(op: DMDOperator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

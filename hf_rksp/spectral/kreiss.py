@@ -94,8 +94,16 @@ MATRIX_MAX_M = 256  # between the two, ``matrix`` is used up to this size (LU so
 
 
 def _col_norms(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean norms of the columns of a complex matrix (through its real view: complex abs is slow)."""
-    return torch.view_as_real(x).square().sum((0, 2)).sqrt()
+    """Euclidean norms of the columns of a complex matrix (through its real view: complex abs is slow;
+    summed over rows first: a reduction over dims (0, 2) at once is ~10x slower)."""
+    return torch.view_as_real(x).square().sum(0).sum(1).sqrt()
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of x is finite: from its sum (~20x faster than ``isfinite(x).all()`` on an
+    m x m matrix), and entry by entry only when the sum is not finite (a non-finite entry, or overflow)."""
+    r = torch.view_as_real(x.resolve_conj()) if x.is_complex() else x
+    return bool(torch.isfinite(r.sum())) or bool(torch.isfinite(r).all())
 
 
 def unit_columns(x: torch.Tensor) -> torch.Tensor:
@@ -405,7 +413,7 @@ def _kreiss(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Ten
         return math.inf
     scale = max(float(lam.abs().max()), 1.0)
     lam = lam / scale
-    finite = bool(torch.isfinite(torch.view_as_real(v)).all() and torch.isfinite(torch.view_as_real(w)).all())
+    finite = _all_finite(v) and _all_finite(w)
     vn = _col_norms(v) if finite else None
     if finite and bool((vn > 0).all()):
         if not bool(((vn - 1).abs() <= 1e-14).all()):
@@ -420,7 +428,7 @@ def _kreiss(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Ten
         return math.inf  # V singular to working precision
     if use_matrix:
         a = a / scale
-        if not bool(torch.isfinite(torch.view_as_real(a)).all()):
+        if not _all_finite(a):
             return math.inf
         if not finite or not bool(torch.isfinite(kappa).all()):
             v = w = torch.eye(m, dtype=torch.complex128)

@@ -132,6 +132,14 @@ def _gram(a: torch.Tensor, blocks: int = 3) -> torch.Tensor:
     return out
 
 
+def _centered(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a in ``dtype`` minus its column means; in place when ``to`` made a copy that needs no gradient."""
+    b = a.to(dtype)
+    if b is a or b.requires_grad:
+        return b - b.mean(dim=0)
+    return b.sub_(b.mean(dim=0))
+
+
 def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float = REL_CUT,
            dtype: torch.dtype = torch.float64) -> Whitened:
     """The paper's ZCA-whitened snapshots of one block, reduced to the range of X~ (see module doc).
@@ -147,15 +155,12 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
         raise SnapshotError(f"whitening needs at least 2 token states, got {n}")
     if not (eps > 0 and 0 < rel_cut < 1):
         raise SnapshotError(f"eps must be > 0 and rel_cut in (0, 1), got {eps}, {rel_cut}")
-    x, y = x.to(dtype), y.to(dtype)
-    xc = x - x.mean(dim=0)
-    yc = y - y.mean(dim=0)
+    lo, hi = torch.aminmax(x.detach())
+    xc, yc = _centered(x, dtype), _centered(y, dtype)
     xd = xc.detach()
     # a constant stream leaves only centering rounding, |xc| <~ 64 eps |x|, in each of the N d entries
-    lo, hi = torch.aminmax(x.detach())
     constant_level = n * d * (64 * torch.finfo(dtype).eps * max(float(hi), -float(lo))) ** 2
-    y_norm2 = float(torch.linalg.vector_norm(yc.detach())) ** 2
-    diff_norm2 = float(torch.dist(yc.detach(), xd)) ** 2
+    y_norm2 = float(torch.linalg.vector_norm(yc.detach())) ** 2  # no (N x d) temporary
     if n > d:  # d-space: the (d x d) moments, rotated by V (k x k); no N-length product after the Grams
         evals, evecs = torch.linalg.eigh(_gram(xd))
         idx = _keep(evals, n, eps, rel_cut, constant_level)
@@ -178,6 +183,9 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
         y_rows = float((u.T @ yc.detach()).pow(2).sum())
         basis = None
         cross, yy = py.T @ px, py.T @ py
+    # ||Yc - Xc||^2, in Yc's own buffer when nothing needs it any more (a fresh (N x d) buffer costs ~5 ms)
+    in_graph = xc.requires_grad or yc.requires_grad  # (autograd may have saved Yc)
+    diff_norm2 = float(torch.linalg.vector_norm(yc.detach() - xd if in_graph else yc.sub_(xd))) ** 2
     w = (s ** 2 / (n - 1) + eps).rsqrt()
     return Whitened(s=s, w=w, cross=cross, yy=yy, y_norm2=y_norm2, diff_norm2=diff_norm2,
                     y_rows_norm2=y_rows, n=n, d=d, eps=eps, basis=basis)
