@@ -39,6 +39,7 @@ X = block input and Y = block output with forward hooks.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -301,3 +302,89 @@ class RecallDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+
+# --- The synthetic LM task (PAPER.md D.2) ------------------------------------------------------------------------
+
+#: token ids below this are reserved (the paper draws every token from {10, ..., V - 1})
+LM_FIRST_TOKEN = 10
+
+
+def synthetic_lm_sequence(rng: random.Random, *, length: int = 256, vocab_size: int = 10_000) -> list[int]:
+    """One sequence of PAPER.md D.2: segments concatenated until ``length`` tokens, then truncated.
+
+    Each segment is, with equal probability, a *repetition* (a pattern of 2-5
+    i.i.d. tokens repeated 2-4 times), a *sequential* run (5-15 consecutive
+    integers) or a *random* run (5-15 i.i.d. tokens); every token lies in
+    {10, ..., V - 1}.  The paper does not give the segment-type probabilities:
+    uniform is **[ours]**.
+    """
+    lo, hi = LM_FIRST_TOKEN, vocab_size - 1
+    if hi - lo < 15:
+        raise ValueError(f"vocab_size {vocab_size} leaves fewer than 16 tokens above {LM_FIRST_TOKEN}")
+    out: list[int] = []
+    while len(out) < length:
+        kind = rng.randrange(3)
+        if kind == 0:
+            pattern = [rng.randint(lo, hi) for _ in range(rng.randint(2, 5))]
+            out.extend(pattern * rng.randint(2, 4))
+        elif kind == 1:
+            n = rng.randint(5, 15)
+            start = rng.randint(lo, hi - n + 1)
+            out.extend(range(start, start + n))
+        else:
+            out.extend(rng.randint(lo, hi) for _ in range(rng.randint(5, 15)))
+    return out[:length]
+
+
+def synthetic_lm(batch: int, *, seed: int, length: int = 256, vocab_size: int = 10_000, start: int = 0
+                 ) -> torch.Tensor:
+    """Sequences ``start .. start + batch - 1`` of the seeded synthetic LM stream, as (batch, length) ids.
+
+    Sequence i depends only on (seed, i) (generated on the fly, no downloads), so a
+    dataset can produce any item without generating the ones before it.
+    """
+    rows = [synthetic_lm_sequence(random.Random(_lm_item_seed(seed, start + i)), length=length,
+                                  vocab_size=vocab_size) for i in range(batch)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _lm_item_seed(seed: int, i: int) -> int:
+    return (seed * 1_000_003 + i) & 0xFFFFFFFFFFFF
+
+
+class LMModel(nn.Module):
+    """A GPT for the synthetic LM task in ``transformers.Trainer`` form.
+
+    ``forward(input_ids, labels)`` returns ``{"loss", "logits"}`` with the
+    next-token cross-entropy over positions 1..T-1 (``labels`` are the input ids
+    themselves, shifted inside, as in ``transformers``' causal LMs).  Blocks at ``gpt.blocks``.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gpt = GPT(cfg)
+
+    def forward(self, input_ids, labels=None, **_):
+        logits = self.gpt(input_ids)
+        out = {"logits": logits}
+        if labels is not None:
+            v = logits.shape[-1]
+            out["loss"] = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1))
+        return out
+
+
+class LMDataset(torch.utils.data.Dataset):
+    """``n`` synthetic LM sequences of the stream ``seed``, each generated when it is read."""
+
+    def __init__(self, n: int, *, seed: int, length: int = 256, vocab_size: int = 10_000):
+        self.n, self.seed, self.length, self.vocab_size = n, seed, length, vocab_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        ids = synthetic_lm(1, seed=self.seed, length=self.length, vocab_size=self.vocab_size, start=i)[0]
+        return {"input_ids": ids, "labels": ids}

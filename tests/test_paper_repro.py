@@ -1,0 +1,184 @@
+"""benchmarks/paper_repro.py end to end on tiny runs (the pipeline, not the numbers), its statistics, and risk.py.
+
+The smoke protocol trains five d = 32, L = 2 runs of 20 steps through the same
+``run_one`` as the sweep (KSSTrainer, divergence stop, RKSP at init and end,
+baselines), checks that a second call trains nothing (resume), and that
+``analyze`` writes summary.json with the keys issue 15 asks for, the plots, and a
+risk model that ``hf_rksp.risk`` reads back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_rksp import risk
+from hf_rksp.paper_models import GPTConfig, LMModel, synthetic_lm
+
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_repro.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("paper_repro", _BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("paper_repro", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _bench()
+
+SUMMARY_KEYS = ("runs", "auroc_near_unit_mass", "auroc_near_unit_mass_ci95", "auroc_baselines", "ece_raw_score",
+                "ece_risk_model", "kss", "max_stable_lr")
+KSS_KEYS = ("no_control", "clip_0.5", "clip_1.0", "alpha_0.10", "alpha_0.15", "alpha_0.20", "unstable_only",
+            "near_unit_only")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke protocol trained and analysed once for the module."""
+    out = tmp_path_factory.mktemp("paper_repro")
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "run", "all", "--device", "cpu"]) == 0
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "analyze", "--bootstrap", "50", "--ship",
+                       "--risk-model-path", str(out / "risk_model.json")]) == 0
+    return out
+
+
+def test_runs_are_recorded_with_every_field(smoke):
+    runs = bench.read_runs(smoke / "runs.jsonl")
+    assert len(runs) == len(bench.unique([s for g in bench.ALL for s in bench.SMOKE_PROTOCOL.group(g)])) == 5
+    for key, r in runs.items():
+        assert key == bench.RunSpec(**r["spec"]).key
+        assert isinstance(r["diverged"], bool) and isinstance(r["diverged_old"], bool)
+        assert set(r["baselines"]) == set(bench.BASELINES)
+        for k in ("near_unit_mass", "expansive_mass", "spectral_radius", "eigvec_condition"):
+            assert r["init"][k] is not None
+        assert len(r["trace"]["loss"]) == len(r["trace"]["grad_norm"]) == r["steps_done"]
+        if r["diverged"]:
+            assert r["steps_done"] == r["diverged_step"] < r["spec"]["steps"] and r["end"] is None
+        else:
+            assert r["steps_done"] == r["spec"]["steps"] and 0 <= r["end"]["near_unit_mass"] <= 1
+    kss = [r for r in runs.values() if r["spec"]["method"] == "alpha_0.15"]
+    assert kss and all(r["kss_steps"] == 2 for r in kss)  # steps 0 and 10 of 20
+    csv_lines = (smoke / "runs.csv").read_text().splitlines()
+    assert len(csv_lines) == 6 and csv_lines[0].startswith("key,task,norm")
+
+
+def test_resume_trains_nothing_new(smoke):
+    before = (smoke / "runs.jsonl").read_text()
+    assert bench.execute(bench.SMOKE_PROTOCOL.kss(), smoke, log=lambda *a: None) == 0
+    assert (smoke / "runs.jsonl").read_text() == before
+
+
+def test_analyze_writes_summary_plots_and_a_readable_risk_model(smoke):
+    s = json.loads((smoke / "summary.json").read_text())
+    for k in SUMMARY_KEYS:
+        assert k in s
+    assert s["runs"] == 5
+    assert set(s["kss"]) == set(KSS_KEYS)
+    assert set(s["max_stable_lr"]) == {"pre", "rms", "none"} and all(len(v) == 2 for v in s["max_stable_lr"].values())
+    assert set(s["auroc_baselines"]) == set(bench.BASELINES)
+    for png in ("roc.png", "reliability.png", "divergence_vs_alpha.png", "divergence_vs_lr.png"):
+        assert (smoke / png).read_bytes()[:4] == b"\x89PNG"
+    assert "Table 3" in (smoke / "tables.md").read_text()
+    model = risk.RiskModel.from_json(json.loads((smoke / "risk_model.json").read_text()))
+    assert model.sweep_data_sha256 == __import__("hashlib").sha256((smoke / "runs.jsonl").read_bytes()).hexdigest()
+    entry = model.assess(near_unit_mass=0.5, eigvec_condition=2.0, lr=1e-3, lr_source="given", d_model=32,
+                         n_layers=2)
+    assert 0 <= entry["probability"] <= 1 and entry["band"] in ("low", "medium", "high")
+
+
+# --- statistics -------------------------------------------------------------------------------------------------
+
+def test_auroc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 40).astype(float)  # many ties
+    y = rng.random(40) < 0.4
+    pairs = [(a, b) for a, b in itertools.product(s[y], s[~y])]
+    want = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert bench.auroc(s, y) == pytest.approx(want)
+    assert bench.auroc(s, np.zeros(40, bool)) is None
+    lo, hi = bench.bootstrap_ci(s, y, n=200)
+    assert lo <= bench.auroc(s, y) <= hi
+
+
+def test_fisher_exact_and_ece():
+    assert bench.fisher_exact(3, 1, 1, 3) == pytest.approx(0.4857142857, rel=1e-6)  # R: fisher.test
+    assert bench.fisher_exact(16, 8, 3, 21) == pytest.approx(2.7506701e-4, rel=1e-6)  # scipy.stats.fisher_exact
+    assert bench.ece([0.05, 0.05, 0.95, 0.95], [0, 0, 1, 1]) == pytest.approx(0.05)
+    assert bench.ece([0.5] * 4, [0, 0, 1, 1]) == pytest.approx(0.0)
+
+
+def test_gradient_baselines_and_labels():
+    loss = [5.0] * 30 + [9.0] + [5.0] * 169
+    grad = [1.0] * 99 + [3.0] + [1.0] * 100
+    b = bench.gradient_baselines(loss, grad)
+    assert b["grad_norm_step1"] == 1.0 and b["grad_norm_step100"] == 3.0
+    assert b["grad_var_1_100"] == pytest.approx(np.var([1.0] * 99 + [3.0], ddof=1))
+    assert b["loss_spikes_1_500"] == 1
+    short = bench.gradient_baselines(loss[:50], [1.0] * 49 + [math.inf])
+    assert short["grad_norm_step100"] == bench.BIG and short["grad_var_1_100"] == bench.BIG
+    alive = bench.gradient_baselines(loss[:50], grad[:50], carried=False)
+    assert alive["grad_norm_step100"] is None and alive["loss_spikes_1_500"] is None
+    assert bench.divergence_reason(51.0, 1.0) and bench.divergence_reason(1.0, 501.0)
+    assert bench.divergence_reason(math.nan, 1.0) == "non-finite" and bench.divergence_reason(5.0, 499.0) is None
+    assert not bench.old_label([5.0] * 200, warmup=100)
+    assert bench.old_label([5.0] * 150 + [5.6] * 10, warmup=100)
+    assert bench.old_label([5.0, math.nan], warmup=0)
+
+
+def test_run_keys_and_protocol_grids():
+    p = bench.PAPER_PROTOCOL
+    assert bench.RunSpec(lr=1e-3).key != bench.RunSpec(lr=2e-3).key
+    assert len(p.kss()) == 8 * 24 and {len(p.kss(m)) for m in bench.METHODS} == {24}
+    assert all(len(p.maxlr(n, m)) % 8 == 0 for n in ("pre", "rms", "none") for m in ("none", "alpha_0.15"))
+    t1 = p.table1()
+    assert {s.norm for s in t1} == set(bench.NORMS) and {(s.d_model, s.n_layers) for s in t1} == {
+        (128, 4), (128, 6), (256, 4), (256, 6)} and {s.seed for s in t1} == {42, 123, 456}
+    assert all(s.steps >= 500 for s in t1)
+
+
+# --- the synthetic LM task and risk.py --------------------------------------------------------------------------
+
+def test_synthetic_lm_is_seeded_and_in_range():
+    a = synthetic_lm(4, seed=3, length=200, vocab_size=500)
+    assert a.shape == (4, 200) and int(a.min()) >= 10 and int(a.max()) <= 499
+    assert torch.equal(a, synthetic_lm(4, seed=3, length=200, vocab_size=500))
+    assert torch.equal(a[2], synthetic_lm(1, seed=3, length=200, vocab_size=500, start=2)[0])
+    assert not torch.equal(a, synthetic_lm(4, seed=4, length=200, vocab_size=500))
+    torch.manual_seed(0)
+    m = LMModel(GPTConfig(vocab_size=500, d_model=32, n_layers=1, n_heads=1, seq_len=200))
+    with torch.no_grad():
+        assert float(m(a, a)["loss"]) == pytest.approx(math.log(500), abs=0.1)
+
+
+def test_logistic_fit_recovers_coefficients():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, 2))
+    y = rng.random(4000) < 1 / (1 + np.exp(-(0.5 + 2 * x[:, 0] - x[:, 1])))
+    f = risk.fit_logistic(x, y, l2=0.0)
+    slopes = np.array(f.coef) / np.array(f.std)
+    assert slopes == pytest.approx([2.0, -1.0], abs=0.2)
+    with pytest.raises(ValueError):
+        risk.fit_logistic(x, np.zeros(4000))
+
+
+def test_risk_is_null_with_a_reason_until_a_model_ships(monkeypatch):
+    monkeypatch.setattr(risk, "load_risk_model", lambda: None)
+    summary = {"score": 0.5, "features": {"eigvec_condition": {"mean": 2.0}}}
+    assert risk.assess_summary(summary, lr=None, family="gpt2") == (None, risk.UNAVAILABLE)
+
+
+def test_invalid_risk_model_is_refused():
+    with pytest.raises(risk.RiskModelError):
+        risk.RiskModel.from_json({"format": 2, "features": [{"name": "near_unit_mass", "transform": "log10"}]})
+    with pytest.raises(risk.RiskModelError):
+        risk.RiskModel.from_json({"format": 1})
