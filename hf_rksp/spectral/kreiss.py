@@ -151,13 +151,10 @@ def real_basis(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 def complex_inverse(wr_inv: torch.Tensor, jp: torch.Tensor, jq: torch.Tensor, jr: torch.Tensor) -> torch.Tensor:
     """V^-1 = U^* Wr^-1 (rows back in V's column order) from the inverse of ``real_basis``'s Wr."""
     npair = jp.numel()
-    m = wr_inv.shape[0]
-    out = torch.empty(m, wr_inv.shape[1], 2, dtype=wr_inv.dtype)
     a, b = wr_inv[:npair] / math.sqrt(2.0), wr_inv[npair:2 * npair] / math.sqrt(2.0)
-    out[jp, :, 0], out[jp, :, 1] = a, -b  # (a - i b)
-    out[jq, :, 0], out[jq, :, 1] = a, b  # its conjugate
-    out[jr, :, 0], out[jr, :, 1] = wr_inv[2 * npair:], 0.0
-    return torch.view_as_complex(out)
+    c = wr_inv[2 * npair:]
+    rows = torch.cat([torch.complex(a, -b), torch.complex(a, b), torch.complex(c, torch.zeros_like(c))])  # a - i b,
+    return rows[torch.argsort(torch.cat([jp, jq, jr]))]  # its conjugate, the real rows; back in V's column order
 
 
 class _Resolvent:
@@ -196,13 +193,21 @@ class _Resolvent:
         out = rows @ a.mT
         return torch.view_as_complex(out.reshape(b, 2, a.shape[0]).permute(2, 0, 1).contiguous())
 
+    def _weights(self, z: torch.Tensor):
+        """(al, be, dr) of ``_middle`` at the points z, kept for the next call with the same z (the
+        products alternate R, R^* at fixed points)."""
+        cached = getattr(self, "_weights_z", None)
+        if cached is None or cached[0] is not z or cached[1] != z._version:
+            dp = 1.0 / (z[None, :] - self.lam_p[:, None])
+            dq = 1.0 / (z[None, :] - self.lam_q[:, None])
+            dr = 1.0 / (z[None, :] - self.lam_r[:, None])
+            cached = self._weights_z = (z, z._version, (dp + dq) / 2, (dq - dp) * 0.5j, dr)
+        return cached[2:]
+
     def _middle(self, z: torch.Tensor, y: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """U diag(1/(z - lam)) U^* y (or its adjoint): per pair the block [[al, be], [-be, al]]."""
         npair = self.npair
-        dp = 1.0 / (z[None, :] - self.lam_p[:, None])
-        dq = 1.0 / (z[None, :] - self.lam_q[:, None])
-        dr = 1.0 / (z[None, :] - self.lam_r[:, None])
-        al, be = (dp + dq) / 2, (dq - dp) * 0.5j
+        al, be, dr = self._weights(z)
         if adjoint:
             al, be, dr = al.conj(), -be.conj(), dr.conj()
         ya, yb = y[:npair], y[npair:2 * npair]
