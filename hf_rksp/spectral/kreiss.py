@@ -61,7 +61,7 @@ error ~ 1e-16 ||V||_F ||V^-1||_F).  Measured relative shortfall:
 - the previous grid + power-iteration version was 2e-5 to 6% low on the
   full m = 256 ones and 0.8% low at m = 2047.
 Cost, single thread: ~10 ms at m = 32 (Python-bound), ~25 ms at m = 256
-(about one torch.linalg.eig), ~60 ms at m = 576 (a third of eig), ~1 s at
+(about one torch.linalg.eig), ~45 ms at m = 576 (a quarter of eig), ~1 s at
 m = 2047 (a quarter of eig); benchmarks/spectral_speed.py times it in situ.
 """
 
