@@ -160,7 +160,8 @@ class Protocol:
     main: tuple[int, int] = (128, 4)  # (d, L) of the KSS and max-lr tables
     sizes: tuple[tuple[int, int], ...] = ((128, 4), (128, 6), (256, 4), (256, 6))
     table1_seeds: tuple[int, ...] = SEEDS3
-    table1_lrs: dict = field(default_factory=dict)  # norm -> lrs
+    table1_lrs: dict = field(default_factory=dict)  # norm -> lrs (d 128)
+    table1_lrs_large: dict | None = None  # norm -> lrs at d >= 256 (None: table1_lrs)
     kss_lrs: tuple[float, ...] = ()
     kss_seeds: tuple[int, ...] = SEEDS8
     kss_methods: tuple[str, ...] = tuple(METHODS)
@@ -174,9 +175,12 @@ class Protocol:
     def spec(self, **kw) -> RunSpec:
         return RunSpec(steps=self.steps, warmup=self.warmup, batch=self.batch, **kw)
 
+    def table1_grid(self, d: int) -> dict:
+        return self.table1_lrs if d < 256 or self.table1_lrs_large is None else self.table1_lrs_large
+
     def table1(self) -> list[RunSpec]:
         return [self.spec(norm=n, d_model=d, n_layers=L, lr=lr, seed=s)
-                for d, L in self.sizes for n, lrs in self.table1_lrs.items() for lr in lrs
+                for d, L in self.sizes for n, lrs in self.table1_grid(d).items() for lr in lrs
                 for s in self.table1_seeds]
 
     def kss(self, method: str | None = None) -> list[RunSpec]:
@@ -213,14 +217,17 @@ def unique(specs: list[RunSpec]) -> list[RunSpec]:
     return out
 
 
-#: the reproduction [ours: the lr grids come from the pilots, README_section.md]
+#: the reproduction [ours: the lr grids come from the pilots at d 128, L 4 (README_section.md): No-Norm
+#: diverged 0/2 at lr 2e-3, 1/3 at 3e-3, 3/3 at 4e-3, 2/2 at 5e-3 and 1e-2; Pre-LN 0/1 at 0.03 and 0.1,
+#: 1/1 at 0.3 and 1.0; RMSNorm, Post-LN and SubLN 1/1 at 1.0; Post-LN and DeepNorm 0/1 at 0.1].
+#: At d 256 (3-5x the cost per step) Table 1 keeps each grid's two ends, stable and divergent.
 PAPER_PROTOCOL = Protocol(
     name="paper",
-    table1_lrs={"pre": (3e-3, 1e-2, 3e-2), "post": (3e-3, 1e-2, 3e-2), "rms": (3e-3, 1e-2, 3e-2),
-                "deepnorm": (3e-3, 1e-2, 3e-2), "subln": (3e-3, 1e-2, 3e-2), "none": (1e-3, 3e-3, 1e-2)},
-    kss_lrs=(1e-3, 1.5e-3, 2e-3),
-    maxlr_lrs={"pre": (2e-3, 3e-3, 5e-3, 8e-3, 1.2e-2), "rms": (2e-3, 3e-3, 5e-3, 8e-3, 1.2e-2),
-               "none": (1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3)},
+    table1_lrs={**{n: (1e-2, 1e-1, 1.0) for n in NORMS if n != "none"}, "none": (1e-3, 3e-3, 1e-2)},
+    table1_lrs_large={**{n: (1e-1, 1.0) for n in NORMS if n != "none"}, "none": (1e-3, 1e-2)},
+    kss_lrs=(3e-3, 3.5e-3, 4e-3),
+    maxlr_lrs={"pre": (0.1, 0.2, 0.3, 0.5), "rms": (0.1, 0.2, 0.3, 0.5),
+               "none": (2e-3, 3e-3, 3.5e-3, 4e-3, 5e-3, 7e-3)},
     lm_lrs=(1e-3, 3e-3, 1e-2),
 )
 #: a pipeline check in seconds (tests/test_paper_repro.py): tiny models, 20 steps
@@ -392,11 +399,17 @@ def gradient_baselines(loss: list[float], grad: list[float], *, carried: bool = 
 
 
 def old_label(loss: list[float], warmup: int) -> bool:
-    """Our old (v1 sweep) label: a non-finite loss, or after warm-up a 10-step mean loss > step-1 loss + 0.5."""
+    """Our old (v1 sweep) label: a non-finite loss, or after warm-up a 10-step mean loss > step-1 loss + 0.5.
+
+    On a run the paper's label stopped before the end of warm-up, the last window counts (what the old
+    label sees by the time training stops); a run shorter than the window uses its mean loss.
+    """
     if not loss or not all(math.isfinite(v) for v in loss):
         return bool(loss)
-    l0 = loss[0]
-    for t in range(max(warmup, OLD_WINDOW - 1), len(loss)):
+    l0, n = loss[0], len(loss)
+    if n < OLD_WINDOW:
+        return sum(loss) / n > l0 + OLD_MARGIN
+    for t in range(min(max(warmup, OLD_WINDOW - 1), n - 1), n):
         if sum(loss[t - OLD_WINDOW + 1:t + 1]) / OLD_WINDOW > l0 + OLD_MARGIN:
             return True
     return False
@@ -427,6 +440,10 @@ def kss_config(spec: RunSpec):
     return KSSConfig(mode="on", alpha=alpha, terms=terms, block_path=BLOCKS, seed=spec.seed)
 
 
+KSS_LOG_KEYS = ("step", "kss/loss", "kss/near_unit_mass", "kss/soft_near_unit_mass", "kss/expansive_mass",
+                "kss/spectral_radius", "kss/layers_skipped")
+
+
 def run_one(spec: RunSpec, device: str = "cpu") -> dict:
     """Train one run and return its record (settings, labels, RKSP at init and end, baselines, traces, timing)."""
     from transformers import PrinterCallback
@@ -455,6 +472,7 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
         except (RKSPError, RuntimeError) as e:  # a collapsed or non-finite stream after training
             end_error = str(e)
     diverged = monitor.diverged_at is not None
+    kss_every = trainer.kss_config.every_n_steps
     return {
         "key": spec.key, "spec": asdict(spec), "diverged": diverged, "diverged_step": monitor.diverged_at,
         "diverged_reason": monitor.reason, "diverged_old": old_label(monitor.loss, spec.warmup),
@@ -463,6 +481,12 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
         "init": init, "baselines": gradient_baselines(monitor.loss, monitor.grad),
         "end": end, "end_error": end_error, "accuracy": accuracy(model, spec) if finite else None,
         "kss_steps": trainer.kss_state.kss_steps, "kss_layers_skipped": trainer.kss_state.layers_skipped,
+        # logged step t ran the KSS term when (t - 1) % every_n_steps == 0: a gradient-norm stop there may be
+        # the KSS term's own gradient (the task loss is in the trace)
+        "diverged_on_kss_step": bool(diverged and METHODS[spec.method][1] is not None
+                                     and (monitor.diverged_at - 1) % kss_every == 0),
+        "kss_trace": [{k: _round(h[k]) if isinstance(h[k], float) else h[k] for k in KSS_LOG_KEYS if k in h}
+                      for h in trainer.state.log_history if "kss/loss" in h],
         "train_s": train_s, "step_s": train_s / max(1, steps_done), "profile_s": profile_s,
         "wall_s": time.perf_counter() - t_start,
         "trace": {"loss": [_round(v) for v in monitor.loss], "grad_norm": [_round(v) for v in monitor.grad]},
@@ -634,39 +658,54 @@ def execute(specs: list[RunSpec], out: Path, *, workers: int = 1, device: str = 
 
 # --- time estimate ----------------------------------------------------------------------------------------------
 
-#: seconds per optimizer step at batch 16, one thread, measured on this 2-core machine under load
-#: (the pilots; README_section.md), scaled as (d / 128)^1.7 x L / 4 x batch / 16
-STEP_S_D128_L4 = 0.14
-KSS_OVERHEAD = 0.12
+#: seconds per optimizer step at d 128, L 4, batch 16, one thread, this 2-core machine (pilots: 0.08-0.09
+#: with a moderate load, 0.11-0.13 under a heavy one; README_section.md); scaled as
+#: (d / 128)^1.7 x L / 4 x batch / 16 x seq_len / 64 (measured: d 256, L 6 costs 4.9x d 128, L 4)
+STEP_S_D128_L4 = 0.10
+KSS_OVERHEAD = 0.15
 RUN_FIXED_S = 4.0  # model build, RKSP at init and end, accuracy, Trainer set-up
 
 
-def estimate_s(spec: RunSpec, step_s: float = STEP_S_D128_L4, fraction: float = 1.0) -> float:
-    """Expected seconds of one run; ``fraction`` of the step budget (diverged runs stop early)."""
-    t = step_s * (spec.d_model / 128) ** 1.7 * spec.n_layers / 4 * spec.batch / 16
-    if spec.seq_len != 64:
-        t *= spec.seq_len / 64
+def expected_fraction(spec: RunSpec) -> float:
+    """The share of the step budget a run is expected to use (diverged runs stop early), from the pilots at
+    d 128, L 4: No-Norm stops near step 60-160 from lr 3e-3 up; normed models from lr 0.3 (Pre-LN) or 1.0."""
+    lr = spec.lr
+    if spec.norm == "none":
+        table = ((2.5e-3, 1.0), (3.2e-3, 0.8), (3.7e-3, 0.55), (4.5e-3, 0.3), (8e-3, 0.2))
+        return next((f for hi, f in table if lr < hi), 0.12)
+    if spec.norm in ("pre", "rms"):
+        table = ((0.15, 1.0), (0.25, 0.7), (0.4, 0.35), (0.7, 0.2))
+        return next((f for hi, f in table if lr < hi), 0.12)
+    return 1.0 if lr < 0.5 else 0.15
+
+
+def estimate_s(spec: RunSpec, step_s: float = STEP_S_D128_L4, fraction: float | None = None) -> float:
+    """Expected seconds of one run: ``fraction`` of the step budget (default ``expected_fraction``)."""
+    t = step_s * (spec.d_model / 128) ** 1.7 * spec.n_layers / 4 * spec.batch / 16 * spec.seq_len / 64
     if METHODS[spec.method][1] is not None:
         t *= 1 + KSS_OVERHEAD
-    return RUN_FIXED_S + t * spec.steps * fraction
+    return RUN_FIXED_S + t * spec.steps * (expected_fraction(spec) if fraction is None else fraction)
 
 
 def plan(protocol: Protocol, groups: list[str], out: Path, workers: int, step_s: float, log=print) -> dict:
+    """Runs per group, how many are done, and the wall time left with ``workers`` workers."""
     done = read_runs(out / "runs.jsonl")
     specs = unique([s for g in groups for s in protocol.group(g)])
     todo = [s for s in specs if s.key not in done]
-    full = sum(estimate_s(s, step_s) for s in todo)
-    # expected: divergence makes runs shorter; use the finished runs' mean share of the budget where known
-    share = np.mean([r["steps_done"] / r["spec"]["steps"] for r in done.values()]) if done else 1.0
+    counted = set()
     for g in groups:
-        gs = protocol.group(g)
-        log(f"  {g:7s} {len(gs):4d} runs ({sum(s.key in done for s in gs)} done)")
-    log(f"  total   {len(specs):4d} distinct runs, {len(todo)} to train")
-    log(f"  estimate with {workers} worker(s) at {step_s:.3f} s/step (d 128, L 4, batch 16): "
-        f"{full / workers / 3600:.1f} h if every run used its whole budget, "
-        f"{sum(estimate_s(s, step_s, min(1.0, share + 0.1)) for s in todo) / workers / 3600:.1f} h at "
-        f"{share:.0%} (+10%) of the budget per run")
-    return {"runs": len(specs), "todo": len(todo), "worker_s_full": full}
+        gs = unique(protocol.group(g))
+        new = [s for s in gs if s.key not in counted]
+        counted |= {s.key for s in gs}
+        left = [s for s in new if s.key not in done]
+        log(f"  {g:7s} {len(gs):4d} runs, {len(new)} not in an earlier group, {len(left)} of those to train: "
+            f"{sum(estimate_s(s, step_s) for s in left) / 3600:.1f} worker-h expected, "
+            f"{sum(estimate_s(s, step_s, 1.0) for s in left) / 3600:.1f} if no run stopped early")
+    expected = sum(estimate_s(s, step_s) for s in todo)
+    full = sum(estimate_s(s, step_s, 1.0) for s in todo)
+    log(f"  total   {len(specs):4d} distinct runs, {len(todo)} to train: {expected / workers / 3600:.1f} h expected "
+        f"with {workers} workers at {step_s:.3f} s/step (d 128, L 4, batch 16); at most {full / workers / 3600:.1f} h")
+    return {"runs": len(specs), "todo": len(todo), "worker_s_expected": expected, "worker_s_full": full}
 
 
 # --- statistics -------------------------------------------------------------------------------------------------
@@ -757,7 +796,14 @@ def wilson(k: int, n: int) -> list[float] | None:
 # --- analysis ---------------------------------------------------------------------------------------------------
 
 def label(r: dict, which: str = "paper") -> bool:
-    return bool(r["diverged"] if which == "paper" else r["diverged_old"])
+    """Diverged under ``which``: "paper" (the recorded label), "old" (our old label, from the loss trace) or
+    "loss" (the paper's loss criterion alone: loss > 50 or non-finite at a step the run reached)."""
+    if which == "paper":
+        return bool(r["diverged"])
+    loss = _trace(r, "loss")
+    if which == "old":
+        return old_label(loss, r["spec"]["warmup"])
+    return any(not math.isfinite(v) or v > LOSS_LIMIT for v in loss)
 
 
 def kappa(r: dict) -> float:
@@ -774,8 +820,12 @@ PREDICTORS = {  # at init
 BASELINES = ("grad_norm_step1", "grad_norm_step100", "grad_var_1_100", "loss_spikes_1_500")
 
 
-def baseline_values(runs: list[dict], name: str, carried: bool) -> list[float | None]:
-    return [gradient_baselines(_trace(r, "loss"), _trace(r, "grad_norm"), carried=carried)[name] for r in runs]
+def baseline_values(runs: list[dict], name: str, carried: bool, precursor: bool = False) -> list[float | None]:
+    """One baseline on every run; ``precursor``: a diverged run's trace without its last (diverging) step."""
+    def cut(r, t):
+        return t[:-1] if precursor and r["diverged"] and len(t) > 1 else t
+    return [gradient_baselines(cut(r, _trace(r, "loss")), cut(r, _trace(r, "grad_norm")), carried=carried)[name]
+            for r in runs]
 
 
 def _trace(r: dict, name: str) -> list[float]:
@@ -795,6 +845,7 @@ def auroc_table(runs: list[dict], which: str = "paper", n_boot: int = 1000) -> d
         alive = [(v, t) for v, t in zip(baseline_values(runs, name, carried=False), y) if v is not None]
         out[name]["alive"] = {"auroc": auroc([v for v, _ in alive], [t for _, t in alive]) if alive else None,
                               "n": len(alive)}
+        out[name]["precursor"] = {"auroc": auroc(baseline_values(runs, name, carried=True, precursor=True), y)}
     return out
 
 
@@ -937,6 +988,8 @@ def kss_table(protocol: Protocol, runs: dict, which: str = "paper") -> dict:
                   "accuracy_all": mean_sd(r["accuracy"] or 0.0 for r in rs),
                   "end_near_unit_mass": mean_sd((r["end"] or {}).get("near_unit_mass") for r in rs),
                   "overhead": float(np.median(ratios)) - 1 if ratios else None,
+                  "diverged_on_kss_step": sum(bool(r.get("diverged_on_kss_step")) for r in rs),
+                  "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
                   "by_lr": {f"{lr:g}": _rate([r for r in rs if r["spec"]["lr"] == lr], which)
                             for lr in protocol.kss_lrs}}
     return out
@@ -949,7 +1002,8 @@ def _rate(rs: list[dict], which: str) -> dict:
 
 def maxlr_table(protocol: Protocol, runs: dict, which: str = "paper", limit: float = 0.2) -> dict:
     """Table 5: divergence rate per lr, without and with KSS; the largest lr whose rate, and every smaller
-    lr's, is below ``limit`` (None: even the smallest lr fails; ``censored``: the largest lr tested passes)."""
+    lr's, is below ``limit`` (None: even the smallest lr fails; ``censored``: the largest lr tested passes;
+    ``complete`` false: an lr up to the first failing one has no runs yet)."""
     out = {}
     for norm, lrs in protocol.maxlr_lrs.items():
         out[norm] = {}
@@ -958,13 +1012,17 @@ def maxlr_table(protocol: Protocol, runs: dict, which: str = "paper", limit: flo
             for lr in lrs:
                 rs = [runs[s.key] for s in protocol.maxlr(norm, m) if s.lr == lr and s.key in runs]
                 per[f"{lr:g}"] = _rate(rs, which)
-            best, ok = None, True
-            for lr in lrs:
+            best, complete = None, True
+            for lr in lrs:  # ascending: stop at the first lr that fails or has no runs yet
                 r = per[f"{lr:g}"]
-                ok = ok and r["n"] > 0 and r["rate"] < limit
-                if ok:
-                    best = lr
-            out[norm][m] = {"by_lr": per, "max_stable_lr": best, "censored": best == max(lrs)}
+                if r["n"] == 0:
+                    complete = False
+                    break
+                if r["rate"] >= limit:
+                    break
+                best = lr
+            out[norm][m] = {"by_lr": per, "max_stable_lr": best, "censored": best == max(lrs),
+                            "complete": complete}
     return out
 
 
@@ -1001,6 +1059,10 @@ def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Pat
         "kss": {m: v["rate"] for m, v in kss_table(protocol, runs, "old").items()},
         "max_stable_lr": {n: [v[m]["max_stable_lr"] for m in ("none", protocol.maxlr_method)]
                           for n, v in maxlr_table(protocol, runs, "old").items()}}
+    res["sensitivity_loss_only"] = {  # the paper's label without its gradient-norm criterion
+        "kss": {m: v["rate"] for m, v in kss_table(protocol, runs, "loss").items()},
+        "max_stable_lr": {n: [v[m]["max_stable_lr"] for m in ("none", protocol.maxlr_method)]
+                          for n, v in maxlr_table(protocol, runs, "loss").items()}}
     summary = make_summary(protocol, runs, res, model)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "summary.json", summary)
@@ -1046,6 +1108,7 @@ def make_summary(protocol: Protocol, runs: dict, res: dict, model: RiskModel | N
         "auroc_baselines": {k: a[k]["auroc"] for k in BASELINES},
         "auroc_baselines_ci95": {k: a[k]["ci95"] for k in BASELINES},
         "auroc_baselines_alive": {k: a[k]["alive"]["auroc"] for k in BASELINES},
+        "auroc_baselines_precursor": {k: a[k]["precursor"]["auroc"] for k in BASELINES},
         "auroc_near_unit_mass_pooled": res["pooled"]["auroc"]["near_unit_mass"]["auroc"],
         "auroc_near_unit_mass_within_norm": {k: v["auroc_near_unit_mass"]
                                              for k, v in res["table1"]["by_norm"].items()},
@@ -1063,7 +1126,12 @@ def make_summary(protocol: Protocol, runs: dict, res: dict, model: RiskModel | N
         "max_stable_lr_censored": {n: [maxlr.get(n, {}).get(m, {}).get("censored") for m in ("none",
                                                                                             protocol.maxlr_method)]
                                    for n in ("pre", "rms", "none")},
+        "max_stable_lr_complete": {n: [maxlr.get(n, {}).get(m, {}).get("complete") for m in ("none",
+                                                                                           protocol.maxlr_method)]
+                                   for n in ("pre", "rms", "none")},
         "sensitivity_old_label": res["sensitivity_old_label"],
+        "sensitivity_loss_only": res["sensitivity_loss_only"],
+        "kss_diverged_on_kss_step": {SUMMARY_METHOD_KEYS[m]: v["diverged_on_kss_step"] for m, v in res["kss"].items()},
         "paper": PAPER,
     })
 
@@ -1097,11 +1165,14 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
     L += [f"| {k} | {v['n']} | {100 * v['rate']:.1f} | {_ms(v['near_unit_mass'])} |"
           for k, v in res["table1"]["by_size"].items()]
     L += ["", "## Table 2 (AUROC [95% bootstrap CI], Table 1 runs)", "",
-          "| predictor | AUROC | 95% CI | on runs alive at the step (n) | paper |", "|---|---|---|---|---|"]
+          "Baselines read a stopped run's last value (\"carried\": what a monitor has seen through step s, the "
+          "diverging step included); \"precursor\" drops a diverged run's last step; \"alive\" scores only "
+          "the runs that reached the step.", "",
+          "| predictor | AUROC | 95% CI | precursor | alive at the step (n) | paper |", "|---|---|---|---|---|---|"]
     for k, v in res["table1"]["auroc"].items():
-        alive = v.get("alive")
-        alive = "" if alive is None else f"{_fmt(alive['auroc'])} ({alive['n']})"
-        L.append(f"| {k} | {_fmt(v['auroc'])} | {_ci(v['ci95'])} | {alive} | {PAPER['auroc'].get(k, '-')} |")
+        alive = "" if "alive" not in v else f"{_fmt(v['alive']['auroc'])} ({v['alive']['n']})"
+        pre = "" if "precursor" not in v else _fmt(v["precursor"]["auroc"])
+        L.append(f"| {k} | {_fmt(v['auroc'])} | {_ci(v['ci95'])} | {pre} | {alive} | {PAPER['auroc'].get(k, '-')} |")
     L += ["", f"Pooled no-control runs (n = {res['pooled']['n']}): AUROC of M_~1 "
               f"{_fmt(res['pooled']['auroc']['near_unit_mass']['auroc'])}.", "",
           "## Grouped cross-validation (logistic, pooled no-control runs; out-of-fold)", "",
@@ -1119,8 +1190,9 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
                  f"{'/'.join(rm['groups'])}).")
     L += ["", "## Table 3 / 6 (No-Norm, d {}, L {}, lrs {}; divergence % [Wilson 95% CI])".format(
         *protocol.main, ", ".join(f"{x:g}" for x in protocol.kss_lrs)), "",
-          "| method | n | div % | 95% CI | Fisher p vs none | acc % (converged) | M_~1 end | overhead | by lr | paper div % |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| method | n | div % | 95% CI | Fisher p vs none | acc % (converged) | M_~1 end | overhead | by lr | "
+          "stops on a KSS step | div % by loss alone | paper div % |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in res["kss"].items():
         if not v["n"]:
             continue
@@ -1129,7 +1201,7 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
         byl = ", ".join(f"{lr}: {b['diverged']}/{b['n']}" for lr, b in v["by_lr"].items())
         L.append(f"| {m} | {v['n']} | {100 * v['rate']:.1f} | {_ci(v['ci95'], 100, '.0f')} | "
                  f"{_fmt(v['fisher_p_vs_none'], '.3g')} | {acc} | {_ms(v['end_near_unit_mass'])} | {over} | "
-                 f"{byl} | {100 * PAPER['kss'][m]:.1f} |")
+                 f"{byl} | {v['diverged_on_kss_step']} | {100 * v['rate_loss_only']:.1f} | {100 * PAPER['kss'][m]:.1f} |")
     L += ["", "## Table 5 (largest lr with < 20% divergence, without -> with KSS alpha 0.15)", "",
           "| norm | without | with | paper | divergence per lr (without / with) |", "|---|---|---|---|---|"]
     for n, v in res["maxlr"].items():
@@ -1144,10 +1216,17 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
           + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["table1_by_norm"].items()) + ". KSS table: "
           + ", ".join(f"{k} {'-' if v is None else f'{100 * v:.0f}%'}" for k, v in s["kss"].items())
           + ". Max stable lr: " + ", ".join(f"{k} {v}" for k, v in s["max_stable_lr"].items()) + "."]
+    s = res["sensitivity_loss_only"]
+    L += ["", "## Sensitivity: the paper's loss criterion alone (loss > 50 or non-finite; runs stopped by the "
+          "gradient norm count as stable)", "",
+          "KSS table: " + ", ".join(f"{k} {'-' if v is None else f'{100 * v:.0f}%'}" for k, v in s["kss"].items())
+          + ". Max stable lr: " + ", ".join(f"{k} {v}" for k, v in s["max_stable_lr"].items()) + "."]
     return "\n".join(L) + "\n"
 
 
 def _lr(v: dict) -> str:
+    if not v["complete"]:
+        return "incomplete" if v["max_stable_lr"] is None else f">= {v['max_stable_lr']:g} (incomplete)"
     if v["max_stable_lr"] is None:
         return "< grid"
     return f"{'>= ' if v['censored'] else ''}{v['max_stable_lr']:g}"
@@ -1263,8 +1342,8 @@ def _where(specs: list[RunSpec], clauses: list[str]) -> list[RunSpec]:
 
 
 def _order(specs: list[RunSpec]) -> list[RunSpec]:
-    """Longest first within the given order of groups (the workers finish together)."""
-    return sorted(specs, key=lambda s: -estimate_s(s))
+    """Smallest models first (a sweep cut short still covers every norm), longest first within a size."""
+    return sorted(specs, key=lambda s: (s.d_model, s.n_layers, -estimate_s(s)))
 
 
 def main(argv=None) -> int:
