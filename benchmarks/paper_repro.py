@@ -628,8 +628,8 @@ def execute(specs: list[RunSpec], out: Path, *, workers: int = 1, device: str = 
         n += 1
         tag = f"DIVERGED at {record['diverged_step']} ({record['diverged_reason']})" if record["diverged"] else \
             f"ok, acc {record['accuracy']:.3f}"
-        log(f"  [{n}/{len(todo)}, {time.perf_counter() - t0:.0f} s] {spec.label}: M {record['init']['near_unit_mass']:.3f}, "
-            f"{tag}, {record['step_s']:.3f} s/step, {record['wall_s']:.0f} s")
+        log(f"  [{n}/{len(todo)}, {time.perf_counter() - t0:.0f} s] {spec.label}: "
+            f"M {record['init']['near_unit_mass']:.3f}, {tag}, {record['step_s']:.3f} s/step, {record['wall_s']:.0f} s")
 
     if workers <= 1:
         for spec in todo:
@@ -1201,7 +1201,8 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
         byl = ", ".join(f"{lr}: {b['diverged']}/{b['n']}" for lr, b in v["by_lr"].items())
         L.append(f"| {m} | {v['n']} | {100 * v['rate']:.1f} | {_ci(v['ci95'], 100, '.0f')} | "
                  f"{_fmt(v['fisher_p_vs_none'], '.3g')} | {acc} | {_ms(v['end_near_unit_mass'])} | {over} | "
-                 f"{byl} | {v['diverged_on_kss_step']} | {100 * v['rate_loss_only']:.1f} | {100 * PAPER['kss'][m]:.1f} |")
+                 f"{byl} | {v['diverged_on_kss_step']} | {100 * v['rate_loss_only']:.1f} | "
+                 f"{100 * PAPER['kss'][m]:.1f} |")
     L += ["", "## Table 5 (largest lr with < 20% divergence, without -> with KSS alpha 0.15)", "",
           "| norm | without | with | paper | divergence per lr (without / with) |", "|---|---|---|---|---|"]
     for n, v in res["maxlr"].items():
