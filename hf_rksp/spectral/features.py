@@ -172,7 +172,9 @@ def _spectral_norm(mat: torch.Tensor, *, rtol: float = 1e-12, max_steps: int = 2
         u = mat @ vs[j] if u is None else mat @ vs[j] - beta[-1] * u
         u = u - (us[:j].conj() @ u) @ us[:j]  # full reorthogonalization (classical Gram-Schmidt)
         a = float(torch.linalg.vector_norm(u))
-        if not a > 0:
+        if not a > 0:  # the Krylov space is exhausted (B_j is complete), or not finite
+            if a == 0 and j > 0:
+                return _top_singular_value(alpha, beta[:-1])
             break
         u = u / a
         us[j] = u
@@ -186,12 +188,24 @@ def _spectral_norm(mat: torch.Tensor, *, rtol: float = 1e-12, max_steps: int = 2
             if j > 0:
                 bid += torch.diag(torch.tensor(beta[:-1], dtype=torch.float64), 1)
             left, sv, _ = torch.linalg.svd(bid)
-            if not b > 0 or b * float(left[-1, 0].abs()) <= rtol * float(sv[0]) or j + 1 == min(m, n):
+            if b == 0 or b * float(left[-1, 0].abs()) <= rtol * float(sv[0]):
                 return float(sv[0])
+            if j + 1 == min(m, n):  # all of one side spanned: mat's singular values are [B_j, beta_j e_j]'s
+                aug = torch.zeros(j + 1, j + 2, dtype=torch.float64)
+                aug[:, :j + 1], aug[j, j + 1] = bid, b
+                return float(torch.linalg.svdvals(aug)[0])
+            if not b > 0:  # not finite
+                break
         vs[j + 1] = w / b
-    else:
-        return float(torch.linalg.svdvals(mat)[0])
-    return float(max(alpha)) if alpha else 0.0
+    return float(torch.linalg.svdvals(mat)[0])  # not converged in max_steps, or not finite
+
+
+def _top_singular_value(alpha: list[float], beta: list[float]) -> float:
+    """Largest singular value of the upper bidiagonal matrix with diagonal ``alpha``, superdiagonal ``beta``."""
+    bid = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    if beta:
+        bid += torch.diag(torch.tensor(beta, dtype=torch.float64), 1)
+    return float(torch.linalg.svdvals(bid)[0])
 
 
 def eigvec_condition(vectors: torch.Tensor, inverse: torch.Tensor | None = None) -> float:
