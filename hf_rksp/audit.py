@@ -19,7 +19,7 @@ from .errors import ConfigError, OutputError, RKSPError
 from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
 from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
 from .moe import RouterRecorder, find_routers
-from .risk import UNAVAILABLE as RISK_UNAVAILABLE
+from .risk import assess_summary
 from .profiling import ProfileOptions, block_result, profile_model, rksp_config
 from .record import (AuditRecord, BlockRecord, InputsRecord, MethodRecord, SourceRecord, SummaryRecord,
                      read_audit)
@@ -272,19 +272,24 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     else:
         block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
                                                      progress=progress, input_name=calib.input_name)
+    method = method_record(opts, calib, d_model, streamed, path, loaded.source.init)
+    summary = SummaryRecord.from_dict(summarize(block_results))
+    risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.info["family"], d_model=d_model,
+                                       n_layers=len(block_results), init=loaded.source.init,
+                                       method=method.to_dict())
     record = AuditRecord(
         slug=loaded.source.slug,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
-        method=method_record(opts, calib, d_model, streamed, path, loaded.source.init),
+        method=method,
         source=source_record(loaded, len(block_results)),
         inputs=inputs_record(calib),
         blocks=[BlockRecord.from_dict(b) for b in block_results],
-        summary=SummaryRecord.from_dict(summarize(block_results)),
-        risk=None,
+        summary=summary,
+        risk=risk,
         environment=report.environment(device),
         timings=timings,
-        risk_unavailable_reason=RISK_UNAVAILABLE,
+        risk_unavailable_reason=risk_reason,
     )
     return report.with_verdict(record)
 

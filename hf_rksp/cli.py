@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(m, "--no-kreiss", dest="kreiss", action="store_false",
             help="skip the Kreiss constant (the costliest feature)")
     _option(m, "--seed", type=int, help="seed for random init, random token ids and the range finder (default 0)")
-    k = a.add_argument_group("risk (no calibrated v2 model ships yet: risk is null, with the reason)")
+    k = a.add_argument_group("risk (from the shipped v2 risk model when this build has one; otherwise null, with the reason)")
     _option(k, "--lr", type=float, metavar="LR",
             help="peak learning rate the probability of divergence is given for (default: the family's "
                  "typical pretraining value, e.g. gpt2 6e-4, llama 3e-4, bert 1e-4; see README)")

@@ -63,6 +63,14 @@ def with_verdict(audit: AuditRecord) -> AuditRecord:
     return replace(audit, summary=replace(audit.summary, verdict=verdict(audit)))
 
 
+def _risk_note(audit: AuditRecord) -> str:
+    if audit.risk is None:
+        return "No calibrated probability of divergence is given here: " + (audit.risk_unavailable_reason or
+                                                                            "no fitted risk model") + "."
+    return ("The probability of divergence comes from hf-rksp's logistic model fitted on its reproduction of the "
+            "paper's sweep (small GPT-2-style models at random init); outside that setting it is a rough guide.")
+
+
 def risk_line(audit: AuditRecord) -> str:
     """One line: probability, band, learning rate, ceiling, and whether the model is in range."""
     r = audit.risk
@@ -119,7 +127,7 @@ The full result, eigenvalues included, is in `audit.json` (schema {schema}).
 
 - The spectrum describes the model on the calibration tokens above; other text, lengths or dtypes move it.
 - RKSP linearizes each block around the observed snapshots; η_nl and the ResDMD share say how far that linear operator can be trusted.
-- M is the paper's score (AUROC 0.995 in its sweep); it is not a probability. This build ships no calibrated v2 risk model.
+- M is the paper's score (AUROC 0.995 in its sweep); it is not a probability. {risk_note}
 """
 
 #: the per-block table's columns (a subset of the registry: the full record is in audit.json)
@@ -194,6 +202,7 @@ def render_card(audit: AuditRecord) -> str:
         verdict=s.verdict,
         summary_rows=summary_rows,
         risk=risk_line(audit),
+        risk_note=_risk_note(audit),
         block_header=" | ".join(f.symbol for f in cols),
         block_align="---:|" * len(cols),
         rows=rows,

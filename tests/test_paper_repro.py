@@ -182,3 +182,24 @@ def test_invalid_risk_model_is_refused():
         risk.RiskModel.from_json({"format": 2, "features": [{"name": "near_unit_mass", "transform": "log10"}]})
     with pytest.raises(risk.RiskModelError):
         risk.RiskModel.from_json({"format": 1})
+
+
+def test_audit_fills_risk_from_a_shipped_model(smoke, tmp_path, monkeypatch):
+    """With a risk model in the build (here the smoke sweep's), an audit's ``risk`` is its assessment at the
+    given learning rate, the JSON still validates, and the card and CLI say the probability."""
+    from conftest import save_tiny
+
+    from hf_rksp import audit
+    from hf_rksp.report import render_card
+
+    model = risk.RiskModel.from_json(json.loads((smoke / "risk_model.json").read_text()))
+    monkeypatch.setattr(risk, "load_risk_model", lambda: model)
+    res = audit(str(save_tiny("gpt2", tmp_path / "gpt2")), init=True, out_dir=None, tokens=256, seq_len=128,
+                lr=2e-3, progress=False)
+    r = res.record.risk
+    assert r is not None and res.record.risk_unavailable_reason is None
+    assert 0 <= r["probability"] <= 1 and r["lr"] == 2e-3 and r["lr_source"] == "given"
+    assert r["model"]["sweep_data_sha256"] == model.sweep_data_sha256
+    res.record.validate()
+    card = render_card(res.record)
+    assert "Probability of divergence: " in card and "not available" not in card
