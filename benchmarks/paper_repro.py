@@ -141,7 +141,12 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if METHODS[self.method][1] is not None:
+            # KSS runs since the label reads the task gradient on KSS steps (earlier KSS runs read the total
+            # gradient, which the KSS term's own gradient crossed: they are retrained, the others kept)
+            d["kss_label"] = "task_grad"
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def label(self) -> str:
@@ -334,12 +339,14 @@ def _monitor_class():
     from transformers import TrainerCallback
 
     class Monitor(TrainerCallback):
-        """Records the task loss (a forward hook: the KSS term is not in it) and the gradient norm of every
-        step, and stops training at the paper's divergence label."""
+        """Records the task loss (a forward hook: the KSS term is not in it) and the task gradient's norm of
+        every step (on KSS steps KSSTrainer measures it apart from the KSS term's), and stops training at
+        the paper's divergence label."""
 
         def __init__(self, model):
             self.loss: list[float] = []
-            self.grad: list[float] = []
+            self.grad: list[float] = []  # the task gradient's norm (the Trainer's total off KSS steps)
+            self.total_grad: list[float] = []  # the Trainer's norm of the total gradient, every step
             self.diverged_at: int | None = None
             self.reason: str | None = None
             self._last = math.nan
@@ -354,6 +361,12 @@ def _monitor_class():
                 return control
             grad = logs.get("grad_norm")
             grad = math.nan if grad is None else float(grad)
+            # on a KSS step the label reads the task gradient alone (measured separately by KSSTrainer),
+            # not the regularizer's own gradient; the total is kept in the trace beside it
+            task_grad = logs.get("kss/task_grad_norm")
+            self.total_grad.append(grad)
+            if task_grad is not None:
+                grad = float(task_grad)
             self.loss.append(self._last)
             self.grad.append(grad)
             reason = divergence_reason(self._last, grad)
@@ -437,11 +450,12 @@ def kss_config(spec: RunSpec):
     _, alpha, terms = METHODS[spec.method]
     if alpha is None:
         return KSSConfig(mode="off", block_path=BLOCKS, seed=spec.seed)
-    return KSSConfig(mode="on", alpha=alpha, terms=terms, block_path=BLOCKS, seed=spec.seed)
+    return KSSConfig(mode="on", alpha=alpha, terms=terms, block_path=BLOCKS, seed=spec.seed,
+                     measure_grad_norms=True)
 
 
 KSS_LOG_KEYS = ("step", "kss/loss", "kss/near_unit_mass", "kss/soft_near_unit_mass", "kss/expansive_mass",
-                "kss/spectral_radius", "kss/layers_skipped")
+                "kss/spectral_radius", "kss/layers_skipped", "kss/task_grad_norm", "kss/grad_norm")
 
 
 def run_one(spec: RunSpec, device: str = "cpu") -> dict:
@@ -489,7 +503,8 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
                       for h in trainer.state.log_history if "kss/loss" in h],
         "train_s": train_s, "step_s": train_s / max(1, steps_done), "profile_s": profile_s,
         "wall_s": time.perf_counter() - t_start,
-        "trace": {"loss": [_round(v) for v in monitor.loss], "grad_norm": [_round(v) for v in monitor.grad]},
+        "trace": {"loss": [_round(v) for v in monitor.loss], "grad_norm": [_round(v) for v in monitor.grad],
+                  "total_grad_norm": [_round(v) for v in monitor.total_grad]},
         "machine": machine(device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

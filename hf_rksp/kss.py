@@ -72,6 +72,10 @@ class KSSConfig:
     terms: str = "both"  # "both" | "unstable" | "near_unit": the paper's Table 6 ablations
     eps: float = EPS  # whitening regularizer, as in the audit
     max_condition: float = MAX_CONDITION  # skip a layer whose eigenvalue condition number exceeds this [ours]
+    #: on KSS steps, also measure the task gradient's norm and alpha * grad L_KSS's norm separately (two extra
+    #: partial backward passes), logged as kss/task_grad_norm and kss/grad_norm: for divergence monitors that
+    #: must not count the regularizer's own gradient
+    measure_grad_norms: bool = False
     warmup_steps: int = 0  # linear ramp of alpha over these optimizer steps (0: the paper's constant alpha)
     decay: str = "constant"  # "constant" | "linear" | "cosine" (to 0 after warm-up)
     decay_steps: int | None = None  # None: decay over the rest of training (max_steps)

@@ -199,16 +199,32 @@ class KSSTrainer(Trainer):
                         logger.warning("KSS skips a block this step: %s", e)
                     degenerate += 1
         used = [r.loss for r in results if not r.skipped]
+        norms = {}
         if used:
             kss = torch.stack(used).mean()
+            if cfg.measure_grad_norms:
+                norms = self._kss_gradient_norms(model, loss, alpha * kss)
             term = alpha * kss
             if self._loss_is_scaled_for_ga(num_items_in_batch):
                 term = term / self.current_gradient_accumulation_steps
             loss = loss + term.to(loss.dtype)
-        self._kss_record(alpha, results, degenerate)
+        self._kss_record(alpha, results, degenerate, norms)
         return (loss, outputs) if return_outputs else loss
 
-    def _kss_record(self, alpha: float, results, degenerate: int) -> None:
+    @staticmethod
+    def _kss_gradient_norms(model, task_loss: torch.Tensor, term: torch.Tensor) -> dict[str, float]:
+        """Norms of this micro-batch's task-loss gradient and of alpha * grad L_KSS (KSSConfig.measure_grad_norms).
+
+        Taken before gradient-accumulation scaling and clipping, with the graph kept for the real backward.
+        """
+        params = [p for p in model.parameters() if p.requires_grad]
+        out = {}
+        for name, value in (("kss/task_grad_norm", task_loss), ("kss/grad_norm", term)):
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            out[name] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None))
+        return out
+
+    def _kss_record(self, alpha: float, results, degenerate: int, norms: dict[str, float] | None = None) -> None:
         st = self.kss_state
         st.evaluations += 1
         if st.last_step != self.state.global_step:
@@ -233,6 +249,7 @@ class KSSTrainer(Trainer):
             "kss/expansive_mass": mean([r.expansive_mass for r in results]),
             "kss/spectral_radius": max((r.spectral_radius for r in results if math.isfinite(r.spectral_radius)),
                                        default=math.nan),
+            **(norms or {}),
         }
         st.last = {**m, "step": self.state.global_step}
         for k, v in m.items():

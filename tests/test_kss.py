@@ -466,3 +466,28 @@ def test_layer_draw_is_seeded_and_half():
     assert draws[0] == select_layers(12, 0.5, torch.Generator().manual_seed(0))
     assert len({tuple(d) for d in draws}) > 10
     assert select_layers(1, 0.5, torch.Generator().manual_seed(0)) == [0]
+
+
+def test_measured_gradient_norms_split_the_total(tmp_path):
+    """measure_grad_norms: on a KSS step the task gradient's norm and alpha * grad L_KSS's norm are logged;
+    the Trainer's total gradient norm (no clipping, no accumulation) lies between their difference and
+    their sum, and measuring changes nothing in training."""
+    from hf_rksp import KSSConfig, KSSTrainer
+    from hf_rksp.paper_models import GPTConfig, RecallDataset, RecallModel
+
+    logs = {}
+    for measure in (False, True):
+        torch.manual_seed(0)
+        model = RecallModel(GPTConfig(norm="none", d_model=64, n_layers=2, n_heads=4))
+        cfg = KSSConfig(every_n_steps=1, block_path="gpt.blocks", measure_grad_norms=measure)
+        tr = KSSTrainer(model=model, args=targs(tmp_path / str(measure), max_steps=2, logging_steps=1,
+                                                max_grad_norm=0.0),
+                        train_dataset=RecallDataset(64, seed=0), kss_config=cfg)
+        tr.train()
+        logs[measure] = [h for h in tr.state.log_history if "loss" in h and "grad_norm" in h]
+    assert [h["loss"] for h in logs[True]] == [h["loss"] for h in logs[False]]
+    for h in logs[True]:
+        task, kss, total = h["kss/task_grad_norm"], h["kss/grad_norm"], h["grad_norm"]
+        assert task > 0 and kss > 0
+        assert abs(task - kss) * (1 - 1e-4) <= total <= (task + kss) * (1 + 1e-4)
+    assert not any("kss/task_grad_norm" in h for h in logs[False])
