@@ -76,6 +76,9 @@ class KSSConfig:
     #: partial backward passes), logged as kss/task_grad_norm and kss/grad_norm: for divergence monitors that
     #: must not count the regularizer's own gradient
     measure_grad_norms: bool = False
+    #: [ours, not the paper's] scale the KSS term on a step so that its gradient's norm is at most this times
+    #: the task gradient's (measured as above; logged as kss/grad_scale); None: the paper's plain sum
+    max_grad_ratio: float | None = None
     warmup_steps: int = 0  # linear ramp of alpha over these optimizer steps (0: the paper's constant alpha)
     decay: str = "constant"  # "constant" | "linear" | "cosine" (to 0 after warm-up)
     decay_steps: int | None = None  # None: decay over the rest of training (max_steps)
@@ -106,6 +109,8 @@ class KSSConfig:
              f"terms must be 'both', 'unstable' or 'near_unit', got {self.terms!r}"),
             ("eps", _finite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}"),
             ("max_condition", self.max_condition > 1, f"max_condition must be > 1, got {self.max_condition}"),
+            ("max_grad_ratio", self.max_grad_ratio is None or (_finite(self.max_grad_ratio) and self.max_grad_ratio > 0),
+             f"max_grad_ratio must be None or > 0, got {self.max_grad_ratio}"),
             ("warmup_steps", _int(self.warmup_steps) and self.warmup_steps >= 0,
              f"warmup_steps must be an integer >= 0, got {self.warmup_steps}"),
             ("decay", self.decay in ("constant", "linear", "cosine"),

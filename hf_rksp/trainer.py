@@ -202,9 +202,14 @@ class KSSTrainer(Trainer):
         norms = {}
         if used:
             kss = torch.stack(used).mean()
-            if cfg.measure_grad_norms:
+            if cfg.measure_grad_norms or cfg.max_grad_ratio is not None:
                 norms = self._kss_gradient_norms(model, loss, alpha * kss)
             term = alpha * kss
+            if cfg.max_grad_ratio is not None:
+                bound = cfg.max_grad_ratio * norms["kss/task_grad_norm"]
+                scale = min(1.0, bound / norms["kss/grad_norm"]) if norms["kss/grad_norm"] > 0 else 1.0
+                norms["kss/grad_scale"] = scale
+                term = term * scale
             if self._loss_is_scaled_for_ga(num_items_in_batch):
                 term = term / self.current_gradient_accumulation_steps
             loss = loss + term.to(loss.dtype)

@@ -429,7 +429,7 @@ def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score
     ({"tau_l": 1.05, "tau_u": 1.05}, "tau_l"), ({"tau_l": 0.9, "tau_u": 0.95}, "tau_l"), ({"rank": 1}, "rank"),
     ({"every_n_steps": 0}, "every_n_steps"), ({"layer_fraction": 0.0}, "layer_fraction"),
     ({"subsample": 32}, "subsample"), ({"T": 0.0}, "T"), ({"beta": -1.0}, "beta"), ({"alpha": math.nan}, "alpha"),
-    ({"mode": "maybe"}, "mode"), ({"terms": "all"}, "terms"), ({"auto_threshold": 1.5}, "auto_threshold"), ({"decay": "exp"}, "decay"),
+    ({"mode": "maybe"}, "mode"), ({"terms": "all"}, "terms"), ({"max_grad_ratio": 0.0}, "max_grad_ratio"), ({"auto_threshold": 1.5}, "auto_threshold"), ({"decay": "exp"}, "decay"),
 ])
 def test_bad_kss_config_raises_one_clear_error(kwargs, param):
     from hf_rksp import KSSConfig
@@ -491,3 +491,22 @@ def test_measured_gradient_norms_split_the_total(tmp_path):
         assert task > 0 and kss > 0
         assert abs(task - kss) * (1 - 1e-4) <= total <= (task + kss) * (1 + 1e-4)
     assert not any("kss/task_grad_norm" in h for h in logs[False])
+
+
+def test_max_grad_ratio_bounds_the_kss_gradient(tmp_path):
+    """max_grad_ratio (ours): the KSS term is scaled so that its gradient's norm is at most ratio x the task
+    gradient's: the total gradient norm then stays within (1 + ratio) x the task gradient's."""
+    from hf_rksp import KSSConfig, KSSTrainer
+    from hf_rksp.paper_models import GPTConfig, RecallDataset, RecallModel
+
+    torch.manual_seed(0)
+    model = RecallModel(GPTConfig(norm="none", d_model=64, n_layers=2, n_heads=4))
+    cfg = KSSConfig(every_n_steps=1, block_path="gpt.blocks", max_grad_ratio=0.5)
+    tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=2, logging_steps=1, max_grad_norm=0.0),
+                    train_dataset=RecallDataset(64, seed=0), kss_config=cfg)
+    tr.train()
+    logs = [h for h in tr.state.log_history if "grad_norm" in h and "kss/grad_scale" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert 0 < h["kss/grad_scale"] < 1  # at init the KSS gradient is far larger than the task's
+        assert h["grad_norm"] <= 1.5 * h["kss/task_grad_norm"] * (1 + 1e-4)
