@@ -51,7 +51,7 @@ def _profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int
 def has_normalization(model) -> bool:
     """True if any submodule is a normalization layer (LayerNorm, RMSNorm, ... by class name)."""
     return any(isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm))
-               or type(m).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")) for m in model.modules())
+               or type(m).__name__.endswith("Norm") for m in model.modules())
 
 
 def _finite(v):
@@ -79,7 +79,8 @@ class KSSTrainer(Trainer):
     ``kss/soft_near_unit_mass`` and ``kss/near_unit_mass`` (soft and hard,
     mean over the drawn layers), ``kss/expansive_mass``,
     ``kss/spectral_radius`` (max), ``kss/layers_skipped`` (running total)
-    and ``kss/steps``; writes ``kss_state.json`` into every checkpoint and
+    and ``kss/steps`` (with ``measure_grad_norms`` or ``max_grad_ratio``, also
+    ``kss/task_grad_norm``, ``kss/grad_norm`` and ``kss/grad_scale``); writes ``kss_state.json`` into every checkpoint and
     restores it on ``train(resume_from_checkpoint=...)``.
     """
 
