@@ -1,4 +1,9 @@
-"""The paper's small GPT-2-style models and its associative-recall task (PAPER.md), in plain torch.
+"""The paper's small GPT-2-style models and its two tasks (PAPER.md D.1, D.2), in plain torch.
+
+Tasks, seeded and generated on the fly: ``associative_recall`` (with
+``RecallModel`` / ``RecallDataset``, last-position cross-entropy, for
+``transformers.Trainer``) and the synthetic LM ``synthetic_lm`` (with
+``LMModel`` / ``LMDataset``, next-token cross-entropy).
 
 A nanoGPT-style decoder (learned positions, causal self-attention, GELU MLP
 of width 4d, no dropout) with one of six normalizations, initialized the way
