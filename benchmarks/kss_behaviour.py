@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -46,10 +45,10 @@ from hf_rksp.paper_models import GPTConfig, RecallDataset, RecallModel, associat
 from hf_rksp.profiling import ProfileOptions, profile_model  # noqa: E402
 from hf_rksp.trainer import KSSTrainer  # noqa: E402
 
+from paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCKS = "gpt.blocks"
-#: the paper's divergence label (PAPER.md, Protocol)
-LOSS_LIMIT, GRAD_LIMIT = 50.0, 500.0
 
 
 class DivergenceStop(TrainerCallback):
@@ -60,8 +59,7 @@ class DivergenceStop(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         loss, grad = (logs or {}).get("loss"), (logs or {}).get("grad_norm")
-        bad = [v for v in (loss, grad) if v is not None and not math.isfinite(v)]
-        if bad or (loss is not None and loss > LOSS_LIMIT) or (grad is not None and grad > GRAD_LIMIT):
+        if loss is not None and divergence_reason(float(loss), grad) is not None:
             self.diverged_at = state.global_step
             control.should_training_stop = True
         return control

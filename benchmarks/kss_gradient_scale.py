@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_rksp.kss import KSSConfig, SnapshotSampler, layer_kss, select_layers  # noqa: E402
 from hf_rksp.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
-
-LOSS_LIMIT, GRAD_LIMIT = 50.0, 500.0
+from paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
 
 
 def _norm(grads) -> float:
@@ -74,7 +73,7 @@ def run(seed: int, lr: float, kss: bool, a) -> dict:
             loss.backward()
         total = _norm([p.grad for p in params])
         loss = loss.detach()
-        if not math.isfinite(float(loss)) or float(loss) > LOSS_LIMIT or not math.isfinite(total) or total > GRAD_LIMIT:
+        if divergence_reason(float(loss), total) is not None:
             diverged_at = step
             break
         opt.step()
