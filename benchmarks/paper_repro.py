@@ -146,6 +146,9 @@ class RunSpec:
             # KSS runs since the label reads the task gradient on KSS steps (earlier KSS runs read the total
             # gradient, which the KSS term's own gradient crossed: they are retrained, the others kept)
             d["kss_label"] = "task_grad"
+            # KSS runs since the whitening is in the gradient (whitening.py, Gradients): earlier KSS runs
+            # had a stop-gradient through it, whose gradient upstream of each block was wrong
+            d["kss_grad"] = "whitening_in_graph"
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

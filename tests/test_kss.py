@@ -69,9 +69,9 @@ def model_profile(model):
 
 # -- the spectral core pieces KSS uses ---------------------------------------------------------
 
-def test_core_operator_is_differentiable_with_stop_gradient_whitening():
+def test_core_operator_is_differentiable_with_a_detached_basis():
     """KSS's operator is the audit's (hf_rksp.spectral): gradients reach the snapshots, the whitening
-    basis does not carry any, and under no_grad it is the audit's operator exactly."""
+    basis V does not carry any (X's Gram and the whitening matrix do), and its value is the audit's."""
     from hf_rksp.spectral import dmd_operator, eigen, whiten
 
     g = torch.Generator().manual_seed(1)
@@ -201,6 +201,50 @@ def test_layer_kss_gradient_on_a_no_norm_block_at_init_matches_finite_difference
 
 
 # -- the loss on real blocks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["embedding_scale", "embedding_random", "block0_random"])
+def test_kss_gradient_upstream_of_the_block_matches_finite_differences(direction):
+    """Upstream parameters (embeddings, earlier blocks) change X, hence the whitening: the gradient there
+    is exact only because X's Gram and the whitening matrix are in the graph (whitening.py, Gradients).
+    Full DMD (rank > d), so no random basis is involved; the loss of block 1 of a no-norm model at init,
+    in float64, against a central difference (h = 1e-5; 1e-4 relative: the difference's truncation error
+    is ~1e-8, what is left is block 0's input having rank k < d, where range(X~)'s rotation is not followed).
+    The first KSS (whitening detached) got the scale direction wrong by a factor of ~1e6: it asked the
+    stream to shrink, which changes nothing in the real operator."""
+    from hf_rksp.kss import KSSConfig, layer_kss
+    from hf_rksp.paper_models import GPT, GPTConfig, associative_recall
+
+    torch.manual_seed(42)
+    model = GPT(GPTConfig(norm="none", d_model=32, n_layers=2, n_heads=2)).double()
+    ids, _ = associative_recall(8, seed=42)
+    cfg = KSSConfig(rank=64, subsample=400)
+
+    def loss() -> torch.Tensor:
+        h = model.wte(ids) + model.wpe(torch.arange(ids.shape[1]))
+        x = model.blocks[0](h)
+        y = model.blocks[1](x)
+        return layer_kss(x.reshape(-1, 32), y.reshape(-1, 32), cfg).loss
+
+    g = torch.Generator().manual_seed(5)
+    params = {"embedding_scale": [model.wte.weight, model.wpe.weight],
+              "embedding_random": [model.wte.weight, model.wpe.weight],
+              "block0_random": [p for p in model.blocks[0].parameters() if p.ndim == 2]}[direction]
+    dirs = [p.detach().clone() if direction == "embedding_scale" else
+            torch.randn(p.shape, dtype=torch.float64, generator=g) * 0.02 for p in params]
+    grads = torch.autograd.grad(loss(), params)
+    analytic = sum(float((gr * e).sum()) for gr, e in zip(grads, dirs))
+    h = 1e-5
+    with torch.no_grad():
+        for p, e in zip(params, dirs):
+            p.add_(h * e)
+        up = float(loss())
+        for p, e in zip(params, dirs):
+            p.sub_(2 * h * e)
+        down = float(loss())
+        for p, e in zip(params, dirs):
+            p.add_(h * e)
+    assert analytic == pytest.approx((up - down) / (2 * h), rel=1e-4, abs=1e-9)
 
 @pytest.mark.parametrize("family,no_norm", [("gpt2", False), ("llama", False), ("gpt2", True), ("llama", True)])
 def test_kss_loss_gradients_reach_block_weights(family, no_norm):

@@ -49,13 +49,22 @@ class DMDOperator:
 
 
 def _compress(wh: Whitened, basis: torch.Tensor | None, hb: torch.Tensor) -> DMDOperator:
-    dw = wh.w
-    gh = dw[:, None] * wh.cross * dw[None, :]
-    gg = dw[:, None] * wh.yy * dw[None, :]
+    if wh.xx is None or not wh.xx.requires_grad:  # the audit: Hb is diagonal, A~ = GH Hb^-1 by columns
+        dw = wh.w
+        gh = dw[:, None] * wh.cross * dw[None, :]
+        gg = dw[:, None] * wh.yy * dw[None, :]
+        if basis is not None:
+            gh = basis.T @ gh @ basis
+            gg = basis.T @ gg @ basis
+        return DMDOperator(matrix=gh / hb[None, :], hb=hb, gh=gh, gg=gg, full=basis is None)
+    # KSS: the same values, with X's Gram and the whitening matrix in the graph (whitening.py, Gradients)
+    w = wh.whitening()
+    gh, gg, hx = w @ wh.cross @ w, w @ wh.yy @ w, w @ wh.xx @ w
     if basis is not None:
-        gh = basis.T @ gh @ basis
-        gg = basis.T @ gg @ basis
-    return DMDOperator(matrix=gh / hb[None, :], hb=hb, gh=gh, gg=gg, full=basis is None)
+        gh, gg, hx = (basis.T @ m @ basis for m in (gh, gg, hx))
+    # A~ = GH Hx^-1 (Hx symmetric, diagonal = hb in value)
+    matrix = torch.linalg.solve(hx, gh.mT).mT
+    return DMDOperator(matrix=matrix, hb=hb, gh=gh, gg=gg, full=basis is None)
 
 
 def full_operator(wh: Whitened) -> DMDOperator:
@@ -68,7 +77,8 @@ def randomized_operator(wh: Whitened, rank: int, *, generator: torch.Generator |
     """Seeded rank-r randomized DMD of the whitened snapshots (m = min(r, k)).
 
     The basis is computed without gradient (a stop-gradient through the random
-    range, as through the whitening); the operator is differentiable in C, Syy.
+    range: a sampling device, not part of the model); the operator is
+    differentiable in C, Syy and, through the whitening, in X's Gram.
     """
     if rank < 1 or oversample < 0 or power_iters < 0:
         raise ConfigError(f"rank must be >= 1, oversample and power_iters >= 0; got {rank}, {oversample}, "

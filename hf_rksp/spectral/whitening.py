@@ -29,8 +29,20 @@ pseudo-inverse needs to be finite) and s_i^2 > m * 2^-52 * s_1^2 (m the
 Gram's size): below that an eigenvalue of a float64 Gram is rounding noise,
 as is any direction of float32 activations that small.
 
-Gradients (KSS): V, s and w come from ``x.detach()`` (a stop-gradient through
-the whitening matrix); C and Syy are differentiable in x and y.
+Gradients (KSS).  The basis V comes from ``x.detach()``; it is only a basis:
+with it fixed, everything that depends on X is kept differentiable through
+the k x k Gram H = (Xc V)^T (Xc V) (``xx``, equal to S^2 at the point), and
+the whitening matrix in V coordinates is W_V = f(H), f(t) = (t/(N-1) + eps)^-1/2,
+whose first-order change is the Daleckii-Krein divided difference
+dW_V = Phi o dH with Phi_ij = (f(t_i) - f(t_j)) / (t_i - t_j) (``whitening``).
+Phi is bounded by max |f'| for any spacing of the t_i, so unlike the
+eigenvector derivatives of V (1 / (s_i^2 - s_j^2)) it cannot blow up.  At full
+rank (k = d) V f(V^T G V) V^T = f(G) for any orthonormal V, so this is the
+exact derivative of the paper's W; when k < d the rotation of range(X~) itself
+is not followed (as for any pseudo-inverse cut).  A stop-gradient through W
+instead (our first KSS) is badly wrong for every parameter upstream of the
+block: the detached X Gram makes A~ scale like |X|^2, so the gradient asks
+the stream to shrink, which changes nothing in the real operator.
 """
 
 from __future__ import annotations
@@ -67,6 +79,20 @@ class Whitened:
     d: int
     eps: float
     basis: torch.Tensor | None = None
+    xx: torch.Tensor | None = None  # H = (Xc V)^T (Xc V), (k, k), differentiable in x; None without grad
+
+    def whitening(self) -> torch.Tensor:
+        """W_V = (H / (N-1) + eps I)^(-1/2) in V coordinates (k x k): diag(w) in value, with the exact
+        first-order derivative in H (module docstring) when ``xx`` carries gradient."""
+        w = torch.diag(self.w)
+        if self.xx is None or not self.xx.requires_grad:
+            return w
+        a = 1.0 / (self.n - 1)
+        u = (self.s.detach() ** 2 * a + self.eps)  # (t / (N-1) + eps) at the point, t = s^2
+        ru = u.sqrt()
+        # Phi_ij = (u_i^-1/2 - u_j^-1/2) / (t_i - t_j), written without the difference (no cancellation)
+        phi = -a / ((ru[:, None] * ru[None, :]) * (ru[:, None] + ru[None, :]))
+        return w + phi * (self.xx - self.xx.detach())
 
     @property
     def k(self) -> int:
@@ -173,6 +199,7 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
         yy = v.T @ (gyy @ v)  # Syy = (Yc V)^T (Yc V)
         y_rows = float((gyx_v.detach() / s).pow(2).sum())  # ||S^-1 V^T Xc^T Yc||^2
         basis = v
+        xx = v.T @ ((xc.T @ xc) @ v) if xc.requires_grad else None  # H, differentiable in x
     else:  # N-space: the (N x N) kernel; V = Xc^T U S^-1 is never formed
         evals, evecs = torch.linalg.eigh(xd @ xd.T)
         idx = _keep(evals, n, eps, rel_cut, constant_level)
@@ -183,9 +210,10 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
         y_rows = float((u.T @ yc.detach()).pow(2).sum())
         basis = None
         cross, yy = py.T @ px, py.T @ py
+        xx = px.T @ px if px.requires_grad else None
     # ||Yc - Xc||^2, in Yc's own buffer when nothing needs it any more (a fresh (N x d) buffer costs ~5 ms)
     in_graph = xc.requires_grad or yc.requires_grad  # (autograd may have saved Yc)
     diff_norm2 = float(torch.linalg.vector_norm(yc.detach() - xd if in_graph else yc.sub_(xd))) ** 2
     w = (s ** 2 / (n - 1) + eps).rsqrt()
     return Whitened(s=s, w=w, cross=cross, yy=yy, y_norm2=y_norm2, diff_norm2=diff_norm2,
-                    y_rows_norm2=y_rows, n=n, d=d, eps=eps, basis=basis)
+                    y_rows_norm2=y_rows, n=n, d=d, eps=eps, basis=basis, xx=xx)
