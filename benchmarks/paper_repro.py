@@ -1044,6 +1044,26 @@ def maxlr_table(protocol: Protocol, runs: dict, which: str = "paper", limit: flo
     return out
 
 
+def shared_lr_auroc(runs: list[dict], n_boot: int = 1000) -> dict:
+    """AUROC of M_~1 at init among the Table 1 runs trained at one learning rate, for every lr that at
+    least two normalizations' grids share: the paper's design (one recipe for every normalization, Table 1)
+    as opposed to ours (an lr grid spanning stable to divergent within each normalization)."""
+    by_lr = defaultdict(list)
+    for r in runs:
+        by_lr[r["spec"]["lr"]].append(r)
+    out = {}
+    for lr, rs in sorted(by_lr.items()):
+        norms = {r["spec"]["norm"] for r in rs}
+        if len(norms) < 2:
+            continue
+        s, y = [r["init"]["near_unit_mass"] for r in rs], [label(r) for r in rs]
+        out[f"{lr:g}"] = {"n": len(rs), "norms": sorted(norms), "diverged": int(sum(y)), "auroc": auroc(s, y),
+                          "ci95": bootstrap_ci(s, y, n=n_boot),
+                          "rate_by_norm": {n: float(np.mean([label(r) for r in rs if r["spec"]["norm"] == n]))
+                                           for n in sorted(norms)}}
+    return out
+
+
 def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Path = RISK_MODEL,
             n_boot: int = 1000, log=print) -> dict:
     """Every table, plot and summary.json from ``out/runs.jsonl`` (no training)."""
@@ -1054,7 +1074,7 @@ def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Pat
     pooled = [runs[s.key] for s in protocol.no_control() if s.key in runs]
     lm = [runs[s.key] for s in unique(protocol.lm()) if s.key in runs]
     res = {"table1": {"by_norm": norm_table(t1), "by_size": norm_table(t1, by=("norm", "d_model", "n_layers")),
-                      "auroc": auroc_table(t1, n_boot=n_boot)},
+                      "auroc": auroc_table(t1, n_boot=n_boot), "auroc_shared_lr": shared_lr_auroc(t1, n_boot)},
            "pooled": {"n": len(pooled), "by_norm": norm_table(pooled), "auroc": auroc_table(pooled, n_boot=n_boot),
                       "grouped_cv": cv_table(pooled)},
            "kss": kss_table(protocol, runs), "maxlr": maxlr_table(protocol, runs),
@@ -1128,6 +1148,8 @@ def make_summary(protocol: Protocol, runs: dict, res: dict, model: RiskModel | N
         "auroc_baselines_alive": {k: a[k]["alive"]["auroc"] for k in BASELINES},
         "auroc_baselines_precursor": {k: a[k]["precursor"]["auroc"] for k in BASELINES},
         "auroc_near_unit_mass_pooled": res["pooled"]["auroc"]["near_unit_mass"]["auroc"],
+        "auroc_near_unit_mass_shared_lr": {k: {"auroc": v["auroc"], "ci95": v["ci95"], "n": v["n"]}
+                                           for k, v in res["table1"]["auroc_shared_lr"].items()},
         "auroc_near_unit_mass_within_norm": {k: v["auroc_near_unit_mass"]
                                              for k, v in res["table1"]["by_norm"].items()},
         "divergence_rate_by_norm": {k: v["rate"] for k, v in res["table1"]["by_norm"].items()},
@@ -1193,6 +1215,13 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
         L.append(f"| {k} | {_fmt(v['auroc'])} | {_ci(v['ci95'])} | {pre} | {alive} | {PAPER['auroc'].get(k, '-')} |")
     L += ["", f"Pooled no-control runs (n = {res['pooled']['n']}): AUROC of M_~1 "
               f"{_fmt(res['pooled']['auroc']['near_unit_mass']['auroc'])}.", "",
+          "The paper's design, one learning rate for every normalization (the Table 1 runs at each lr that "
+          "two or more normalizations' grids share):", "",
+          "| lr | n | diverged | AUROC of M_~1 | 95% CI | divergence rate by norm |", "|---|---|---|---|---|---|"]
+    for k, v in res["table1"]["auroc_shared_lr"].items():
+        rates = ", ".join(f"{n} {100 * r:.0f}%" for n, r in v["rate_by_norm"].items())
+        L.append(f"| {k} | {v['n']} | {v['diverged']} | {_fmt(v['auroc'])} | {_ci(v['ci95'])} | {rates} |")
+    L += ["",
           "## Grouped cross-validation (logistic, pooled no-control runs; out-of-fold)", "",
           "| model | groups | folds | AUROC | log-loss | ECE |", "|---|---|---|---|---|---|"]
     for k, v in res["pooled"]["grouped_cv"].items():
@@ -1361,8 +1390,10 @@ def _where(specs: list[RunSpec], clauses: list[str]) -> list[RunSpec]:
 
 
 def _order(specs: list[RunSpec]) -> list[RunSpec]:
-    """Smallest models first (a sweep cut short still covers every norm), longest first within a size."""
-    return sorted(specs, key=lambda s: (s.d_model, s.n_layers, -estimate_s(s)))
+    """Smallest models first, then seed by seed (a sweep cut short still covers every norm, lr and method
+    with the same seeds), longest first within a seed."""
+    seeds = {s: i for i, s in enumerate(dict.fromkeys(x.seed for x in specs))}
+    return sorted(specs, key=lambda s: (s.d_model, s.n_layers, seeds[s.seed], -estimate_s(s)))
 
 
 def main(argv=None) -> int:

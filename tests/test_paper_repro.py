@@ -117,6 +117,22 @@ def test_fisher_exact_and_ece():
     assert bench.ece([0.5] * 4, [0, 0, 1, 1]) == pytest.approx(0.0)
 
 
+def test_shared_lr_auroc_scores_only_lrs_two_norms_share():
+    """The paper's design (one lr for every norm): per lr that two or more norms' grids share, the AUROC of
+    M_~1 over those runs; an lr only one norm has is left out."""
+    def run(norm, lr, m, diverged):
+        return {"spec": {"norm": norm, "lr": lr}, "init": {"near_unit_mass": m}, "diverged": diverged}
+
+    runs = [run("none", 0.01, 0.9, True), run("none", 0.01, 0.8, True), run("pre", 0.01, 0.2, False),
+            run("post", 0.01, 0.85, False), run("none", 0.003, 0.9, True), run("pre", 1.0, 0.2, True)]
+    out = bench.shared_lr_auroc(runs, n_boot=50)
+    assert set(out) == {"0.01"}
+    v = out["0.01"]
+    assert v["n"] == 4 and v["diverged"] == 2 and v["norms"] == ["none", "post", "pre"]
+    assert v["auroc"] == pytest.approx(3 / 4)  # pairs (0.9, 0.2), (0.9, 0.85), (0.8, 0.2) ordered; (0.8, 0.85) not
+    assert v["rate_by_norm"] == {"none": 1.0, "post": 0.0, "pre": 0.0}
+
+
 def test_gradient_baselines_and_labels():
     loss = [5.0] * 30 + [9.0] + [5.0] * 169
     grad = [1.0] * 99 + [3.0] + [1.0] * 100
