@@ -1,0 +1,429 @@
+"""From run records to the paper's tables: Table 1/2 (AUROC), grouped CV, calibration and the risk
+model, Tables 3/6 and 5, the sensitivities, summary.json and tables.md."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from hf_rksp.risk import KAPPA_CAP, RiskModel, fit_logistic, transform
+
+from .protocol import GRAD_LIMIT, LOSS_LIMIT, METHODS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS, Protocol
+from .stats import auroc, bootstrap_ci, ece, fisher_exact, log_loss, wilson
+from .training import gradient_baselines, old_label
+
+# --- analysis ---------------------------------------------------------------------------------------------------
+
+def label(r: dict, which: str = "paper") -> bool:
+    """Diverged under ``which``: "paper" (the recorded label), "old" (our old label, from the loss trace) or
+    "loss" (the paper's loss criterion alone: loss > 50 or non-finite at a step the run reached)."""
+    if which == "paper":
+        return bool(r["diverged"])
+    loss = _trace(r, "loss")
+    if which == "old":
+        return old_label(loss, r["spec"]["warmup"])
+    return any(not math.isfinite(v) or v > LOSS_LIMIT for v in loss)
+
+
+def kappa(r: dict) -> float:
+    k = r["init"]["eigvec_condition"]
+    return KAPPA_CAP if k is None else min(float(k), KAPPA_CAP)
+
+
+PREDICTORS = {  # at init
+    "near_unit_mass": lambda r: r["init"]["near_unit_mass"],
+    "near_unit_mass_x_log10_kappa": lambda r: r["init"]["near_unit_mass"] * math.log10(max(kappa(r), 1.0)),
+    "spectral_radius": lambda r: r["init"]["spectral_radius"],
+    "eigvec_condition": kappa,
+}
+BASELINES = ("grad_norm_step1", "grad_norm_step100", "grad_var_1_100", "loss_spikes_1_500")
+
+
+def baseline_values(runs: list[dict], name: str, carried: bool, precursor: bool = False) -> list[float | None]:
+    """One baseline on every run; ``precursor``: a diverged run's trace without its last (diverging) step."""
+    def cut(r, t):
+        return t[:-1] if precursor and r["diverged"] and len(t) > 1 else t
+    return [gradient_baselines(cut(r, _trace(r, "loss")), cut(r, _trace(r, "grad_norm")), carried=carried)[name]
+            for r in runs]
+
+
+def _trace(r: dict, name: str) -> list[float]:
+    return [math.inf if v is None else v for v in r["trace"][name]]
+
+
+def auroc_table(runs: list[dict], which: str = "paper", n_boot: int = 1000) -> dict:
+    """AUROC [95% CI] of every predictor and baseline (baselines carried, and on runs alive at the step)."""
+    y = [label(r, which) for r in runs]
+    out = {}
+    for name, f in PREDICTORS.items():
+        s = [f(r) for r in runs]
+        out[name] = {"auroc": auroc(s, y), "ci95": bootstrap_ci(s, y, n=n_boot), "n": len(runs)}
+    for name in BASELINES:
+        s = baseline_values(runs, name, carried=True)
+        out[name] = {"auroc": auroc(s, y), "ci95": bootstrap_ci(s, y, n=n_boot), "n": len(runs)}
+        alive = [(v, t) for v, t in zip(baseline_values(runs, name, carried=False), y) if v is not None]
+        out[name]["alive"] = {"auroc": auroc([v for v, _ in alive], [t for _, t in alive]) if alive else None,
+                              "n": len(alive)}
+        out[name]["precursor"] = {"auroc": auroc(baseline_values(runs, name, carried=True, precursor=True), y)}
+    return out
+
+
+def mean_sd(vals) -> list[float] | None:
+    v = [x for x in vals if x is not None]
+    return [float(np.mean(v)), float(np.std(v))] if v else None
+
+
+def norm_table(runs: list[dict], which: str = "paper", by=("norm",)) -> dict:
+    """Per normalization (or per (norm, d, L)): n, divergence rate, M_~1, M_>1, rho at init, accuracy."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[" ".join(str(r["spec"][k]) for k in by)].append(r)
+    out = {}
+    for g, rs in sorted(groups.items()):
+        y = [label(r, which) for r in rs]
+        out[g] = {"n": len(rs), "diverged": int(sum(y)), "rate": sum(y) / len(rs),
+                  "near_unit_mass": mean_sd(r["init"]["near_unit_mass"] for r in rs),
+                  "expansive_mass": mean_sd(r["init"]["expansive_mass"] for r in rs),
+                  "spectral_radius": mean_sd(r["init"]["spectral_radius"] for r in rs),
+                  "accuracy_converged": mean_sd(r["accuracy"] for r, d in zip(rs, y) if not d),
+                  "auroc_near_unit_mass": auroc([r["init"]["near_unit_mass"] for r in rs], y)}
+        out[g]["auroc_near_unit_mass_ci95"] = bootstrap_ci([r["init"]["near_unit_mass"] for r in rs], y, n=300)
+    return out
+
+
+def design(runs: list[dict], cols: tuple[str, ...], norms: tuple[str, ...]) -> np.ndarray:
+    """Covariates: M, log10 kappa, log10 lr, and one-hot normalization (the first of ``norms`` dropped)."""
+    rows = []
+    for r in runs:
+        row = []
+        for c in cols:
+            if c == "norm":
+                row += [float(r["spec"]["norm"] == n) for n in norms[1:]]
+            elif c == "lr":
+                row.append(math.log10(r["spec"]["lr"]))
+            else:
+                row.append(transform(c, r["init"][c] if c != "eigvec_condition" else kappa(r)))
+        rows.append(row)
+    return np.asarray(rows, dtype=float).reshape(len(runs), -1)
+
+
+def grouped_cv(runs: list[dict], cols: tuple[str, ...], group_by: tuple[str, ...], which: str = "paper",
+               l2: float = 1e-2) -> dict:
+    """Out-of-fold predictions of a logistic model, one fold per group (leave-one-group-out)."""
+    norms = tuple(sorted({r["spec"]["norm"] for r in runs}))
+    x, y = design(runs, cols, norms), np.array([label(r, which) for r in runs], dtype=float)
+    groups = [tuple(r["spec"][k] for k in group_by) for r in runs]
+    p = np.empty(len(y))
+    for g in sorted(set(groups)):
+        test = np.array([gg == g for gg in groups])
+        ytr = y[~test]
+        if ytr.min() == ytr.max():  # one class left to learn from: its smoothed base rate
+            p[test] = (ytr.sum() + 0.5) / (len(ytr) + 1)
+        else:
+            p[test] = fit_logistic(x[~test], ytr, l2=l2).predict(x[test])
+    return {"columns": list(cols), "groups": list(group_by), "n_folds": len(set(groups)),
+            "auroc": auroc(p, y.astype(bool)), "log_loss": log_loss(p, y), "brier": float(np.mean((p - y) ** 2)),
+            "ece": ece(p, y), "oof": p.tolist()}
+
+
+CV_MODELS = {  # what M adds beyond the normalization and the learning rate
+    "lr": ("lr",), "M": ("near_unit_mass",), "M + lr": ("near_unit_mass", "lr"),
+    "norm + lr": ("norm", "lr"), "norm + lr + M": ("norm", "lr", "near_unit_mass"),
+}
+CV_GROUPINGS = {"norm": ("norm",), "norm_d_L": ("norm", "d_model", "n_layers")}
+
+
+def cv_table(runs: list[dict], which: str = "paper") -> dict:
+    y = [label(r, which) for r in runs]
+    if len(set(y)) < 2:
+        return {}
+    out = {}
+    for gname, gby in CV_GROUPINGS.items():
+        for mname, cols in CV_MODELS.items():
+            if "norm" in cols and gname == "norm":  # an unseen normalization has no coefficient
+                continue
+            res = grouped_cv(runs, cols, gby, which)
+            res.pop("oof")
+            out[f"{mname} | groups {gname}"] = res
+    return out
+
+
+RISK_CANDIDATES = ("eigvec_condition", "lr")
+RISK_GROUPS = ("norm", "d_model", "n_layers")
+
+
+def fit_risk_model(runs: list[dict], sha256: str, which: str = "paper") -> tuple[RiskModel | None, dict]:
+    """Logistic on M_~1; log10 kappa and log10 lr added (greedily) only if they lower the grouped-CV log-loss."""
+    y = np.array([label(r, which) for r in runs])
+    if len(set(y.tolist())) < 2:
+        return None, {"reason": "one class only"}
+    cols, trail = ["near_unit_mass"], []
+    best = grouped_cv(runs, tuple(cols), RISK_GROUPS, which)
+    trail.append({"features": list(cols), "cv_log_loss": best["log_loss"], "cv_auroc": best["auroc"]})
+    for c in RISK_CANDIDATES:
+        trial = grouped_cv(runs, tuple(cols + [c]), RISK_GROUPS, which)
+        trail.append({"features": cols + [c], "cv_log_loss": trial["log_loss"], "cv_auroc": trial["auroc"]})
+        if trial["log_loss"] < best["log_loss"]:
+            cols, best = cols + [c], trial
+    fit = fit_logistic(design(runs, tuple(cols), ()), y.astype(float))
+    feats = {"near_unit_mass": [r["init"]["near_unit_mass"] for r in runs],
+             "eigvec_condition": [kappa(r) for r in runs]}
+    valid = {"lr": [min(r["spec"]["lr"] for r in runs), max(r["spec"]["lr"] for r in runs)],
+             "d_model": [min(r["spec"]["d_model"] for r in runs), max(r["spec"]["d_model"] for r in runs)],
+             "n_layers": [min(r["spec"]["n_layers"] for r in runs), max(r["spec"]["n_layers"] for r in runs)],
+             **{k: [float(min(v)), float(max(v))] for k, v in feats.items()}}
+    model = RiskModel(
+        features=tuple(cols), fit=fit, n_runs=len(runs), n_diverged=int(y.sum()),
+        divergence_definition=f"loss > {LOSS_LIMIT:g} or gradient norm > {GRAD_LIMIT:g} (or non-finite) at any "
+                              f"step within the step budget (the paper's label)",
+        sweep_data_sha256=sha256, valid=valid,
+        cv={"groups": list(RISK_GROUPS), "n_folds": best["n_folds"], "ece": best["ece"], "auroc": best["auroc"],
+            "log_loss": best["log_loss"], "selection": trail},
+        rksp={"rank": "full", "tokens": PROFILE_TOKENS, "eps": 1e-5, "band_upper": 1.05, "band_lower": 0.90},
+        sweep={"task": "associative recall (4 pairs, length 64, vocabulary 256)",
+               "architecture": "hf_rksp.paper_models GPT-2-style, N(0, 0.02^2) init, no residual scaling",
+               "norms": sorted({r["spec"]["norm"] for r in runs}),
+               "training": f"AdamW, batch {runs[0]['spec']['batch']}, {runs[0]['spec']['steps']} steps, "
+                           f"{runs[0]['spec']['warmup']} warm-up", "script": "benchmarks/paper_repro.py"})
+    return model, {"oof": best["oof"], "selection": trail}
+
+
+def kss_table(protocol: Protocol, runs: dict, which: str = "paper") -> dict:
+    """Table 3/6: per method over its trials, divergence rate (Wilson CI, Fisher p vs no control), accuracy,
+    M_~1 at the end (non-diverged runs), and time per step relative to the paired no-control runs."""
+    base = {(s.lr, s.seed): runs.get(s.key) for s in protocol.kss("none")}
+    out = {}
+    for m in METHODS:
+        rs = [runs[s.key] for s in protocol.kss(m) if s.key in runs]
+        y = [label(r, which) for r in rs]
+        k, n = int(sum(y)), len(rs)
+        ratios = [r["step_s"] / b["step_s"] for r in rs
+                  if (b := base.get((r["spec"]["lr"], r["spec"]["seed"]))) is not None]
+        nb = [label(b, which) for b in base.values() if b is not None]
+        out[m] = {"n": n, "diverged": k, "rate": k / n if n else None, "ci95": wilson(k, n),
+                  "fisher_p_vs_none": fisher_exact(k, n - k, int(sum(nb)), len(nb) - int(sum(nb)))
+                  if n and nb and m != "none" else None,
+                  "accuracy_converged": mean_sd(r["accuracy"] for r, d in zip(rs, y) if not d),
+                  "accuracy_all": mean_sd(r["accuracy"] or 0.0 for r in rs),
+                  "end_near_unit_mass": mean_sd((r["end"] or {}).get("near_unit_mass") for r in rs),
+                  "overhead": float(np.median(ratios)) - 1 if ratios else None,
+                  "diverged_on_kss_step": sum(bool(r.get("diverged_on_kss_step")) for r in rs),
+                  "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
+                  "by_lr": {f"{lr:g}": _rate([r for r in rs if r["spec"]["lr"] == lr], which)
+                            for lr in protocol.kss_lrs}}
+    return out
+
+
+def _rate(rs: list[dict], which: str) -> dict:
+    k = sum(label(r, which) for r in rs)
+    return {"n": len(rs), "diverged": int(k), "rate": k / len(rs) if rs else None}
+
+
+def maxlr_table(protocol: Protocol, runs: dict, which: str = "paper", limit: float = 0.2) -> dict:
+    """Table 5: divergence rate per lr, without and with KSS; the largest lr whose rate, and every smaller
+    lr's, is below ``limit`` (None: even the smallest lr fails; ``censored``: the largest lr tested passes;
+    ``complete`` false: an lr up to the first failing one has no runs yet)."""
+    out = {}
+    for norm, lrs in protocol.maxlr_lrs.items():
+        out[norm] = {}
+        for m in ("none", protocol.maxlr_method):
+            per = {}
+            for lr in lrs:
+                rs = [runs[s.key] for s in protocol.maxlr(norm, m) if s.lr == lr and s.key in runs]
+                per[f"{lr:g}"] = _rate(rs, which)
+            best, complete = None, True
+            for lr in lrs:  # ascending: stop at the first lr that fails or has no runs yet
+                r = per[f"{lr:g}"]
+                if r["n"] == 0:
+                    complete = False
+                    break
+                if r["rate"] >= limit:
+                    break
+                best = lr
+            out[norm][m] = {"by_lr": per, "max_stable_lr": best, "censored": best == max(lrs),
+                            "complete": complete}
+    return out
+
+
+def shared_lr_auroc(runs: list[dict], n_boot: int = 1000) -> dict:
+    """AUROC of M_~1 at init among the Table 1 runs trained at one learning rate, for every lr that at
+    least two normalizations' grids share: the paper's design (one recipe for every normalization, Table 1)
+    as opposed to ours (an lr grid spanning stable to divergent within each normalization)."""
+    by_lr = defaultdict(list)
+    for r in runs:
+        by_lr[r["spec"]["lr"]].append(r)
+    out = {}
+    for lr, rs in sorted(by_lr.items()):
+        norms = {r["spec"]["norm"] for r in rs}
+        if len(norms) < 2:
+            continue
+        s, y = [r["init"]["near_unit_mass"] for r in rs], [label(r) for r in rs]
+        out[f"{lr:g}"] = {"n": len(rs), "norms": sorted(norms), "diverged": int(sum(y)), "auroc": auroc(s, y),
+                          "ci95": bootstrap_ci(s, y, n=n_boot),
+                          "rate_by_norm": {n: float(np.mean([label(r) for r in rs if r["spec"]["norm"] == n]))
+                                           for n in sorted(norms)}}
+    return out
+
+
+def _clean(obj):
+    """JSON-ready: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def make_summary(protocol: Protocol, runs: dict, res: dict, model: RiskModel | None) -> dict:
+    a = res["table1"]["auroc"]
+    maxlr = res["maxlr"]
+    return _clean({
+        "protocol": protocol.name,
+        "runs": len(runs),
+        "runs_table1": sum(v["n"] for v in res["table1"]["by_norm"].values()),
+        "runs_pooled_no_control": res["pooled"]["n"],
+        "auroc_near_unit_mass": a["near_unit_mass"]["auroc"],
+        "auroc_near_unit_mass_ci95": a["near_unit_mass"]["ci95"],
+        "auroc_predictors": {k: a[k]["auroc"] for k in PREDICTORS},
+        "auroc_predictors_ci95": {k: a[k]["ci95"] for k in PREDICTORS},
+        "auroc_baselines": {k: a[k]["auroc"] for k in BASELINES},
+        "auroc_baselines_ci95": {k: a[k]["ci95"] for k in BASELINES},
+        "auroc_baselines_alive": {k: a[k]["alive"]["auroc"] for k in BASELINES},
+        "auroc_baselines_precursor": {k: a[k]["precursor"]["auroc"] for k in BASELINES},
+        "auroc_near_unit_mass_pooled": res["pooled"]["auroc"]["near_unit_mass"]["auroc"],
+        "auroc_near_unit_mass_shared_lr": {k: {"auroc": v["auroc"], "ci95": v["ci95"], "n": v["n"]}
+                                           for k, v in res["table1"]["auroc_shared_lr"].items()},
+        "auroc_near_unit_mass_within_norm": {k: v["auroc_near_unit_mass"]
+                                             for k, v in res["table1"]["by_norm"].items()},
+        "divergence_rate_by_norm": {k: v["rate"] for k, v in res["table1"]["by_norm"].items()},
+        "grouped_cv_auroc": {k: v["auroc"] for k, v in res["pooled"]["grouped_cv"].items()},
+        "ece_raw_score": res["calibration"]["ece_raw_score"],
+        "ece_risk_model": model.cv["ece"] if model else None,
+        "auroc_risk_model_cv": model.cv["auroc"] if model else None,
+        "risk_model_features": list(model.features) if model else None,
+        "kss": {SUMMARY_METHOD_KEYS[m]: v["rate"] for m, v in res["kss"].items()},
+        "kss_n": {SUMMARY_METHOD_KEYS[m]: v["n"] for m, v in res["kss"].items()},
+        "max_stable_lr": {n: [maxlr.get(n, {}).get(m, {}).get("max_stable_lr") for m in ("none",
+                                                                                         protocol.maxlr_method)]
+                          for n in ("pre", "rms", "none")},
+        "max_stable_lr_censored": {n: [maxlr.get(n, {}).get(m, {}).get("censored") for m in ("none",
+                                                                                            protocol.maxlr_method)]
+                                   for n in ("pre", "rms", "none")},
+        "max_stable_lr_complete": {n: [maxlr.get(n, {}).get(m, {}).get("complete") for m in ("none",
+                                                                                           protocol.maxlr_method)]
+                                   for n in ("pre", "rms", "none")},
+        "sensitivity_old_label": res["sensitivity_old_label"],
+        "sensitivity_loss_only": res["sensitivity_loss_only"],
+        "kss_diverged_on_kss_step": {SUMMARY_METHOD_KEYS[m]: v["diverged_on_kss_step"] for m, v in res["kss"].items()},
+        "paper": PAPER,
+    })
+
+
+def _fmt(v, f=".3f"):
+    return "-" if v is None else format(v, f)
+
+
+def _ci(ci, scale=1.0, f=".3f"):
+    return "-" if ci is None else f"[{scale * ci[0]:{f}}, {scale * ci[1]:{f}}]"
+
+
+def _ms(v, f=".2f"):
+    return "-" if v is None else f"{v[0]:{f}} ± {v[1]:{f}}"
+
+
+def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
+    """The tables, ours beside the paper's."""
+    L = [f"# Reproduction of the paper's tables (protocol `{protocol.name}`, {summary['runs']} runs)", "",
+         "## Table 1 (associative recall, at init; accuracy over converged runs)", "",
+         "| norm | n | div % | M_~1 | M_>1 | rho | acc % | AUROC of M within norm | paper: n, div %, M_~1, M_>1, rho |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for k, v in res["table1"]["by_norm"].items():
+        p = PAPER["table1"].get(k)
+        acc = v["accuracy_converged"]
+        L.append(f"| {k} | {v['n']} | {100 * v['rate']:.1f} | {_ms(v['near_unit_mass'])} | "
+                 f"{_ms(v['expansive_mass'])} | {_ms(v['spectral_radius'])} | "
+                 f"{_ms(None if acc is None else [100 * acc[0], 100 * acc[1]], '.1f')} | "
+                 f"{_fmt(v['auroc_near_unit_mass'])} | {', '.join(map(str, p)) if p else '-'} |")
+    L += ["", "Per size:", "", "| norm d L | n | div % | M_~1 |", "|---|---|---|---|"]
+    L += [f"| {k} | {v['n']} | {100 * v['rate']:.1f} | {_ms(v['near_unit_mass'])} |"
+          for k, v in res["table1"]["by_size"].items()]
+    L += ["", "## Table 2 (AUROC [95% bootstrap CI], Table 1 runs)", "",
+          "Baselines read a stopped run's last value (\"carried\": what a monitor has seen through step s, the "
+          "diverging step included); \"precursor\" drops a diverged run's last step; \"alive\" scores only "
+          "the runs that reached the step.", "",
+          "| predictor | AUROC | 95% CI | precursor | alive at the step (n) | paper |", "|---|---|---|---|---|---|"]
+    for k, v in res["table1"]["auroc"].items():
+        alive = "" if "alive" not in v else f"{_fmt(v['alive']['auroc'])} ({v['alive']['n']})"
+        pre = "" if "precursor" not in v else _fmt(v["precursor"]["auroc"])
+        L.append(f"| {k} | {_fmt(v['auroc'])} | {_ci(v['ci95'])} | {pre} | {alive} | {PAPER['auroc'].get(k, '-')} |")
+    L += ["", f"Pooled no-control runs (n = {res['pooled']['n']}): AUROC of M_~1 "
+              f"{_fmt(res['pooled']['auroc']['near_unit_mass']['auroc'])}.", "",
+          "The paper's design, one learning rate for every normalization (the Table 1 runs at each lr that "
+          "two or more normalizations' grids share):", "",
+          "| lr | n | diverged | AUROC of M_~1 | 95% CI | divergence rate by norm |", "|---|---|---|---|---|---|"]
+    for k, v in res["table1"]["auroc_shared_lr"].items():
+        rates = ", ".join(f"{n} {100 * r:.0f}%" for n, r in v["rate_by_norm"].items())
+        L.append(f"| {k} | {v['n']} | {v['diverged']} | {_fmt(v['auroc'])} | {_ci(v['ci95'])} | {rates} |")
+    L += ["",
+          "## Grouped cross-validation (logistic, pooled no-control runs; out-of-fold)", "",
+          "| model | groups | folds | AUROC | log-loss | ECE |", "|---|---|---|---|---|---|"]
+    for k, v in res["pooled"]["grouped_cv"].items():
+        L.append(f"| {k.split(' | ')[0]} | {'/'.join(v['groups'])} | {v['n_folds']} | {_fmt(v['auroc'])} | "
+                 f"{_fmt(v['log_loss'])} | {_fmt(v['ece'])} |")
+    c = res["calibration"]
+    L += ["", "## Calibration", "", f"ECE of raw M_~1 as a probability (Table 1 runs): {_fmt(c['ece_raw_score'])} "
+          f"(paper 0.283); pooled: {_fmt(c['ece_raw_score_pooled'])}."]
+    if "risk_model" in c:
+        rm = c["risk_model"]
+        L.append(f"Risk model (features {', '.join(rm['features'])}): grouped-CV ECE {_fmt(rm['ece'])}, "
+                 f"AUROC {_fmt(rm['auroc'])}, log-loss {_fmt(rm['log_loss'])} ({rm['n_folds']} folds by "
+                 f"{'/'.join(rm['groups'])}).")
+    L += ["", "## Table 3 / 6 (No-Norm, d {}, L {}, lrs {}; divergence % [Wilson 95% CI])".format(
+        *protocol.main, ", ".join(f"{x:g}" for x in protocol.kss_lrs)), "",
+          "| method | n | div % | 95% CI | Fisher p vs none | acc % (converged) | M_~1 end | overhead | by lr | "
+          "stops on a KSS step | div % by loss alone | paper div % |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, v in res["kss"].items():
+        if not v["n"]:
+            continue
+        acc = "-" if v["accuracy_converged"] is None else f"{100 * v['accuracy_converged'][0]:.1f}"
+        over = "-" if v["overhead"] is None else f"{100 * v['overhead']:+.0f}%"
+        byl = ", ".join(f"{lr}: {b['diverged']}/{b['n']}" for lr, b in v["by_lr"].items())
+        L.append(f"| {m} | {v['n']} | {100 * v['rate']:.1f} | {_ci(v['ci95'], 100, '.0f')} | "
+                 f"{_fmt(v['fisher_p_vs_none'], '.3g')} | {acc} | {_ms(v['end_near_unit_mass'])} | {over} | "
+                 f"{byl} | {v['diverged_on_kss_step']} | {100 * v['rate_loss_only']:.1f} | "
+                 f"{100 * PAPER['kss'][m]:.1f} |")
+    L += ["", "## Table 5 (largest lr with < 20% divergence, without -> with KSS alpha 0.15)", "",
+          "| norm | without | with | paper | divergence per lr (without / with) |", "|---|---|---|---|---|"]
+    for n, v in res["maxlr"].items():
+        a, b = v["none"], v[protocol.maxlr_method]
+        per = ", ".join(f"{lr}: {a['by_lr'][lr]['diverged']}/{a['by_lr'][lr]['n']} / "
+                        f"{b['by_lr'][lr]['diverged']}/{b['by_lr'][lr]['n']}" for lr in a["by_lr"])
+        L.append(f"| {n} | {_lr(a)} | {_lr(b)} | {PAPER['max_stable_lr'].get(n, '-')} | {per} |")
+    s = res["sensitivity_old_label"]
+    L += ["", "## Sensitivity: our old label (10-step mean loss > step-1 loss + 0.5 nats after warm-up)", "",
+          f"Agreement with the paper's label over all runs: {_fmt(s['agreement_with_paper_label'])}. "
+          f"Table 1 AUROC of M_~1: {_fmt(s['table1_auroc_near_unit_mass'])}. Divergence by norm: "
+          + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["table1_by_norm"].items()) + ". KSS table: "
+          + ", ".join(f"{k} {'-' if v is None else f'{100 * v:.0f}%'}" for k, v in s["kss"].items())
+          + ". Max stable lr: " + ", ".join(f"{k} {v}" for k, v in s["max_stable_lr"].items()) + "."]
+    s = res["sensitivity_loss_only"]
+    L += ["", "## Sensitivity: the paper's loss criterion alone (loss > 50 or non-finite; runs stopped by the "
+          "gradient norm count as stable)", "",
+          "KSS table: " + ", ".join(f"{k} {'-' if v is None else f'{100 * v:.0f}%'}" for k, v in s["kss"].items())
+          + ". Max stable lr: " + ", ".join(f"{k} {v}" for k, v in s["max_stable_lr"].items()) + "."]
+    return "\n".join(L) + "\n"
+
+
+def _lr(v: dict) -> str:
+    if not v["complete"]:
+        return "incomplete" if v["max_stable_lr"] is None else f">= {v['max_stable_lr']:g} (incomplete)"
+    if v["max_stable_lr"] is None:
+        return "< grid"
+    return f"{'>= ' if v['censored'] else ''}{v['max_stable_lr']:g}"
