@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .blocks import BLOCK_PATHS, supported_families
-from .errors import RKSPError
+from .errors import RKSPError, SourceError
+from .gguf_checkpoint import GGUFCheckpoint, per_tensor, shared_reader
 
 DTYPES = {
     "float32": torch.float32,
@@ -41,6 +42,11 @@ class Source:
     config_origin: str | None = None  # where the config came from, for --init
     revision: str | None = None
     name: str | None = None  # --name: the hub id a local copy stands for (slug, card, base_model)
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The local .gguf file, once known."""
+        return Path(self.path) / self.gguf_file if self.path and self.gguf_file else None
 
     @property
     def display_id(self) -> str:
@@ -179,7 +185,10 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     try:
-        if source.kind == "hub":
+        if source.kind == "gguf":
+            with shared_reader():
+                cfg = AutoConfig.from_pretrained(source.path, **kwargs)
+        elif source.kind == "hub":
             try:
                 cfg = AutoConfig.from_pretrained(source.id, revision=source.revision, local_files_only=True, **kwargs)
             except OSError:
@@ -203,7 +212,8 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
 def _from_pretrained(auto_cls, source: Source, local_files_only: bool, **kwargs):
     """``auto_cls.from_pretrained`` for a gguf file, a directory, or a hub id."""
     if source.kind == "gguf":
-        return auto_cls.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+        with shared_reader():
+            return auto_cls.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
     if source.kind == "dir":
         return auto_cls.from_pretrained(source.path, **kwargs)
     return auto_cls.from_pretrained(source.id, revision=source.revision, local_files_only=local_files_only, **kwargs)
@@ -291,6 +301,8 @@ def load_model(
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
             _seeded_init(model, seed, blocks)
+        elif source.kind == "gguf" and not placement and per_tensor(source.gguf_path):
+            model = load_gguf_model(source, config, torch_dtype)
         else:
             model = _from_pretrained(AutoModel, source, local_files_only=_offline(), dtype=torch_dtype,
                                      trust_remote_code=trust_remote_code, **placement)
@@ -313,6 +325,22 @@ def load_model(
         "n_params": int(sum(p.numel() for p in model.parameters())),
     }
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
+
+
+def load_gguf_model(source: Source, config, dtype: torch.dtype):
+    """The base model of a GGUF file, every tensor de-quantized in torch straight into ``dtype``.
+
+    The same weights as transformers' ``from_pretrained(gguf_file=...)`` (its
+    name map and layout fixes; tested equal), without its float32 numpy copy of
+    every tensor.
+    """
+    from .streaming import build_meta_model
+
+    model = build_meta_model(config, dtype)
+    names = [n for n, _ in model.named_parameters()]
+    state = GGUFCheckpoint(source.gguf_path, model, dtype).state_dict(names)
+    model.load_state_dict(state, strict=False, assign=True)
+    return model
 
 
 def _seeded_init(model, seed: int, blocks_path: str | None) -> None:

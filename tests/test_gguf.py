@@ -61,3 +61,27 @@ def test_fixture_writer_round_trips_f32(tmp_path):
     values = np.random.default_rng(1).normal(size=(3, 256)).astype(np.float32)
     t = GGUFReader(write_tensors(tmp_path / "f.gguf", {"x": (values, Q.F32)})).tensors[0]
     assert np.array_equal(dequant.dequantize(t.data, t.tensor_type).numpy(), values)
+
+
+@pytest.fixture(scope="module")
+def smollm2_source(smollm2_gguf):
+    from hf_rksp.loading import resolve_source
+
+    return resolve_source(str(smollm2_gguf))
+
+
+@pytest.mark.slow
+def test_fast_gguf_load_equals_transformers_state_dict(smollm2_source):
+    """SmolLM2 (Q4_1 + Q8_0 + F32, Llama Q/K permutation): our load's state dict is transformers' bit for bit."""
+    from transformers import AutoModel
+
+    from hf_rksp.loading import load_model
+
+    ours = load_model(smollm2_source).model.state_dict()
+    theirs = AutoModel.from_pretrained(smollm2_source.path, gguf_file=smollm2_source.gguf_file,
+                                       dtype=torch.float32).state_dict()
+    assert ours.keys() == theirs.keys() and len(ours) == 272
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    bf16 = load_model(smollm2_source, dtype="bfloat16").model.state_dict()  # cast once, from the float32 values
+    assert all(torch.equal(bf16[k], theirs[k].to(torch.bfloat16)) for k in theirs)
