@@ -193,7 +193,7 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
     if loaded.source.init:
         weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
     else:
-        weights = CheckpointWeights(loaded.model, loaded.info["checkpoint_dir"], dtype, device)
+        weights = CheckpointWeights(loaded.model, loaded.info["checkpoint"], dtype, device)
     resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
     routers = RouterRecorder(find_routers(blocks))
 

@@ -390,7 +390,8 @@ def checkpoint_dir(source: Source) -> Path:
                                           allow_patterns=["*.json", "*.safetensors"]))
         except Exception as e:
             raise _hub_error(source, e) from None
-    raise RKSPError(f"--stream reads safetensors checkpoints; a {source.kind} source loads whole (drop --stream)")
+    raise RKSPError(f"--stream reads safetensors and GGUF checkpoints; a {source.kind} source loads whole "
+                    "(drop --stream)")
 
 
 def load_for_streaming(
@@ -401,19 +402,21 @@ def load_for_streaming(
 
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code, any_family)
-    ckpt = None if source.init else checkpoint_dir(source)
+    ckpt = None if source.init or source.kind == "gguf" else checkpoint_dir(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         model = build_meta_model(config, torch_dtype)
     except Exception as e:
         raise RKSPError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from None
+    if source.kind == "gguf" and not source.init:
+        ckpt = GGUFCheckpoint(source.gguf_path, model, torch_dtype)
     if source.kind == "hub":
         source.revision = getattr(config, "_commit_hash", None) or source.revision
     info = {
         "family": config.model_type,
         "model_class": type(model).__name__,
         "n_params": int(sum(p.numel() for p in model.parameters())),
-        "checkpoint_dir": None if ckpt is None else str(ckpt),
+        "checkpoint": ckpt,  # a safetensors directory or a GGUFCheckpoint; None at init
         "dtype": torch_dtype,
         "streamed": True,
     }

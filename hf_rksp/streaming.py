@@ -73,11 +73,16 @@ def _key_map(model, ckpt: SafetensorsCheckpoint) -> dict[str, str]:
 
 
 class CheckpointWeights:
-    """Weights read from a safetensors checkpoint, a group of tensors at a time."""
+    """Weights read from a checkpoint, a group of tensors at a time.
 
-    def __init__(self, model, directory: str | Path, dtype: torch.dtype, device: str):
+    ``checkpoint`` is a safetensors directory, or any object with ``files``
+    (its tensor keys) and ``read(keys) -> {key: tensor}``: a
+    :class:`~hf_rksp.gguf_checkpoint.GGUFCheckpoint`, a Hub checkpoint.
+    """
+
+    def __init__(self, model, checkpoint, dtype: torch.dtype, device: str):
         self.model, self.dtype, self.device = model, dtype, device
-        self.ckpt = SafetensorsCheckpoint(directory)
+        self.ckpt = SafetensorsCheckpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         self.keys = _key_map(model, self.ckpt)
 
     def _load(self, names: list[str]) -> None:

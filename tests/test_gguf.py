@@ -85,3 +85,129 @@ def test_fast_gguf_load_equals_transformers_state_dict(smollm2_source):
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
     bf16 = load_model(smollm2_source, dtype="bfloat16").model.state_dict()  # cast once, from the float32 values
     assert all(torch.equal(bf16[k], theirs[k].to(torch.bfloat16)) for k in theirs)
+
+
+def _tiny_llama(seed: int = 0):
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    return AutoModel.from_config(tiny_config("llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny Llama as llama.cpp writes it (Q8_0 weights, F32 norms, permuted Q/K rows)."""
+    from gguf_fixtures import tiny_llama_gguf
+
+    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny-llama.gguf", _tiny_llama())
+
+
+def test_f32_gguf_loads_back_the_original_weights(tmp_path):
+    """Through transformers' name map and Q/K permutation reversal, an F32 GGUF gives back the model written."""
+    from gguf_fixtures import tiny_llama_gguf
+
+    from hf_rksp.loading import load_model, resolve_source
+
+    model = _tiny_llama(seed=1)
+    path = tiny_llama_gguf(tmp_path / "f32.gguf", model, Q.F32)
+    loaded = load_model(resolve_source(str(path))).model.state_dict()
+    ref = model.state_dict()
+    assert loaded.keys() == ref.keys() and all(torch.equal(loaded[k], ref[k]) for k in ref)
+
+
+def _without_run_details(d: dict) -> dict:
+    d = {k: v for k, v in d.items() if k not in ("created", "command", "timings")}
+    d["method"] = {k: v for k, v in d["method"].items() if k not in ("streamed", "snapshots")}
+    return d
+
+
+def assert_same_audit(a: dict, b: dict, rel: float = 1e-5) -> None:
+    """Equal JSON except run details; numbers within float32 tolerance (masses: 2 band-edge eigenvalues)."""
+    def walk(x, y, where):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for k in x:
+                walk(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{where}[{i}]")
+        elif isinstance(x, float) and isinstance(y, float):
+            tol = 2.0 / 256 if where.endswith("_mass") else rel * max(abs(x), abs(y)) + 1e-7
+            assert abs(x - y) <= tol, (where, x, y)
+        else:
+            assert x == y, (where, x, y)
+
+    walk(_without_run_details(a), _without_run_details(b), "audit")
+
+
+def test_tiny_gguf_streamed_equals_whole(tiny_gguf):
+    from hf_rksp import audit
+
+    whole = audit(str(tiny_gguf), out_dir=None, tokens=256, seq_len=128, progress=False)
+    streamed = audit(str(tiny_gguf), out_dir=None, tokens=256, seq_len=128, progress=False, stream=True)
+    assert streamed.data["method"]["streamed"] and not whole.data["method"]["streamed"]
+    assert streamed.data["source"]["kind"] == "gguf" and streamed.data["source"]["gguf_file"] == "tiny-llama.gguf"
+    assert_same_audit(whole.data, streamed.data)
+
+
+def test_gguf_streams_by_itself_when_it_would_not_fit(tiny_gguf, monkeypatch):
+    """The de-quantized size decides (the memory planning of safetensors checkpoints), not the file size."""
+    from hf_rksp import audit, placement
+
+    seen = []
+    monkeypatch.setattr(placement, "fits_in_memory", lambda config, dtype: seen.append(dtype) or False)
+    r = audit(str(tiny_gguf), out_dir=None, tokens=256, seq_len=128, progress=False, dtype="bfloat16")
+    assert r.data["method"]["streamed"] and seen == ["bfloat16"]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_streamed_equals_whole(smollm2_gguf):
+    """SmolLM2-135M (real Q4_1 weights): the streamed GGUF audit is the whole-model GGUF audit."""
+    from hf_rksp import audit
+
+    whole = audit(str(smollm2_gguf), out_dir=None, tokens=512, seq_len=256, progress=False)
+    streamed = audit(str(smollm2_gguf), out_dir=None, tokens=512, seq_len=256, progress=False, stream=True)
+    assert streamed.data["method"]["streamed"] and streamed.data["inputs"]["origin"] == "embedded-text"
+    assert len(streamed.data["blocks"]) == 30
+    assert_same_audit(whole.data, streamed.data)
+
+
+def _bad_ggufs(tmp_path, tiny_gguf) -> dict[str, tuple]:
+    """Damaged or unsupported GGUF files -> the words their one error line must contain."""
+    from gguf_fixtures import tiny_llama_gguf
+
+    data = tiny_gguf.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    reader = GGUFReader(tiny_gguf)
+    t = reader.tensors[-1]
+    unknown = tmp_path / "unknown-type.gguf"  # the last tensor's type id (a uint32 before its offset) -> 250
+    raw = bytearray(data)
+    type_at = t.field.offset + sum(p.nbytes for p in t.field.parts[:4])
+    assert int.from_bytes(raw[type_at:type_at + 4], "little") == int(t.tensor_type)
+    raw[type_at:type_at + 4] = (250).to_bytes(4, "little")
+    unknown.write_bytes(bytes(raw))
+    return {
+        "truncated": (truncated, ["truncated.gguf", "truncated or corrupt"]),
+        "unknown quant type": (unknown, ["unknown GGML quantization type", "250"]),
+        "unsupported architecture": (tiny_llama_gguf(tmp_path / "arch.gguf", _tiny_llama(), arch="bogus"),
+                                     ["bogus", "not supported"]),
+        "unsupported quant type": (tiny_llama_gguf(tmp_path / "iq.gguf", _tiny_llama(), Q.IQ4_NL),
+                                   ["IQ4_NL", "cannot de-quantize"]),
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_gguf_gives_one_line_and_writes_nothing(tmp_path, tiny_gguf, capsys, stream):
+    from hf_rksp.cli import main
+
+    for case, (path, words) in _bad_ggufs(tmp_path, tiny_gguf).items():
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        rc = main(["audit", str(path), "--tokens", "256", "--seq-len", "128", "--out-dir", str(out), "-q",
+                   *(["--stream"] if stream else [])])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("hf-rksp: error:") and len(err.strip().splitlines()) == 1, (case, err)
+        assert all(w in err for w in words), (case, err)
+        assert not out.exists(), case
