@@ -101,9 +101,13 @@ def _offline() -> bool:
 
 
 def resolve_source(
-    source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None
+    source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None,
+    gguf_file: str | None = None,
 ) -> Source:
-    """Decide what kind of source the user named, failing early with a clear message."""
+    """Decide what kind of source the user named, failing early with a clear message.
+
+    ``org/repo/file.gguf`` or a hub id with ``gguf_file`` downloads that one GGUF file.
+    """
     if config_path is not None:
         p = Path(config_path).expanduser()
         if not p.is_file():
@@ -116,6 +120,10 @@ def resolve_source(
         if p.suffix.lower() != ".gguf":
             raise RKSPError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file or a hub id")
         return Source(id=source, kind="gguf", init=init, path=str(p.parent), gguf_file=p.name)
+    if p.is_dir() and gguf_file:
+        if not (p / gguf_file).is_file():
+            raise RKSPError(f"no GGUF file {gguf_file} in {source}")
+        return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=gguf_file)
     if p.is_dir():
         if not (p / "config.json").is_file():
             ggufs = sorted(p.glob("*.gguf"))
@@ -123,9 +131,22 @@ def resolve_source(
                 return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=ggufs[0].name)
             raise RKSPError(f"directory {source} has no config.json (not a Hugging Face checkpoint)")
         return Source(id=source, kind="dir", init=init, path=str(p))
+    if not source.startswith((".", "/", "~")) and source.endswith(".gguf") and source.count("/") >= 2:
+        repo_id, _, gguf_file = source.partition("/")[2].partition("/")  # org/repo/file.gguf
+        return _hub_gguf(source, source.split("/")[0] + "/" + repo_id, gguf_file, init, revision)
     if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
         raise RKSPError(f"no such file or directory: {source}")
+    if gguf_file:
+        return _hub_gguf(source, source, gguf_file, init, revision)
     return Source(id=source, kind="hub", init=init, revision=revision)
+
+
+def _hub_gguf(given: str, repo_id: str, gguf_file: str, init: bool, revision: str | None) -> Source:
+    """A GGUF file of a hub repo: that one file is fetched, then it is a local GGUF source."""
+    from .hub_stream import fetch_gguf
+
+    path = fetch_gguf(repo_id, gguf_file, revision, local_only=_offline())
+    return Source(id=given, kind="gguf", init=init, path=str(path.parent), gguf_file=path.name, revision=revision)
 
 
 def _config_from_dict(d: dict, origin: str, trust_remote_code: bool, any_family: bool = False):
@@ -395,14 +416,28 @@ def checkpoint_dir(source: Source) -> Path:
 
 
 def load_for_streaming(
-    source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False
+    source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False,
+    low_disk: bool = False,
 ) -> LoadedModel:
-    """Config, tokenizer and the base model on the meta device: no weights are read or created here."""
+    """Config, tokenizer and the base model on the meta device: no weights are read or created here.
+
+    A sharded hub checkpoint is read shard by shard (:mod:`hf_rksp.hub_stream`;
+    ``low_disk``: one shard in the cache at a time); a single-file one is fetched whole.
+    """
     from .streaming import build_meta_model
 
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code, any_family)
-    ckpt = None if source.init or source.kind == "gguf" else checkpoint_dir(source)
+    ckpt = None
+    if source.kind == "hub" and not source.init:
+        from .hub_stream import HubCheckpoint
+
+        ckpt = HubCheckpoint.open(source.id, source.revision, low_disk=low_disk, local_only=_offline())
+    elif low_disk:
+        raise RKSPError("--low-disk deletes the shards of a hub checkpoint as the audit passes them; "
+                        f"{source.id} is not a hub checkpoint")
+    if ckpt is None and not source.init and source.kind != "gguf":
+        ckpt = checkpoint_dir(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         model = build_meta_model(config, torch_dtype)

@@ -84,6 +84,12 @@ class CheckpointWeights:
         self.model, self.dtype, self.device = model, dtype, device
         self.ckpt = SafetensorsCheckpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         self.keys = _key_map(model, self.ckpt)
+        if hasattr(self.ckpt, "expect"):  # a Hub checkpoint: which shard tensors will be read
+            self.ckpt.expect(self.keys[n] for n, _ in model.named_parameters() if n in self.keys)
+
+    def progress(self) -> dict[str, str]:
+        """What the per-block bar shows about reading (a Hub checkpoint: shards fetched)."""
+        return self.ckpt.progress() if hasattr(self.ckpt, "progress") else {}
 
     def _load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -277,5 +283,6 @@ def stream_snapshots_and_profile(
         timings["forward_s"] += t_fwd - t_read
         timings["spectral_s"] += t_spec - t_fwd
         timings["checkpoint_s"] = timings.get("checkpoint_s", 0.0) + time.perf_counter() - t_spec
-        bar.set_postfix(tok_s=f"{n_tok / max(t_fwd - t_read, 1e-9):.0f}", near_unit=f"{results[-1]['near_unit_mass']:.3f}")
+        bar.set_postfix(tok_s=f"{n_tok / max(t_fwd - t_read, 1e-9):.0f}", near_unit=f"{results[-1]['near_unit_mass']:.3f}",
+                        **getattr(weights, "progress", dict)())
     return results, timings
