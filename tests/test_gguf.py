@@ -50,7 +50,7 @@ def test_unsupported_quant_type_names_the_type(tmp_path):
 
     w = GGUFWriter(str(path), "llama")
     w.add_tensor("blk.0.attn_q.weight", raw, raw_shape=raw.shape, raw_dtype=Q.IQ4_NL)
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()  # noqa: B018
     t = GGUFReader(path).tensors[0]
     with pytest.raises(SourceError, match=r"blk\.0\.attn_q\.weight is quantized as IQ4_NL.*supported: F32, F16"):
         dequant.dequantize(t.data, t.tensor_type, name=t.name)
