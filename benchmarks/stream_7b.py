@@ -52,7 +52,12 @@ print("RESULT " + json.dumps(out))
 
 
 def child(args: dict) -> dict:
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
+    return run_child(CHILD, json.dumps(args))
+
+
+def run_child(code: str, *argv: str) -> dict:
+    """Run ``code`` in a fresh offline Python process; its last ``RESULT {json}`` line."""
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:

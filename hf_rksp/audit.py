@@ -49,6 +49,8 @@ class AuditOptions(ProfileOptions):
     revision: str | None = None
     name: str | None = None  # hub id a local copy stands for: names the slug and card
     stream: bool = False  # layer-major: one block's weights in memory at a time
+    low_disk: bool = False  # streamed hub checkpoint: one shard in the HF cache at a time (implies stream)
+    gguf_file: str | None = None  # the GGUF file of a hub repo (or directory) to audit
     lr: float | None = None  # learning rate the risk is assessed at (None: the family's default)
     device_map: str | None = None  # accelerate device map for whole-model loading: auto | cpu | cuda | disk
     max_memory: str | None = None  # "cuda:0=20GiB,cpu=30GiB"
@@ -59,9 +61,10 @@ class AuditOptions(ProfileOptions):
 #: differ from AuditOptions' defaults; NOT_RECORDED do not change the numbers
 COMMAND_OPTIONS = ("tokens", "seq_len", "rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau",
                    "kreiss", "seed", "dtype", "text", "dataset", "split", "column", "dataset_config", "revision",
-                   "trust_remote_code", "name", "blocks", "lr", "device_map", "max_memory", "quantize", "stream")
+                   "trust_remote_code", "name", "gguf_file", "blocks", "lr", "device_map", "max_memory", "quantize",
+                   "stream")
 ALWAYS_RECORDED = ("tokens", "seq_len", "rank", "seed", "dtype")
-NOT_RECORDED = ("device", "batch_size")
+NOT_RECORDED = ("device", "batch_size", "low_disk")
 
 
 @dataclass
@@ -193,7 +196,7 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
     if loaded.source.init:
         weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
     else:
-        weights = CheckpointWeights(loaded.model, loaded.info["checkpoint_dir"], dtype, device)
+        weights = CheckpointWeights(loaded.model, loaded.info["checkpoint"], dtype, device)
     resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
     routers = RouterRecorder(find_routers(blocks))
 
@@ -319,14 +322,15 @@ def audit(
         raise RKSPError(f"--out-dir {out_dir} exists and is not a directory")
     t0 = time.perf_counter()
     device = _device(opts.device)
-    src = resolve_source(source, init=init, config_path=config, revision=opts.revision)
+    src = resolve_source(source, init=init, config_path=config, revision=opts.revision, gguf_file=opts.gguf_file)
     src.name = opts.name
+    opts.stream = opts.stream or opts.low_disk
     if not opts.stream and not opts.device_map and not opts.quantize and too_big_for_memory(src, opts):
         logger.warning("%s would take more than half the available memory: streaming it block by block", src.id)
         opts.stream = True
     if opts.stream:
         loaded = load_for_streaming(src, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
-                                    any_family=opts.blocks is not None)
+                                    any_family=opts.blocks is not None, low_disk=opts.low_disk)
     else:
         loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed,
                             trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None,

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(g, "--revision", help="hub revision (branch, tag or commit)")
     _option(g, "--name", metavar="HUB_ID",
             help="the hub id a local directory or .gguf stands for: names the slug and the card's base_model")
+    _option(g, "--gguf-file", metavar="NAME",
+            help="the GGUF file to audit in a hub repo (only that file is downloaded; or name it org/repo/NAME)")
     _option(g, "--blocks", metavar="PATH",
             help="attribute path of the residual block list for an unknown family (e.g. model.layers)")
     _option(g, "--trust-remote-code", action="store_true",
@@ -118,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="layer-major: read (or, with --init, create) and run one block at a time "
                  "(peak memory ~ one block + activations); automatic when the model would take more "
                  "than half the available RAM; resumes after an interruption")
+    _option(r, "--low-disk", action="store_true",
+            help="streaming a sharded hub checkpoint: delete each shard from the HF cache after the last block "
+                 "that uses it, so the cache holds at most one shard (implies --stream)")
     _option(r, "--device-map", choices=["auto", "cpu", "cuda", "disk"],
             help="whole-model loading through accelerate's device map (disk: offload what does not fit)")
     _option(r, "--max-memory", metavar="DEV=SIZE,...",

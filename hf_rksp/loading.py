@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .blocks import BLOCK_PATHS, supported_families
-from .errors import RKSPError
+from .errors import RKSPError, SourceError
+from .gguf_checkpoint import GGUFCheckpoint, per_tensor, shared_reader
 
 DTYPES = {
     "float32": torch.float32,
@@ -41,6 +42,11 @@ class Source:
     config_origin: str | None = None  # where the config came from, for --init
     revision: str | None = None
     name: str | None = None  # --name: the hub id a local copy stands for (slug, card, base_model)
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The local .gguf file, once known."""
+        return Path(self.path) / self.gguf_file if self.path and self.gguf_file else None
 
     @property
     def display_id(self) -> str:
@@ -95,9 +101,13 @@ def _offline() -> bool:
 
 
 def resolve_source(
-    source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None
+    source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None,
+    gguf_file: str | None = None,
 ) -> Source:
-    """Decide what kind of source the user named, failing early with a clear message."""
+    """Decide what kind of source the user named, failing early with a clear message.
+
+    ``org/repo/file.gguf`` or a hub id with ``gguf_file`` downloads that one GGUF file.
+    """
     if config_path is not None:
         p = Path(config_path).expanduser()
         if not p.is_file():
@@ -110,6 +120,10 @@ def resolve_source(
         if p.suffix.lower() != ".gguf":
             raise RKSPError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file or a hub id")
         return Source(id=source, kind="gguf", init=init, path=str(p.parent), gguf_file=p.name)
+    if p.is_dir() and gguf_file:
+        if not (p / gguf_file).is_file():
+            raise RKSPError(f"no GGUF file {gguf_file} in {source}")
+        return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=gguf_file)
     if p.is_dir():
         if not (p / "config.json").is_file():
             ggufs = sorted(p.glob("*.gguf"))
@@ -117,9 +131,22 @@ def resolve_source(
                 return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=ggufs[0].name)
             raise RKSPError(f"directory {source} has no config.json (not a Hugging Face checkpoint)")
         return Source(id=source, kind="dir", init=init, path=str(p))
+    if not source.startswith((".", "/", "~")) and source.endswith(".gguf") and source.count("/") >= 2:
+        repo_id, _, gguf_file = source.partition("/")[2].partition("/")  # org/repo/file.gguf
+        return _hub_gguf(source, source.split("/")[0] + "/" + repo_id, gguf_file, init, revision)
     if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
         raise RKSPError(f"no such file or directory: {source}")
+    if gguf_file:
+        return _hub_gguf(source, source, gguf_file, init, revision)
     return Source(id=source, kind="hub", init=init, revision=revision)
+
+
+def _hub_gguf(given: str, repo_id: str, gguf_file: str, init: bool, revision: str | None) -> Source:
+    """A GGUF file of a hub repo: that one file is fetched, then it is a local GGUF source."""
+    from .hub_stream import fetch_gguf
+
+    path = fetch_gguf(repo_id, gguf_file, revision, local_only=_offline())
+    return Source(id=given, kind="gguf", init=init, path=str(path.parent), gguf_file=path.name, revision=revision)
 
 
 def _config_from_dict(d: dict, origin: str, trust_remote_code: bool, any_family: bool = False):
@@ -179,7 +206,10 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     try:
-        if source.kind == "hub":
+        if source.kind == "gguf":
+            with shared_reader():
+                cfg = AutoConfig.from_pretrained(source.path, **kwargs)
+        elif source.kind == "hub":
             try:
                 cfg = AutoConfig.from_pretrained(source.id, revision=source.revision, local_files_only=True, **kwargs)
             except OSError:
@@ -203,7 +233,8 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
 def _from_pretrained(auto_cls, source: Source, local_files_only: bool, **kwargs):
     """``auto_cls.from_pretrained`` for a gguf file, a directory, or a hub id."""
     if source.kind == "gguf":
-        return auto_cls.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+        with shared_reader():
+            return auto_cls.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
     if source.kind == "dir":
         return auto_cls.from_pretrained(source.path, **kwargs)
     return auto_cls.from_pretrained(source.id, revision=source.revision, local_files_only=local_files_only, **kwargs)
@@ -291,6 +322,8 @@ def load_model(
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
             _seeded_init(model, seed, blocks)
+        elif source.kind == "gguf" and not placement and per_tensor(source.gguf_path):
+            model = load_gguf_model(source, config, torch_dtype)
         else:
             model = _from_pretrained(AutoModel, source, local_files_only=_offline(), dtype=torch_dtype,
                                      trust_remote_code=trust_remote_code, **placement)
@@ -313,6 +346,22 @@ def load_model(
         "n_params": int(sum(p.numel() for p in model.parameters())),
     }
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
+
+
+def load_gguf_model(source: Source, config, dtype: torch.dtype):
+    """The base model of a GGUF file, every tensor de-quantized in torch straight into ``dtype``.
+
+    The same weights as transformers' ``from_pretrained(gguf_file=...)`` (its
+    name map and layout fixes; tested equal), without its float32 numpy copy of
+    every tensor.
+    """
+    from .streaming import build_meta_model
+
+    model = build_meta_model(config, dtype)
+    names = [n for n, _ in model.named_parameters()]
+    state = GGUFCheckpoint(source.gguf_path, model, dtype).state_dict(names)
+    model.load_state_dict(state, strict=False, assign=True)
+    return model
 
 
 def _seeded_init(model, seed: int, blocks_path: str | None) -> None:
@@ -362,30 +411,47 @@ def checkpoint_dir(source: Source) -> Path:
                                           allow_patterns=["*.json", "*.safetensors"]))
         except Exception as e:
             raise _hub_error(source, e) from None
-    raise RKSPError(f"--stream reads safetensors checkpoints; a {source.kind} source loads whole (drop --stream)")
+    raise RKSPError(f"--stream reads safetensors and GGUF checkpoints; a {source.kind} source loads whole "
+                    "(drop --stream)")
 
 
 def load_for_streaming(
-    source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False
+    source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False,
+    low_disk: bool = False,
 ) -> LoadedModel:
-    """Config, tokenizer and the base model on the meta device: no weights are read or created here."""
+    """Config, tokenizer and the base model on the meta device: no weights are read or created here.
+
+    A sharded hub checkpoint is read shard by shard (:mod:`hf_rksp.hub_stream`;
+    ``low_disk``: one shard in the cache at a time); a single-file one is fetched whole.
+    """
     from .streaming import build_meta_model
 
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code, any_family)
-    ckpt = None if source.init else checkpoint_dir(source)
+    ckpt = None
+    if source.kind == "hub" and not source.init:
+        from .hub_stream import HubCheckpoint
+
+        ckpt = HubCheckpoint.open(source.id, source.revision, low_disk=low_disk, local_only=_offline())
+    elif low_disk:
+        raise RKSPError("--low-disk deletes the shards of a hub checkpoint as the audit passes them; "
+                        f"{source.id} is not a hub checkpoint")
+    if ckpt is None and not source.init and source.kind != "gguf":
+        ckpt = checkpoint_dir(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         model = build_meta_model(config, torch_dtype)
     except Exception as e:
         raise RKSPError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from None
+    if source.kind == "gguf" and not source.init:
+        ckpt = GGUFCheckpoint(source.gguf_path, model, torch_dtype)
     if source.kind == "hub":
         source.revision = getattr(config, "_commit_hash", None) or source.revision
     info = {
         "family": config.model_type,
         "model_class": type(model).__name__,
         "n_params": int(sum(p.numel() for p in model.parameters())),
-        "checkpoint_dir": None if ckpt is None else str(ckpt),
+        "checkpoint": ckpt,  # a safetensors directory or a GGUFCheckpoint; None at init
         "dtype": torch_dtype,
         "streamed": True,
     }

@@ -16,11 +16,9 @@ from .loading import fits_in_memory, load_config
 def too_big_for_memory(src, opts) -> bool:
     """Whether a streamable source would take more than half the available RAM whole (then it streams).
 
-    Sources that cannot stream (GGUF, .bin) and configs transformers cannot
-    build answer False: the whole-model path reports those.
+    For a GGUF file this is the de-quantized size in ``--dtype``.  Configs
+    transformers cannot build answer False: the whole-model path reports those.
     """
-    if src.kind not in ("dir", "hub", "config") and not src.init:
-        return False
     try:
         return not fits_in_memory(load_config(src, opts.trust_remote_code, opts.blocks is not None), opts.dtype)
     except RKSPError:

@@ -73,12 +73,23 @@ def _key_map(model, ckpt: SafetensorsCheckpoint) -> dict[str, str]:
 
 
 class CheckpointWeights:
-    """Weights read from a safetensors checkpoint, a group of tensors at a time."""
+    """Weights read from a checkpoint, a group of tensors at a time.
 
-    def __init__(self, model, directory: str | Path, dtype: torch.dtype, device: str):
+    ``checkpoint`` is a safetensors directory, or any object with ``files``
+    (its tensor keys) and ``read(keys) -> {key: tensor}``: a
+    :class:`~hf_rksp.gguf_checkpoint.GGUFCheckpoint`, a Hub checkpoint.
+    """
+
+    def __init__(self, model, checkpoint, dtype: torch.dtype, device: str):
         self.model, self.dtype, self.device = model, dtype, device
-        self.ckpt = SafetensorsCheckpoint(directory)
+        self.ckpt = SafetensorsCheckpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         self.keys = _key_map(model, self.ckpt)
+        if hasattr(self.ckpt, "expect"):  # a Hub checkpoint: which shard tensors will be read
+            self.ckpt.expect(self.keys[n] for n, _ in model.named_parameters() if n in self.keys)
+
+    def progress(self) -> dict[str, str]:
+        """What the per-block bar shows about reading (a Hub checkpoint: shards fetched)."""
+        return self.ckpt.progress() if hasattr(self.ckpt, "progress") else {}
 
     def _load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -272,5 +283,6 @@ def stream_snapshots_and_profile(
         timings["forward_s"] += t_fwd - t_read
         timings["spectral_s"] += t_spec - t_fwd
         timings["checkpoint_s"] = timings.get("checkpoint_s", 0.0) + time.perf_counter() - t_spec
-        bar.set_postfix(tok_s=f"{n_tok / max(t_fwd - t_read, 1e-9):.0f}", near_unit=f"{results[-1]['near_unit_mass']:.3f}")
+        bar.set_postfix(tok_s=f"{n_tok / max(t_fwd - t_read, 1e-9):.0f}", near_unit=f"{results[-1]['near_unit_mass']:.3f}",
+                        **getattr(weights, "progress", dict)())
     return results, timings

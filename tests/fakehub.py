@@ -1,24 +1,31 @@
-"""A local stand-in for the Hub endpoints huggingface_hub calls to create a repo and commit.
+"""A local stand-in for the Hub endpoints huggingface_hub calls to create a repo, commit and download.
 
 It speaks the real wire format (repos/create, validate-yaml, preupload, NDJSON
-commit, create_pr) so the real client runs unmodified against it, on
-127.0.0.1 only, and records every request and commit for the tests.
+commit, create_pr; HEAD/GET of /{repo}/resolve/{revision}/{file} with the
+X-Repo-Commit / ETag headers hf_hub_download reads, and byte ranges) so the
+real client runs unmodified against it, on 127.0.0.1 only, and records every
+request and commit for the tests.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REPO_URL = re.compile(r"^/api/models/([^/]+/[^/]+)/(preupload|commit)/([^?]+)")
+RESOLVE_URL = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+COMMIT = "c0ffee" + "0" * 34
 
 
 class FakeHub:
-    def __init__(self, tokens: dict[str, set[str]] | None = None, repos: set[str] | None = None):
+    def __init__(self, tokens: dict[str, set[str]] | None = None, repos: set[str] | None = None,
+                 files: dict[str, dict[str, bytes]] | None = None):
         self.tokens = tokens or {}  # token -> namespaces it may write to
+        self.files = files or {}  # repo -> {path: content}, served by /resolve/
         self.repos = set(repos or ())
         self.commits: list[dict] = []
         self.requests: list[dict] = []  # method, path, headers, body (raw)
@@ -39,6 +46,43 @@ class FakeHub:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_HEAD(self):  # noqa: N802 (http.server API)
+                self._resolve(body=False)
+
+            def do_GET(self):  # noqa: N802
+                self._resolve(body=True)
+
+            def _resolve(self, body: bool):
+                """A file of a repo, whole or a byte range, with the headers hf_hub_download reads."""
+                with hub.lock:
+                    hub.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                         "body": b""})
+                from urllib.parse import unquote
+
+                m = RESOLVE_URL.match(unquote(self.path.split("?")[0]))
+                if not m or m.group(1) not in hub.files:
+                    return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                repo, _rev, path = m.groups()
+                data = hub.files[repo].get(path)
+                if data is None:
+                    return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound",
+                                                                          "X-Repo-Commit": COMMIT})
+                status, start, end = 200, 0, len(data)
+                rng = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+                if rng:
+                    status, start = 206, int(rng.group(1))
+                    end = min(int(rng.group(2)) + 1, len(data)) if rng.group(2) else len(data)
+                self.send_response(status)
+                self.send_header("Content-Length", str(end - start))
+                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("Accept-Ranges", "bytes")
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[start:end])
 
             def do_POST(self):  # noqa: N802 (http.server API)
                 length = int(self.headers.get("Content-Length") or 0)

@@ -60,7 +60,7 @@ def test_stream_cli_writes_same_blocks(tmp_path, capsys):
     assert [x["near_unit_mass"] for x in a["blocks"]] == [x["near_unit_mass"] for x in b["blocks"]]
 
 
-def test_stream_refuses_what_it_cannot_stream(tmp_path, capsys, smollm2_gguf):
+def test_stream_refuses_what_it_cannot_stream(tmp_path, capsys):
     ckpt = tmp_path / "bin"
     ckpt.mkdir()
     tiny_config("gpt2").save_pretrained(ckpt)
@@ -70,7 +70,6 @@ def test_stream_refuses_what_it_cannot_stream(tmp_path, capsys, smollm2_gguf):
     cases = [
         ([str(ckpt), "--stream"], ".bin"),
         ([str(tmp_path / "x"), "--init", "--stream"], None),  # missing path wins first
-        ([str(smollm2_gguf), "--stream"], "gguf"),
     ]
     for argv, word in cases:
         rc = main(["audit", *argv, "--tokens", "256", "--seq-len", "128", "--no-write", "-q"])
@@ -103,11 +102,23 @@ def test_init_streamed_equals_whole_model_init(family, tmp_path):
     assert other.data["blocks"][0]["spectral_radius"] != streamed.data["blocks"][0]["spectral_radius"]
 
 
-def test_interrupted_stream_resumes_to_the_same_json(tmp_path, monkeypatch):
+def _checkpoint_of_kind(kind: str, tmp_path):
+    """The same tiny Llama as a sharded safetensors directory or as a Q8_0 GGUF file, both named 'ckpt'."""
+    ckpt = sharded_checkpoint("llama", tmp_path / "ckpt")
+    if kind == "safetensors":
+        return ckpt
+    from gguf_fixtures import tiny_llama_gguf
+    from transformers import AutoModel
+
+    return tiny_llama_gguf(tmp_path / "ckpt.gguf", AutoModel.from_pretrained(ckpt))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_interrupted_stream_resumes_to_the_same_json(kind, tmp_path, monkeypatch):
     """Ctrl-C while block 2 loads; the rerun picks up at block 2 and writes what an uninterrupted run writes."""
     from hf_rksp.streaming import CheckpointWeights
 
-    ckpt = sharded_checkpoint("llama", tmp_path / "ckpt")
+    ckpt = _checkpoint_of_kind(kind, tmp_path)
     reference = audit(str(ckpt), out_dir=None, stream=True, **SMALL)
     out = tmp_path / "out"
     real_block = CheckpointWeights.block
