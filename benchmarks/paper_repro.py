@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # ``repro`` (spawned w
 
 # the reproduction's names, importable from this script (tests, kss_behaviour, kss_gradient_scale)
 from repro.analysis import BASELINES  # noqa: E402,F401
-from repro.protocol import (ALL, BIG, GROUPS, LM, METHODS, NORMS, PAPER_PROTOCOL, PROTOCOLS, RESULTS,  # noqa: E402,F401
-                            RISK_MODEL, SMOKE_PROTOCOL, RunSpec, unique)
+from repro.protocol import (ALL, ALL_METHODS, BIG, GROUPS, LM, METHODS, NORMS, PAPER_PROTOCOL,  # noqa: E402,F401
+                            PILOT_METHODS, PROTOCOLS, RESULTS, RISK_MODEL, SMOKE_PROTOCOL, RunSpec, unique)
 from repro.report import analyze  # noqa: E402
 from repro.runner import STEP_S_D128_L4, estimate_s, execute, plan, read_runs, resolve_device  # noqa: E402,F401
 from repro.stats import auroc, bootstrap_ci, ece, fisher_exact  # noqa: E402,F401
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     pi.add_argument("--norm", nargs="+", default=["none"])
     pi.add_argument("--lrs", type=float, nargs="+", required=True)
     pi.add_argument("--seeds", type=int, nargs="+", default=[42])
-    pi.add_argument("--methods", nargs="+", default=["none"], choices=list(METHODS))
+    pi.add_argument("--methods", nargs="+", default=["none"], choices=list(ALL_METHODS),
+                    help="the paper's methods, or the pilot variants %s" % ", ".join(PILOT_METHODS))
     pi.add_argument("--d", type=int, default=128)
     pi.add_argument("--layers", type=int, default=4)
     pi.add_argument("--steps", type=int, default=None)

@@ -29,17 +29,37 @@ HELDOUT_PROFILE, HELDOUT_ACC = 10_000, 20_000  # seed offsets of the held-out st
 SEEDS3 = (42, 123, 456)
 SEEDS8 = SEEDS3 + (789, 1001, 2002, 3003, 4004)
 NORMS = ("pre", "post", "rms", "deepnorm", "subln", "none")
-#: method -> (max_grad_norm, KSS alpha or None, KSS terms)
-METHODS = {
-    "none": (0.0, None, "both"),
-    "clip_0.5": (0.5, None, "both"),
-    "clip_1.0": (1.0, None, "both"),
-    "alpha_0.10": (0.0, 0.10, "both"),
-    "alpha_0.15": (0.0, 0.15, "both"),
-    "alpha_0.20": (0.0, 0.20, "both"),
-    "unstable_only": (0.0, 0.15, "unstable"),
-    "near_unit_only": (0.0, 0.15, "near_unit"),
+@dataclass(frozen=True)
+class Method:
+    """One row of Tables 3/6 (or a pilot variant): gradient clipping and the KSS settings."""
+
+    clip: float = 0.0  # the Trainer's max_grad_norm (0: no clipping)
+    alpha: float | None = None  # KSS weight (None: KSS off)
+    terms: str = "both"  # KSSConfig.terms: both, unstable, near_unit
+    every: int = 10  # KSS every n optimizer steps (the paper: 10-20)
+    rank: int = 32  # rank of KSS's randomized DMD; >= the whitened rank k gives the full operator
+
+    @property
+    def kss(self) -> bool:
+        return self.alpha is not None
+
+
+METHODS = {  # the paper's Tables 3 and 6
+    "none": Method(),
+    "clip_0.5": Method(clip=0.5),
+    "clip_1.0": Method(clip=1.0),
+    "alpha_0.10": Method(alpha=0.10),
+    "alpha_0.15": Method(alpha=0.15),
+    "alpha_0.20": Method(alpha=0.20),
+    "unstable_only": Method(alpha=0.15, terms="unstable"),
+    "near_unit_only": Method(alpha=0.15, terms="near_unit"),
 }
+#: variants outside the paper's tables, for ``pilot --methods`` [ours: why KSS does not prevent divergence]
+PILOT_METHODS = {
+    "alpha_0.15_every_1": Method(alpha=0.15, every=1),  # KSS on every step, not every 10th
+    "alpha_0.15_full_dmd": Method(alpha=0.15, rank=511),  # the full operator (k <= 511), not a rank-32 sketch
+}
+ALL_METHODS = {**METHODS, **PILOT_METHODS}
 PAPER = {  # the numbers to compare with (PAPER.md)
     "table1": {"pre": (25, 0.0, 0.16, 0.54, 2.29), "post": (69, 0.0, 0.66, 0.31, 7.48),
                "rms": (12, 0.0, 0.16, 0.54, 2.28), "deepnorm": (12, 0.0, 0.00, 1.00, 3.94),
@@ -78,7 +98,7 @@ class RunSpec:
     version: int = 1  # bump when what run_one measures changes
 
     def __post_init__(self):
-        if self.norm not in NORMS or self.method not in METHODS or self.task not in ("recall", "lm"):
+        if self.norm not in NORMS or self.method not in ALL_METHODS or self.task not in ("recall", "lm"):
             raise ValueError(f"bad run spec {self}")
 
     @property
@@ -88,7 +108,7 @@ class RunSpec:
     @property
     def key(self) -> str:
         d = asdict(self)
-        if METHODS[self.method][1] is not None:
+        if ALL_METHODS[self.method].kss:
             # KSS runs since the label reads the task gradient on KSS steps (earlier KSS runs read the total
             # gradient, which the KSS term's own gradient crossed: they are retrained, the others kept)
             d["kss_label"] = "task_grad"
@@ -172,8 +192,8 @@ def unique(specs: list[RunSpec]) -> list[RunSpec]:
 
 
 #: the reproduction [ours: the lr grids come from the pilots at d 128, L 4 (README, "Reproducing the paper's
-#: experiments"): No-Norm diverged 0/2 at lr 2e-3, 1/3 at 3e-3, 3/3 at 4e-3, 2/2 at 5e-3 and 1e-2; Pre-LN 0/1 at 0.03 and 0.1,
-#: 1/1 at 0.3 and 1.0; RMSNorm, Post-LN and SubLN 1/1 at 1.0; Post-LN and DeepNorm 0/1 at 0.1].
+#: experiments"): No-Norm diverged 0/2 at lr 2e-3, 1/3 at 3e-3, 3/3 at 4e-3, 2/2 at 5e-3 and 1e-2; Pre-LN 0/1 at
+#: 0.03 and 0.1, 1/1 at 0.3 and 1.0; RMSNorm, Post-LN and SubLN 1/1 at 1.0; Post-LN and DeepNorm 0/1 at 0.1].
 #: At d 256 (3-5x the cost per step) Table 1 keeps each grid's two ends, stable and divergent.
 PAPER_PROTOCOL = Protocol(
     name="paper",

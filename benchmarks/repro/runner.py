@@ -20,7 +20,7 @@ import torch
 
 from hf_rksp import atomic
 
-from .protocol import METHODS, Protocol, RunSpec, unique
+from .protocol import ALL_METHODS, Protocol, RunSpec, unique
 from .training import run_one
 
 # --- the runner: resumable, parallel ----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def expected_fraction(spec: RunSpec) -> float:
 def estimate_s(spec: RunSpec, step_s: float = STEP_S_D128_L4, fraction: float | None = None) -> float:
     """Expected seconds of one run: ``fraction`` of the step budget (default ``expected_fraction``)."""
     t = step_s * (spec.d_model / 128) ** 1.7 * spec.n_layers / 4 * spec.batch / 16 * spec.seq_len / 64
-    if METHODS[spec.method][1] is not None:
+    if ALL_METHODS[spec.method].kss:
         t *= 1 + KSS_OVERHEAD
     return RUN_FIXED_S + t * spec.steps * (expected_fraction(spec) if fraction is None else fraction)
 

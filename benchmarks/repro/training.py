@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .protocol import (ACC_SEQUENCES, BIG, BLOCKS, GRAD_LIMIT, GRAD_STEP, GRAD_VAR_STEPS, HELDOUT_ACC,
-                       HELDOUT_PROFILE, LOSS_LIMIT, METHODS, OLD_MARGIN, OLD_WINDOW, PROFILE_TOKENS, RECALL,
+                       HELDOUT_PROFILE, LOSS_LIMIT, ALL_METHODS, OLD_MARGIN, OLD_WINDOW, PROFILE_TOKENS, RECALL,
                        SPIKE_FACTOR, SPIKE_STEPS, SPIKE_WINDOW, RunSpec)
 
 # --- one run ----------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def _round(v: float, digits: int = 6):
 def training_args(spec: RunSpec, out_dir: str, device: str):
     from transformers import TrainingArguments
 
-    clip = METHODS[spec.method][0]
+    clip = ALL_METHODS[spec.method].clip
     return TrainingArguments(
         output_dir=out_dir, report_to=[], use_cpu=device == "cpu", max_steps=spec.steps,
         per_device_train_batch_size=spec.batch, learning_rate=spec.lr, warmup_steps=spec.warmup,
@@ -217,11 +217,11 @@ def training_args(spec: RunSpec, out_dir: str, device: str):
 def kss_config(spec: RunSpec):
     from hf_rksp.kss import KSSConfig
 
-    _, alpha, terms = METHODS[spec.method]
-    if alpha is None:
+    m = ALL_METHODS[spec.method]
+    if not m.kss:
         return KSSConfig(mode="off", block_path=BLOCKS, seed=spec.seed)
-    return KSSConfig(mode="on", alpha=alpha, terms=terms, block_path=BLOCKS, seed=spec.seed,
-                     measure_grad_norms=True)
+    return KSSConfig(mode="on", alpha=m.alpha, terms=m.terms, every_n_steps=m.every, rank=m.rank,
+                     block_path=BLOCKS, seed=spec.seed, measure_grad_norms=True)
 
 
 KSS_LOG_KEYS = ("step", "kss/loss", "kss/near_unit_mass", "kss/soft_near_unit_mass", "kss/expansive_mass",
@@ -267,7 +267,7 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
         "kss_steps": trainer.kss_state.kss_steps, "kss_layers_skipped": trainer.kss_state.layers_skipped,
         # logged step t ran the KSS term when (t - 1) % every_n_steps == 0: a gradient-norm stop there may be
         # the KSS term's own gradient (the task loss is in the trace)
-        "diverged_on_kss_step": bool(diverged and METHODS[spec.method][1] is not None
+        "diverged_on_kss_step": bool(diverged and ALL_METHODS[spec.method].kss
                                      and (monitor.diverged_at - 1) % kss_every == 0),
         "kss_trace": [{k: _round(h[k]) if isinstance(h[k], float) else h[k] for k in KSS_LOG_KEYS if k in h}
                       for h in trainer.state.log_history if "kss/loss" in h],
