@@ -38,6 +38,7 @@ class Method:
     terms: str = "both"  # KSSConfig.terms: both, unstable, near_unit
     every: int = 10  # KSS every n optimizer steps (the paper: 10-20)
     rank: int = 32  # rank of KSS's randomized DMD; >= the whitened rank k gives the full operator
+    layers: float = 0.5  # share of the blocks drawn per KSS step (the paper: 50%)
 
     @property
     def kss(self) -> bool:
@@ -58,6 +59,8 @@ METHODS = {  # the paper's Tables 3 and 6
 PILOT_METHODS = {
     "alpha_0.15_every_1": Method(alpha=0.15, every=1),  # KSS on every step, not every 10th
     "alpha_0.15_full_dmd": Method(alpha=0.15, rank=511),  # the full operator (k <= 511), not a rank-32 sketch
+    # the strongest reading: every step, every block, the full operator
+    "alpha_0.15_every_1_full_dmd_all_layers": Method(alpha=0.15, every=1, rank=511, layers=1.0),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
 PAPER = {  # the numbers to compare with (PAPER.md)
