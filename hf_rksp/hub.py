@@ -15,8 +15,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RKSPError
+from .errors import ConfigError, RKSPError
 from .record import read_audit
+from .validation import check_hub_id, check_revision
 
 AUDIT_FILES = ("audit.json", "spectrum.png", "profile.png")
 
@@ -81,6 +82,9 @@ def plan_push(
     out_dir: str | Path = ".",
 ) -> PushPlan:
     """Everything a push would upload, after validating the audit JSON against the schema."""
+    if repo_id is not None:
+        check_hub_id(repo_id, "repo_id")
+    check_revision(revision)
     audit_dir, card_dir = locate_audit(slug_or_dir, out_dir)
     audit = read_audit(audit_dir / "audit.json")
     if mode == "model-pr":
@@ -95,8 +99,9 @@ def plan_push(
         prefix = ""
     else:
         raise ValueError(f"unknown push mode {mode!r}")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise RKSPError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
+    check_hub_id(repo_id, "repo_id")
+    if repo_id.count("/") != 1:
+        raise ConfigError(f"must look like USER/NAME, got {repo_id!r}", param="repo_id")
     files = {prefix + f: audit_dir / f for f in AUDIT_FILES}
     files[prefix + "README.md"] = card_dir / "README.md"
     what = audit.source.id + (" at init" if audit.source.init else "")
