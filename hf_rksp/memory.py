@@ -44,11 +44,13 @@ class ModelSizes:
 
     @classmethod
     def of(cls, config, dtype: torch.dtype, blocks_path: str | None = None) -> ModelSizes:
+        from transformers import AutoModel
+
         from .blocks import find_blocks
-        from .streaming import build_meta_model
 
         try:
-            model = build_meta_model(config, dtype)
+            with torch.device("meta"):  # every tensor born on meta: a 270 GB block allocates nothing
+                model = AutoModel.from_config(config, dtype=dtype)
         except RKSPError:
             raise
         except Exception as e:  # the config parses but transformers cannot build it

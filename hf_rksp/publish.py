@@ -78,11 +78,15 @@ def _write_files(folder: Path, files: dict[str, bytes]) -> None:
 
 def _stage(parent: Path, slug: str, files: dict[str, bytes]) -> Path:
     d = Path(tempfile.mkdtemp(prefix=f".{slug}.stage.{os.getpid()}.", dir=parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(d, 0o777 & ~mask)  # mkdtemp makes 0700
-    _write_files(d, files)
-    _fsync_dir(d)
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(d, 0o777 & ~mask)  # mkdtemp makes 0700
+        _write_files(d, files)
+        _fsync_dir(d)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return d
 
 
@@ -170,7 +174,8 @@ def publish(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]
         for parent in contents:
             (out_dir / parent).mkdir(parents=True, exist_ok=True)
         recover(out_dir)
-        staged = [_stage(out_dir / parent, slug, files) for parent, files in contents.items()]
+        for parent, files in contents.items():
+            staged.append(_stage(out_dir / parent, slug, files))
         with locked(out_dir):
             _switch(out_dir, slug, [(s, out_dir / parent / slug) for s, parent in zip(staged, contents)])
     except OSError as e:

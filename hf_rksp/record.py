@@ -14,6 +14,7 @@ UTF-8 JSON, anything against the schema, and audits of another method version.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -167,7 +168,8 @@ def validate_audit(audit: dict) -> None:
     import jsonschema
 
     try:
-        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(audit_schema()).iter_errors(audit))
+        errors = jsonschema.Draft202012Validator(audit_schema()).iter_errors(audit)
+        error = jsonschema.exceptions.best_match(itertools.islice(errors, 100))  # a 2M-item list: not 2M errors
     except RecursionError:
         raise AuditFileError("audit JSON is nested too deeply to be an audit") from None
     if error is not None:

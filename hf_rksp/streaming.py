@@ -246,6 +246,8 @@ class ResumeState:
                                                            "results": results})
         except OSError as e:
             (self.dir / "activations.pt.tmp").unlink(missing_ok=True)
+            if not (self.dir / "progress.json").is_file():
+                self.clear()  # nothing saved yet: nothing to resume from
             raise OutputError(f"could not save the progress of block {next_block - 1} under {self.dir}: "
                               f"{e.strerror or e}; free space and rerun the same command to resume") from None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import save_tiny, tiny_tokenizer
 
 from hf_rksp import atomic
 from hf_rksp.blocks import supported_families
@@ -58,19 +58,6 @@ def out(tmp_path) -> Path:
     return tmp_path / "out"
 
 
-def _tiny_tokenizer():
-    """A byte-level BPE tokenizer (300 ids, fits the tiny vocab of 512) built offline."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        ["The residual stream of a transformer carries the signal from block to block."] * 4,
-        vocab_size=300, min_frequency=1, show_progress=False,
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """Tiny checkpoints, good and broken, written once for the module."""
@@ -99,7 +86,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
     tok = root / "tiny-gpt2-tok"
     shutil.copytree(c["gpt2"], tok)
-    _tiny_tokenizer().save_pretrained(tok)
+    tiny_tokenizer().save_pretrained(tok)
     c["tok"] = tok
     return c
 
