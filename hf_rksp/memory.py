@@ -43,7 +43,8 @@ class ModelSizes:
     d_model: int
 
     @classmethod
-    def of(cls, config, dtype: torch.dtype, blocks_path: str | None = None) -> ModelSizes:
+    def of(cls, config, dtype: torch.dtype, blocks_path: str | None = None, origin: str = "") -> ModelSizes:
+        """Sizes of ``config``'s base model; a config transformers cannot build is an invalid config of ``origin``."""
         from transformers import AutoModel
 
         from .blocks import find_blocks
@@ -54,7 +55,8 @@ class ModelSizes:
         except RKSPError:
             raise
         except Exception as e:  # the config parses but transformers cannot build it
-            raise RKSPError(f"invalid config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RKSPError(f"invalid config{' ' + origin if origin else ''}: {why}") from None
         elem = torch.empty((), dtype=dtype).element_size()
         whole = sum(p.numel() for p in model.parameters()) * elem
         try:

@@ -392,19 +392,21 @@ def test_out_dir_is_a_file(capsys, work, ckpts):
 
 
 def test_disk_full_while_writing(capsys, work, out, ckpts, monkeypatch):
-    """An OSError while writing outputs (here ENOSPC on the 3rd file) is one error line and leaves no file."""
-    real = atomic.write_bytes
+    """An OSError while writing outputs (here ENOSPC staging the card) is one error line and leaves no file."""
+    from hf_rksp import publish
+
+    real = publish._write_files
     calls = []
 
-    def flaky(path, data):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
+    def flaky(folder, files):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+        return real(folder, files)
 
-    monkeypatch.setattr(atomic, "write_bytes", flaky)
+    monkeypatch.setattr(publish, "_write_files", flaky)
     rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL)
-    assert len(calls) == 3
+    assert len(calls) == 2
     assert_one_error_line(rc, err, "No space left on device")
     assert_nothing_written(out)
 
