@@ -244,17 +244,19 @@ def routed_logs():
     debug.setLevel(logging.DEBUG)
     debug.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     notices = Notices()
-    saved = [(lg, lg.handlers[:], lg.propagate) for lg in map(logging.getLogger, (*LIBRARY_LOGGERS, "hf_rksp"))]
-    for lg, _, _ in saved:
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
+             for lg in map(logging.getLogger, (*LIBRARY_LOGGERS, "hf_rksp"))]
+    for lg, _, _, _ in saved:
         lg.handlers, lg.propagate = [debug], False
     logging.getLogger("hf_rksp").addHandler(notices)
+    logging.getLogger("hf_rksp").setLevel(logging.DEBUG)  # its debug records (tracebacks) reach the debug log
     logging.captureWarnings(True)
     try:
         yield notices
     finally:
         logging.captureWarnings(False)
-        for lg, handlers, propagate in saved:
-            lg.handlers, lg.propagate = handlers, propagate
+        for lg, handlers, propagate, level in saved:
+            lg.handlers, lg.propagate, lg.level = handlers, propagate, level
         debug.close()
 
 

@@ -102,7 +102,8 @@ def audit_schema() -> dict:
                      "summary", "risk", "environment", "timings"],
         "properties": {
             "schema_version": {"const": SCHEMA_VERSION},
-            "slug": {"type": "string", "pattern": "^[^/\\\\]+$", "minLength": 1},
+            # a folder name: no separator, no control character (a newline), not "." or ".."
+            "slug": {"type": "string", "pattern": "^(?!\\.\\.?$)[^/\\\\\\x00-\\x1f]+(?![\\s\\S])", "minLength": 1},
             "created": {"type": "string"},
             "command": {"type": "string", "minLength": 1},
             "method": {
@@ -176,6 +177,15 @@ def validate_audit(audit: dict) -> None:
         where = ("/".join(str(p) for p in error.absolute_path) or "(root)")[:200]
         message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
         raise AuditFileError(f"audit JSON does not match schema {SCHEMA_VERSION} at {where}: {message}")
+
+
+def check_consistency(audit: dict) -> None:
+    """What the schema cannot say but every reader relies on: each block's m eigenvalues are there and finite."""
+    for i, b in enumerate(audit["blocks"]):
+        if len(b["eigenvalues"]) != b["m"]:
+            raise AuditFileError(f"audit JSON block {i} has m = {b['m']} but {len(b['eigenvalues'])} eigenvalues")
+        if not all(math.isfinite(math.hypot(re, im)) for re, im in b["eigenvalues"]):
+            raise AuditFileError(f"audit JSON block {i} has an eigenvalue of infinite modulus")
 
 
 def check_method_version(audit: dict, origin: str = "this audit") -> None:
@@ -412,6 +422,7 @@ class AuditRecord(_Record):
         if validate:
             check_method_version(d, origin)
             validate_audit(d)
+            check_consistency(d)
         return super().from_dict(
             d, method=MethodRecord.from_dict(d["method"]), source=SourceRecord.from_dict(d["source"]),
             inputs=InputsRecord.from_dict(d["inputs"]), blocks=[BlockRecord.from_dict(b) for b in d["blocks"]],

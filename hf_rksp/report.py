@@ -249,7 +249,7 @@ def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
 
     audit.validate()
     text = audit.to_json().encode("utf-8")
-    spectrum, profile = plots.spectrum_png(audit), plots.profile_png(audit)
+    spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)
     card = render_card(audit).encode("utf-8")
     done = publish(out_dir, audit.slug, {
         "audits": {"audit.json": text, "spectrum.png": spectrum, "profile.png": profile},

@@ -104,6 +104,9 @@ CASES = [
     Case("deep-nesting", 4, ("compare", "{deep}", "{good}"), 2, r"not a valid JSON audit"),
     Case("not-utf8", 4, ("push", "{latin1}", "--repo-id", "a/b", "--dry-run"), 2, r"not a valid UTF-8"),
     Case("huge-list", 4, audit("--from-audit", "{huge_list}"), 2, r"^.{0,600}$"),
+    Case("eigenvalues-missing", 4, audit("--from-audit", "{no_eigs}"), 2, r"block 0 has m = \d+ but 0 eigenvalues"),
+    Case("value-beyond-any-axis", 4, audit("--from-audit", "{huge_eta}"), 0, None, writes=True),
+    Case("slug-dotdot", 4, audit("--from-audit", "{slug_dotdot}"), 2, r"does not match schema .* at slug"),
     Case("compare-json-overflow", 4, ("compare", "{low}", "{high}", "--json"), 0, None),
     Case("compare-plot-to-a-dir", 4, ("compare", "{good}", "{good}", "--plot", "{out}"), 2, r"Is a directory"),
     # 5. option and config values, validated in one layer
@@ -299,6 +302,9 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["latin1"] = _audit_variant(root, g, "latin1", lambda t: t.replace('"slug"', '"sl\xe9g"').encode("latin-1",
                                                                                                       "replace"))
     p["huge_list"] = _audit_variant(root, g, "huge_list", lambda t: _with(data, "blocks", [1] * 2_000_000))
+    p["no_eigs"] = _audit_variant(root, g, "no_eigs", lambda t: _with(data, "blocks.0.eigenvalues", []))
+    p["huge_eta"] = _audit_variant(root, g, "huge_eta", lambda t: _with(data, "blocks.0.nonlinearity_ratio", 1e308))
+    p["slug_dotdot"] = _audit_variant(root, g, "slug_dotdot", lambda t: _with(data, "slug", ".."))
     agg = "summary.features.resdmd_residual_max.mean"
     p["low"] = _audit_variant(root, g, "low", lambda t: _with(data, agg, -1.7e308))
     p["high"] = _audit_variant(root, g, "high", lambda t: _with(data, agg, 1.7e308))
@@ -588,6 +594,33 @@ def test_resume_after_sigkill(fx, tmp_path):
     assert got["timings"]["resumed_at_block"] == 2
     assert got["blocks"] == want["blocks"]
     assert not (out / "audits" / ".partial").exists()
+
+
+def _optional_keys(schema: dict, data: dict, at: tuple = ()):
+    """Paths of the keys ``data`` has that ``schema`` does not require (the first block's included)."""
+    for k, sub in schema.get("properties", {}).items():
+        if k in data and k not in schema.get("required", ()):
+            yield (*at, k)
+        if k == "blocks":
+            yield from _optional_keys(sub["items"], data[k][0], (*at, k, "0"))
+        elif isinstance(data.get(k), dict):
+            yield from _optional_keys(sub, data[k], (*at, k))
+
+
+def test_every_optional_key_may_be_absent(fx, tmp_path, capfd):
+    """An audit without any one of its optional keys re-renders and compares (the card reads none blindly)."""
+    from hf_rksp.record import audit_schema
+
+    data = json.loads((fx["good"] / "audit.json").read_text())
+    paths = list(_optional_keys(audit_schema(), data))
+    assert len(paths) >= 5, paths
+    for i, path in enumerate(paths):
+        f = tmp_path / f"{i}.json"
+        f.write_text(_with(data, ".".join(path), KeyError))
+        for argv in (["audit", "--from-audit", str(f), "--out-dir", str(tmp_path / "o")],
+                     ["compare", str(f), str(fx["good"]), "--json"]):
+            rc, _, err = _run(argv, capfd)
+            assert rc == 0, f"without {'.'.join(path)}: {argv[0]} exits {rc}: {err}"
 
 
 def test_text_is_tokenized_incrementally(fx, monkeypatch):
