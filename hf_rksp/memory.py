@@ -13,6 +13,7 @@ for the OOM killer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,10 +27,26 @@ USABLE = 0.85
 
 
 def available_bytes() -> int:
-    """RAM available to this process now (psutil's estimate, page cache counted as free)."""
+    """Memory this process can still use: the machine's available RAM (page cache counted as free), or less
+    under a cgroup memory limit (containers, systemd-run) or an address-space limit (``ulimit -v``)."""
+    import resource
+
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    limits = [int(psutil.virtual_memory().available)]
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2, then v1
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
+            usage = int(Path("/sys/fs/cgroup", usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            limits.append(int(limit) - usage)
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft - psutil.Process().memory_info().vms)
+    return max(0, min(limits))
 
 
 @dataclass(frozen=True)
