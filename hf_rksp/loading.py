@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .blocks import BLOCK_PATHS, supported_families
-from .errors import RKSPError, SourceError
+from .errors import RKSPError
 from .gguf_checkpoint import GGUFCheckpoint, per_tensor, shared_reader
 from .validation import check_config
 

@@ -391,26 +391,6 @@ def test_out_dir_is_a_file(capsys, work, ckpts):
     assert sorted(p.name for p in work.iterdir()) == ["taken"]
 
 
-def test_disk_full_while_writing(capsys, work, out, ckpts, monkeypatch):
-    """An OSError while writing outputs (here ENOSPC staging the card) is one error line and leaves no file."""
-    from hf_rksp import publish
-
-    real = publish._write_files
-    calls = []
-
-    def flaky(folder, files):
-        calls.append(folder)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
-        return real(folder, files)
-
-    monkeypatch.setattr(publish, "_write_files", flaky)
-    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL)
-    assert len(calls) == 2
-    assert_one_error_line(rc, err, "No space left on device")
-    assert_nothing_written(out)
-
-
 # ----------------------------------------------------------------------------- successful audits
 
 
