@@ -239,8 +239,11 @@ def routed_logs():
     The error line is then the only thing on stderr besides progress bars.
     Everything is restored on exit, so main() can run in-process (tests, notebooks).
     """
-    debug = logging.FileHandler(os.environ["HF_RKSP_LOG"]) if os.environ.get("HF_RKSP_LOG") else \
-        logging.NullHandler()
+    try:
+        debug = logging.FileHandler(os.environ["HF_RKSP_LOG"]) if os.environ.get("HF_RKSP_LOG") else \
+            logging.NullHandler()
+    except OSError:  # an unwritable debug log must not cost the command
+        debug = logging.NullHandler()
     debug.setLevel(logging.DEBUG)
     debug.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     notices = Notices()
@@ -378,14 +381,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"hf-rksp: error: {message[:500]}", file=sys.stderr)
+    print(f"hf-rksp: error: {message.replace(chr(10), ' ')[:500]}", file=sys.stderr)
     return 2
 
 
 def _unexpected(e: Exception) -> str:
     """An exception no layer typed: what the user can still act on, in one line."""
     logging.getLogger("hf_rksp").debug("unexpected error", exc_info=e)
-    if isinstance(e, (MemoryError,)) or type(e).__name__ == "OutOfMemoryError":
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return ("out of memory; use --dtype bfloat16, a smaller --tokens or --stream (a streamed audit resumes "
                 "from its last block when rerun)")
     if isinstance(e, OSError):

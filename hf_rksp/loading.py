@@ -196,8 +196,8 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
     if source.kind == "config":
         try:
             d = json.loads(Path(source.path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RKSPError(f"config file {source.path} is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, 100k-deep nesting
+            raise RKSPError(f"config file {source.path} is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(d, dict):
             raise RKSPError(f"config file {source.path} is not a JSON object")
         return _config_from_dict(d, source.path, trust_remote_code, any_family)

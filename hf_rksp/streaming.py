@@ -209,6 +209,7 @@ class ResumeState:
 
     def __init__(self, directory: Path, key: str):
         self.dir, self.key = Path(directory), key
+        self.made: list[Path] = []  # the folders the first save created (an --out-dir too), deepest first
 
     def load(self, n_blocks: int, n_chunks: int) -> tuple[int, list[dict], list[torch.Tensor]] | None:
         """The saved progress, or None when there is none or it is not this audit's, or damaged (start over)."""
@@ -237,7 +238,9 @@ class ResumeState:
         from . import atomic
 
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.dir.exists():
+                self.made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
+                self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self.dir / "activations.pt.tmp"
             torch.save([h.cpu() for h in hidden], tmp)
             tmp.replace(self.dir / "activations.pt")
@@ -252,15 +255,15 @@ class ResumeState:
                               f"{e.strerror or e}; free space and rerun the same command to resume") from None
 
     def clear(self) -> None:
-        """Remove the progress, and ``.partial/`` (then ``audits/``) when that leaves them empty."""
+        """Remove the progress, ``.partial/`` once empty, and the folders its first save created, if empty."""
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
-        for parent in (self.dir.parent, self.dir.parent.parent):
+        for d in (self.dir.parent, *self.made[1:]):
             try:
-                parent.rmdir()
+                d.rmdir()
             except OSError:
-                break
+                pass
 
 
 def _valid_results(results, n: int) -> bool:

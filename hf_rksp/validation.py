@@ -141,6 +141,8 @@ def _check_placement(opts, init: bool) -> None:
     if (opts.device_map is not None or opts.quantize is not None) and init:
         raise RKSPError("--device-map and --load-in-Nbit place pretrained weights; --init builds on --device "
                         "(use --stream for big models at init)")
+    if opts.device == "mps" and not torch.backends.mps.is_available():
+        raise RKSPError("--device mps requested but this machine has no Apple MPS device")
     if (opts.device.startswith("cuda") or opts.device_map == "cuda") and not torch.cuda.is_available():
         flag = "--device" if opts.device.startswith("cuda") else "--device-map"
         raise RKSPError(f"{flag} {opts.device_map if flag == '--device-map' else opts.device} requested but CUDA "
@@ -153,6 +155,9 @@ SIZE_KEYS = ("vocab_size", "hidden_size", "n_embd", "d_model", "num_hidden_layer
              "n_positions", "num_key_value_heads", "head_dim", "d_ff", "image_size", "patch_size", "num_channels")
 #: no real model has a dimension this large (a 7B model's vocabulary is 32k, its width 4096)
 MAX_DIM = 2**24
+#: nor this many blocks (the deepest published LLMs have ~120; building 2^24 modules alone would take hours)
+MAX_LAYERS = 2**12
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def check_config(config, origin: str) -> None:
@@ -161,5 +166,6 @@ def check_config(config, origin: str) -> None:
         v = getattr(config, key, None)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_DIM:
-            raise RKSPError(f"invalid config {origin}: {key} must be a positive integer up to {MAX_DIM}, got {v!r}")
+        top = MAX_LAYERS if key in LAYER_KEYS else MAX_DIM
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= top:
+            raise RKSPError(f"invalid config {origin}: {key} must be a positive integer up to {top}, got {v!r}")

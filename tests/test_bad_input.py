@@ -119,8 +119,13 @@ CASES = [
     Case("batch-size-huge", 5, audit("{tok}", *SMALL, "--batch-size", "1000000000"), 2, r"--batch-size: must be"),
     Case("vocab-size-0", 5, audit("--config", "{vocab0}", *SMALL), 2, r"vocab_size must be a positive integer"),
     Case("n-positions-0", 5, audit("--config", "{npos0}", *SMALL), 2, r"(n_positions|max_position_embeddings) must be a positive integer"),
+    Case("config-deeply-nested", 5, audit("--config", "{deep_cfg}", *SMALL), 2, r"is not valid JSON"),
+    Case("config-1e8-layers", 5, audit("--config", "{many_layers}", *SMALL), 2,
+         r"(num_hidden_layers|n_layer) must be a positive integer up to 4096"),
+    Case("device-mps-absent", 5, audit("{tok}", *SMALL, "--device", "mps"), 2, r"no Apple MPS device"),
     # 6. failures that write nothing (and an interruption that says what it kept)
     Case("nan-at-block-1-streamed", 6, audit("{nan_ckpt}", *STREAM), 2, r"non-finite .* block 1"),
+    Case("nan-at-block-1-fresh-out", 6, audit("{nan_ckpt}", *STREAM), 2, r"non-finite .* block 1", prefill=False),
     Case("write-fails-fresh-out", 6, audit("{tok}", *SMALL), 2, r"Permission denied", setup="card_rename_fails",
          prefill=False),
     Case("device-map-disk-init", 6, audit("{tok}", "--init", "--device-map", "disk", *SMALL), 2,
@@ -270,9 +275,12 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     for name, cfg in {"huge": huge,
                       "vocab0": {**tiny_config("gpt2").to_dict(), "vocab_size": 0},
                       "npos0": {**tiny_config("gpt2").to_dict(), "n_positions": 0},
-                      "bad_heads": {**tiny_config("gpt2").to_dict(), "n_embd": 65}}.items():
+                      "bad_heads": {**tiny_config("gpt2").to_dict(), "n_embd": 65},
+                      "many_layers": {**tiny_config("gpt2").to_dict(), "n_layer": 10**8}}.items():
         p[name] = configs / f"{name}.json"
         p[name].write_text(json.dumps(cfg))
+    p["deep_cfg"] = configs / "deep.json"
+    p["deep_cfg"].write_text("[" * 200_000 + "]" * 200_000)
 
     sentence = "The residual stream of a transformer carries the signal from block to block. "
     p["bigtext"] = root / "big.txt"
