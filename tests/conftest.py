@@ -64,6 +64,20 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
 
 
+def interrupt_block(monkeypatch, at: int) -> None:
+    """Ctrl-C while a streamed audit loads block ``at`` (from a checkpoint)."""
+    from hf_rksp.streaming import CheckpointWeights
+
+    real = CheckpointWeights.block
+
+    def block(self, i, names):
+        if i == at:
+            raise KeyboardInterrupt
+        return real(self, i, names)
+
+    monkeypatch.setattr(CheckpointWeights, "block", block)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

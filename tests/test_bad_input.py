@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
+from conftest import interrupt_block, tiny_config, tiny_tokenizer
 
 from hf_rksp.cli import main
 
@@ -377,16 +377,7 @@ def _progress_enospc(fx, out, monkeypatch):
 
 
 def _interrupt(fx, out, monkeypatch):
-    from hf_rksp.streaming import CheckpointWeights
-
-    real = CheckpointWeights.block
-
-    def block(self, i, names):
-        if i == 2:
-            raise KeyboardInterrupt
-        return real(self, i, names)
-
-    monkeypatch.setattr(CheckpointWeights, "block", block)
+    interrupt_block(monkeypatch, 2)
 
 
 def _tampered_progress(fx, out, monkeypatch):
