@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,13 +12,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def make_dir(parent: Path, prefix: str) -> Path:
-    """A fresh staging directory with normal permissions (mkdtemp makes 0700)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(d, 0o777 & ~_umask())
-    return d
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -46,34 +38,3 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def publish_dirs(pairs: list[tuple[Path, Path]]) -> None:
-    """Swap each staged directory into place as a whole: all targets are replaced, or none.
-
-    Each existing target is first renamed to a backup; if any later rename
-    fails, the new directories are removed and the backups renamed back.
-    """
-    done: list[list] = []  # [target, backup or None, new dir in place?]
-    try:
-        for staging, target in pairs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            entry = [target, None, False]
-            done.append(entry)
-            if target.exists():
-                backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                os.rmdir(backup)
-                os.rename(target, backup)
-                entry[1] = backup
-            os.rename(staging, target)
-            entry[2] = True
-    except BaseException:
-        for target, backup, placed in reversed(done):
-            if placed:
-                shutil.rmtree(target, ignore_errors=True)
-            if backup is not None:
-                os.rename(backup, target)
-        raise
-    for _, backup, _ in done:
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,9 +17,10 @@ import torch
 from . import calibration as cal
 from . import report
 from .blocks import find_blocks
-from .errors import ConfigError, OutputError, RKSPError
+from .errors import AuditInterrupted, RKSPError
 from .loading import LoadedModel, load_for_streaming, load_model, resolve_source
-from .placement import parse_max_memory, placement_kwargs, too_big_for_memory
+from .placement import placement_kwargs, plan_for
+from .publish import check_out_dir
 from .moe import RouterRecorder, find_routers
 from .risk import assess_summary
 from .profiling import ProfileOptions, block_result, profile_model, rksp_config
@@ -25,6 +28,7 @@ from .record import (AuditRecord, BlockRecord, InputsRecord, MethodRecord, Sourc
                      read_audit)
 from .spectral import METHOD_VERSION
 from .summary import summarize
+from .validation import check_audit_options
 
 logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
@@ -124,37 +128,11 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
     return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
 
 
-def check_options(opts: AuditOptions, d_model: int | None = None) -> None:
-    """Reject option combinations that cannot work, before any heavy work."""
-    cal.check_shape(opts.tokens, opts.seq_len)
-    if not (opts.rank in ("auto", "full") or (isinstance(opts.rank, int) and not isinstance(opts.rank, bool))):
-        raise ConfigError(f"rank must be 'full', 'auto' or an integer, got {opts.rank!r}", param="rank")
-    if isinstance(opts.rank, int) and opts.rank < 1:
-        raise ConfigError(f"rank must be at least 1, got {opts.rank}", param="rank")
-    if isinstance(opts.rank, int) and opts.rank > opts.tokens - 1:
-        raise ConfigError(f"rank {opts.rank} needs at least {opts.rank + 1} tokens; with {opts.tokens} tokens "
-                          f"the largest possible rank is {opts.tokens - 1}", param="rank")
-    rksp_config(opts, opts.tokens, d_model or opts.tokens)  # validates eps, bands, tau
-    if opts.batch_size < 1:
-        raise RKSPError(f"--batch-size must be at least 1, got {opts.batch_size}")
-    if opts.text is not None and not Path(opts.text).is_file():
-        raise RKSPError(f"--text file not found: {opts.text}")
-    if opts.lr is not None and not opts.lr > 0:
-        raise RKSPError(f"--lr must be a positive learning rate, got {opts.lr}")
-    if opts.quantize is not None:
-        if opts.quantize not in ("8bit", "4bit"):
-            raise RKSPError(f"unknown quantization {opts.quantize!r} (8bit, 4bit)")
-        if not torch.cuda.is_available():
-            raise RKSPError(f"--load-in-{opts.quantize} uses bitsandbytes, which needs a CUDA GPU; this machine has "
-                            "none (audit in float32/bfloat16, with --stream if the model is large)")
-        if opts.stream:
-            raise RKSPError(f"--load-in-{opts.quantize} loads the model whole; it cannot be combined with --stream")
-    if opts.max_memory is not None:
-        parse_max_memory(opts.max_memory)
-        if opts.device_map is None:
-            raise RKSPError("--max-memory goes with --device-map")
-    if opts.device_map is not None and opts.stream:
-        raise RKSPError("--device-map places a whole model; --stream loads one block at a time (use one of them)")
+def check_options(opts: AuditOptions, d_model: int | None = None, *, init: bool = False) -> None:
+    """Reject options that cannot work, before any heavy work (:mod:`hf_rksp.validation`)."""
+    check_audit_options(opts, init=init)
+    if d_model is not None:
+        rksp_config(opts, opts.tokens, d_model)
 
 
 def option_words(name: str, value) -> list[str]:
@@ -207,11 +185,20 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
             r["router"] = stats
         return r
 
-    with routers.recording():
-        results, timings = stream_snapshots_and_profile(
-            loaded.model, blocks, path, weights, input_ids, profile_block,
-            batch_size=opts.batch_size, device=device, progress=progress, resume=resume,
-        )
+    try:
+        with routers.recording():
+            results, timings = stream_snapshots_and_profile(
+                loaded.model, blocks, path, weights, input_ids, profile_block,
+                batch_size=opts.batch_size, device=device, progress=progress, resume=resume,
+            )
+    except RKSPError as e:  # the same input fails the same way: its progress is of no use
+        if resume is not None and not e.resumable:
+            resume.clear()
+        raise
+    except KeyboardInterrupt:
+        kept = resume is not None and (resume.dir / "progress.json").is_file()
+        raise AuditInterrupted("interrupted; " + (f"progress kept in {resume.dir}: rerun the same command to resume"
+                                                  if kept else "nothing was written")) from None
     if resume is not None:
         resume.clear()
     return results, path, timings
@@ -317,43 +304,41 @@ def audit(
     if unknown:
         raise TypeError(f"audit() got unknown options {unknown}")
     opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
-    check_options(opts)
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise RKSPError(f"--out-dir {out_dir} exists and is not a directory")
+    check_options(opts, init=init or config is not None)
+    if out_dir is not None:
+        check_out_dir(Path(out_dir))
     t0 = time.perf_counter()
     device = _device(opts.device)
     src = resolve_source(source, init=init, config_path=config, revision=opts.revision, gguf_file=opts.gguf_file)
     src.name = opts.name
     opts.stream = opts.stream or opts.low_disk
-    if not opts.stream and not opts.device_map and not opts.quantize and too_big_for_memory(src, opts):
+    plan = plan_for(src, opts)
+    if plan is not None and plan.stream and not opts.stream:
         logger.warning("%s would take more than half the available memory: streaming it block by block", src.id)
         opts.stream = True
-    if opts.stream:
-        loaded = load_for_streaming(src, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
-                                    any_family=opts.blocks is not None, low_disk=opts.low_disk)
-    else:
-        loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed,
-                            trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None,
-                            placement=placement_kwargs(opts), blocks=opts.blocks)
-    t_load = time.perf_counter()
-    resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
-    record = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
-                         resume_root=resume_root)
+    # --device-map disk offloads to a folder of this audit's own, removed however the audit ends
+    with tempfile.TemporaryDirectory(prefix="hf-rksp-offload-") if opts.device_map == "disk" else nullcontext() \
+            as offload:
+        if opts.stream:
+            loaded = load_for_streaming(src, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+                                        any_family=opts.blocks is not None, low_disk=opts.low_disk)
+        else:
+            loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed,
+                                trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None,
+                                placement=placement_kwargs(opts, offload), blocks=opts.blocks)
+        t_load = time.perf_counter()
+        resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
+        record = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
+                             resume_root=resume_root)
     timings = {"load_s": t_load - t0, **record.timings, "total_s": time.perf_counter() - t0}
     result = AuditResult(record=replace(record, timings=timings))
     if out_dir is not None:
-        try:
-            result.paths = report.write_outputs(result.record, out_dir)
-        except OSError as e:
-            raise OutputError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
+        result.paths = report.write_outputs(result.record, out_dir)
     return result
 
 
 def rerender(audit_json: str, out_dir: str = ".") -> AuditResult:
     """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed."""
     result = AuditResult(record=report.with_verdict(read_audit(audit_json)))
-    try:
-        result.paths = report.write_outputs(result.record, out_dir)
-    except OSError as e:
-        raise OutputError(f"could not write the audit under {out_dir}: {e}; earlier outputs are unchanged") from None
+    result.paths = report.write_outputs(result.record, out_dir)
     return result

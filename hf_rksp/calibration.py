@@ -82,16 +82,51 @@ def from_embedded(tokenizer, tokens: int, seq_len: int) -> Calibration:
     return from_text(text, tokenizer, tokens, seq_len, "embedded-text", detail)
 
 
+#: --text is read and tokenized this many characters at a time at first, four times more each round
+TEXT_CHUNK = 1 << 16
+#: tokens beyond the ones kept that a round must yield, so cutting the text there cannot change the kept ones
+TEXT_MARGIN = 64
+
+
 def from_file(path: str | Path, tokenizer, tokens: int, seq_len: int) -> Calibration:
+    """The first ``tokens`` tokens of a UTF-8 text file, read and tokenized incrementally.
+
+    Only as much text as the tokens need is tokenized (a prefix cut at
+    whitespace, grown until it yields TEXT_MARGIN more tokens than needed):
+    memory and time follow --tokens, not the file's size.  The file is still
+    read to its end, in chunks, for ``text_sha256`` and to check it is UTF-8.
+    """
     p = Path(path)
     if not p.is_file():
         raise RKSPError(f"--text file not found: {p}")
+    h = hashlib.sha256()
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, encoding="utf-8") as f:  # text mode: the same newlines as read_text()
+            ids = _prefix_ids(f, h, tokenizer, tokens)
+            for rest in iter(lambda: f.read(1 << 20), ""):
+                h.update(rest.encode())
     except UnicodeDecodeError:
         raise RKSPError(f"--text file is not UTF-8 text: {p}") from None
-    detail = {"file": str(p), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    return from_text(text, tokenizer, tokens, seq_len, "text-file", detail, what=f"--text file {p}")
+    except OSError as e:
+        raise RKSPError(f"--text file cannot be read: {p}: {e.strerror or e}") from None
+    detail = {"file": str(p), "text_sha256": h.hexdigest()}
+    return Calibration(_cut(ids, tokens, seq_len, f"--text file {p}"), "text-file", detail)
+
+
+def _prefix_ids(f, h, tokenizer, tokens: int) -> list[int]:
+    """Token ids of the shortest whitespace-cut prefix of ``f`` that yields tokens + TEXT_MARGIN ids (or all)."""
+    text, size = "", TEXT_CHUNK
+    while True:
+        chunk = f.read(size)
+        h.update(chunk.encode())
+        text += chunk
+        if len(chunk) < size:  # end of file: the whole text
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = max(text.rfind(" "), text.rfind("\n"))
+        ids = tokenizer(text[:cut] if cut > 0 else text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens + TEXT_MARGIN:
+            return ids
+        size = 3 * len(text)  # the text read so far grows fourfold each round
 
 
 def from_dataset(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 
 from .errors import ConfigError, RKSPError
@@ -46,13 +49,21 @@ examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"hf-rksp: error: {message.splitlines()[0] if message else 'invalid arguments'} "
+                     f"(see '{self.prog} --help')\n")
+
+
 def _option(group, *flags, **kwargs):
     """A field of AuditOptions (its ``dest``): unset unless given, so the dataclass alone holds the default."""
     return group.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="hf-rksp",
         description="RKSP spectral audits for Hugging Face transformers.",
         epilog=(
@@ -190,7 +201,7 @@ def print_summary(result) -> None:
           for f in FEATURES],
         f"  score M (mean near-unit mass)       {s.score:.4f}",
         "  risk                  " + risk_line(r),
-        f"  time                  {r.timings['total_s']:.1f} s",
+        f"  time                  {_fmt(r.timings.get('total_s'), '.1f')} s",
     ]
     for name, path in result.paths.items():
         lines.append(f"  wrote {name:<9} {path}")
@@ -198,17 +209,58 @@ def print_summary(result) -> None:
 
 
 def quiet_libraries() -> None:
-    """-q: no progress bars or warnings from transformers/hf_rksp; errors still print."""
-    import logging
-
+    """-q: no progress bars (library chatter never reaches the terminal: see ``routed_logs``)."""
     import huggingface_hub
     import transformers
 
-    huggingface_hub.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    logging.getLogger("hf_rksp").setLevel(logging.ERROR)
+
+
+#: loggers whose messages are library chatter: the debug log only (HF_RKSP_LOG=FILE), never the terminal
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "datasets", "accelerate", "torch", "py.warnings")
+
+
+class Notices(logging.Handler):
+    """hf-rksp's own warnings, held until the command ends: printed after a success, dropped on an error."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().replace("\n", " "))
+
+
+@contextmanager
+def routed_logs():
+    """Library logs and Python warnings go to the debug log; hf-rksp's warnings to :class:`Notices`.
+
+    The error line is then the only thing on stderr besides progress bars.
+    Everything is restored on exit, so main() can run in-process (tests, notebooks).
+    """
+    try:
+        debug = logging.FileHandler(os.environ["HF_RKSP_LOG"]) if os.environ.get("HF_RKSP_LOG") else \
+            logging.NullHandler()
+    except OSError:  # an unwritable debug log must not cost the command
+        debug = logging.NullHandler()
+    debug.setLevel(logging.DEBUG)
+    debug.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    notices = Notices()
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
+             for lg in map(logging.getLogger, (*LIBRARY_LOGGERS, "hf_rksp"))]
+    for lg, _, _, _ in saved:
+        lg.handlers, lg.propagate = [debug], False
+    logging.getLogger("hf_rksp").addHandler(notices)
+    logging.getLogger("hf_rksp").setLevel(logging.DEBUG)  # its debug records (tracebacks) reach the debug log
+    logging.captureWarnings(True)
+    try:
+        yield notices
+    finally:
+        logging.captureWarnings(False)
+        for lg, handlers, propagate, level in saved:
+            lg.handlers, lg.propagate, lg.level = handlers, propagate, level
+        debug.close()
 
 
 def audit_options(args):
@@ -309,14 +361,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return COMMANDS[args.command](args)
-    except RKSPError as e:
-        print(f"hf-rksp: error: {_worded(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hf-rksp: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    with routed_logs() as notices:
+        try:
+            from .publish import recover
+
+            recover(args.out_dir)  # completes a publish a killed run left half done
+            rc = COMMANDS[args.command](args)
+        except RKSPError as e:
+            return _fail(_worded(e))
+        except KeyboardInterrupt as e:
+            print(f"hf-rksp: {str(e) or 'interrupted; nothing was written'}", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
+            return _fail(_unexpected(e))
+        if not getattr(args, "quiet", False):
+            for message in notices.messages:
+                print(f"hf-rksp: warning: {message}", file=sys.stderr)
+        return rc
+
+
+def _fail(message: str) -> int:
+    print(f"hf-rksp: error: {message.replace(chr(10), ' ')[:500]}", file=sys.stderr)
+    return 2
+
+
+def _unexpected(e: Exception) -> str:
+    """An exception no layer typed: what the user can still act on, in one line."""
+    logging.getLogger("hf_rksp").debug("unexpected error", exc_info=e)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return ("out of memory; use --dtype bfloat16, a smaller --tokens or --stream (a streamed audit resumes "
+                "from its last block when rerun)")
+    if isinstance(e, OSError):
+        return f"{e.filename or 'file'}: {e.strerror or e}"
+    first = (str(e).splitlines() or [""])[0][:200]
+    return f"unexpected {type(e).__name__}: {first} (set HF_RKSP_LOG=FILE for the traceback, and please report it)"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .errors import AuditFileError
@@ -24,7 +25,11 @@ def load_audit(ref: str | Path, out_dir: str | Path = ".") -> AuditRecord:
 
 
 def _delta(a, b):
-    return None if a is None or b is None else b - a
+    """b - a, or None where either is missing or the difference overflows (JSON has no infinity)."""
+    if a is None or b is None:
+        return None
+    d = b - a
+    return d if math.isfinite(d) else None
 
 
 def compare(a: AuditRecord, b: AuditRecord) -> dict:

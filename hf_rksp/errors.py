@@ -6,12 +6,19 @@
     ├── SnapshotError              snapshots the method cannot use (too few tokens, constant stream)
     │   └── NonFiniteActivationError
     ├── AuditFileError             an audit.json that cannot be read, is invalid, or is of another method version
-    └── OutputError                results cannot be written
+    ├── OutputError                results cannot be written
+    └── MemoryPlanError            the model (or one block of it) cannot fit in the memory available
 """
 
 
 class RKSPError(Exception):
-    """An error the user can fix (bad input, missing model, not enough tokens...)."""
+    """An error the user can fix (bad input, missing model, not enough tokens...).
+
+    ``resumable``: rerunning the same command can continue a streamed audit's saved progress (a full disk,
+    an interruption); otherwise the same input fails the same way, and the progress is removed.
+    """
+
+    resumable = False
 
 
 class ConfigError(RKSPError, ValueError):
@@ -51,3 +58,17 @@ class AuditFileError(RKSPError):
 
 class OutputError(RKSPError):
     """Results cannot be written (unwritable or full output directory)."""
+
+    resumable = True
+
+
+class AuditInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an audit; the message says whether progress was kept and where."""
+
+
+class MemoryPlanError(RKSPError):
+    """The audit cannot fit in memory as asked: ``need`` and ``available`` bytes, and what to change."""
+
+    def __init__(self, message: str, *, need: int, available: int):
+        self.need, self.available = need, available
+        super().__init__(message)

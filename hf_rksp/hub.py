@@ -15,8 +15,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RKSPError
-from .record import read_audit
+from .errors import ConfigError, RKSPError
+from .record import AuditRecord, read_audit
+from .validation import check_hub_id, check_revision
 
 AUDIT_FILES = ("audit.json", "spectrum.png", "profile.png")
 
@@ -51,8 +52,8 @@ class PushResult:
     pr_url: str | None = None
 
 
-def locate_audit(slug_or_dir: str, out_dir: str | Path = ".") -> tuple[Path, Path]:
-    """(audit dir, card dir) for a slug under ``out_dir``, or for an audit directory path."""
+def locate_audit(slug_or_dir: str, out_dir: str | Path = ".") -> tuple[Path, Path, AuditRecord]:
+    """(audit dir, card dir, its read audit) for a slug under ``out_dir``, or for an audit directory path."""
     p = Path(slug_or_dir)
     if p.is_dir() and (p / "audit.json").is_file():
         audit_dir = p
@@ -62,12 +63,13 @@ def locate_audit(slug_or_dir: str, out_dir: str | Path = ".") -> tuple[Path, Pat
         card_dir = Path(out_dir) / "model_cards" / slug_or_dir
     if not (audit_dir / "audit.json").is_file():
         raise RKSPError(f"no audit found for {slug_or_dir!r} (looked for {audit_dir / 'audit.json'})")
+    audit = read_audit(audit_dir / "audit.json")  # a damaged audit says so, before what else is missing
     missing = [str(audit_dir / f) for f in AUDIT_FILES if not (audit_dir / f).is_file()]
     if not (card_dir / "README.md").is_file():
         missing.append(str(card_dir / "README.md"))
     if missing:
         raise RKSPError(f"audit {slug_or_dir!r} is incomplete, missing: {', '.join(missing)}")
-    return audit_dir, card_dir
+    return audit_dir, card_dir, audit
 
 
 def plan_push(
@@ -81,8 +83,10 @@ def plan_push(
     out_dir: str | Path = ".",
 ) -> PushPlan:
     """Everything a push would upload, after validating the audit JSON against the schema."""
-    audit_dir, card_dir = locate_audit(slug_or_dir, out_dir)
-    audit = read_audit(audit_dir / "audit.json")
+    if repo_id is not None:
+        check_hub_id(repo_id, "repo_id")
+    check_revision(revision)
+    audit_dir, card_dir, audit = locate_audit(slug_or_dir, out_dir)
     if mode == "model-pr":
         if repo_id is None:
             if audit.source.kind != "hub":
@@ -95,8 +99,9 @@ def plan_push(
         prefix = ""
     else:
         raise ValueError(f"unknown push mode {mode!r}")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise RKSPError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
+    check_hub_id(repo_id, "repo_id")
+    if repo_id.count("/") != 1:
+        raise ConfigError(f"must look like USER/NAME, got {repo_id!r}", param="repo_id")
     files = {prefix + f: audit_dir / f for f in AUDIT_FILES}
     files[prefix + "README.md"] = card_dir / "README.md"
     what = audit.source.id + (" at init" if audit.source.init else "")

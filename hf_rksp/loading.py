@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from .blocks import BLOCK_PATHS, supported_families
-from .errors import RKSPError, SourceError
+from .errors import RKSPError
 from .gguf_checkpoint import GGUFCheckpoint, per_tensor, shared_reader
+from .validation import check_config
 
 DTYPES = {
     "float32": torch.float32,
@@ -59,7 +61,7 @@ class Source:
         elif self.kind == "hub":
             base = self.id.replace("/", "__")
         else:
-            base = Path(self.id).name
+            base = Path(os.path.abspath(Path(self.id).expanduser())).name  # "." and "./x/" name their folder
             if self.kind in ("gguf", "config") and base.endswith((".gguf", ".json")):
                 base = base.rsplit(".", 1)[0]
         return base + ("__init" if self.init else "")
@@ -159,9 +161,11 @@ def _config_from_dict(d: dict, origin: str, trust_remote_code: bool, any_family:
     if not any_family:
         check_family(model_type, origin)
     try:
-        return AutoConfig.for_model(model_type, **d)
+        config = AutoConfig.for_model(model_type, **d)
     except Exception as e:
-        raise RKSPError(f"invalid config {origin}: {e}") from None
+        raise RKSPError(f"invalid config {origin}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    check_config(config, origin)
+    return config
 
 
 def check_family(model_type: str | None, origin: str) -> None:
@@ -192,8 +196,8 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
     if source.kind == "config":
         try:
             d = json.loads(Path(source.path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RKSPError(f"config file {source.path} is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, 100k-deep nesting
+            raise RKSPError(f"config file {source.path} is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(d, dict):
             raise RKSPError(f"config file {source.path} is not a JSON object")
         return _config_from_dict(d, source.path, trust_remote_code, any_family)
@@ -227,6 +231,7 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
     source.config_origin = source.config_origin or source.kind
     if not any_family:
         check_family(getattr(cfg, "model_type", None), source.id)
+    check_config(cfg, source.id)
     return cfg
 
 
@@ -258,30 +263,14 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
     return tok
 
 
-def estimate_bytes(config, dtype: torch.dtype) -> int:
-    """Bytes of the base model's parameters, counted on the meta device (no memory used)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModel
-
-    with init_empty_weights():
-        m = AutoModel.from_config(config)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in m.parameters()) * elem
-
-
 def check_memory(config, dtype: torch.dtype, device: str) -> None:
-    """Fail before building a model that cannot fit in RAM (the whole-model path)."""
+    """Fail before building a model that cannot fit in RAM whole (the memory planner, without streaming)."""
     if not str(device).startswith("cpu"):
         return
-    import psutil
+    from .memory import ModelSizes, plan_memory
 
-    need = estimate_bytes(config, dtype)
-    avail = psutil.virtual_memory().available
-    if need > 0.85 * avail:
-        raise RKSPError(
-            f"the model needs {need / 2**30:.1f} GiB of weights in {str(dtype).replace('torch.', '')} "
-            f"but only {avail / 2**30:.1f} GiB of RAM is available; use --dtype bfloat16 or a smaller model"
-        )
+    plan_memory(ModelSizes.of(config, dtype), tokens=0, dtype=str(dtype).replace("torch.", ""), stream=False,
+                can_stream=False)
 
 
 def load_model(
@@ -302,9 +291,6 @@ def load_model(
     where accelerate put it.
     """
     placement = placement or {}
-    if placement and source.init:
-        raise RKSPError("--device-map and --load-in-Nbit place pretrained weights; --init builds on --device "
-                        "(use --stream for big models at init)")
     from transformers import AutoModel
 
     torch_dtype = parse_dtype(dtype)
@@ -373,13 +359,6 @@ def _seeded_init(model, seed: int, blocks_path: str | None) -> None:
     from .init_weights import seeded_init
 
     seeded_init(model, find_blocks(model, blocks_path)[1], seed)
-
-
-def fits_in_memory(config, dtype: str, fraction: float = 0.5) -> bool:
-    """Whether the whole model takes less than ``fraction`` of the available RAM (else audits stream)."""
-    import psutil
-
-    return estimate_bytes(config, parse_dtype(dtype)) < fraction * psutil.virtual_memory().available
 
 
 def save_sharded(loaded: LoadedModel, out: str | Path, max_shard_size: str = "2GB") -> Path:

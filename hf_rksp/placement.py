@@ -1,57 +1,46 @@
 """Where an audited model's weights live: whole on a device, placed by accelerate, quantized, or streamed.
 
-The audit decides here, before loading, so a model that cannot fit is
-streamed instead of failing, and placement options that cannot work on this
-machine fail with one clear line.  ``opts`` is an ``hf_rksp.audit.AuditOptions``.
+The audit decides here, before loading, with the one memory planner
+(:mod:`hf_rksp.memory`): a model that cannot fit whole is streamed, one that
+fits neither way is refused with the numbers.  ``opts`` is an
+``hf_rksp.audit.AuditOptions`` (validated by :mod:`hf_rksp.validation`).
 """
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from .errors import RKSPError
-from .loading import fits_in_memory, load_config
+from .loading import Source, load_config, parse_dtype
+from .memory import MemoryPlan, ModelSizes, plan_memory
+from .validation import parse_max_memory
 
 
-def too_big_for_memory(src, opts) -> bool:
-    """Whether a streamable source would take more than half the available RAM whole (then it streams).
+def can_stream(src: Source) -> bool:
+    """Whether the streamed path can read ``src`` (safetensors directories, hub ids, GGUF files, any init)."""
+    if src.init or src.kind in ("hub", "gguf"):
+        return True
+    d = Path(src.path or "")
+    return (d / "model.safetensors.index.json").is_file() or (d / "model.safetensors").is_file()
 
-    For a GGUF file this is the de-quantized size in ``--dtype``.  Configs
-    transformers cannot build answer False: the whole-model path reports those.
+
+def plan_for(src: Source, opts) -> MemoryPlan | None:
+    """The memory plan of auditing ``src`` with ``opts``; None where accelerate places the weights."""
+    if opts.device_map is not None or opts.quantize is not None:
+        return None
+    config = load_config(src, opts.trust_remote_code, opts.blocks is not None)
+    sizes = ModelSizes.of(config, parse_dtype(opts.dtype), opts.blocks, origin=Path(src.config_origin or src.id).name)
+    return plan_memory(sizes, tokens=opts.tokens, dtype=opts.dtype, stream=opts.stream, can_stream=can_stream(src))
+
+
+def placement_kwargs(opts, offload_folder: str | None = None) -> dict:
+    """from_pretrained keywords for --device-map / --max-memory / --load-in-Nbit (accelerate conventions).
+
+    ``--device-map disk`` offloads to ``offload_folder``, a temporary folder the caller owns and removes.
     """
-    try:
-        return not fits_in_memory(load_config(src, opts.trust_remote_code, opts.blocks is not None), opts.dtype)
-    except RKSPError:
-        raise
-    except Exception:
-        return False
-
-
-def parse_max_memory(text: str) -> dict:
-    """'cuda:0=20GiB,cpu=30GiB' -> accelerate's max_memory dict ({0: '20GiB', 'cpu': '30GiB'})."""
-    out: dict = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        dev, sep, size = part.partition("=")
-        if not sep or not size:
-            raise RKSPError(f"--max-memory entries look like DEVICE=SIZE (e.g. cuda:0=20GiB), got {part!r}")
-        dev = dev.strip()
-        key = int(dev.split(":", 1)[1]) if dev.startswith("cuda:") and dev[5:].isdigit() else dev
-        if key not in ("cpu", "disk") and not isinstance(key, int):
-            raise RKSPError(f"--max-memory device must be cpu, disk or cuda:N, got {dev!r}")
-        out[key] = size.strip()
-    return out
-
-
-def placement_kwargs(opts) -> dict:
-    """from_pretrained keywords for --device-map / --max-memory / --load-in-Nbit (accelerate conventions)."""
     kw: dict = {}
     if opts.device_map is not None:
-        if opts.device_map == "cuda" and not torch.cuda.is_available():
-            raise RKSPError("--device-map cuda: this machine has no CUDA device")
         if opts.device_map == "disk":
-            import tempfile
-
-            kw.update(device_map="auto", offload_folder=tempfile.mkdtemp(prefix="hf-rksp-offload-"))
+            kw.update(device_map="auto", offload_folder=offload_folder)
         else:
             kw["device_map"] = opts.device_map
         if opts.max_memory:

@@ -116,3 +116,16 @@ def profile_png(audit: AuditRecord) -> bytes:
     a2.set_xlabel("block")
     a1.set_title(f"RKSP v{m.version} profile — {title(audit)}")
     return to_png(fig)
+
+
+def drawn(render, audit: AuditRecord) -> bytes:
+    """``render(audit)``, or a PNG that says why it cannot be drawn: a value like 1e308 is valid JSON and
+    valid for the schema, but matplotlib cannot lay out an axis for it, and the audit must still be written."""
+    try:
+        return render(audit)
+    except (ValueError, OverflowError) as e:
+        fig, ax = subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{render.__name__}: not drawn, values out of plotting range\n({str(e)[:80]})",
+                ha="center", va="center", fontsize=9)
+        return to_png(fig)

@@ -14,7 +14,9 @@ UTF-8 JSON, anything against the schema, and audits of another method version.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -77,7 +79,13 @@ def audit_schema() -> dict:
                                                       "items": _NUM}},
             "stack": {"type": "string"},
             "stack_index": {"type": "integer", "minimum": 0},
-            "router": {"type": "object"},
+            "router": {"type": "object",  # what the card's routing table reads
+                       "required": ["n_experts", "top_k", "load_max_over_mean", "router_logit_max",
+                                    "router_entropy_mean", "router_entropy_max"],
+                       "properties": {"n_experts": {"type": "integer", "minimum": 1},
+                                      "top_k": {"type": "integer", "minimum": 1},
+                                      **{k: _NUM for k in ("load_max_over_mean", "router_logit_max",
+                                                           "router_entropy_mean", "router_entropy_max")}}},
         },
     }
     summary = _summary_schema()
@@ -94,7 +102,8 @@ def audit_schema() -> dict:
                      "summary", "risk", "environment", "timings"],
         "properties": {
             "schema_version": {"const": SCHEMA_VERSION},
-            "slug": {"type": "string", "pattern": "^[^/\\\\]+$", "minLength": 1},
+            # a folder name: no separator, no control character (a newline), not "." or ".."
+            "slug": {"type": "string", "pattern": "^(?!\\.\\.?$)[^/\\\\\\x00-\\x1f]+(?![\\s\\S])", "minLength": 1},
             "created": {"type": "string"},
             "command": {"type": "string", "minLength": 1},
             "method": {
@@ -140,7 +149,14 @@ def audit_schema() -> dict:
             },
             "blocks": {"type": "array", "minItems": 1, "items": block},
             "summary": summary,
-            "risk": {"type": ["object", "null"]},
+            "risk": {"oneOf": [{"type": "null"}, {  # what the card's risk line reads
+                "type": "object",
+                "required": ["probability", "band", "lr", "lr_source", "lr_ceiling", "lr_ceiling_probability",
+                             "in_range", "warnings"],
+                "properties": {"probability": _SHARE, "band": {"type": "string"}, "lr": _NUM,
+                               "lr_source": {"type": "string"}, "lr_ceiling": _NUM_OR_NULL,
+                               "lr_ceiling_probability": _NUM, "in_range": {"type": "boolean"},
+                               "warnings": {"type": "array"}}}]},
             "risk_unavailable_reason": {"type": "string"},
             "environment": {"type": "object", "required": ["hf_rksp", "torch", "transformers", "device"]},
             "timings": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
@@ -152,11 +168,24 @@ def validate_audit(audit: dict) -> None:
     """Raise AuditFileError naming the first violation of the schema."""
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(audit_schema()).iter_errors(audit))
+    try:
+        errors = jsonschema.Draft202012Validator(audit_schema()).iter_errors(audit)
+        error = jsonschema.exceptions.best_match(itertools.islice(errors, 100))  # a 2M-item list: not 2M errors
+    except RecursionError:
+        raise AuditFileError("audit JSON is nested too deeply to be an audit") from None
     if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        where = ("/".join(str(p) for p in error.absolute_path) or "(root)")[:200]
         message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
         raise AuditFileError(f"audit JSON does not match schema {SCHEMA_VERSION} at {where}: {message}")
+
+
+def check_consistency(audit: dict) -> None:
+    """What the schema cannot say but every reader relies on: each block's m eigenvalues are there and finite."""
+    for i, b in enumerate(audit["blocks"]):
+        if len(b["eigenvalues"]) != b["m"]:
+            raise AuditFileError(f"audit JSON block {i} has m = {b['m']} but {len(b['eigenvalues'])} eigenvalues")
+        if not all(math.isfinite(math.hypot(re, im)) for re, im in b["eigenvalues"]):
+            raise AuditFileError(f"audit JSON block {i} has an eigenvalue of infinite modulus")
 
 
 def check_method_version(audit: dict, origin: str = "this audit") -> None:
@@ -393,6 +422,7 @@ class AuditRecord(_Record):
         if validate:
             check_method_version(d, origin)
             validate_audit(d)
+            check_consistency(d)
         return super().from_dict(
             d, method=MethodRecord.from_dict(d["method"]), source=SourceRecord.from_dict(d["source"]),
             inputs=InputsRecord.from_dict(d["inputs"]), blocks=[BlockRecord.from_dict(b) for b in d["blocks"]],
@@ -408,8 +438,8 @@ class AuditRecord(_Record):
     def from_json(cls, text: str, origin: str = "this audit") -> AuditRecord:
         """The record of an audit's JSON text; rejects NaN/Infinity, other method versions, schema violations."""
         try:
-            data = json.loads(text, parse_constant=_reject_constant)
-        except (json.JSONDecodeError, RecursionError) as e:
+            data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit integer, 200k-deep nesting
             raise AuditFileError(f"{origin} is not a valid JSON audit: {str(e)[:200]}") from None
         if not isinstance(data, dict):
             raise AuditFileError(f"{origin} is not an audit (a JSON object)")
@@ -419,12 +449,20 @@ class AuditRecord(_Record):
         """The audit.json text, byte for byte; refuses NaN/Infinity rather than writing invalid JSON."""
         try:
             return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise AuditFileError(f"audit {self.slug} holds a value JSON does not allow: {e}") from None
 
     def validate(self) -> None:
         """Raise AuditFileError naming the first violation of the schema."""
         validate_audit(self.to_dict())
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; 1e400 would read as infinity, which JSON does not allow either."""
+    x = float(text)
+    if not math.isfinite(x):
+        raise AuditFileError(f"audit JSON holds {text[:40]}, which is beyond float range (read as infinity)")
+    return x
 
 
 def _reject_constant(name: str):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import platform
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from . import atomic, plots
+from . import plots
 from .record import SCHEMA_VERSION, AuditRecord, BlockRecord, EnvironmentRecord
 from .spectral import FEATURES
 
@@ -52,7 +51,8 @@ def verdict(audit: AuditRecord) -> str:
     if flagged.get("rank_deficient"):
         text += f" Blocks {flagged['rank_deficient']} see rank-deficient inputs: fewer eigenvalues than d."
     if audit.risk is None:
-        text += " No calibrated probability of divergence is given: " + audit.risk_unavailable_reason + "."
+        text += (" No calibrated probability of divergence is given: "
+                 + (audit.risk_unavailable_reason or "no fitted risk model") + ".")
     else:
         text += f" Risk of divergence: {risk_line(audit)}."
     return text
@@ -241,33 +241,21 @@ def render_card(audit: AuditRecord) -> str:
 def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     """Write audit.json, the plots and the card; all files appear together or not at all.
 
-    Everything is rendered into staging directories first and then swapped in
-    as whole directories, so a failure at any point leaves the previous
-    audit and card of this slug untouched.
+    Everything is rendered in memory first, then :func:`hf_rksp.publish.publish`
+    switches the audit and card folders in together (crash-safe), so a
+    failure at any point leaves the previous audit and card of this slug untouched.
     """
+    from .publish import publish
+
     audit.validate()
-    text = audit.to_json()
-    out_dir = Path(out_dir)
-    slug = audit.slug
-    audit_dir = out_dir / "audits" / slug
-    card_dir = out_dir / "model_cards" / slug
-    spectrum = plots.spectrum_png(audit)
-    profile = plots.profile_png(audit)
-    card = render_card(audit)
-    (out_dir / "audits").mkdir(parents=True, exist_ok=True)
-    (out_dir / "model_cards").mkdir(parents=True, exist_ok=True)
-    stage_a = atomic.make_dir(out_dir / "audits", f".{slug}.")
-    stage_c = atomic.make_dir(out_dir / "model_cards", f".{slug}.")
-    try:
-        atomic.write_text(stage_a / "audit.json", text)
-        for stage in (stage_a, stage_c):
-            atomic.write_bytes(stage / "spectrum.png", spectrum)
-            atomic.write_bytes(stage / "profile.png", profile)
-        atomic.write_text(stage_c / "README.md", card)
-        atomic.publish_dirs([(stage_a, audit_dir), (stage_c, card_dir)])
-    finally:
-        shutil.rmtree(stage_a, ignore_errors=True)
-        shutil.rmtree(stage_c, ignore_errors=True)
+    text = audit.to_json().encode("utf-8")
+    spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)
+    card = render_card(audit).encode("utf-8")
+    done = publish(out_dir, audit.slug, {
+        "audits": {"audit.json": text, "spectrum.png": spectrum, "profile.png": profile},
+        "model_cards": {"README.md": card, "spectrum.png": spectrum, "profile.png": profile},
+    })
+    audit_dir, card_dir = done["audits"], done["model_cards"]
     return {
         "audit": str(audit_dir / "audit.json"),
         "spectrum": str(audit_dir / "spectrum.png"),

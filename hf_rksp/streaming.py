@@ -13,6 +13,8 @@ Each weight is read once; peak memory is about one block plus activations.
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 import time
 from pathlib import Path
 
@@ -20,8 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .capture import _hidden_in, _hidden_out, check_finite
-from .errors import RKSPError
+from .errors import OutputError, SourceError
 from .init_weights import group_seed, init_group, outer_modules
+
+
+logger = logging.getLogger("hf_rksp")
 
 
 class _StopForward(Exception):
@@ -29,24 +34,32 @@ class _StopForward(Exception):
 
 
 class SafetensorsCheckpoint:
-    """Tensor names -> shard files of a (possibly sharded) safetensors checkpoint directory."""
+    """Tensor names -> shard files of a (possibly sharded) safetensors checkpoint directory.
+
+    The index and every shard's header are read and checked when it is opened
+    (a few KB per shard), so a damaged checkpoint fails before any block runs.
+    """
 
     def __init__(self, directory: str | Path):
         d = Path(directory)
         index = d / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {k: d / v for k, v in weight_map.items()}
+            files = {k: d / v for k, v in _weight_map(index).items()}
         elif (d / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(d / "model.safetensors", "pt") as f:
-                self.files = {k: d / "model.safetensors" for k in f.keys()}
+            files = {k: d / "model.safetensors" for k in _header(d / "model.safetensors")}
         else:
             kinds = sorted({p.suffix for p in d.iterdir() if p.suffix in (".bin", ".pt", ".gguf")})
             hint = f" (found {', '.join(kinds)} weights: those can only be loaded whole)" if kinds else ""
-            raise RKSPError(f"streaming (--stream, automatic for models over half the free RAM) needs a "
-                            f"safetensors checkpoint in {d}{hint}")
+            raise SourceError(f"streaming (--stream, automatic for models over half the free RAM) needs a "
+                              f"safetensors checkpoint in {d}{hint}")
+        self.files, self.shapes = files, {}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise SourceError(f"checkpoint {d}: shard {shard.name} named in its index is missing")
+            self.shapes.update(_header(shard))
+        absent = [k for k in files if k not in self.shapes]
+        if absent:
+            raise SourceError(f"checkpoint {d}: {absent[0]} is in the index but not in {files[absent[0]].name}")
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -56,10 +69,41 @@ class SafetensorsCheckpoint:
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
         for f, keys in by_file.items():
-            with safe_open(f, "pt") as h:
-                for k in keys:
-                    out[k] = h.get_tensor(k)
+            try:
+                with safe_open(f, "pt") as h:
+                    for k in keys:
+                        out[k] = h.get_tensor(k)
+            except Exception as e:  # SafetensorError, OSError: a shard damaged since it was opened
+                raise SourceError(f"cannot read {', '.join(keys[:1])} from {f}: {_first_line(e)}") from None
         return out
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, checked: a JSON object whose weight_map maps names to file names."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
+        raise SourceError(f"{index} is not a valid safetensors index: {_first_line(e)}") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) and v and "/" not in v and v not in (".", "..")
+            for k, v in weight_map.items()):
+        raise SourceError(f"{index} has no valid weight_map (tensor name -> shard file)")
+    return weight_map
+
+
+def _header(shard: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a shard's header (safetensors checks the header and the file size)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(shard, "pt") as h:
+            return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+    except Exception as e:  # SafetensorError (corrupt header, bad length, truncated file) or OSError
+        raise SourceError(f"{shard} is not a valid safetensors file: {_first_line(e)}") from None
 
 
 def _key_map(model, ckpt: SafetensorsCheckpoint) -> dict[str, str]:
@@ -84,6 +128,11 @@ class CheckpointWeights:
         self.model, self.dtype, self.device = model, dtype, device
         self.ckpt = SafetensorsCheckpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         self.keys = _key_map(model, self.ckpt)
+        for n, p in model.named_parameters():  # a safetensors header knows every shape: check them all now
+            got = getattr(self.ckpt, "shapes", {}).get(self.keys.get(n))
+            if got is not None and tuple(got) != tuple(p.shape):
+                raise SourceError(f"checkpoint tensor {self.keys[n]} has shape {list(got)}, the config's model "
+                                  f"expects {list(p.shape)}")
         if hasattr(self.ckpt, "expect"):  # a Hub checkpoint: which shard tensors will be read
             self.ckpt.expect(self.keys[n] for n, _ in model.named_parameters() if n in self.keys)
 
@@ -96,9 +145,13 @@ class CheckpointWeights:
 
         missing = [n for n in names if n not in self.keys]
         if missing:
-            raise RKSPError(f"checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
+            raise SourceError(f"checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
         tensors = self.ckpt.read([self.keys[n] for n in names])
         for n in names:
+            want, got = tuple(self.model.get_parameter(n).shape), tuple(tensors[self.keys[n]].shape)
+            if want != got:
+                raise SourceError(f"checkpoint tensor {self.keys[n]} has shape {list(got)}, the config's model "
+                                  f"expects {list(want)}")
             set_module_tensor_to_device(self.model, n, self.device, value=tensors[self.keys[n]], dtype=self.dtype)
 
     def outer(self, names: list[str]) -> None:
@@ -156,36 +209,73 @@ class ResumeState:
 
     def __init__(self, directory: Path, key: str):
         self.dir, self.key = Path(directory), key
+        self.made: list[Path] = []  # the folders the first save created (an --out-dir too), deepest first
 
-    def load(self) -> tuple[int, list[dict], list[torch.Tensor]] | None:
+    def load(self, n_blocks: int, n_chunks: int) -> tuple[int, list[dict], list[torch.Tensor]] | None:
+        """The saved progress, or None when there is none or it is not this audit's, or damaged (start over)."""
         meta, acts = self.dir / "progress.json", self.dir / "activations.pt"
         if not (meta.is_file() and acts.is_file()):
             return None
+        m, hidden = {}, None
         try:
-            m = json.loads(meta.read_text())
-            if m.get("key") != self.key:
+            m = json.loads(meta.read_text(encoding="utf-8"))
+            if not isinstance(m, dict) or m.get("key") != self.key:
                 return None
-            hidden = torch.load(acts, weights_only=True)
-        except (OSError, ValueError, RuntimeError):
-            return None  # a damaged checkpoint: start over
-        if m.get("activations_sha") != _tensors_sha(hidden):
+            nxt, results = m.get("next_block"), m.get("results")
+            if isinstance(nxt, int) and not isinstance(nxt, bool) and 0 < nxt < n_blocks \
+                    and _valid_results(results, nxt):
+                hidden = torch.load(acts, weights_only=True)
+        except (OSError, ValueError, RuntimeError, RecursionError, EOFError, pickle.UnpicklingError):
+            hidden = None
+        if not (isinstance(hidden, list) and len(hidden) == n_chunks and all(torch.is_tensor(h) for h in hidden)
+                and m.get("activations_sha") == _tensors_sha(hidden)):
+            logger.warning("the saved progress in %s is damaged or incomplete: starting over", self.dir)
             return None
-        return int(m["next_block"]), m["results"], hidden
+        return nxt, results, hidden
 
     def save(self, next_block: int, results: list[dict], hidden: list[torch.Tensor]) -> None:
+        """Write the progress atomically; a full or read-only disk is an OutputError (progress so far kept)."""
         from . import atomic
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "activations.pt.tmp"
-        torch.save([h.cpu() for h in hidden], tmp)
-        tmp.replace(self.dir / "activations.pt")
-        atomic.write_json(self.dir / "progress.json", {"key": self.key, "next_block": next_block,
-                                                       "activations_sha": _tensors_sha(hidden), "results": results})
+        try:
+            if not self.dir.exists():
+                self.made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
+                self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / "activations.pt.tmp"
+            torch.save([h.cpu() for h in hidden], tmp)
+            tmp.replace(self.dir / "activations.pt")
+            atomic.write_json(self.dir / "progress.json", {"key": self.key, "next_block": next_block,
+                                                           "activations_sha": _tensors_sha(hidden),
+                                                           "results": results})
+        except OSError as e:
+            (self.dir / "activations.pt.tmp").unlink(missing_ok=True)
+            if not (self.dir / "progress.json").is_file():
+                self.clear()  # nothing saved yet: nothing to resume from
+            raise OutputError(f"could not save the progress of block {next_block - 1} under {self.dir}: "
+                              f"{e.strerror or e}; free space and rerun the same command to resume") from None
 
     def clear(self) -> None:
+        """Remove the progress, ``.partial/`` once empty, and the folders its first save created, if empty."""
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+        for d in (self.dir.parent, *self.made[1:]):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _valid_results(results, n: int) -> bool:
+    """``n`` block results as the audit schema wants them, indexed 0..n-1 (a tampered file fails this)."""
+    import jsonschema
+
+    from .record import audit_schema
+
+    if not isinstance(results, list) or len(results) != n:
+        return False
+    validator = jsonschema.Draft202012Validator(audit_schema()["properties"]["blocks"]["items"])
+    return all(validator.is_valid(r) and r.get("index") == i for i, r in enumerate(results))
 
 
 def _tensors_sha(hidden: list[torch.Tensor]) -> str:
@@ -250,8 +340,8 @@ def stream_snapshots_and_profile(
 
     results: list[dict] = []
     start = 0
-    saved = resume.load() if resume is not None else None
-    if saved is not None and len(saved[2]) == len(chunks):
+    saved = resume.load(len(blocks), len(chunks)) if resume is not None else None
+    if saved is not None:
         start, results, hidden = saved
         chunks = [(h.to(device), a, k) for h, (_, a, k) in zip(hidden, chunks)]
         timings["resumed_at_block"] = start

@@ -51,6 +51,33 @@ def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (300 ids, fits the tiny vocab of 512) built offline."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        ["The residual stream of a transformer carries the signal from block to block."] * 4,
+        vocab_size=300, min_frequency=1, show_progress=False,
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+
+
+def interrupt_block(monkeypatch, at: int) -> None:
+    """Ctrl-C while a streamed audit loads block ``at`` (from a checkpoint)."""
+    from hf_rksp.streaming import CheckpointWeights
+
+    real = CheckpointWeights.block
+
+    def block(self, i, names):
+        if i == at:
+            raise KeyboardInterrupt
+        return real(self, i, names)
+
+    monkeypatch.setattr(CheckpointWeights, "block", block)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

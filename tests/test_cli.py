@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import save_tiny, tiny_tokenizer
 
 from hf_rksp import atomic
 from hf_rksp.blocks import supported_families
@@ -58,19 +58,6 @@ def out(tmp_path) -> Path:
     return tmp_path / "out"
 
 
-def _tiny_tokenizer():
-    """A byte-level BPE tokenizer (300 ids, fits the tiny vocab of 512) built offline."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        ["The residual stream of a transformer carries the signal from block to block."] * 4,
-        vocab_size=300, min_frequency=1, show_progress=False,
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """Tiny checkpoints, good and broken, written once for the module."""
@@ -99,7 +86,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
     tok = root / "tiny-gpt2-tok"
     shutil.copytree(c["gpt2"], tok)
-    _tiny_tokenizer().save_pretrained(tok)
+    tiny_tokenizer().save_pretrained(tok)
     c["tok"] = tok
     return c
 
@@ -402,24 +389,6 @@ def test_out_dir_is_a_file(capsys, work, ckpts):
     assert_one_error_line(rc, err, "--out-dir", "taken")
     assert f.read_text() == "not a directory\n"
     assert sorted(p.name for p in work.iterdir()) == ["taken"]
-
-
-def test_disk_full_while_writing(capsys, work, out, ckpts, monkeypatch):
-    """An OSError while writing outputs (here ENOSPC on the 3rd file) is one error line and leaves no file."""
-    real = atomic.write_bytes
-    calls = []
-
-    def flaky(path, data):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(atomic, "write_bytes", flaky)
-    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL)
-    assert len(calls) == 3
-    assert_one_error_line(rc, err, "No space left on device")
-    assert_nothing_written(out)
 
 
 # ----------------------------------------------------------------------------- successful audits

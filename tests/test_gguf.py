@@ -153,13 +153,20 @@ def test_tiny_gguf_streamed_equals_whole(tiny_gguf):
 
 
 def test_gguf_streams_by_itself_when_it_would_not_fit(tiny_gguf, monkeypatch):
-    """The de-quantized size decides (the memory planning of safetensors checkpoints), not the file size."""
+    """The memory planner sizes a GGUF de-quantized in --dtype (not by its file size), and streams when told."""
     from hf_rksp import audit, placement
 
     seen = []
-    monkeypatch.setattr(placement, "fits_in_memory", lambda config, dtype: seen.append(dtype) or False)
+    real = placement.plan_memory
+
+    def plan(sizes, **kw):
+        seen.append((kw["dtype"], sizes.whole))
+        return real(sizes, **{**kw, "tokens": 2, "available": 2 * sizes.whole})  # weights: half the RAM
+
+    monkeypatch.setattr(placement, "plan_memory", plan)
     r = audit(str(tiny_gguf), out_dir=None, tokens=256, seq_len=128, progress=False, dtype="bfloat16")
-    assert r.data["method"]["streamed"] and seen == ["bfloat16"]
+    assert r.data["method"]["streamed"]
+    assert seen == [("bfloat16", 2 * r.data["source"]["n_params"])]
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import interrupt_block, tiny_config
 
 from hf_rksp import audit
 from hf_rksp.cli import main
@@ -116,29 +116,19 @@ def _checkpoint_of_kind(kind: str, tmp_path):
 @pytest.mark.parametrize("kind", ["safetensors", "gguf"])
 def test_interrupted_stream_resumes_to_the_same_json(kind, tmp_path, monkeypatch):
     """Ctrl-C while block 2 loads; the rerun picks up at block 2 and writes what an uninterrupted run writes."""
-    from hf_rksp.streaming import CheckpointWeights
-
     ckpt = _checkpoint_of_kind(kind, tmp_path)
     reference = audit(str(ckpt), out_dir=None, stream=True, **SMALL)
     out = tmp_path / "out"
-    real_block = CheckpointWeights.block
-
-    def interrupted(self, i, names):
-        if i == 2:
-            raise KeyboardInterrupt
-        return real_block(self, i, names)
-
-    monkeypatch.setattr(CheckpointWeights, "block", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        interrupt_block(m, 2)
         audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
     partial = list((out / "audits" / ".partial").iterdir())
     assert len(partial) == 1 and json.loads((partial[0] / "progress.json").read_text())["next_block"] == 2
     assert not (out / "audits" / "ckpt").exists()  # nothing published by the interrupted run
-    monkeypatch.setattr(CheckpointWeights, "block", real_block)
     resumed = audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
     assert resumed.data["timings"]["resumed_at_block"] == 2
     assert resumed.data["blocks"] == reference.data["blocks"]
-    assert not any((out / "audits" / ".partial").iterdir())  # progress removed once complete
+    assert not (out / "audits" / ".partial").exists()  # progress removed once complete, and its empty folder
     on_disk = json.loads((out / "audits" / "ckpt" / "audit.json").read_text())
     assert on_disk["blocks"] == reference.data["blocks"]
 

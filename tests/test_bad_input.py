@@ -1,0 +1,639 @@
+"""Bad and hostile input, crashes and huge models (issue 17): the README's promises, one row per case.
+
+Each row is a command, its exit code, a regex for the one line it may print
+on stderr (None: a success), and whether the output folder may change: its
+tree hash (every path, hidden ones included, and every byte) is taken before
+and after.  An error must leave it unchanged and put exactly one line on
+stderr.  Classes follow the issue: 1 memory, 2 publish, 3 streaming, 4 audit
+JSON, 5 option/config values, 6 failures that write, 7 legitimate input,
+8 bad input accepted, 9 one line.  The rows run in-process (main()); the
+kill-at-every-rename and resume-after-kill tests use real process boundaries.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import interrupt_block, tiny_config, tiny_tokenizer
+
+from hf_rksp.cli import main
+
+SMALL = ("--tokens", "128", "--seq-len", "64", "-q")
+SLUG = "tok"  # the slug of the checkpoint folder "tok"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: ``argv`` is formatted with the fixture paths ({tok}, {out}, ...)."""
+
+    id: str
+    cls: int
+    argv: tuple[str, ...]
+    code: int
+    line: str | None  # regex of the one stderr line; None: success
+    writes: bool = False  # the output folder may change
+    setup: str | None = None  # a fault injected before the command (see SETUPS)
+    prefill: bool = True  # an earlier audit of the same slug is in the output folder
+    cwd: str | None = None  # run in this fixture folder
+    expect: tuple[str, ...] = ()  # paths under the output folder that must exist afterwards
+
+
+def audit(*args: str) -> tuple[str, ...]:
+    return ("audit", *args, "--out-dir", "{out}")
+
+
+STREAM = ("--stream", *SMALL)
+
+CASES = [
+    # 1. memory blow-ups are refused up front, with the numbers
+    Case("huge-block-stream", 1, audit("--config", "{huge}", "--stream", *SMALL), 2,
+         r"one block needs [\d.]+ GiB .*only 4\.0 GiB of RAM is available; use --dtype bfloat16, --device-map disk",
+         setup="low_memory"),
+    Case("huge-block-auto", 1, audit("--config", "{huge}", *SMALL), 2, r"one block needs [\d.]+ GiB",
+         setup="low_memory"),
+    Case("huge-block-bfloat16", 1, audit("--config", "{huge}", "--dtype", "bfloat16", *SMALL), 2,
+         r"one block needs [\d.]+ GiB of weights in bfloat16", setup="low_memory"),
+    Case("activations-of-many-tokens", 1, audit("gpt2", "--init", "--tokens", "8000000", "--seq-len", "1000", "-q"),
+         2, r"activations of 8000000 tokens need [\d.]+ GiB.*smaller --tokens", setup="low_memory"),
+    Case("big-text-few-tokens", 1, audit("{tok}", "--text", "{bigtext}", *SMALL), 0, None, writes=True,
+         expect=(f"audits/{SLUG}/audit.json",)),
+    # 2. publishing is all-or-nothing, and the next run completes a killed one
+    Case("rename-fails-on-card", 2, audit("{tok}", *SMALL, "--seed", "3"), 2, r"Permission denied.*unchanged",
+         setup="card_rename_fails"),
+    Case("disk-full-while-staging", 2, audit("{tok}", *SMALL, "--seed", "3"), 2,
+         r"no space left on device.*unchanged", setup="staging_enospc"),
+    Case("from-audit-rename-fails", 2, audit("--from-audit", "{good}"), 2, r"Permission denied",
+         setup="card_rename_fails"),
+    Case("killed-publish-completed", 2, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 0,
+         None, writes=True, setup="killed_publish"),
+    # 3. the streaming path: one line, no traceback, nothing left
+    Case("corrupt-header", 3, audit("{corrupt_header}", *STREAM), 2, r"not a valid safetensors file"),
+    Case("bad-header-length", 3, audit("{bad_header_len}", *STREAM), 2, r"not a valid safetensors file"),
+    Case("corrupt-index", 3, audit("{corrupt_index}", *STREAM), 2, r"not a valid safetensors index"),
+    Case("index-without-weight-map", 3, audit("{no_weight_map}", *STREAM), 2, r"no valid weight_map"),
+    Case("missing-shard", 3, audit("{missing_shard}", *STREAM), 2, r"shard .* is missing"),
+    Case("shape-mismatch", 3, audit("{shape_mismatch}", *STREAM), 2, r"has shape \[.*expects \["),
+    Case("out-dir-unwritable", 3, ("audit", "{tok}", *STREAM, "--out-dir", "/proc/self/hf-rksp-out"), 2,
+         r"--out-dir .*cannot write", prefill=False),
+    Case("out-dir-under-a-file", 3, ("audit", "{tok}", *STREAM, "--out-dir", "{afile}/sub"), 2,
+         r"--out-dir .*not a directory", prefill=False),
+    Case("disk-full-saving-progress", 3, audit("{tok}", *STREAM), 2, r"could not save the progress.*No space",
+         setup="progress_enospc"),
+    Case("tampered-progress", 3, audit("{tok}", *STREAM), 0, None, writes=True, setup="tampered_progress"),
+    # 4. an audit.json that passes the schema (or nearly) must not crash any reader
+    Case("nan", 4, audit("--from-audit", "{nan}"), 2, r"NaN, which JSON does not allow"),
+    Case("infinity", 4, ("compare", "{good}", "{inf}"), 2, r"Infinity, which JSON does not allow"),
+    Case("overflowing-float", 4, ("push", "{big}", "--repo-id", "a/b", "--dry-run"), 2, r"beyond float range"),
+    Case("empty-timings", 4, audit("--from-audit", "{no_timings}"), 0, None, writes=True,
+         expect=(f"audits/{SLUG}/audit.json",)),
+    Case("no-risk-reason", 4, audit("--from-audit", "{no_reason}"), 0, None, writes=True),
+    Case("risk-without-keys", 4, audit("--from-audit", "{bad_risk}"), 2, r"does not match schema .* at risk"),
+    Case("deep-nesting", 4, ("compare", "{deep}", "{good}"), 2, r"not a valid JSON audit"),
+    Case("not-utf8", 4, ("push", "{latin1}", "--repo-id", "a/b", "--dry-run"), 2, r"not a valid UTF-8"),
+    Case("huge-list", 4, audit("--from-audit", "{huge_list}"), 2, r"^.{0,600}$"),
+    Case("eigenvalues-missing", 4, audit("--from-audit", "{no_eigs}"), 2, r"block 0 has m = \d+ but 0 eigenvalues"),
+    Case("value-beyond-any-axis", 4, audit("--from-audit", "{huge_eta}"), 0, None, writes=True),
+    Case("slug-dotdot", 4, audit("--from-audit", "{slug_dotdot}"), 2, r"does not match schema .* at slug"),
+    Case("compare-json-overflow", 4, ("compare", "{low}", "{high}", "--json"), 0, None),
+    Case("compare-plot-to-a-dir", 4, ("compare", "{good}", "{good}", "--plot", "{out}"), 2, r"Is a directory"),
+    # 5. option and config values, validated in one layer
+    Case("device-toaster", 5, audit("{tok}", *SMALL, "--device", "toaster"), 2, r"--device: must be cpu"),
+    Case("device-meta", 5, audit("{tok}", *SMALL, "--device", "meta"), 2, r"--device: must be cpu"),
+    Case("lr-inf", 5, audit("{tok}", *SMALL, "--lr", "inf"), 2, r"--lr: must be a finite positive number"),
+    Case("lr-nan", 5, audit("{tok}", *SMALL, "--lr", "nan"), 2, r"--lr: must be a finite positive number"),
+    Case("tokens-1e11", 5, audit("{tok}", "--tokens", "100000000000", "-q"), 2, r"--tokens: must be between 2"),
+    Case("seed-negative", 5, audit("{tok}", *SMALL, "--seed", "-1"), 2, r"--seed: must be between 0"),
+    Case("batch-size-huge", 5, audit("{tok}", *SMALL, "--batch-size", "1000000000"), 2, r"--batch-size: must be"),
+    Case("vocab-size-0", 5, audit("--config", "{vocab0}", *SMALL), 2, r"vocab_size must be a positive integer"),
+    Case("n-positions-0", 5, audit("--config", "{npos0}", *SMALL), 2, r"(n_positions|max_position_embeddings) must be a positive integer"),
+    Case("config-deeply-nested", 5, audit("--config", "{deep_cfg}", *SMALL), 2, r"is not valid JSON"),
+    Case("config-1e8-layers", 5, audit("--config", "{many_layers}", *SMALL), 2,
+         r"(num_hidden_layers|n_layer) must be a positive integer up to 4096"),
+    Case("device-mps-absent", 5, audit("{tok}", *SMALL, "--device", "mps"), 2, r"no Apple MPS device"),
+    # 6. failures that write nothing (and an interruption that says what it kept)
+    Case("nan-at-block-1-streamed", 6, audit("{nan_ckpt}", *STREAM), 2, r"non-finite .* block 1"),
+    Case("nan-at-block-1-fresh-out", 6, audit("{nan_ckpt}", *STREAM), 2, r"non-finite .* block 1", prefill=False),
+    Case("write-fails-fresh-out", 6, audit("{tok}", *SMALL), 2, r"Permission denied", setup="card_rename_fails",
+         prefill=False),
+    Case("device-map-disk-init", 6, audit("{tok}", "--init", "--device-map", "disk", *SMALL), 2,
+         r"--device-map .* place pretrained weights", setup="count_offload_dirs"),
+    Case("interrupted-stream-keeps-progress", 6, audit("{tok}", *STREAM), 130,
+         r"interrupted; progress kept in .*\.partial.*rerun the same command", writes=True, setup="interrupt"),
+    Case("device-map-disk-pretrained", 6, audit("{tok}", "--device-map", "disk", *SMALL), 0, None, writes=True,
+         setup="count_offload_dirs"),
+    # 7. legitimate input that must work
+    Case("audit-dot", 7, ("audit", ".", *SMALL, "--out-dir", "{out}"), 0, None, writes=True, cwd="tok",
+         expect=(f"audits/{SLUG}/audit.json", f"model_cards/{SLUG}/README.md")),
+    Case("trailing-slash", 7, audit("./tok/", *SMALL), 0, None, writes=True, cwd="root",
+         expect=(f"audits/{SLUG}/audit.json",)),
+    Case("name-org-model", 7, audit("{tok}", *SMALL, "--name", "org/tiny-model"), 0, None, writes=True,
+         expect=("audits/org__tiny-model/audit.json",)),
+    Case("new-out-dir-with-spaces", 7, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/new dir/ü"), 0, None,
+         writes=True, expect=(f"new dir/ü/audits/{SLUG}/audit.json",)),
+    # 8. bad input that must be refused (a dry run predicts the real push)
+    Case("push-bad-repo-id", 8, ("push", SLUG, "--repo-id", "a/b c", "--dry-run", "--out-dir", "{out}"), 2,
+         r"--repo-id: must be a Hub repo id"),
+    Case("push-bad-revision", 8, ("push", SLUG, "--repo-id", "a/b", "--revision", "x..y", "--dry-run",
+                                  "--out-dir", "{out}"), 2, r"--revision: is not a valid branch"),
+    Case("push-revision-newline", 8, ("push", SLUG, "--repo-id", "a/b", "--revision", "main\nx", "--dry-run",
+                                      "--out-dir", "{out}"), 2, r"--revision: is not a valid branch"),
+    Case("max-memory-lots", 8, audit("{tok}", *SMALL, "--device-map", "cpu", "--max-memory", "cpu=lots"), 2,
+         r"--max-memory: size must be a number"),
+    Case("name-newline", 8, audit("{tok}", *SMALL, "--name", "org/a\nb"), 2, r"--name: must be a Hub repo id"),
+    Case("name-dotdot", 8, audit("{tok}", *SMALL, "--name", ".."), 2, r"--name: must be a Hub repo id"),
+    # 9. one line on stderr, whatever the libraries say
+    Case("usage-error-one-line", 9, audit("{tok}", "--tokens", "abc"), 2, r"argument --tokens: invalid int"),
+    Case("choices-error-one-line", 9, audit("{tok}", "--device-map", "nope"), 2, r"argument --device-map"),
+    Case("loading-report-then-error", 9, audit("{extra_keys}", "--tokens", "512", "--seq-len", "512", "-q"), 2,
+         r"--seq-len 512 exceeds the model's 256 positions"),
+    Case("tokenizer-warning-then-error", 9, audit("{short_max_len}", "--text", "{smalltext}", "--tokens", "2048",
+                                                   "--seq-len", "64", "-q"), 2, r"gives only \d+ tokens"),
+    Case("two-line-config-message", 9, audit("--config", "{bad_heads}", *SMALL), 2, r"^hf-rksp: error: invalid config"),
+    Case("warning-then-error-not-quiet", 9, audit("{notok}", "--tokens", "512", "--seq-len", "512"), 2,
+         r"--seq-len 512 exceeds the model's 256 positions"),
+]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def save_checkpoint(path: Path, seed: int = 0, shard: str = "150KB", tokenizer=None, **overrides) -> Path:
+    """A tiny sharded GPT-2 checkpoint (safetensors shards + index), optionally with a tokenizer."""
+    from transformers import AutoModel
+
+    from hf_rksp.blocks import find_blocks
+    from hf_rksp.init_weights import seeded_init
+
+    model = AutoModel.from_config(tiny_config("gpt2", **overrides))
+    seeded_init(model, find_blocks(model)[1], seed)
+    model.save_pretrained(path, max_shard_size=shard)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _shard_of(ckpt: Path, key: str) -> Path:
+    return ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def _rewrite(ckpt: Path, key: str, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = _shard_of(ckpt, key)
+    sd = load_file(str(f))
+    sd[key] = fn(sd[key])
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+def _variant(root: Path, good: Path, name: str, damage) -> Path:
+    d = root / name
+    shutil.copytree(good, d)
+    damage(d)
+    return d
+
+
+def _audit_variant(root: Path, good: Path, name: str, edit) -> Path:
+    """A copy of the good audit folder whose audit.json text is ``edit(text)`` (bytes or str)."""
+    d = root / "audits" / name
+    shutil.copytree(good, d)
+    new = edit((good / "audit.json").read_text())
+    (d / "audit.json").write_bytes(new if isinstance(new, bytes) else new.encode())
+    return d
+
+
+def _with(data: dict, path: str, value) -> str:
+    """The audit JSON with the value at ``a.b.c`` replaced (keys or list indices), as text."""
+    data = json.loads(json.dumps(data))
+    *head, last = path.split(".")
+    node = data
+    for k in head:
+        node = node[int(k)] if isinstance(node, list) else node[k]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return json.dumps(data, indent=2)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory) -> dict[str, Path]:
+    """Every path the rows name: checkpoints good and damaged, configs, texts, audit files good and hostile."""
+    from hf_rksp import audit as run_audit
+
+    root = tmp_path_factory.mktemp("bad_input")
+    tok = tiny_tokenizer()
+    good = save_checkpoint(root / "tok", tokenizer=tok)
+    assert len(list(good.glob("*.safetensors"))) >= 3
+    p = {"root": root, "tok": good}
+    first = _shard_of(good, "h.0.attn.c_attn.weight")
+
+    def corrupt_header(d):
+        f = d / first.name
+        data = bytearray(f.read_bytes())
+        data[8:40] = b"\x00not json at all\xff" * 2
+        f.write_bytes(bytes(data))
+
+    p["corrupt_header"] = _variant(root, good, "corrupt_header", corrupt_header)
+    p["bad_header_len"] = _variant(root, good, "bad_header_len", lambda d: (d / first.name).write_bytes(
+        (2**62).to_bytes(8, "little") + (d / first.name).read_bytes()[8:]))
+    p["corrupt_index"] = _variant(root, good, "corrupt_index",
+                                  lambda d: (d / "model.safetensors.index.json").write_text("{not json"))
+    p["no_weight_map"] = _variant(root, good, "no_weight_map",
+                                  lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'))
+    p["missing_shard"] = _variant(root, good, "missing_shard", lambda d: (d / first.name).unlink())
+    p["shape_mismatch"] = _variant(root, good, "shape_mismatch", lambda d: _rewrite(
+        d, "h.1.mlp.c_fc.weight", lambda t: torch.zeros(t.shape[0], t.shape[1] // 2)))
+    p["nan_ckpt"] = _variant(root, good, "nan_ckpt", lambda d: _rewrite(
+        d, "h.1.attn.c_attn.weight", lambda t: torch.full_like(t, float("nan"))))
+    p["extra_keys"] = _variant(root, good, "extra_keys", lambda d: _add_tensor(d, "h.0.unexpected.weight"))
+    p["notok"] = save_checkpoint(root / "notok")
+
+    short = root / "short_max_len"
+    shutil.copytree(good, short)
+    tok.model_max_length = 16
+    tok.save_pretrained(short)
+    p["short_max_len"] = short
+
+    configs = root / "configs"
+    configs.mkdir()
+    huge = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 65536, "intermediate_size": 262144,
+            "num_attention_heads": 512, "num_key_value_heads": 512, "vocab_size": 512,
+            "max_position_embeddings": 256}
+    for name, cfg in {"huge": huge,
+                      "vocab0": {**tiny_config("gpt2").to_dict(), "vocab_size": 0},
+                      "npos0": {**tiny_config("gpt2").to_dict(), "n_positions": 0},
+                      "bad_heads": {**tiny_config("gpt2").to_dict(), "n_embd": 65},
+                      "many_layers": {**tiny_config("gpt2").to_dict(), "n_layer": 10**8}}.items():
+        p[name] = configs / f"{name}.json"
+        p[name].write_text(json.dumps(cfg))
+    p["deep_cfg"] = configs / "deep.json"
+    p["deep_cfg"].write_text("[" * 200_000 + "]" * 200_000)
+
+    sentence = "The residual stream of a transformer carries the signal from block to block. "
+    p["bigtext"] = root / "big.txt"
+    with open(p["bigtext"], "w") as f:
+        for _ in range(32):
+            f.write(sentence * 8192)  # 32 x 640 KB = 20 MB
+    p["smalltext"] = root / "small.txt"
+    p["smalltext"].write_text(sentence * 8)
+    p["afile"] = root / "a-file"
+    p["afile"].write_text("not a folder\n")
+
+    # the good audit, and hostile versions of its JSON
+    out = root / "made"
+    run_audit(str(good), out_dir=str(out), tokens=128, seq_len=64, progress=False)
+    p["good_out"] = out
+    p["good"] = out / "audits" / SLUG
+    data = json.loads((p["good"] / "audit.json").read_text())
+    g = p["good"]
+    p["nan"] = _audit_variant(root, g, "nan", lambda t: _with(data, "blocks.0.spectral_radius", 1.0).replace(
+        '"spectral_radius": 1.0', '"spectral_radius": NaN', 1))
+    p["inf"] = _audit_variant(root, g, "inf", lambda t: t.replace('"total_s": ', '"total_s": Infinity, "x": ', 1))
+    p["big"] = _audit_variant(root, g, "big", lambda t: t.replace('"total_s": ', '"total_s": 1e400, "x": ', 1))
+    p["no_timings"] = _audit_variant(root, g, "no_timings", lambda t: _with(data, "timings", {}))
+    p["no_reason"] = _audit_variant(root, g, "no_reason", lambda t: _with(data, "risk_unavailable_reason", KeyError))
+    p["bad_risk"] = _audit_variant(root, g, "bad_risk", lambda t: _with(data, "risk", {"probability": 0.5}))
+    p["deep"] = _audit_variant(root, g, "deep", lambda t: t[:-2] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    p["latin1"] = _audit_variant(root, g, "latin1", lambda t: t.replace('"slug"', '"sl\xe9g"').encode("latin-1",
+                                                                                                      "replace"))
+    p["huge_list"] = _audit_variant(root, g, "huge_list", lambda t: _with(data, "blocks", [1] * 2_000_000))
+    p["no_eigs"] = _audit_variant(root, g, "no_eigs", lambda t: _with(data, "blocks.0.eigenvalues", []))
+    p["huge_eta"] = _audit_variant(root, g, "huge_eta", lambda t: _with(data, "blocks.0.nonlinearity_ratio", 1e308))
+    p["slug_dotdot"] = _audit_variant(root, g, "slug_dotdot", lambda t: _with(data, "slug", ".."))
+    agg = "summary.features.resdmd_residual_max.mean"
+    p["low"] = _audit_variant(root, g, "low", lambda t: _with(data, agg, -1.7e308))
+    p["high"] = _audit_variant(root, g, "high", lambda t: _with(data, agg, 1.7e308))
+    return p
+
+
+def _add_tensor(ckpt: Path, key: str) -> None:
+    """An extra tensor the model does not have (transformers reports it while loading)."""
+    from safetensors.torch import load_file, save_file
+
+    f = _shard_of(ckpt, "h.0.attn.c_attn.weight")
+    sd = load_file(str(f))
+    sd[key] = torch.zeros(2)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    index = ckpt / "model.safetensors.index.json"
+    idx = json.loads(index.read_text())
+    idx["weight_map"][key] = f.name
+    index.write_text(json.dumps(idx))
+
+
+# ----------------------------------------------------------------------------- faults (setups)
+
+
+def _low_memory(fx, out, monkeypatch):
+    from hf_rksp import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * 2**30)
+
+
+def _card_rename_fails(fx, out, monkeypatch):
+    real = os.rename
+
+    def flaky(src, dst):
+        if ".stage." in Path(src).name and Path(dst).parent.name == "model_cards":
+            raise OSError(errno.EACCES, "Permission denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+
+
+def _staging_enospc(fx, out, monkeypatch):
+    from hf_rksp import publish
+
+    real, calls = publish._write_files, []
+
+    def full(folder, files):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+        return real(folder, files)
+
+    monkeypatch.setattr(publish, "_write_files", full)
+
+
+def _progress_enospc(fx, out, monkeypatch):
+    from hf_rksp import streaming
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(streaming.torch, "save", full)
+
+
+def _interrupt(fx, out, monkeypatch):
+    interrupt_block(monkeypatch, 2)
+
+
+def _tampered_progress(fx, out, monkeypatch):
+    with monkeypatch.context() as m:
+        _interrupt(fx, out, m)
+        assert main(["audit", str(fx["tok"]), *STREAM, "--out-dir", str(out)]) == 130
+    (progress,) = (out / "audits" / ".partial").glob("*/progress.json")
+    state = json.loads(progress.read_text())
+    state["results"] = [{"index": "x"}] * state["next_block"]
+    progress.write_text(json.dumps(state))
+
+
+def _killed_publish(fx, out, monkeypatch):
+    """A publish of a newer audit killed between its renames (the card not switched yet)."""
+    from hf_rksp.record import read_audit
+
+    new = _newer(read_audit(out / "audits" / SLUG))
+    assert kill_at_rename(new, out, 4) == -signal.SIGKILL
+    assert list((out / "audits").glob(".publish-*.json")), "the killed publish left no journal"
+
+
+def _count_offload_dirs(fx, out, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(out.parent / "tmp"))
+    (out.parent / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+
+
+SETUPS = {"low_memory": _low_memory, "card_rename_fails": _card_rename_fails, "staging_enospc": _staging_enospc,
+          "progress_enospc": _progress_enospc, "interrupt": _interrupt, "tampered_progress": _tampered_progress,
+          "killed_publish": _killed_publish, "count_offload_dirs": _count_offload_dirs}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tree_hash(root: Path) -> str:
+    """sha256 over every path under ``root`` (hidden ones too), its kind, and every file's bytes."""
+    h = hashlib.sha256()
+    if not root.exists():
+        return "absent"
+    for dirpath, dirs, names in sorted(os.walk(root)):
+        dirs.sort()
+        for n in sorted(dirs):
+            h.update(b"d " + str(Path(dirpath, n).relative_to(root)).encode() + b"\0")
+        for n in sorted(names):
+            f = Path(dirpath, n)
+            h.update(b"f " + str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _newer(record):
+    from dataclasses import replace
+
+    return replace(record, created="2099-01-01T00:00:00+00:00", command=record.command + " --seed 9")
+
+
+def kill_at_rename(record, out: Path, n: int) -> int:
+    """Publish ``record`` under ``out`` in a forked child that SIGKILLs itself at its ``n``-th rename.
+
+    Returns the child's wait status as a signal (-9) or its exit code (the number of renames when ``n``
+    was never reached).
+    """
+    pid = os.fork()
+    if pid == 0:  # the child: count os.rename/os.replace calls, die at the n-th, before it runs
+        try:
+            from hf_rksp import report
+
+            count = [0]
+
+            def dying(real):
+                def call(*a, **k):
+                    count[0] += 1
+                    if count[0] == n:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(*a, **k)
+                return call
+
+            os.rename, os.replace = dying(os.rename), dying(os.replace)
+            report.write_outputs(record, out)
+            os._exit(count[0])
+        except BaseException:
+            os._exit(255)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _run(argv: list[str], capfd) -> tuple[int, str, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    cap = capfd.readouterr()
+    return rc, cap.out, cap.err
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def test_every_class_has_three_cases():
+    per_class = {c: sum(1 for case in CASES if case.cls == c) for c in range(1, 10)}
+    assert all(n >= 3 for n in per_class.values()), per_class
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.cls}-{c.id}" for c in CASES])
+def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    if case.prefill:
+        shutil.copytree(fx["good_out"], out)
+    monkeypatch.chdir(fx[case.cwd] if case.cwd else tmp_path)
+    if case.setup:
+        SETUPS[case.setup](fx, out, monkeypatch)
+    capfd.readouterr()
+    paths = {k: str(v) for k, v in fx.items()} | {"out": str(out)}
+    argv = [a.format(**paths) for a in case.argv]
+    before, tmp_before = tree_hash(out), sorted(os.listdir(tempfile.gettempdir()))
+
+    rc, stdout, err = _run(argv, capfd)
+
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if case.line is None:
+        assert rc == case.code, f"expected exit {case.code}, got {rc}:\n{err}"
+        assert not any("error" in ln for ln in lines), err
+    else:
+        assert rc == case.code, f"expected exit {case.code}, got {rc}:\n{err}"
+        assert len(lines) == 1, f"stderr should be exactly one line, got {len(lines)}:\n{err[:3000]}"
+        assert lines[0].startswith("hf-rksp: "), lines[0]
+        assert re.search(case.line, lines[0]), f"{case.line!r} not in {lines[0]!r}"
+    if not case.writes:
+        assert tree_hash(out) == before, "the output folder changed"
+    for rel in case.expect:
+        assert (out / rel).is_file(), f"{rel} missing under the output folder"
+    if case.setup == "count_offload_dirs":
+        assert sorted(os.listdir(tempfile.gettempdir())) == tmp_before, "a temporary folder was left behind"
+    if case.id == "killed-publish-completed":
+        _assert_pair(out, "new")
+    if case.id == "interrupted-stream-keeps-progress":
+        assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    if case.id == "compare-json-overflow":
+        assert json.loads(stdout)["summary"]["resdmd_residual_max_mean"]["delta"] is None
+    if case.writes and rc == 0:
+        assert not (out / "audits" / ".partial").exists(), "a completed audit left .partial/"
+
+
+def _assert_pair(out: Path, which: str) -> None:
+    """audit.json and the card of the slug come from the same run: the old one, or the newer (2099) one."""
+    audit = json.loads((out / "audits" / SLUG / "audit.json").read_text())
+    card = (out / "model_cards" / SLUG / "README.md").read_text()
+    is_new = audit["created"].startswith("2099")
+    assert ("--seed 9" in card) == is_new, "audit.json and the card come from different runs"
+    if which != "either":
+        assert is_new == (which == "new")
+    hidden = [p.name for parent in ("audits", "model_cards") for p in (out / parent).iterdir()
+              if p.name.startswith(".") and p.name != ".partial"]
+    assert hidden == [], f"left behind: {hidden}"
+
+
+# ----------------------------------------------------------------------------- crashes
+
+
+def test_kill_at_every_rename_leaves_the_old_or_the_new_pair(fx, tmp_path):
+    """SIGKILL before each rename of a publish in turn; after the next run's recovery the slug's audit and
+    card are both the old ones or both the new ones, and nothing hidden is left."""
+    from hf_rksp.publish import recover
+    from hf_rksp.record import read_audit
+
+    new = _newer(read_audit(fx["good"]))
+    probe = tmp_path / "probe"
+    shutil.copytree(fx["good_out"], probe)
+    n_renames = kill_at_rename(new, probe, 10**6)
+    assert 4 <= n_renames < 255, n_renames  # journal, 2 x (target -> backup, staged -> target)
+    seen = set()
+    for n in range(1, n_renames + 1):
+        out = tmp_path / f"kill{n}"
+        shutil.copytree(fx["good_out"], out)
+        assert kill_at_rename(new, out, n) == -signal.SIGKILL
+        recover(out)
+        _assert_pair(out, "either")
+        seen.add(json.loads((out / "audits" / SLUG / "audit.json").read_text())["created"][:4])
+    assert seen == {"2099", read_audit(fx["good"]).created[:4]}  # killed before and after the point of no return
+
+
+def test_resume_after_sigkill(fx, tmp_path):
+    """A streamed audit SIGKILLed after block 1's progress is saved resumes (a new process) to the same blocks."""
+    out = tmp_path / "out"
+    argv = ["audit", str(fx["tok"]), *STREAM, "--out-dir", str(out)]
+    reference = tmp_path / "ref"
+    assert main(["audit", str(fx["tok"]), *STREAM, "--out-dir", str(reference)]) == 0
+    script = (
+        "import os, signal, sys\n"
+        "from hf_rksp import streaming\n"
+        "real = streaming.ResumeState.save\n"
+        "def save(self, nxt, *a):\n"
+        "    real(self, nxt, *a)\n"
+        "    if nxt == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "streaming.ResumeState.save = save\n"
+        "from hf_rksp.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    assert not (out / "audits" / SLUG).exists()
+    assert main(argv) == 0
+    got = json.loads((out / "audits" / SLUG / "audit.json").read_text())
+    want = json.loads((reference / "audits" / SLUG / "audit.json").read_text())
+    assert got["timings"]["resumed_at_block"] == 2
+    assert got["blocks"] == want["blocks"]
+    assert not (out / "audits" / ".partial").exists()
+
+
+def _optional_keys(schema: dict, data: dict, at: tuple = ()):
+    """Paths of the keys ``data`` has that ``schema`` does not require (the first block's included)."""
+    for k, sub in schema.get("properties", {}).items():
+        if k in data and k not in schema.get("required", ()):
+            yield (*at, k)
+        if k == "blocks":
+            yield from _optional_keys(sub["items"], data[k][0], (*at, k, "0"))
+        elif isinstance(data.get(k), dict):
+            yield from _optional_keys(sub, data[k], (*at, k))
+
+
+def test_every_optional_key_may_be_absent(fx, tmp_path, capfd):
+    """An audit without any one of its optional keys re-renders and compares (the card reads none blindly)."""
+    from hf_rksp.record import audit_schema
+
+    data = json.loads((fx["good"] / "audit.json").read_text())
+    paths = list(_optional_keys(audit_schema(), data))
+    assert len(paths) >= 5, paths
+    for i, path in enumerate(paths):
+        f = tmp_path / f"{i}.json"
+        f.write_text(_with(data, ".".join(path), KeyError))
+        for argv in (["audit", "--from-audit", str(f), "--out-dir", str(tmp_path / "o")],
+                     ["compare", str(f), str(fx["good"]), "--json"]):
+            rc, _, err = _run(argv, capfd)
+            assert rc == 0, f"without {'.'.join(path)}: {argv[0]} exits {rc}: {err}"
+
+
+def test_text_is_tokenized_incrementally(fx, monkeypatch):
+    """20 MB of --text for 128 tokens: the tokenizer sees a prefix of about TEXT_CHUNK characters, not the file."""
+    from hf_rksp import calibration as cal
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fx["tok"])
+    seen = []
+    real = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, text, **k: seen.append(len(text)) or real(self, text, **k))
+    calib = cal.from_file(fx["bigtext"], tok, 128, 64)
+    assert calib.n_tokens == 128 and max(seen) <= cal.TEXT_CHUNK
+    whole = fx["bigtext"].read_text()
+    assert calib.detail["text_sha256"] == hashlib.sha256(whole.encode()).hexdigest()
+    head = real(tok, whole[: 4 * cal.TEXT_CHUNK], add_special_tokens=False)["input_ids"][:128]
+    assert calib.input_ids.flatten().tolist() == head  # the ids the whole text gives
