@@ -67,8 +67,14 @@ def _risk_note(audit: AuditRecord) -> str:
     if audit.risk is None:
         return "No calibrated probability of divergence is given here: " + (audit.risk_unavailable_reason or
                                                                             "no fitted risk model") + "."
+    model = audit.risk.get("model") or {}
+    cv = ""
+    if model.get("cv_auroc") is not None and model.get("cv_ece") is not None:
+        cv = (f" Under grouped cross-validation on that sweep it has AUROC {model['cv_auroc']:.2f} and ECE "
+              f"{model['cv_ece']:.2f}: read a probability near the sweep's base rate as \"no information\".")
     return ("The probability of divergence comes from hf-rksp's logistic model fitted on its reproduction of the "
-            "paper's sweep (small GPT-2-style models at random init); outside that setting it is a rough guide.")
+            "paper's sweep (small GPT-2-style models at random init); outside that setting it is a rough guide."
+            + cv)
 
 
 def risk_line(audit: AuditRecord) -> str:

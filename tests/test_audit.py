@@ -90,9 +90,19 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
     for key in ("hf_rksp", "torch", "transformers", "python"):
         assert key in da["environment"]
     assert len(da["inputs"]["sha256"]) == 64
-    # the v1 risk model does not apply to v2: no invented probability, and the reason
-    assert da["risk"] is None and "v1" in da["risk_unavailable_reason"]
-    assert "No calibrated probability" in da["summary"]["verdict"]
+    # risk from the shipped model (hf_rksp/data/risk_model.json), with its provenance; a tiny llama at init is
+    # outside the sweep's ranges and says so
+    from hf_rksp.risk import load_risk_model
+    shipped = load_risk_model()
+    if shipped is None:
+        assert da["risk"] is None and da["risk_unavailable_reason"]
+        assert "No calibrated probability" in da["summary"]["verdict"]
+    else:
+        r = da["risk"]
+        assert 0 <= r["probability"] <= 1 and r["band"] in ("low", "medium", "high")
+        assert r["model"]["sweep_data_sha256"] == shipped.sweep_data_sha256
+        assert r["in_range"] is False and r["warnings"]
+        assert "Risk of divergence" in da["summary"]["verdict"]
     assert "--seed 3" in da["command"] and "--init" in da["command"]
     # same seed: same numbers; other seed: other weights and ids
     assert da["blocks"] == b.data["blocks"]

@@ -221,8 +221,8 @@ def _with(data: dict, path: str, value) -> str:
     node = data
     for k in head:
         node = node[int(k)] if isinstance(node, list) else node[k]
-    if value is KeyError:
-        del node[last]
+    if value is KeyError:  # the key absent (already absent is fine: e.g. no risk reason when risk is filled)
+        node.pop(last, None)
     else:
         node[last] = value
     return json.dumps(data, indent=2)
