@@ -12,6 +12,7 @@ the time and memory.
 from __future__ import annotations
 
 import copy
+import mmap
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -163,6 +164,7 @@ class GGUFCheckpoint:
             raise SourceError(f"{self.path.name}: {str(e).splitlines()[0]}") from None
         by_name = {t.name: t for t in reader.tensors}
         self.files = {hf: by_name[g] for g, hf in mapping.items() if g in by_name}
+        self._mmap = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named parameters, de-quantized, in transformers' layout, in ``dtype``."""
@@ -173,12 +175,25 @@ class GGUFCheckpoint:
         t = self.files[name]
         exact = isinstance(self.processor, self.reshape_only)  # no arithmetic after decoding: cast at once
         w = dequantize(t.data, t.tensor_type, self.dtype if exact else torch.float32, name=t.name)
+        self._release(t)
         if isinstance(self.processor, self.torch_safe):
             w = self.processor.process(weights=w, name=t.name, parsed_parameters={"tensors": {}}).weights
         else:  # processors written against numpy (np.log, np.expand_dims, np.stack)
             out = self.processor.process(weights=w.numpy(), name=t.name, parsed_parameters={"tensors": {}})
             w = torch.from_numpy(np.ascontiguousarray(out.weights))
         return w.to(self.dtype).contiguous()
+
+    def _release(self, t) -> None:
+        """Drop a decoded tensor's file pages from this process's resident set (MADV_DONTNEED on the
+        read-only mapping: they are read from disk again if ever needed).  Without it every page the
+        audit touched stays resident, so a streamed audit's peak RSS grows by the whole file."""
+        if self._mmap is None or not hasattr(self._mmap, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        lo = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, t.data_offset + t.n_bytes - lo)
+        except (OSError, ValueError):  # an advice the platform refuses changes nothing but memory
+            pass
 
     def state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
         """All of ``names``, failing on the first one the file lacks."""
