@@ -15,16 +15,16 @@ current training batch (the same positions in every block):
 
 and the trainer adds ``alpha * mean_l L_l`` to the task loss.
 
-**What carries gradient, what is detached.** Gradients reach the block's
-weights through the centered snapshots Xc, Yc in the projected moments
-C = (Yc V)^T (Xc V) and Syy, hence through A~ and its eigenvalues.  Detached
-(stop-gradient): the whitening basis V and weights w (from X's covariance,
-Eq. 9), the X~ Gram Hb, and the random range basis of the randomized DMD.
-Why: their derivatives go through an eigen-decomposition of X's covariance
-(eigenvector derivatives with 1 / (s_i^2 - s_j^2) factors, unbounded when
-directions of X have near-equal variance, as in isotropic residual streams
-at init), and the random basis is a sampling device, not part of the model.
-The eigenvalue derivatives themselves need no eigenvector derivative; a
+**What carries gradient, what is detached.** Gradients reach the weights of
+the block and of everything upstream of it through the centered snapshots:
+the moments C = (Yc V)^T (Xc V), Syy and X's Gram H = (Xc V)^T (Xc V), and the
+whitening matrix W_V = f(H) by its divided differences (whitening.py,
+Gradients), hence through A~ and its eigenvalues.  Detached: the basis V
+itself (any orthonormal basis gives the same W at full rank) and the random
+range basis of the randomized DMD (a sampling device, not part of the model).
+With full DMD the gradient is exact; a stop-gradient through the whole
+whitening, our first version, was wrong upstream of the block by orders of
+magnitude.  The eigenvalue derivatives need no eigenvector derivative; a
 layer whose eigenvalues are ill-conditioned (condition number above
 ``max_condition``, e.g. a Jordan block) is skipped for the step and counted.
 """
