@@ -88,7 +88,7 @@ class Whitened:
         if self.xx is None or not self.xx.requires_grad:
             return w
         a = 1.0 / (self.n - 1)
-        u = (self.s.detach() ** 2 * a + self.eps)  # (t / (N-1) + eps) at the point, t = s^2
+        u = self.s.detach() ** 2 * a + self.eps  # (t / (N-1) + eps) at the point, t = s^2
         ru = u.sqrt()
         # Phi_ij = (u_i^-1/2 - u_j^-1/2) / (t_i - t_j), written without the difference (no cancellation)
         phi = -a / ((ru[:, None] * ru[None, :]) * (ru[:, None] + ru[None, :]))
@@ -188,7 +188,8 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
     constant_level = n * d * (64 * torch.finfo(dtype).eps * max(float(hi), -float(lo))) ** 2
     y_norm2 = float(torch.linalg.vector_norm(yc.detach())) ** 2  # no (N x d) temporary
     if n > d:  # d-space: the (d x d) moments, rotated by V (k x k); no N-length product after the Grams
-        evals, evecs = torch.linalg.eigh(_gram(xd))
+        gxx = xc.T @ xc if xc.requires_grad else None  # KSS: X's Gram in the graph, formed once
+        evals, evecs = torch.linalg.eigh(_gram(xd) if gxx is None else gxx.detach())
         idx = _keep(evals, n, eps, rel_cut, constant_level)
         v = evecs[:, idx]
         s = evals[idx].clamp_min(0).sqrt()
@@ -199,7 +200,7 @@ def whiten(x: torch.Tensor, y: torch.Tensor, *, eps: float = EPS, rel_cut: float
         yy = v.T @ (gyy @ v)  # Syy = (Yc V)^T (Yc V)
         y_rows = float((gyx_v.detach() / s).pow(2).sum())  # ||S^-1 V^T Xc^T Yc||^2
         basis = v
-        xx = v.T @ ((xc.T @ xc) @ v) if xc.requires_grad else None  # H, differentiable in x
+        xx = None if gxx is None else v.T @ (gxx @ v)  # H, differentiable in x
     else:  # N-space: the (N x N) kernel; V = Xc^T U S^-1 is never formed
         evals, evecs = torch.linalg.eigh(xd @ xd.T)
         idx = _keep(evals, n, eps, rel_cut, constant_level)
