@@ -202,6 +202,7 @@ def kss_table(protocol: Protocol, runs: dict, which: str = "paper") -> dict:
         ratios = [r["step_s"] / b["step_s"] for r in rs
                   if (b := base.get((r["spec"]["lr"], r["spec"]["seed"]))) is not None]
         nb = [label(b, which) for b in base.values() if b is not None]
+        stops = [r["diverged_step"] for r, d in zip(rs, y) if d and r["diverged_step"] is not None]
         out[m] = {"n": n, "diverged": k, "rate": k / n if n else None, "ci95": wilson(k, n),
                   "fisher_p_vs_none": fisher_exact(k, n - k, int(sum(nb)), len(nb) - int(sum(nb)))
                   if n and nb and m != "none" else None,
@@ -211,6 +212,8 @@ def kss_table(protocol: Protocol, runs: dict, which: str = "paper") -> dict:
                   "overhead": float(np.median(ratios)) - 1 if ratios else None,
                   "diverged_on_kss_step": sum(bool(r.get("diverged_on_kss_step")) for r in rs),
                   "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
+                  # when the diverged runs stopped: a method that only delays the catapult shows here
+                  "diverged_step_median": float(np.median(stops)) if stops else None,
                   "by_lr": {f"{lr:g}": _rate([r for r in rs if r["spec"]["lr"] == lr], which)
                             for lr in protocol.kss_lrs}}
     return out
@@ -387,8 +390,8 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
     L += ["", "## Table 3 / 6 (No-Norm, d {}, L {}, lrs {}; divergence % [Wilson 95% CI])".format(
         *protocol.main, ", ".join(f"{x:g}" for x in protocol.kss_lrs)), "",
           "| method | n | div % | 95% CI | Fisher p vs none | acc % (converged) | M_~1 end | overhead | by lr | "
-          "stops on a KSS step | div % by loss alone | paper div % |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "stops on a KSS step | median stop step | div % by loss alone | paper div % |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in res["kss"].items():
         if not v["n"]:
             continue
@@ -397,7 +400,8 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
         byl = ", ".join(f"{lr}: {b['diverged']}/{b['n']}" for lr, b in v["by_lr"].items())
         L.append(f"| {m} | {v['n']} | {100 * v['rate']:.1f} | {_ci(v['ci95'], 100, '.0f')} | "
                  f"{_fmt(v['fisher_p_vs_none'], '.3g')} | {acc} | {_ms(v['end_near_unit_mass'])} | {over} | "
-                 f"{byl} | {v['diverged_on_kss_step']} | {100 * v['rate_loss_only']:.1f} | "
+                 f"{byl} | {v['diverged_on_kss_step']} | {_fmt(v['diverged_step_median'], '.0f')} | "
+                 f"{100 * v['rate_loss_only']:.1f} | "
                  f"{100 * PAPER['kss'][m]:.1f} |")
     L += ["", "## Table 5 (largest lr with < 20% divergence, without -> with KSS alpha 0.15)", "",
           "| norm | without | with | paper | divergence per lr (without / with) |", "|---|---|---|---|---|"]

@@ -39,6 +39,8 @@ class Method:
     every: int = 10  # KSS every n optimizer steps (the paper: 10-20)
     rank: int = 32  # rank of KSS's randomized DMD; >= the whitened rank k gives the full operator
     layers: float = 0.5  # share of the blocks drawn per KSS step (the paper: 50%)
+    beta: float = 1.0  # weight of the near-unit target (the paper: not given; KSSConfig's default) [ours]
+    gamma: float = 0.4  # target soft near-unit mass (the paper: in [0.3, 0.5]; KSSConfig's default)
 
     @property
     def kss(self) -> bool:
@@ -61,6 +63,11 @@ PILOT_METHODS = {
     "alpha_0.15_full_dmd": Method(alpha=0.15, rank=511),  # the full operator (k <= 511), not a rank-32 sketch
     # the strongest reading: every step, every block, the full operator
     "alpha_0.15_every_1_full_dmd_all_layers": Method(alpha=0.15, every=1, rank=511, layers=1.0),
+    # the near-unit target's unknowns (issue 15: "beta, gamma"): its weight beta and its target gamma
+    "alpha_0.15_beta_0.1": Method(alpha=0.15, beta=0.1),
+    "alpha_0.15_beta_10": Method(alpha=0.15, beta=10.0),
+    "alpha_0.15_gamma_0.3": Method(alpha=0.15, gamma=0.3),
+    "alpha_0.15_gamma_0.5": Method(alpha=0.15, gamma=0.5),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
 PAPER = {  # the numbers to compare with (PAPER.md)

@@ -221,7 +221,7 @@ def kss_config(spec: RunSpec):
     if not m.kss:
         return KSSConfig(mode="off", block_path=BLOCKS, seed=spec.seed)
     return KSSConfig(mode="on", alpha=m.alpha, terms=m.terms, every_n_steps=m.every, rank=m.rank,
-                     layer_fraction=m.layers,
+                     layer_fraction=m.layers, beta=m.beta, gamma=m.gamma,
                      block_path=BLOCKS, seed=spec.seed, measure_grad_norms=True)
 
 
