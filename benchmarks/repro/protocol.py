@@ -41,6 +41,7 @@ class Method:
     layers: float = 0.5  # share of the blocks drawn per KSS step (the paper: 50%)
     beta: float = 1.0  # weight of the near-unit target (the paper: not given; KSSConfig's default) [ours]
     gamma: float = 0.4  # target soft near-unit mass (the paper: in [0.3, 0.5]; KSSConfig's default)
+    grad_ratio: float | None = None  # KSSConfig.max_grad_ratio: KSS gradient <= this x the task's [ours]
 
     @property
     def kss(self) -> bool:
@@ -68,6 +69,9 @@ PILOT_METHODS = {
     "alpha_0.15_beta_10": Method(alpha=0.15, beta=10.0),
     "alpha_0.15_gamma_0.3": Method(alpha=0.15, gamma=0.3),
     "alpha_0.15_gamma_0.5": Method(alpha=0.15, gamma=0.5),
+    # the KSS gradient bounded relative to the task's (after a catapult it is 100-10,000x the task's)
+    "alpha_0.15_ratio_1": Method(alpha=0.15, grad_ratio=1.0),
+    "alpha_0.15_ratio_0.3": Method(alpha=0.15, grad_ratio=0.3),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
 PAPER = {  # the numbers to compare with (PAPER.md)
@@ -106,6 +110,8 @@ class RunSpec:
     seq_len: int = RECALL["seq_len"]
     vocab: int = RECALL["vocab"]
     version: int = 1  # bump when what run_one measures changes
+    # False (pilots only): train on past the label, to see whether a run the label stopped would recover
+    stop_at_label: bool = True
 
     def __post_init__(self):
         if self.norm not in NORMS or self.method not in ALL_METHODS or self.task not in ("recall", "lm"):
@@ -118,6 +124,8 @@ class RunSpec:
     @property
     def key(self) -> str:
         d = asdict(self)
+        if d["stop_at_label"]:  # the protocol's runs: keys from before this field existed stay valid
+            del d["stop_at_label"]
         if ALL_METHODS[self.method].kss:
             # KSS runs since the label reads the task gradient on KSS steps (earlier KSS runs read the total
             # gradient, which the KSS term's own gradient crossed: they are retrained, the others kept)

@@ -111,9 +111,10 @@ def _monitor_class():
     class Monitor(TrainerCallback):
         """Records the task loss (a forward hook: the KSS term is not in it) and the task gradient's norm of
         every step (on KSS steps KSSTrainer measures it apart from the KSS term's), and stops training at
-        the paper's divergence label."""
+        the paper's divergence label (unless ``stop`` is False: the label is still recorded)."""
 
-        def __init__(self, model):
+        def __init__(self, model, stop: bool = True):
+            self.stop = stop
             self.loss: list[float] = []
             self.grad: list[float] = []  # the task gradient's norm (the Trainer's total off KSS steps)
             self.total_grad: list[float] = []  # the Trainer's norm of the total gradient, every step
@@ -142,7 +143,7 @@ def _monitor_class():
             reason = divergence_reason(self._last, grad)
             if reason is not None and self.diverged_at is None:
                 self.diverged_at, self.reason = state.global_step, reason
-                control.should_training_stop = True
+                control.should_training_stop = self.stop
             return control
 
     return Monitor
@@ -221,7 +222,7 @@ def kss_config(spec: RunSpec):
     if not m.kss:
         return KSSConfig(mode="off", block_path=BLOCKS, seed=spec.seed)
     return KSSConfig(mode="on", alpha=m.alpha, terms=m.terms, every_n_steps=m.every, rank=m.rank,
-                     layer_fraction=m.layers, beta=m.beta, gamma=m.gamma,
+                     layer_fraction=m.layers, beta=m.beta, gamma=m.gamma, max_grad_ratio=m.grad_ratio,
                      block_path=BLOCKS, seed=spec.seed, measure_grad_norms=True)
 
 
@@ -240,7 +241,7 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
     model = build_model(spec)
     init = rksp(model, spec)
     profile_s = time.perf_counter() - t_start
-    monitor = _monitor_class()(model)
+    monitor = _monitor_class()(model, stop=spec.stop_at_label)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = KSSTrainer(model=model, args=training_args(spec, tmp, device), train_dataset=train_data(spec),
                              kss_config=kss_config(spec), callbacks=[monitor])
