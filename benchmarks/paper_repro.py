@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ``repro`` (spawned workers inherit this path)
 
-# the reproduction's names, importable from this script (tests, kss_behaviour, kss_gradient_scale)
+# the reproduction's names, importable from this script (tests, kss_gradient_scale, divergence_anatomy)
 from repro.analysis import BASELINES  # noqa: E402,F401
 from repro.protocol import (ALL, ALL_METHODS, BIG, GROUPS, LM, METHODS, NORMS, PAPER_PROTOCOL,  # noqa: E402,F401
                             PILOT_METHODS, PROTOCOLS, RESULTS, RISK_MODEL, SMOKE_PROTOCOL, RunSpec, unique)
