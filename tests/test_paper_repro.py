@@ -219,3 +219,28 @@ def test_audit_fills_risk_from_a_shipped_model(smoke, tmp_path, monkeypatch):
     res.record.validate()
     card = render_card(res.record)
     assert "Probability of divergence: " in card and "not available" not in card
+
+
+def test_committed_runs_keep_their_keys():
+    """Fields added to RunSpec since (``stop_at_label``) leave the key of every committed run unchanged, so a
+    resumed sweep skips them instead of training them again."""
+    path = Path(bench.RESULTS) / "runs.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) > 100
+    for line in lines:
+        r = json.loads(line)
+        assert bench.RunSpec(**r["spec"]).key == r["key"]
+
+
+def test_pilot_no_stop_trains_past_the_label(tmp_path):
+    """``pilot --no-stop`` records the paper's label and trains on to the end; the run has its own key."""
+    args = ["--protocol", "smoke", "--out", str(tmp_path), "pilot", "--norm", "none", "--lrs", "3", "--d", "32",
+            "--layers", "2", "--steps", "20", "--warmup", "2", "--batch", "4", "--device", "cpu"]
+    assert bench.main(args + ["--no-stop"]) == 0
+    (r,) = bench.read_runs(tmp_path / "pilot" / "runs.jsonl").values()
+    assert r["diverged"] and r["diverged_step"] < 20
+    assert r["steps_done"] == 20 and len(r["trace"]["loss"]) == 20
+    assert r["key"] != bench.RunSpec(**{**r["spec"], "stop_at_label": True}).key
+    assert bench.main(args) == 0  # the same run under the protocol's stop: a second record, stopped at the label
+    stopped = [v for v in bench.read_runs(tmp_path / "pilot" / "runs.jsonl").values() if v["spec"]["stop_at_label"]]
+    assert len(stopped) == 1 and stopped[0]["steps_done"] == r["diverged_step"]
