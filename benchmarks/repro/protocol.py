@@ -72,6 +72,8 @@ PILOT_METHODS = {
     # the KSS gradient bounded relative to the task's (after a catapult it is 100-10,000x the task's)
     "alpha_0.15_ratio_1": Method(alpha=0.15, grad_ratio=1.0),
     "alpha_0.15_ratio_0.3": Method(alpha=0.15, grad_ratio=0.3),
+    # KSS under the Trainer's default clipping (max_grad_norm 1.0), as a user of KSSTrainer gets it
+    "alpha_0.15_clip_1.0": Method(clip=1.0, alpha=0.15),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
 PAPER = {  # the numbers to compare with (PAPER.md)
