@@ -468,6 +468,19 @@ def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score
     assert tr.kss_state_dict()["state"]["auto"] == auto  # saved with checkpoints, kept on resume
 
 
+@pytest.mark.parametrize("clip,ratio,warned", [(0.0, None, True), (1.0, None, False), (0.0, 1.0, False)])
+def test_kss_without_any_gradient_bound_warns(tmp_path, caplog, clip, ratio, warned):
+    """KSS with neither clipping nor max_grad_ratio warns before training (its gradient is unbounded after a
+    loss spike); the Trainer's default clipping, or a ratio bound, is silent."""
+    from hf_rksp import KSSConfig, KSSTrainer
+
+    tr = KSSTrainer(model=tiny_lm("gpt2", no_norm=True), args=targs(tmp_path, max_steps=1, max_grad_norm=clip),
+                    train_dataset=Tokens(), kss_config=KSSConfig(mode="on", every_n_steps=1, max_grad_ratio=ratio))
+    with caplog.at_level(logging.WARNING, logger="hf_rksp"):
+        tr.train()
+    assert any("without gradient clipping" in r.getMessage() for r in caplog.records) is warned
+
+
 @pytest.mark.parametrize("kwargs,param", [
     ({"alpha": -0.1}, "alpha"), ({"gamma": 1.5}, "gamma"), ({"gamma": -0.1}, "gamma"),
     ({"tau_l": 1.05, "tau_u": 1.05}, "tau_l"), ({"tau_l": 0.9, "tau_u": 0.95}, "tau_l"), ({"rank": 1}, "rank"),
