@@ -96,6 +96,20 @@ def test_analyze_writes_summary_plots_and_a_readable_risk_model(smoke):
     assert 0 <= entry["probability"] <= 1 and entry["band"] in ("low", "medium", "high")
 
 
+def test_lm_group_is_trained_and_tabled(smoke, tmp_path):
+    """The optional synthetic-LM group (D.2) trains through the same run_one and gets its own table."""
+    import shutil
+
+    out = tmp_path / "with_lm"
+    shutil.copytree(smoke, out)
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "run", "lm", "--device", "cpu"]) == 0
+    lm = [r for r in bench.read_runs(out / "runs.jsonl").values() if r["spec"]["task"] == "lm"]
+    assert len(lm) == 1 and lm[0]["spec"]["vocab"] == 1000 and 0 <= lm[0]["accuracy"] <= 1
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "analyze", "--bootstrap", "50"]) == 0
+    text = (out / "tables.md").read_text()
+    assert "## Synthetic LM" in text and "| none | 1 |" in text
+
+
 # --- statistics -------------------------------------------------------------------------------------------------
 
 def test_auroc_matches_pairwise_definition():

@@ -422,6 +422,21 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
           "gradient norm count as stable)", "",
           "KSS table: " + ", ".join(f"{k} {'-' if v is None else f'{100 * v:.0f}%'}" for k, v in s["kss"].items())
           + ". Max stable lr: " + ", ".join(f"{k} {v}" for k, v in s["max_stable_lr"].items()) + "."]
+    if res.get("lm"):
+        lm = res["lm"]
+        a = lm["auroc"]["near_unit_mass"]
+        L += ["", "## Synthetic LM (D.2, the optional `lm` group; at init, accuracy over converged runs)", "",
+              "| norm | n | div % | M_~1 | M_>1 | rho | next-token acc % | divergence by lr |",
+              "|---|---|---|---|---|---|---|---|"]
+        for k, v in lm["by_norm"].items():
+            acc = v["accuracy_converged"]
+            byl = ", ".join(f"{g.split()[1]}: {w['diverged']}/{w['n']}" for g, w in lm["by_norm_lr"].items()
+                            if g.split()[0] == k)
+            L.append(f"| {k} | {v['n']} | {100 * v['rate']:.1f} | {_ms(v['near_unit_mass'])} | "
+                     f"{_ms(v['expansive_mass'])} | {_ms(v['spectral_radius'])} | "
+                     f"{_ms(None if acc is None else [100 * acc[0], 100 * acc[1]], '.1f')} | {byl} |")
+        L += ["", f"AUROC of M_~1 at init over the {sum(v['n'] for v in lm['by_norm'].values())} LM runs: "
+                  f"{_fmt(a['auroc'])} {_ci(a['ci95'])}."]
     return "\n".join(L) + "\n"
 
 

@@ -30,7 +30,8 @@ def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Pat
            "pooled": {"n": len(pooled), "by_norm": norm_table(pooled), "auroc": auroc_table(pooled, n_boot=n_boot),
                       "grouped_cv": cv_table(pooled)},
            "kss": kss_table(protocol, runs), "maxlr": maxlr_table(protocol, runs),
-           "lm": {"by_norm": norm_table(lm), "auroc": auroc_table(lm, n_boot=n_boot)} if lm else None}
+           "lm": {"by_norm": norm_table(lm), "by_norm_lr": norm_table(lm, by=("norm", "lr")),
+                  "auroc": auroc_table(lm, n_boot=n_boot)} if lm else None}
     y1 = [label(r) for r in t1]
     raw = [r["init"]["near_unit_mass"] for r in t1]
     res["calibration"] = {"ece_raw_score": ece(raw, y1) if t1 else None, "reliability_raw": reliability(raw, y1),
