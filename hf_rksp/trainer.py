@@ -328,7 +328,7 @@ class KSSTrainer(Trainer):
             self.kss_auto_decide()
         if self.kss_enabled and not (self.args.max_grad_norm or 0) > 0 and self.kss_config.max_grad_ratio is None:
             # measured in the reproduction (README, "KSS: what it does and what it costs"): after a loss spike
-            # the unstable penalty's gradient is 1e3-1e8x the task's, and unclipped it finished runs that
+            # the unstable penalty's gradient is 10-1e7x the task's, and unclipped it finished runs that
             # plain AdamW recovered from
             logger.warning("KSS is on without gradient clipping (max_grad_norm=%s) or max_grad_ratio: after a "
                            "loss spike its gradient is unbounded; keep max_grad_norm (the Trainer's default 1.0)",
