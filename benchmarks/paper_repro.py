@@ -52,11 +52,11 @@ from repro.report import analyze  # noqa: E402
 from repro.runner import STEP_S_D128_L4, estimate_s, execute, plan, read_runs, resolve_device  # noqa: E402,F401
 from repro.stats import auroc, bootstrap_ci, ece, fisher_exact  # noqa: E402,F401
 from repro.training import divergence_reason, gradient_baselines, old_label  # noqa: E402,F401
-from repro.analysis import shared_lr_auroc  # noqa: E402,F401
+from repro.analysis import pilot_table, shared_lr_auroc  # noqa: E402,F401
 
 __all__ = ["ALL", "BASELINES", "BIG", "METHODS", "NORMS", "PAPER_PROTOCOL", "SMOKE_PROTOCOL", "RunSpec", "analyze",
            "auroc", "bootstrap_ci", "divergence_reason", "ece", "execute", "fisher_exact", "gradient_baselines",
-           "main", "old_label", "read_runs", "shared_lr_auroc", "unique"]
+           "main", "old_label", "pilot_table", "read_runs", "shared_lr_auroc", "unique"]
 
 
 # --- command line -----------------------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
         plan(protocol, _groups(args.groups), args.out, args.workers, args.step_s)
         return 0
     if args.cmd == "pilot":
-        base = dict(stop_at_label=not args.no_stop, steps=args.steps or protocol.steps, warmup=protocol.warmup if args.warmup is None else args.warmup,
-                    batch=args.batch or protocol.batch)
+        base = dict(stop_at_label=not args.no_stop, steps=args.steps or protocol.steps,
+                    warmup=protocol.warmup if args.warmup is None else args.warmup, batch=args.batch or protocol.batch)
         extra = LM if args.task == "lm" else {}
         specs = [RunSpec(task=args.task, norm=n, d_model=args.d, n_layers=args.layers, lr=lr, seed=s, method=m,
                          **base, **extra)

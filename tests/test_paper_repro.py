@@ -258,3 +258,9 @@ def test_pilot_no_stop_trains_past_the_label(tmp_path):
     assert bench.main(args) == 0  # the same run under the protocol's stop: a second record, stopped at the label
     stopped = [v for v in bench.read_runs(tmp_path / "pilot" / "runs.jsonl").values() if v["spec"]["stop_at_label"]]
     assert len(stopped) == 1 and stopped[0]["steps_done"] == r["diverged_step"]
+    # the pilots' table tells the two apart: only the run trained past the label says how it ended
+    table = bench.pilot_table([r, stopped[0]])
+    past, = [v for k, v in table.items() if k.endswith("False")]
+    at, = [v for k, v in table.items() if k.endswith("True")]
+    assert past["diverged"] == at["diverged"] == 1 and past["diverged_step_median"] == at["diverged_step_median"]
+    assert 0 <= past["ended_non_finite"] <= 1 and "ended_non_finite" not in at

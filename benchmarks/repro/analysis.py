@@ -270,6 +270,50 @@ def shared_lr_auroc(runs: list[dict], n_boot: int = 1000) -> dict:
     return out
 
 
+def pilot_table(runs: list[dict]) -> dict:
+    """The pilots (``pilot``, ad-hoc settings) grouped by their settings: divergence by the paper's label, the
+    median stop step, and for runs trained on past the label (``--no-stop``) how they ended: non-finite, or
+    the mean task loss of their last 50 steps, and the KSS term's and the task's gradient norms on the KSS
+    steps after the label (medians over the finite ones)."""
+    groups = defaultdict(list)
+    for r in runs:
+        s = r["spec"]
+        groups[(s["task"], s["norm"], s["d_model"], s["n_layers"], s["method"], s["lr"],
+                s.get("stop_at_label", True))].append(r)
+    out = {}
+    for g, rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        stops = [r["diverged_step"] for r in rs if r["diverged"]]
+        row = {"n": len(rs), "diverged": len(stops),
+               "diverged_step_median": float(np.median(stops)) if stops else None}
+        if not g[-1]:
+            tails = [_trace(r, "loss")[-50:] for r in rs]
+            row["ended_non_finite"] = sum(not all(map(math.isfinite, t)) for t in tails)
+            row["last50_loss_mean"] = [float(np.mean(t)) for t in tails if all(map(math.isfinite, t))]
+            after = [h for r in rs if r["diverged"] for h in r["kss_trace"] if h["step"] > r["diverged_step"]
+                     and all(math.isfinite(h.get(k) or math.nan) for k in ("kss/grad_norm", "kss/task_grad_norm"))]
+            if after:
+                row["after_label_kss_grad_median"] = float(np.median([h["kss/grad_norm"] for h in after]))
+                row["after_label_task_grad_median"] = float(np.median([h["kss/task_grad_norm"] for h in after]))
+        out[" ".join(map(str, g))] = row
+    return out
+
+
+def pilot_tables_md(table: dict) -> str:
+    L = ["# Pilots (`paper_repro.py pilot`; settings outside the protocol's grids)", "",
+         "Key: task norm d_model n_layers method lr stop_at_label.", "",
+         "| settings | n | diverged | median stop step | trained past the label: ended non-finite | "
+         "last-50 loss mean (finite ends) | after the label: KSS / task gradient (medians) |",
+         "|---|---|---|---|---|---|---|"]
+    for k, v in table.items():
+        past = "-" if "ended_non_finite" not in v else f"{v['ended_non_finite']}/{v['n']}"
+        tail = ", ".join(f"{x:.2f}" for x in v.get("last50_loss_mean", [])) or "-"
+        grads = "-" if "after_label_kss_grad_median" not in v else \
+            f"{v['after_label_kss_grad_median']:.3g} / {v['after_label_task_grad_median']:.3g}"
+        L.append(f"| {k} | {v['n']} | {v['diverged']} | {_fmt(v['diverged_step_median'], '.0f')} | {past} | "
+                 f"{tail} | {grads} |")
+    return "\n".join(L) + "\n"
+
+
 def _clean(obj):
     """JSON-ready: numpy scalars to Python, non-finite floats to None."""
     if isinstance(obj, dict):

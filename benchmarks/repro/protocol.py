@@ -69,7 +69,7 @@ PILOT_METHODS = {
     "alpha_0.15_beta_10": Method(alpha=0.15, beta=10.0),
     "alpha_0.15_gamma_0.3": Method(alpha=0.15, gamma=0.3),
     "alpha_0.15_gamma_0.5": Method(alpha=0.15, gamma=0.5),
-    # the KSS gradient bounded relative to the task's (after a catapult it is 100-10,000x the task's)
+    # the KSS gradient bounded relative to the task's (measured: 10-1e7x the task's after a spike or at high lr)
     "alpha_0.15_ratio_1": Method(alpha=0.15, grad_ratio=1.0),
     "alpha_0.15_ratio_0.3": Method(alpha=0.15, grad_ratio=0.3),
     # KSS under the Trainer's default clipping (max_grad_norm 1.0), as a user of KSSTrainer gets it

@@ -10,7 +10,7 @@ import numpy as np
 from hf_rksp import atomic
 
 from .analysis import (_clean, auroc_table, cv_table, fit_risk_model, kss_table, label, make_summary, maxlr_table,
-                       norm_table, shared_lr_auroc, tables_md)
+                       norm_table, pilot_table, pilot_tables_md, shared_lr_auroc, tables_md)
 from .plots import write_plots
 from .protocol import RISK_MODEL, Protocol, unique
 from .runner import read_runs, write_csv
@@ -62,6 +62,9 @@ def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Pat
     write_plots(protocol, out, t1, pooled, runs, res, fitinfo)
     if runs:
         write_csv(runs, out / "runs.csv")
+    pilots = read_runs(out / "pilot" / "runs.jsonl")
+    if pilots:  # the pilots' own table (ad-hoc settings: none of the protocol's tables apply)
+        atomic.write_text(out / "pilot" / "tables.md", pilot_tables_md(pilot_table(list(pilots.values()))))
     if ship:
         if model is None:
             raise SystemExit(f"--ship: no risk model could be fitted ({fitinfo.get('reason')})")
