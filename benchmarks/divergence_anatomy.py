@@ -1,6 +1,6 @@
 """What grows before a No-Norm run diverges: the scale of the stream, or the whitened spectrum KSS shapes?
 
-The reproduction's No-Norm regime (hf_rksp.paper_models, d 128, L 4, 4 heads, N(0, 0.02^2) init,
+The reproduction's No-Norm regime (benchmarks.paper_models, d 128, L 4, 4 heads, N(0, 0.02^2) init,
 associative recall, AdamW with weight decay 0.01, 100-step linear warm-up, batch 16, no clipping),
 trained in a plain loop until the paper's label fires (loss > 50 or gradient norm > 500), recording
 every ``--every`` steps, on a fixed held-out batch:
@@ -8,15 +8,15 @@ every ``--every`` steps, on a fixed held-out batch:
 - ``stream_rms``: the RMS of the residual stream entering each block and leaving the last one;
 - ``logit_std``: the std of the last-position logits;
 - ``rho`` / ``near_unit_mass`` / ``expansive_mass``: per block, from the audit's full whitened DMD
-  (``hf_rksp.profiling.profile_model``, 2,048 token states) -- what RKSP measures and KSS shapes;
+  (``hf_rksp.capture.profile.profile_model``, 2,048 token states) -- what RKSP measures and KSS shapes;
 - ``weight_rms``: the RMS of the token embedding and of each block's weights.
 
 The whitened operator is invariant to the scale of the stream (X's own covariance whitens X and Y), so
 if the stream's scale runs away while the whitened spectrum stays put, a spectral regularizer on that
 operator (KSS) cannot see what diverges.
 
-    python benchmarks/divergence_anatomy.py --json            # lr 3.5e-3, seeds 42 123
-    python benchmarks/divergence_anatomy.py --lr 3e-3 --seeds 456
+    python -m benchmarks.divergence_anatomy --json            # lr 3.5e-3, seeds 42 123
+    python -m benchmarks.divergence_anatomy --lr 3e-3 --seeds 456
 
 Results: benchmarks/results/divergence_anatomy_lr<LR>.json.
 """
@@ -33,11 +33,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_rksp.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
-from hf_rksp.profiling import ProfileOptions, profile_model  # noqa: E402
-from paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
+from benchmarks.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
+from hf_rksp.capture.profile import ProfileOptions, profile_model
+from benchmarks.paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
 
 
 def _rms(t: torch.Tensor) -> float:

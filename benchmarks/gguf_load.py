@@ -1,10 +1,10 @@
 """SmolLM2-135M GGUF load time: ours (torch de-quantization, one metadata parse) against transformers'.
 
 Each load runs in a fresh child process (imports included on both sides), alternating, `--rounds` times;
-medians.  Ours is `hf_rksp.loading.load_model` (config, tokenizer, base model in float32); transformers' is
+medians.  Ours is `hf_rksp.models.loading.load_model` (config, tokenizer, base model in float32); transformers' is
 what hf-rksp did before: AutoConfig + AutoTokenizer + AutoModel `from_pretrained(gguf_file=...)`.
 
-    python benchmarks/gguf_load.py --json [--rounds 3]
+    python -m benchmarks.gguf_load --json [--rounds 3]
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from stream_7b import run_child as run  # noqa: E402
+from benchmarks.stream_7b import run_child as run  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 path, mode = sys.argv[1], sys.argv[2]
 if mode == "ours":
-    from hf_rksp.loading import load_model, resolve_source
+    from hf_rksp.models.loading import load_model, resolve_source
     m = load_model(resolve_source(path))
     n = sum(p.numel() for p in m.model.parameters())
 else:

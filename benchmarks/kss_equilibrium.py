@@ -6,19 +6,16 @@ pushing moduli below the band, and the near-unit target, a *mean*, cannot hold t
 prints, for r = 32 moduli started all at 1.0 or spread over [0.5, 1.3], the moduli and the hard
 near-unit mass where gradient descent on L_l alone settles.
 
-    python benchmarks/kss_equilibrium.py [--json]
+    python -m benchmarks.kss_equilibrium [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_rksp.spectral import kss_penalty  # noqa: E402
 

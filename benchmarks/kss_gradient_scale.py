@@ -1,7 +1,7 @@
 """How large the paper's KSS gradient is next to the task gradient, step by step, in the No-Norm regime.
 
 A plain training loop (AdamW, linear warm-up over 100 steps, weight decay 0.01, no clipping, batch 16)
-of the paper's No-Norm model (hf_rksp.paper_models, d 128, L 4, 4 heads) on associative recall, with
+of the paper's No-Norm model (benchmarks.paper_models, d 128, L 4, 4 heads) on associative recall, with
 KSS at its defaults (alpha 0.15 every 10 steps, 50% of the blocks, rank 32, 512 tokens) computed by
 the library's own pieces (``SnapshotSampler``, ``select_layers``, ``layer_kss``).  On every KSS step
 the task gradient and the alpha-weighted KSS gradient are taken separately (two ``autograd.grad``
@@ -10,8 +10,8 @@ and the largest eigenvalue condition number; then their sum is applied.  Trainin
 paper's divergence label (loss > 50 or gradient norm > 500).  ``--no-kss`` gives the baseline's
 divergence step.
 
-    python benchmarks/kss_gradient_scale.py --json                 # lr 4e-3, seeds 42 123
-    python benchmarks/kss_gradient_scale.py --lr 2e-3 --seeds 42
+    python -m benchmarks.kss_gradient_scale --json                 # lr 4e-3, seeds 42 123
+    python -m benchmarks.kss_gradient_scale --lr 2e-3 --seeds 42
 
 Results: benchmarks/results/kss_gradient_scale_lr<LR>.json.
 """
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_rksp.kss import KSSConfig, SnapshotSampler, layer_kss, select_layers  # noqa: E402
-from hf_rksp.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
-from paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
+from hf_rksp.training.kss import KSSConfig, SnapshotSampler, layer_kss, select_layers
+from benchmarks.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
+from benchmarks.paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
 
 
 def _norm(grads) -> float:

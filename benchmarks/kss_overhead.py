@@ -10,7 +10,7 @@ alternating rounds in one process; each optimizer step is timed by a callback
   tokens): mean step over whole 10-step windows / median plain step (the paper's "overhead").
 - ``step_time_ratio_every_step``: median KSS-every-step step / median plain step.
 
-Usage: ``python benchmarks/kss_overhead.py --json`` (absolute times only with
+Usage: ``python -m benchmarks.kss_overhead --json`` (absolute times only with
 the machine named; ratios are what to compare).
 """
 

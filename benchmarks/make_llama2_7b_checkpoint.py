@@ -1,6 +1,6 @@
 """Write a checkpoint with LLaMA-2-7B's exact shapes and HF's sharded-safetensors layout (random bf16 weights).
 
-    python benchmarks/make_llama2_7b_checkpoint.py [--out /tmp/llama2-7b-random] [--seed 0] [--shard-gib 2]
+    python -m benchmarks.make_llama2_7b_checkpoint [--out /tmp/llama2-7b-random] [--seed 0] [--shard-gib 2]
 
 About 13.5 GB on disk (6.74 B parameters in bfloat16), shards of at most
 --shard-gib plus model.safetensors.index.json and config.json (the config that
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from hf_rksp.loading import load_config, resolve_source
+    from hf_rksp.models.loading import load_config, resolve_source
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/llama2-7b-random")

@@ -2,7 +2,7 @@
 
 What is trained (PAPER.md; [ours] marks our choices, the README says why):
 
-- Models: ``hf_rksp.paper_models`` GPT-2-style decoder (learned positions, GELU MLP of width 4d, head width
+- Models: ``benchmarks.paper_models`` GPT-2-style decoder (learned positions, GELU MLP of width 4d, head width
   32), every weight and embedding from N(0, 0.02^2), **no residual scaling** (the setting that reproduces
   Table 1 at init), one of six normalizations; DeepNorm with alpha = (2L)^(1/4) and beta = (8L)^(-1/4) on
   W_v, W_o, W_1, W_2 (DeepNet's decoder formulas), SubLN = Magneto's sub-LN with gain 1.
@@ -23,10 +23,10 @@ norm), ``kss`` (No-Norm at d 128, L 4, 24 trials per method: no control, clip 0.
 without and with KSS alpha 0.15), ``lm`` (optional).  A run is keyed by its full settings, so a run two
 groups ask for is trained once, and finished runs are skipped.
 
-    python benchmarks/paper_repro.py plan all                        # runs per group, done, time estimate
-    OMP_NUM_THREADS=1 python benchmarks/paper_repro.py run all --workers 2
-    python benchmarks/paper_repro.py analyze [--ship]               # tables, plots, summary.json
-    python benchmarks/paper_repro.py pilot --norm none --lrs 1e-3 2e-3 --seeds 42 123
+    python -m benchmarks.paper_repro plan all                        # runs per group, done, time estimate
+    OMP_NUM_THREADS=1 python -m benchmarks.paper_repro run all --workers 2
+    python -m benchmarks.paper_repro analyze [--ship]               # tables, plots, summary.json
+    python -m benchmarks.paper_repro pilot --norm none --lrs 1e-3 2e-3 --seeds 42 123
 
 The code is the package ``benchmarks/repro/`` (protocol -> training -> runner -> stats -> analysis ->
 plots -> report); this file is its command line.
@@ -38,21 +38,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ``repro`` (spawned workers inherit this path)
 
 # the reproduction's names, importable from this script (tests, kss_gradient_scale, divergence_anatomy)
-from repro.analysis import BASELINES  # noqa: E402,F401
-from repro.protocol import (ALL, ALL_METHODS, BIG, GROUPS, LM, METHODS, NORMS, PAPER_PROTOCOL,  # noqa: E402,F401
+from benchmarks.repro.analysis import BASELINES  # noqa: E402,F401
+from benchmarks.repro.protocol import (ALL, ALL_METHODS, BIG, GROUPS, LM, METHODS, NORMS, PAPER_PROTOCOL,  # noqa: E402,F401
                             PILOT_METHODS, PROTOCOLS, RESULTS, RISK_MODEL, SMOKE_PROTOCOL, RunSpec, unique)
-from repro.report import analyze  # noqa: E402
-from repro.runner import STEP_S_D128_L4, estimate_s, execute, plan, read_runs, resolve_device  # noqa: E402,F401
-from repro.stats import auroc, bootstrap_ci, ece, fisher_exact  # noqa: E402,F401
-from repro.training import divergence_reason, gradient_baselines, old_label  # noqa: E402,F401
-from repro.analysis import pilot_table, shared_lr_auroc  # noqa: E402,F401
+from benchmarks.repro.report import analyze  # noqa: E402
+from benchmarks.repro.runner import STEP_S_D128_L4, estimate_s, execute, plan, read_runs, resolve_device  # noqa: E402,F401
+from benchmarks.repro.stats import auroc, bootstrap_ci, ece, fisher_exact  # noqa: E402,F401
+from benchmarks.repro.training import divergence_reason, gradient_baselines, old_label  # noqa: E402,F401
+from benchmarks.repro.analysis import pilot_table, shared_lr_auroc  # noqa: E402,F401
 
 __all__ = ["ALL", "BASELINES", "BIG", "METHODS", "NORMS", "PAPER_PROTOCOL", "SMOKE_PROTOCOL", "RunSpec", "analyze",
            "auroc", "bootstrap_ci", "divergence_reason", "ece", "execute", "fisher_exact", "gradient_baselines",

@@ -1,6 +1,6 @@
 """Reproduce the paper's Table 1 at init (PAPER.md): layer-mean M_~1, M_>1 and rho of six normalizations.
 
-The model of PAPER.md "What we verified ourselves" (hf_rksp/paper_models.py):
+The model of PAPER.md "What we verified ourselves" (benchmarks/paper_models.py):
 GPT-2-style, d = 256, L = 6, 8 heads, vocabulary 256, learned positions,
 GELU MLP of width 4d, every weight matrix and embedding ~ N(0, 0.02^2), no
 1/sqrt(2L) residual scaling, biases zero.  At init, on 32 associative-recall
@@ -10,9 +10,9 @@ defaults: rank None = all eigenvalues; the Kreiss constant is skipped, Table 1
 does not use it), the three features are averaged over the L blocks, then
 over the seeds (42, 123, 456; each seeds both the init and the data).
 
-    python benchmarks/paper_table1.py              # table, ours vs the paper's
-    python benchmarks/paper_table1.py --json       # one JSON line
-    python benchmarks/paper_table1.py --variants   # also the DeepNorm / SubLN variants we tried
+    python -m benchmarks.paper_table1              # table, ours vs the paper's
+    python -m benchmarks.paper_table1 --json       # one JSON line
+    python -m benchmarks.paper_table1 --variants   # also the DeepNorm / SubLN variants we tried
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_rksp.paper_models import GPT, NORMS, GPTConfig, associative_recall, block_snapshots  # noqa: E402
+from benchmarks.paper_models import GPT, NORMS, GPTConfig, associative_recall, block_snapshots  # noqa: E402
 from hf_rksp.spectral import RKSPConfig, profile_block  # noqa: E402
 
 #: The paper's Table 1 (associative recall, at init): layer-mean M_~1, M_>1, rho per normalization.

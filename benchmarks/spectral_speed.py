@@ -14,11 +14,11 @@
     its eigenvalues (k = 2047), rank-32 randomized DMD with all features (``RKSPConfig(rank=32)``), and
     ``--rank full`` with every feature including Kreiss (``RKSPConfig()``), with its breakdown.
 
-    python benchmarks/spectral_speed.py                  # table (the 7B part takes minutes)
-    python benchmarks/spectral_speed.py --skip-7b        # (a) only
-    python benchmarks/spectral_speed.py --json           # one JSON line
-    python benchmarks/spectral_speed.py --repeat 5       # median of 5 runs per figure (default 3)
-    python benchmarks/spectral_speed.py --threads 1      # torch threads
+    python -m benchmarks.spectral_speed                  # table (the 7B part takes minutes)
+    python -m benchmarks.spectral_speed --skip-7b        # (a) only
+    python -m benchmarks.spectral_speed --json           # one JSON line
+    python -m benchmarks.spectral_speed --repeat 5       # median of 5 runs per figure (default 3)
+    python -m benchmarks.spectral_speed --threads 1      # torch threads
 
 Each figure is the median over ``--repeat`` runs (the full-rank 7B profile: over max(1, repeat // 3)),
 with torch's default thread count or ``--threads`` (reported).  On a machine whose cores are shared with
@@ -34,13 +34,10 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_rksp.spectral import RKSPConfig, dmd_operator, nonlinearity_ratio, profile_block, whiten  # noqa: E402
 from hf_rksp.spectral.features import _decompose, _kappa, _residuals  # noqa: E402  (features_of's own steps)

@@ -1,8 +1,8 @@
 """Streamed audit of a LLaMA-2-7B-shaped model: peak memory and time against reading + running the same blocks.
 
-    python benchmarks/make_llama2_7b_checkpoint.py            # once: ~13.5 GB under /tmp
-    python benchmarks/stream_7b.py --json                     # the checkpoint, 512 tokens
-    python benchmarks/stream_7b.py --init --json              # the 7B config at seeded init (no checkpoint)
+    python -m benchmarks.make_llama2_7b_checkpoint            # once: ~13.5 GB under /tmp
+    python -m benchmarks.stream_7b --json                     # the checkpoint, 512 tokens
+    python -m benchmarks.stream_7b --init --json              # the 7B config at seeded init (no checkpoint)
 
 The spectral work per block at 7B width against a block's forward (full DMD,
 rank-32, every feature) is benchmarks/spectral_speed.py's.
@@ -29,8 +29,9 @@ CHILD = r"""
 import json, resource, sys, time, torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-from hf_rksp.audit import AuditOptions, audit, calibration_for, stream_profile
-from hf_rksp.loading import load_for_streaming, resolve_source
+from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.pipeline.run import audit, calibration_for
+from hf_rksp.models.loading import load_for_streaming, resolve_source
 t0 = time.perf_counter()
 if args["mode"] == "audit":
     r = audit(args["source"], init=args["init"], config=args.get("config"), out_dir=None, stream=True,
@@ -39,12 +40,19 @@ if args["mode"] == "audit":
            "near_unit_mass": r.data["summary"]["score"], "n_params": r.data["source"]["n_params"],
            "rank": r.data["method"]["rank"]}
 elif args["mode"] == "plain":  # the same streaming, no spectral work
-    A = sys.modules["hf_rksp.audit"]  # the module: `import hf_rksp.audit as A` gives the audit() function
-    A.block_result = lambda i, x, y, opts: {"near_unit_mass": 0.0}
+    # the same streaming with no spectral work: the library's streamer with a per-block function that does nothing
+    from hf_rksp.capture.streaming import stream_snapshots_and_profile
+    from hf_rksp.models.blocks import find_blocks
+    from hf_rksp.models.weights import CheckpointWeights, InitWeights
     opts = AuditOptions(tokens=args["tokens"], seq_len=args["seq_len"], stream=True)
     loaded = load_for_streaming(resolve_source(args["source"], init=args["init"], config_path=args.get("config")))
     calib = calibration_for(loaded, opts)
-    res, _, timings = stream_profile(loaded, calib.input_ids, opts, progress=False)
+    path, blocks = find_blocks(loaded.model)
+    dtype = loaded.info["dtype"]
+    weights = (InitWeights(loaded.model, blocks, opts.seed, dtype, "cpu") if args["init"] else
+               CheckpointWeights(loaded.model, loaded.info["checkpoint"], dtype, "cpu"))
+    res, timings = stream_snapshots_and_profile(loaded.model, blocks, path, weights, calib.input_ids,
+                                                lambda i, x, y: {"near_unit_mass": 0.0}, progress=False)
     out = {"seconds": time.perf_counter() - t0, "timings": timings, "blocks": len(res)}
 out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print("RESULT " + json.dumps(out))

@@ -10,7 +10,7 @@ child processes that audit the file with --stream and that stream the same
 blocks through the same code with the spectral work removed
 (de-quantize + forward), keeping the fastest of each.
 
-    python benchmarks/stream_gguf_7b.py --json [--gguf /tmp/llama2-7b-q8_0.gguf] [--keep]
+    python -m benchmarks.stream_gguf_7b --json [--gguf /tmp/llama2-7b-q8_0.gguf] [--keep]
 
 The file (7.2 GB) is deleted afterwards unless --keep.
 """
@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from stream_7b import child  # noqa: E402
+from benchmarks.stream_7b import child  # noqa: E402
 
 SHAPES = dict(vocab=32000, d=4096, ff=11008, layers=32, heads=32)
 

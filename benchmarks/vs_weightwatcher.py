@@ -6,7 +6,7 @@ every feature); WeightWatcher's is transformers' `AutoModelForCausalLM.from_pret
 followed by `WeightWatcher(model=...).analyze()` (its defaults).  Peak RSS is each child's own
 (`getrusage`).  WeightWatcher is a benchmark-only dependency: `pip install weightwatcher==0.7.7`.
 
-    python benchmarks/vs_weightwatcher.py --json [--rounds 3]
+    python -m benchmarks.vs_weightwatcher --json [--rounds 3]
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gguf_load import run, smollm2_gguf  # noqa: E402
+from benchmarks.gguf_load import run, smollm2_gguf  # noqa: E402
 
 OURS = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from hf_rksp.cli import main
+from hf_rksp.cli.commands import main
 rc = main(["audit", sys.argv[1], "--no-write", "-q"])
 assert rc == 0
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0,

@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback
-from hf_rksp.audit import AuditOptions, profile_model
-from hf_rksp.calibration import default_text
+from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.pipeline.run import profile_model
+from hf_rksp.capture.calibration import default_text
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

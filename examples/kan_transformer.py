@@ -62,8 +62,9 @@ def kan_gpt2(layers: int = 4, width: int = 128, heads: int = 4, vocab: int = 102
 
 
 def audit_kan(layers: int = 4, width: int = 128, tokens: int = 1024, seq_len: int = 256, seed: int = 0) -> list[dict]:
-    from hf_rksp.audit import AuditOptions, profile_model
-    from hf_rksp.calibration import random_ids
+    from hf_rksp.pipeline.options import AuditOptions
+    from hf_rksp.pipeline.run import profile_model
+    from hf_rksp.capture.calibration import random_ids
 
     model = kan_gpt2(layers, width, seed=seed)
     ids = random_ids(model.config.vocab_size, tokens, seq_len, seed).input_ids

@@ -1,12 +1,14 @@
 """hf-rksp: Residual Koopman Spectral Profiling (RKSP v2) audits and KSS for Hugging Face transformers."""
 
-__version__ = "0.1.0"
+from hf_rksp import _moved
+from hf_rksp.errors import RKSPError
+from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.pipeline.run import AuditResult, audit
+from hf_rksp.record import AuditRecord, read_audit
+from hf_rksp.spectral import FEATURES, BlockFeatures, RKSPConfig, kss_penalty, profile_block
+from hf_rksp.version import __version__
 
-from .audit import AuditOptions, AuditResult, audit  # noqa: E402
-from .errors import RKSPError  # noqa: E402
-from .record import AuditRecord, read_audit  # noqa: E402
-from .spectral import FEATURES, BlockFeatures, RKSPConfig, kss_penalty, profile_block  # noqa: E402
-
+_moved.install()
 
 __all__ = [
     "__version__",
@@ -32,7 +34,7 @@ _LAZY = {"KSSConfig", "KSSTrainer", "RKSPMonitorCallback"}
 def __getattr__(name):
     # The trainer imports transformers.Trainer (heavy): load it only when asked for.
     if name in _LAZY:
-        from . import trainer
+        from hf_rksp.training import monitor, trainer
 
-        return getattr(trainer, name)
+        return getattr(monitor if name == "RKSPMonitorCallback" else trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,17 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 
 def tiny_config(family: str, **overrides):
     """A small but real config of ``family`` (random init; seconds to run on CPU)."""
-    from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        BertConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     common = dict(vocab_size=512)
     if family == "gpt2":
@@ -42,8 +47,8 @@ def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
     """
     from transformers import AutoModel
 
-    from hf_rksp.blocks import find_blocks
-    from hf_rksp.init_weights import seeded_init
+    from hf_rksp.models.blocks import find_blocks
+    from hf_rksp.models.init import seeded_init
 
     model = AutoModel.from_config(tiny_config(family, **overrides))
     seeded_init(model, find_blocks(model)[1], seed)
@@ -66,7 +71,7 @@ def tiny_tokenizer():
 
 def interrupt_block(monkeypatch, at: int) -> None:
     """Ctrl-C while a streamed audit loads block ``at`` (from a checkpoint)."""
-    from hf_rksp.streaming import CheckpointWeights
+    from hf_rksp.models.weights import CheckpointWeights
 
     real = CheckpointWeights.block
 
@@ -148,7 +153,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     from transformers import AutoConfig, AutoModel
 
-    from hf_rksp.blocks import BLOCK_PATHS
+    from hf_rksp.models.blocks import BLOCK_PATHS
 
     rows = ["| family | model class | " + " | ".join(SUPPORT_FEATURES) + " |",
             "|---|---|" + "---|" * len(SUPPORT_FEATURES)]

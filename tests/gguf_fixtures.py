@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter, quantize
+from gguf import GGML_QUANT_SIZES, GGUFWriter, quantize
+from gguf import GGMLQuantizationType as Q
 
 #: types gguf-py can quantize itself; the K-quants it only decodes, so their blocks are written raw
 QUANTIZABLE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)

@@ -9,10 +9,10 @@ import torch
 from conftest import save_tiny, tiny_config
 
 from hf_rksp import audit
-from hf_rksp.blocks import find_blocks
-from hf_rksp.capture import capture_snapshots
+from hf_rksp.capture.hooks import capture_snapshots
 from hf_rksp.errors import RKSPError
-from hf_rksp.loading import resolve_source
+from hf_rksp.models.blocks import find_blocks
+from hf_rksp.models.loading import resolve_source
 
 SMALL = dict(tokens=256, seq_len=128, progress=False)
 
@@ -92,7 +92,7 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
     assert len(da["inputs"]["sha256"]) == 64
     # risk from the shipped model (hf_rksp/data/risk_model.json), with its provenance; a tiny llama at init is
     # outside the sweep's ranges and says so
-    from hf_rksp.risk import load_risk_model
+    from hf_rksp.pipeline.risk import load_risk_model
     shipped = load_risk_model()
     if shipped is None:
         assert da["risk"] is None and da["risk_unavailable_reason"]
@@ -136,7 +136,11 @@ def test_shipped_configs_build_on_meta_device():
     from accelerate import init_empty_weights
     from transformers import AutoModel
 
-    from hf_rksp.loading import _config_from_dict, shipped_config, shipped_config_names
+    from hf_rksp.models.loading import (
+        _config_from_dict,
+        shipped_config,
+        shipped_config_names,
+    )
 
     expected = {"gpt2": 12, "gpt2-xl": 48, "meta-llama/Llama-2-7b-hf": 32, "meta-llama/Llama-2-13b-hf": 40,
                 "HuggingFaceTB/SmolLM2-135M": 30, "sentence-transformers/all-MiniLM-L6-v2": 6}
@@ -153,10 +157,10 @@ def test_shipped_configs_build_on_meta_device():
 
 
 def test_published_schema_is_the_generated_one():
-    """hf_rksp/schema/audit.schema.json is hf_rksp.record.audit_schema(), built from the feature registry."""
+    """hf_rksp/schema/audit.schema.json is hf_rksp.record.records.audit_schema(), built from the feature registry."""
     from importlib import resources
 
-    from hf_rksp.record import audit_schema
+    from hf_rksp.record.records import audit_schema
     from hf_rksp.spectral import FEATURE_NAMES
 
     published = json.loads(resources.files("hf_rksp").joinpath("schema/audit.schema.json").read_text())

@@ -29,7 +29,7 @@ import pytest
 import torch
 from conftest import interrupt_block, tiny_config, tiny_tokenizer
 
-from hf_rksp.cli import main
+from hf_rksp.cli.commands import main
 
 SMALL = ("--tokens", "128", "--seq-len", "64", "-q")
 SLUG = "tok"  # the slug of the checkpoint folder "tok"
@@ -174,8 +174,8 @@ def save_checkpoint(path: Path, seed: int = 0, shard: str = "150KB", tokenizer=N
     """A tiny sharded GPT-2 checkpoint (safetensors shards + index), optionally with a tokenizer."""
     from transformers import AutoModel
 
-    from hf_rksp.blocks import find_blocks
-    from hf_rksp.init_weights import seeded_init
+    from hf_rksp.models.blocks import find_blocks
+    from hf_rksp.models.init import seeded_init
 
     model = AutoModel.from_config(tiny_config("gpt2", **overrides))
     seeded_init(model, find_blocks(model)[1], seed)
@@ -337,7 +337,7 @@ def _add_tensor(ckpt: Path, key: str) -> None:
 
 
 def _low_memory(fx, out, monkeypatch):
-    from hf_rksp import memory
+    from hf_rksp.models import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda: 4 * 2**30)
 
@@ -354,7 +354,7 @@ def _card_rename_fails(fx, out, monkeypatch):
 
 
 def _staging_enospc(fx, out, monkeypatch):
-    from hf_rksp import publish
+    from hf_rksp.publish import local as publish
 
     real, calls = publish._write_files, []
 
@@ -368,7 +368,7 @@ def _staging_enospc(fx, out, monkeypatch):
 
 
 def _progress_enospc(fx, out, monkeypatch):
-    from hf_rksp import streaming
+    from hf_rksp.capture import streaming
 
     def full(obj, f, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(f))
@@ -392,7 +392,7 @@ def _tampered_progress(fx, out, monkeypatch):
 
 def _killed_publish(fx, out, monkeypatch):
     """A publish of a newer audit killed between its renames (the card not switched yet)."""
-    from hf_rksp.record import read_audit
+    from hf_rksp.record.records import read_audit
 
     new = _newer(read_audit(out / "audits" / SLUG))
     assert kill_at_rename(new, out, 4) == -signal.SIGKILL
@@ -443,7 +443,7 @@ def kill_at_rename(record, out: Path, n: int) -> int:
     pid = os.fork()
     if pid == 0:  # the child: count os.rename/os.replace calls, die at the n-th, before it runs
         try:
-            from hf_rksp import report
+            from hf_rksp.report import card as report
 
             count = [0]
 
@@ -546,8 +546,8 @@ def _assert_pair(out: Path, which: str) -> None:
 def test_kill_at_every_rename_leaves_the_old_or_the_new_pair(fx, tmp_path):
     """SIGKILL before each rename of a publish in turn; after the next run's recovery the slug's audit and
     card are both the old ones or both the new ones, and nothing hidden is left."""
-    from hf_rksp.publish import recover
-    from hf_rksp.record import read_audit
+    from hf_rksp.publish.local import recover
+    from hf_rksp.record.records import read_audit
 
     new = _newer(read_audit(fx["good"]))
     probe = tmp_path / "probe"
@@ -608,7 +608,7 @@ def _optional_keys(schema: dict, data: dict, at: tuple = ()):
 
 def test_every_optional_key_may_be_absent(fx, tmp_path, capfd):
     """An audit without any one of its optional keys re-renders and compares (the card reads none blindly)."""
-    from hf_rksp.record import audit_schema
+    from hf_rksp.record.records import audit_schema
 
     data = json.loads((fx["good"] / "audit.json").read_text())
     paths = list(_optional_keys(audit_schema(), data))
@@ -624,8 +624,9 @@ def test_every_optional_key_may_be_absent(fx, tmp_path, capfd):
 
 def test_text_is_tokenized_incrementally(fx, monkeypatch):
     """20 MB of --text for 128 tokens: the tokenizer sees a prefix of about TEXT_CHUNK characters, not the file."""
-    from hf_rksp import calibration as cal
     from transformers import AutoTokenizer
+
+    from hf_rksp.capture import calibration as cal
 
     tok = AutoTokenizer.from_pretrained(fx["tok"])
     seen = []

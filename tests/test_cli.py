@@ -3,7 +3,7 @@
 Every error case asserts: exit code != 0, stderr is exactly one line starting
 with ``hf-rksp: error:`` that names what is wrong, no traceback, and no file at
 all under ``--out-dir`` (no audit.json, README.md, png, temp or staging file).
-Most cases call ``hf_rksp.cli.main`` in-process; a few run the real console
+Most cases call ``hf_rksp.cli.commands.main`` in-process; a few run the real console
 script in a subprocess to prove no traceback reaches the user.  Nothing here
 touches the network (HF_HUB_OFFLINE=1).
 """
@@ -23,9 +23,9 @@ import pytest
 import torch
 from conftest import save_tiny, tiny_tokenizer
 
-from hf_rksp import atomic
-from hf_rksp.blocks import supported_families
-from hf_rksp.cli import main
+from hf_rksp.cli.commands import main
+from hf_rksp.models.blocks import supported_families
+from hf_rksp.utils import atomic
 
 SMALL = ["--tokens", "128", "--seq-len", "64"]
 CARD_FILES = ("README.md", "spectrum.png", "profile.png")
@@ -510,8 +510,8 @@ def test_every_audit_option_is_parsed_and_recorded():
     reproducing command or listed as not changing the numbers."""
     from dataclasses import fields
 
-    from hf_rksp.audit import COMMAND_OPTIONS, NOT_RECORDED, AuditOptions
-    from hf_rksp.cli import build_parser
+    from hf_rksp.cli.commands import build_parser
+    from hf_rksp.pipeline.options import COMMAND_OPTIONS, NOT_RECORDED, AuditOptions
 
     names = {f.name for f in fields(AuditOptions)}
     assert set(COMMAND_OPTIONS) | set(NOT_RECORDED) == names and not set(COMMAND_OPTIONS) & set(NOT_RECORDED)
@@ -531,8 +531,8 @@ def test_recorded_command_parses_back_to_the_same_options(changes):
     """command_line (generated from the option table) and the parser agree: the command reproduces the options."""
     import shlex
 
-    from hf_rksp.audit import AuditOptions, command_line
-    from hf_rksp.cli import audit_options, build_parser
+    from hf_rksp.cli.commands import audit_options, build_parser
+    from hf_rksp.pipeline.options import AuditOptions, command_line
 
     opts = AuditOptions(**changes)
     argv = shlex.split(command_line("org/model", True, None, opts))
@@ -542,7 +542,7 @@ def test_recorded_command_parses_back_to_the_same_options(changes):
 
 
 def test_default_command_is_unchanged():
-    from hf_rksp.audit import AuditOptions, command_line
+    from hf_rksp.pipeline.options import AuditOptions, command_line
 
     assert command_line("gpt2", True, None, AuditOptions()) == (
         "hf-rksp audit gpt2 --init --tokens 2048 --seq-len 512 --rank auto --seed 0 --dtype float32")

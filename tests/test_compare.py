@@ -7,8 +7,8 @@ import json
 import pytest
 
 from hf_rksp import audit
-from hf_rksp.cli import main
-from hf_rksp.compare import compare, load_audit
+from hf_rksp.cli.commands import main
+from hf_rksp.report.compare import compare, load_audit
 
 SMALL = dict(tokens=256, seq_len=128, progress=False)
 
@@ -81,7 +81,7 @@ def test_compare_refuses_other_method_versions(two, tmp_path, capsys):
 
 def test_reader_rejects_nan_and_non_utf8(two, tmp_path):
     from hf_rksp.errors import AuditFileError
-    from hf_rksp.record import read_audit
+    from hf_rksp.record.records import read_audit
 
     _, a, _ = two
     text = open(a.paths["audit"]).read()

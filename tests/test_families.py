@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hf_rksp import audit
-from hf_rksp.blocks import BLOCK_PATHS, find_blocks
-from hf_rksp.capture import capture_snapshots
-from hf_rksp.cli import main
+from hf_rksp.capture.hooks import capture_snapshots
+from hf_rksp.cli.commands import main
+from hf_rksp.models.blocks import BLOCK_PATHS, find_blocks
 
 TINY = {
     "gpt_neox": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
@@ -125,7 +125,8 @@ def test_moe_router_statistics(model_type, tmp_path):
     """Router stats match an independent count from the model's own output_router_logits."""
     from transformers import AutoConfig, AutoModel
 
-    from hf_rksp.audit import AuditOptions, profile_model
+    from hf_rksp.pipeline.options import AuditOptions
+    from hf_rksp.pipeline.run import profile_model
 
     d = json.loads(open(config_file(tmp_path, model_type)).read())
     torch.manual_seed(0)
@@ -173,8 +174,9 @@ def test_kan_transformer_example_audits():
     blocks = mod.audit_kan(layers=2, width=32, tokens=256, seq_len=128)
     assert len(blocks) == 2 and all(b["rank"] == 32 for b in blocks)
     # the KAN feed-forward changes the map: same seed, GPT-2 with its MLPs, different spectrum
-    from hf_rksp.audit import AuditOptions, profile_model
-    from hf_rksp.calibration import random_ids
+    from hf_rksp.capture.calibration import random_ids
+    from hf_rksp.pipeline.options import AuditOptions
+    from hf_rksp.pipeline.run import profile_model
 
     torch.manual_seed(0)
     from transformers import GPT2Config, GPT2Model

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q, GGUFReader, dequantize as gguf_dequantize
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
+from gguf import dequantize as gguf_dequantize
 from gguf_fixtures import K_QUANTS, QUANTIZABLE, every_type, write_tensors
 
-from hf_rksp import dequant
 from hf_rksp.errors import SourceError
+from hf_rksp.models.checkpoints import dequant
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_fixture_writer_round_trips_f32(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_source(smollm2_gguf):
-    from hf_rksp.loading import resolve_source
+    from hf_rksp.models.loading import resolve_source
 
     return resolve_source(str(smollm2_gguf))
 
@@ -75,7 +77,7 @@ def test_fast_gguf_load_equals_transformers_state_dict(smollm2_source):
     """SmolLM2 (Q4_1 + Q8_0 + F32, Llama Q/K permutation): our load's state dict is transformers' bit for bit."""
     from transformers import AutoModel
 
-    from hf_rksp.loading import load_model
+    from hf_rksp.models.loading import load_model
 
     ours = load_model(smollm2_source).model.state_dict()
     theirs = AutoModel.from_pretrained(smollm2_source.path, gguf_file=smollm2_source.gguf_file,
@@ -107,7 +109,7 @@ def test_f32_gguf_loads_back_the_original_weights(tmp_path):
     """Through transformers' name map and Q/K permutation reversal, an F32 GGUF gives back the model written."""
     from gguf_fixtures import tiny_llama_gguf
 
-    from hf_rksp.loading import load_model, resolve_source
+    from hf_rksp.models.loading import load_model, resolve_source
 
     model = _tiny_llama(seed=1)
     path = tiny_llama_gguf(tmp_path / "f32.gguf", model, Q.F32)
@@ -154,7 +156,8 @@ def test_tiny_gguf_streamed_equals_whole(tiny_gguf):
 
 def test_gguf_streams_by_itself_when_it_would_not_fit(tiny_gguf, monkeypatch):
     """The memory planner sizes a GGUF de-quantized in --dtype (not by its file size), and streams when told."""
-    from hf_rksp import audit, placement
+    from hf_rksp import audit
+    from hf_rksp.models import placement
 
     seen = []
     real = placement.plan_memory
@@ -208,7 +211,7 @@ def _bad_ggufs(tmp_path, tiny_gguf) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_gguf_gives_one_line_and_writes_nothing(tmp_path, tiny_gguf, capsys, stream):
-    from hf_rksp.cli import main
+    from hf_rksp.cli.commands import main
 
     for case, (path, words) in _bad_ggufs(tmp_path, tiny_gguf).items():
         out = tmp_path / f"out-{case.replace(' ', '-')}"

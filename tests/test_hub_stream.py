@@ -12,7 +12,7 @@ from fakehub import FakeHub
 from test_streaming import SMALL, sharded_checkpoint
 
 from hf_rksp import audit
-from hf_rksp.cli import main
+from hf_rksp.cli.commands import main
 
 TOKEN = "hf_streamtoken_8d2e41b7a9"
 REPO = "someorg/tiny-llama"
@@ -61,7 +61,7 @@ def cache_bytes(cache: Path) -> int:
 
 
 def test_hub_stream_equals_local_and_fetches_shards_lazily(checkpoint, hub_env, monkeypatch):
-    from hf_rksp.hub_stream import HubCheckpoint
+    from hf_rksp.models.checkpoints.hub import HubCheckpoint
 
     local = audit(str(checkpoint), out_dir=None, stream=True, **SMALL)
     hub, _ = hub_env({REPO: repo_files(checkpoint)})
@@ -89,7 +89,7 @@ def test_hub_stream_equals_local_and_fetches_shards_lazily(checkpoint, hub_env, 
 def test_low_disk_keeps_one_shard_in_the_cache(checkpoint, hub_env, monkeypatch, tmp_path, capsys):
     """Measured after every download: the cache never holds more than the largest shard plus the small
     metadata files (the index, and config.json which transformers fetches)."""
-    from hf_rksp.hub_stream import HubCheckpoint
+    from hf_rksp.models.checkpoints.hub import HubCheckpoint
 
     local = audit(str(checkpoint), out_dir=None, stream=True, **SMALL)
     shards = sorted(checkpoint.glob("*.safetensors"))
@@ -143,10 +143,9 @@ def test_missing_shard_and_full_disk_give_one_line(checkpoint, hub_env, monkeypa
 
 
 def test_gguf_file_of_a_hub_repo_downloads_that_file_only(tmp_path, hub_env):
+    from conftest import tiny_config
     from gguf_fixtures import tiny_llama_gguf
     from transformers import AutoModel
-
-    from conftest import tiny_config
 
     torch.manual_seed(0)
     gguf = tiny_llama_gguf(tmp_path / "tiny.Q8_0.gguf", AutoModel.from_config(tiny_config("llama")))

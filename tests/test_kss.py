@@ -11,10 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hf_rksp.audit import AuditOptions, profile_model
-from hf_rksp.blocks import find_blocks
-from hf_rksp.kss import KSSConfig as _KSSConfig, LayerKSS, SnapshotSampler, layer_kss
+from hf_rksp.models.blocks import find_blocks
+from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.pipeline.run import profile_model
 from hf_rksp.spectral import differentiable_eigenvalues, kss_penalty
+from hf_rksp.training.kss import KSSConfig as _KSSConfig
+from hf_rksp.training.kss import LayerKSS, SnapshotSampler, layer_kss
 
 VOCAB = 256
 
@@ -167,8 +169,8 @@ def test_layer_kss_gradient_on_a_no_norm_block_at_init_matches_finite_difference
     into the block's own weights.  Those weights change Y only, and everything detached (whitening basis,
     Hb, random basis) depends on X only, so the gradient is exact there: it equals a central difference
     (1e-5 relative, h = 1e-5)."""
-    from hf_rksp.kss import KSSConfig, layer_kss
-    from hf_rksp.paper_models import GPT, GPTConfig, associative_recall
+    from benchmarks.paper_models import GPT, GPTConfig, associative_recall
+    from hf_rksp.training.kss import KSSConfig, layer_kss
 
     torch.manual_seed(42)
     model = GPT(GPTConfig(norm="none", d_model=64, n_layers=2, n_heads=4)).double()
@@ -212,8 +214,8 @@ def test_kss_gradient_upstream_of_the_block_matches_finite_differences(direction
     is ~1e-8, what is left is block 0's input having rank k < d, where range(X~)'s rotation is not followed).
     The first KSS (whitening detached) got the scale direction wrong by a factor of ~1e6: it asked the
     stream to shrink, which changes nothing in the real operator."""
-    from hf_rksp.kss import KSSConfig, layer_kss
-    from hf_rksp.paper_models import GPT, GPTConfig, associative_recall
+    from benchmarks.paper_models import GPT, GPTConfig, associative_recall
+    from hf_rksp.training.kss import KSSConfig, layer_kss
 
     torch.manual_seed(42)
     model = GPT(GPTConfig(norm="none", d_model=32, n_layers=2, n_heads=2)).double()
@@ -324,7 +326,7 @@ def test_kss_on_moves_spectrum_in_the_intended_direction(family, tmp_path):
 
 def test_checkpoint_resume_keeps_kss_state(tmp_path):
     from hf_rksp import KSSConfig, KSSTrainer
-    from hf_rksp.trainer import KSS_STATE_NAME
+    from hf_rksp.training.trainer import KSS_STATE_NAME
 
     cfg = KSSConfig(alpha=0.5, every_n_steps=2, warmup_steps=2)
     full = KSSTrainer(model=tiny_lm("gpt2"), args=targs(tmp_path / "a", max_steps=6, save_strategy="steps",
@@ -449,7 +451,8 @@ def test_kss_trains_moe_and_ssm_families(model_type, kw, tmp_path):
 def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score, kappa, lr, no_norm, expect_on):
     """mode="auto" profiles the model before step 1 and applies the paper's Fig. 7 flow (no v2 risk model
     ships yet).  The profile is stubbed to a given M and mean kappa, so every branch is exercised."""
-    from hf_rksp import KSSConfig, KSSTrainer, trainer
+    from hf_rksp import KSSConfig, KSSTrainer
+    from hf_rksp.training import trainer
 
     def fake_profile(model, ids, options):
         feats = {"spectral_radius": {"max": 1.5}, "eigvec_condition": {"mean": kappa}}
@@ -516,7 +519,7 @@ def test_ablation_terms_are_the_two_halves_of_eq_14():
 
 
 def test_layer_draw_is_seeded_and_half():
-    from hf_rksp.kss import select_layers
+    from hf_rksp.training.kss import select_layers
 
     draws = [select_layers(12, 0.5, torch.Generator().manual_seed(s)) for s in range(20)]
     assert all(len(d) == 6 and d == sorted(set(d)) for d in draws)
@@ -529,8 +532,8 @@ def test_measured_gradient_norms_split_the_total(tmp_path):
     """measure_grad_norms: on a KSS step the task gradient's norm and alpha * grad L_KSS's norm are logged;
     the Trainer's total gradient norm (no clipping, no accumulation) lies between their difference and
     their sum, and measuring changes nothing in training."""
+    from benchmarks.paper_models import GPTConfig, RecallDataset, RecallModel
     from hf_rksp import KSSConfig, KSSTrainer
-    from hf_rksp.paper_models import GPTConfig, RecallDataset, RecallModel
 
     logs = {}
     for measure in (False, True):
@@ -553,8 +556,8 @@ def test_measured_gradient_norms_split_the_total(tmp_path):
 def test_max_grad_ratio_bounds_the_kss_gradient(tmp_path):
     """max_grad_ratio (ours): the KSS term is scaled so that its gradient's norm is at most ratio x the task
     gradient's: the total gradient norm then stays within (1 + ratio) x the task gradient's."""
+    from benchmarks.paper_models import GPTConfig, RecallDataset, RecallModel
     from hf_rksp import KSSConfig, KSSTrainer
-    from hf_rksp.paper_models import GPTConfig, RecallDataset, RecallModel
 
     torch.manual_seed(0)
     model = RecallModel(GPTConfig(norm="none", d_model=64, n_layers=2, n_heads=4))

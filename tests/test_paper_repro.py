@@ -9,32 +9,18 @@ risk model that ``hf_rksp.risk`` reads back.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hf_rksp import risk
-from hf_rksp.paper_models import GPTConfig, LMModel, synthetic_lm
-
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_repro.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("paper_repro", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("paper_repro", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+import benchmarks.paper_repro as bench
+from benchmarks.paper_models import GPTConfig, LMModel, synthetic_lm
+from hf_rksp.pipeline import risk
 
 SUMMARY_KEYS = ("runs", "auroc_near_unit_mass", "auroc_near_unit_mass_ci95", "auroc_baselines", "ece_raw_score",
                 "ece_risk_model", "kss", "max_stable_lr")
@@ -220,7 +206,7 @@ def test_audit_fills_risk_from_a_shipped_model(smoke, tmp_path, monkeypatch):
     from conftest import save_tiny
 
     from hf_rksp import audit
-    from hf_rksp.report import render_card
+    from hf_rksp.report.card import render_card
 
     model = risk.RiskModel.from_json(json.loads((smoke / "risk_model.json").read_text()))
     monkeypatch.setattr(risk, "load_risk_model", lambda: model)

@@ -8,26 +8,13 @@ DeepNet / Magneto definitions do not match them), so only their sanity is checke
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from hf_rksp.paper_models import GPT, GPTConfig, associative_recall, block_snapshots
-
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table1.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("paper_table1", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+import benchmarks.paper_table1 as bench
+from benchmarks.paper_models import GPT, GPTConfig, associative_recall, block_snapshots
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,7 +11,7 @@ import pytest
 from fakehub import FakeHub
 
 from hf_rksp import audit
-from hf_rksp.cli import main
+from hf_rksp.cli.commands import main
 
 TOKEN = "hf_testtoken_3f9a7c1e5b"
 

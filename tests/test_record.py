@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hf_rksp.errors import AuditFileError
-from hf_rksp.record import AuditRecord, BlockRecord, read_audit
+from hf_rksp.record.records import AuditRecord, BlockRecord, read_audit
 from hf_rksp.spectral import FEATURE_NAMES
 
 REPO = Path(__file__).resolve().parent.parent

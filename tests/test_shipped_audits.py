@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from hf_rksp.record import read_audit
+from hf_rksp.record.records import read_audit
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "audits").glob("*/audit.json"))
@@ -40,7 +40,7 @@ def test_small_audits_regenerate(slug, tmp_path):
     """Same command, same numbers: tolerances cover BLAS differences across machines (float64
     algebra on float32 activations: ~1e-6 relative), and a near-unit count may flip by one
     eigenvalue whose modulus sits within 1e-6 of a band edge."""
-    from hf_rksp.cli import main
+    from hf_rksp.cli.commands import main
 
     args = _make_audits().shipped()[slug]()
     assert main(["audit", *args, "--out-dir", str(tmp_path), "-q"]) == 0

@@ -24,8 +24,17 @@ import torch
 from scipy.optimize import linear_sum_assignment, minimize
 
 from hf_rksp.errors import ConfigError, SnapshotError
-from hf_rksp.spectral import (RKSPConfig, dmd_operator, eigen, full_operator, kreiss_constant, kss_penalty,
-                              profile_block, resdmd_residuals, whiten)
+from hf_rksp.spectral import (
+    RKSPConfig,
+    dmd_operator,
+    eigen,
+    full_operator,
+    kreiss_constant,
+    kss_penalty,
+    profile_block,
+    resdmd_residuals,
+    whiten,
+)
 
 EPS = 1e-5
 REL_CUT = 1e-6

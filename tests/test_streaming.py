@@ -9,7 +9,7 @@ import torch
 from conftest import interrupt_block, tiny_config
 
 from hf_rksp import audit
-from hf_rksp.cli import main
+from hf_rksp.cli.commands import main
 
 SMALL = dict(tokens=256, seq_len=128, progress=False)
 
@@ -136,7 +136,7 @@ def test_interrupted_stream_resumes_to_the_same_json(kind, tmp_path, monkeypatch
 @pytest.fixture(scope="module")
 def smollm2_safetensors(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct (real weights) rewritten as a sharded safetensors checkpoint + tokenizer."""
-    from hf_rksp.loading import load_model, resolve_source, save_sharded
+    from hf_rksp.models.loading import load_model, resolve_source, save_sharded
 
     return save_sharded(load_model(resolve_source(str(smollm2_gguf))), tmp_path_factory.mktemp("smol_st"),
                         max_shard_size="150MB")
@@ -201,7 +201,7 @@ def test_rank_r_is_seeded_per_block_and_recorded(tmp_path):
 
 
 def test_rank_auto_is_full_up_to_1024_wide_then_32():
-    from hf_rksp.profiling import resolve_rank
+    from hf_rksp.capture.profile import resolve_rank
 
     assert resolve_rank("auto", 2048, 576) is None and resolve_rank("auto", 2048, 1024) is None
     assert resolve_rank("auto", 2048, 4096) == 32 and resolve_rank("auto", 512, 4096) is None  # k <= 511

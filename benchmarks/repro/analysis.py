@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from hf_rksp.risk import KAPPA_CAP, RiskModel, fit_logistic, transform
+from hf_rksp.pipeline.risk import KAPPA_CAP, RiskModel, fit_logistic, transform
 
 from .protocol import GRAD_LIMIT, LOSS_LIMIT, METHODS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS, Protocol
 from .stats import auroc, bootstrap_ci, ece, fisher_exact, log_loss, wilson
@@ -183,7 +183,7 @@ def fit_risk_model(runs: list[dict], sha256: str, which: str = "paper") -> tuple
             "log_loss": best["log_loss"], "selection": trail},
         rksp={"rank": "full", "tokens": PROFILE_TOKENS, "eps": 1e-5, "band_upper": 1.05, "band_lower": 0.90},
         sweep={"task": "associative recall (4 pairs, length 64, vocabulary 256)",
-               "architecture": "hf_rksp.paper_models GPT-2-style, N(0, 0.02^2) init, no residual scaling",
+               "architecture": "benchmarks.paper_models GPT-2-style, N(0, 0.02^2) init, no residual scaling",
                "norms": sorted({r["spec"]["norm"] for r in runs}),
                "training": f"AdamW, batch {runs[0]['spec']['batch']}, {runs[0]['spec']['steps']} steps, "
                            f"{runs[0]['spec']['warmup']} warm-up", "script": "benchmarks/paper_repro.py"})

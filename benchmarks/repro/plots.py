@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_rksp import atomic
+from hf_rksp.utils import atomic
 
 from .analysis import BASELINES, PREDICTORS, _fmt, baseline_values, label
 from .protocol import PAPER

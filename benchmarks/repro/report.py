@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_rksp import atomic
+from hf_rksp.utils import atomic
 
 from .analysis import (_clean, auroc_table, cv_table, fit_risk_model, kss_table, label, make_summary, maxlr_table,
                        norm_table, pilot_table, pilot_tables_md, shared_lr_auroc, tables_md)

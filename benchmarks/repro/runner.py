@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hf_rksp import atomic
+from hf_rksp.utils import atomic
 
 from .protocol import ALL_METHODS, Protocol, RunSpec, unique
 from .training import run_one

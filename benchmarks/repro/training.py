@@ -20,7 +20,7 @@ from .protocol import (ACC_SEQUENCES, BIG, BLOCKS, GRAD_LIMIT, GRAD_STEP, GRAD_V
 # --- one run ----------------------------------------------------------------------------------------------------
 
 def build_model(spec: RunSpec):
-    from hf_rksp.paper_models import GPTConfig, LMModel, RecallModel
+    from benchmarks.paper_models import GPTConfig, LMModel, RecallModel
 
     cfg = GPTConfig(vocab_size=spec.vocab, d_model=spec.d_model, n_layers=spec.n_layers, n_heads=spec.n_heads,
                     seq_len=spec.seq_len, norm=spec.norm)
@@ -30,7 +30,7 @@ def build_model(spec: RunSpec):
 
 def task_batch(spec: RunSpec, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) of n sequences of the run's task from stream ``seed``."""
-    from hf_rksp.paper_models import associative_recall, synthetic_lm
+    from benchmarks.paper_models import associative_recall, synthetic_lm
 
     if spec.task == "recall":
         return associative_recall(n, seed=seed, n_pairs=RECALL["n_pairs"], length=spec.seq_len,
@@ -40,7 +40,7 @@ def task_batch(spec: RunSpec, n: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 def train_data(spec: RunSpec):
-    from hf_rksp.paper_models import LMDataset, RecallDataset
+    from benchmarks.paper_models import LMDataset, RecallDataset
 
     n = spec.batch * spec.steps
     if spec.task == "recall":
@@ -55,8 +55,8 @@ def _device_of(model) -> str:
 
 def rksp(model, spec: RunSpec) -> dict:
     """RKSP v2 (full DMD, no Kreiss) on held-out sequences: the audit's summary (layer means) plus per-layer M."""
-    from hf_rksp.profiling import ProfileOptions, profile_model
-    from hf_rksp.summary import summarize
+    from hf_rksp.capture.profile import ProfileOptions, profile_model
+    from hf_rksp.record.summary import summarize
 
     ids, _ = task_batch(spec, max(1, PROFILE_TOKENS // spec.seq_len), spec.seed + HELDOUT_PROFILE)
     was = model.training
@@ -216,7 +216,7 @@ def training_args(spec: RunSpec, out_dir: str, device: str):
 
 
 def kss_config(spec: RunSpec):
-    from hf_rksp.kss import KSSConfig
+    from hf_rksp.training.kss import KSSConfig
 
     m = ALL_METHODS[spec.method]
     if not m.kss:
@@ -235,7 +235,7 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
     from transformers import PrinterCallback
 
     from hf_rksp.errors import RKSPError
-    from hf_rksp.trainer import KSSTrainer
+    from hf_rksp.training.trainer import KSSTrainer
 
     t_start = time.perf_counter()
     model = build_model(spec)

@@ -11,7 +11,13 @@ a temporary directory; Rscript reads the R data files and dumps plain text.
 
 See SOURCES.md for the sources, their public-domain status and the steps below.
 """
-import hashlib, os, re, subprocess, sys, tempfile, unicodedata
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unicodedata
 
 DEBS = ["r-cran-janeaustenr=1.0.0-1", "r-cran-tokenizers=0.3.0-1", "r-cran-tidytext=0.4.1-1"]
 LIB = "usr/lib/R/site-library"

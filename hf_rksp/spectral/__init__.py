@@ -9,13 +9,37 @@
 The audit (no grad) and KSS (with grad) call the same functions.
 """
 
-from .features import (FEATURE_NAMES, FEATURES, BlockFeatures, Feature, RKSPConfig, eigen, eigvec_condition,
-                       features_of, mass_partition, nonlinearity_ratio, profile_block, resdmd_residuals)
-from .kreiss import kreiss_constant
-from .operator import DMDOperator, dmd_operator, full_operator, randomized_operator
-from .shaping import (MAX_CONDITION, Spectrum, differentiable_eigenvalues, eigenvalue_condition, kss_penalty,
-                      soft_near_unit_mass, unstable_penalty)
-from .whitening import EPS, REL_CUT, Whitened, whiten
+from hf_rksp.spectral.features import (
+                       FEATURE_NAMES,
+                       FEATURES,
+                       BlockFeatures,
+                       Feature,
+                       RKSPConfig,
+                       eigen,
+                       eigvec_condition,
+                       features_of,
+                       mass_partition,
+                       nonlinearity_ratio,
+                       profile_block,
+                       resdmd_residuals,
+)
+from hf_rksp.spectral.kreiss import kreiss_constant
+from hf_rksp.spectral.operator import (
+                       DMDOperator,
+                       dmd_operator,
+                       full_operator,
+                       randomized_operator,
+)
+from hf_rksp.spectral.shaping import (
+                       MAX_CONDITION,
+                       Spectrum,
+                       differentiable_eigenvalues,
+                       eigenvalue_condition,
+                       kss_penalty,
+                       soft_near_unit_mass,
+                       unstable_penalty,
+)
+from hf_rksp.spectral.whitening import EPS, REL_CUT, Whitened, whiten
 
 METHOD_VERSION = "2"
 

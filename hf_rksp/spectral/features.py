@@ -14,10 +14,16 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..errors import ConfigError
-from .kreiss import _all_finite, _kreiss, complex_inverse, real_basis, unit_columns
-from .operator import OVERSAMPLE, POWER_ITERS, DMDOperator, dmd_operator
-from .whitening import EPS, REL_CUT, whiten
+from hf_rksp.errors import ConfigError
+from hf_rksp.spectral.kreiss import (
+    _all_finite,
+    _kreiss,
+    complex_inverse,
+    real_basis,
+    unit_columns,
+)
+from hf_rksp.spectral.operator import OVERSAMPLE, POWER_ITERS, DMDOperator, dmd_operator
+from hf_rksp.spectral.whitening import EPS, REL_CUT, whiten
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from .whitening import Whitened
+from hf_rksp.errors import ConfigError
+from hf_rksp.spectral.whitening import Whitened
 
 #: Erichson et al.'s defaults for the randomized range finder.
 OVERSAMPLE = 10

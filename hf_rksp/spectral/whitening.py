@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SnapshotError
+from hf_rksp.errors import SnapshotError
 
 #: Relative cut of the pseudo-inverse of X~ (PAPER.md: 1e-6 x the largest singular value).
 REL_CUT = 1e-6

@@ -1,0 +1,441 @@
+"""Loading: turn a source (hub id, local dir, GGUF file, config) into a base model.
+
+Only the base model (no LM head) is built: RKSP needs the residual blocks, and
+the head would cost time and memory for nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_rksp.errors import RKSPError
+from hf_rksp.models.blocks import BLOCK_PATHS, supported_families
+from hf_rksp.models.checkpoints.gguf import GGUFCheckpoint, per_tensor, shared_reader
+from hf_rksp.models.config import check_config
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass
+class Source:
+    """Where a model comes from, resolved before anything heavy is loaded."""
+
+    id: str  # what the user named (hub id, path, or config name)
+    kind: str  # "hub", "dir", "gguf", "config"
+    init: bool
+    path: str | None = None  # local directory or file
+    gguf_file: str | None = None
+    config_origin: str | None = None  # where the config came from, for --init
+    revision: str | None = None
+    name: str | None = None  # --name: the hub id a local copy stands for (slug, card, base_model)
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The local .gguf file, once known."""
+        return Path(self.path) / self.gguf_file if self.path and self.gguf_file else None
+
+    @property
+    def display_id(self) -> str:
+        return self.name or self.id
+
+    @property
+    def slug(self) -> str:
+        if self.name:
+            base = self.name.replace("/", "__")
+        elif self.kind == "hub":
+            base = self.id.replace("/", "__")
+        else:
+            base = Path(os.path.abspath(Path(self.id).expanduser())).name  # "." and "./x/" name their folder
+            if self.kind in ("gguf", "config") and base.endswith((".gguf", ".json")):
+                base = base.rsplit(".", 1)[0]
+        return base + ("__init" if self.init else "")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: object
+    tokenizer: object | None
+    source: Source
+    info: dict = field(default_factory=dict)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise RKSPError(f"unknown --dtype {name!r}; choose from {', '.join(sorted(DTYPES))}") from None
+
+
+def shipped_config_names() -> dict[str, str]:
+    """Alias -> file of the configs that ship with the package (famous checkpoints)."""
+    index = resources.files("hf_rksp").joinpath("configs/index.json")
+    return json.loads(index.read_text(encoding="utf-8"))
+
+
+def shipped_config(name: str) -> dict | None:
+    fname = shipped_config_names().get(name)
+    if fname is None:
+        return None
+    return json.loads(resources.files("hf_rksp").joinpath(f"configs/{fname}").read_text(encoding="utf-8"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_source(
+    source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None,
+    gguf_file: str | None = None,
+) -> Source:
+    """Decide what kind of source the user named, failing early with a clear message.
+
+    ``org/repo/file.gguf`` or a hub id with ``gguf_file`` downloads that one GGUF file.
+    """
+    if config_path is not None:
+        p = Path(config_path).expanduser()
+        if not p.is_file():
+            raise RKSPError(f"config file not found: {config_path}")
+        return Source(id=source or str(p), kind="config", init=True, path=str(p), config_origin=str(p))
+    if not source:
+        raise RKSPError("name a model (hub id, local directory or .gguf file) or pass --config")
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise RKSPError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file or a hub id")
+        return Source(id=source, kind="gguf", init=init, path=str(p.parent), gguf_file=p.name)
+    if p.is_dir() and gguf_file:
+        if not (p / gguf_file).is_file():
+            raise RKSPError(f"no GGUF file {gguf_file} in {source}")
+        return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=gguf_file)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=ggufs[0].name)
+            raise RKSPError(f"directory {source} has no config.json (not a Hugging Face checkpoint)")
+        return Source(id=source, kind="dir", init=init, path=str(p))
+    if not source.startswith((".", "/", "~")) and source.endswith(".gguf") and source.count("/") >= 2:
+        repo_id, _, gguf_file = source.partition("/")[2].partition("/")  # org/repo/file.gguf
+        return _hub_gguf(source, source.split("/")[0] + "/" + repo_id, gguf_file, init, revision)
+    if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
+        raise RKSPError(f"no such file or directory: {source}")
+    if gguf_file:
+        return _hub_gguf(source, source, gguf_file, init, revision)
+    return Source(id=source, kind="hub", init=init, revision=revision)
+
+
+def _hub_gguf(given: str, repo_id: str, gguf_file: str, init: bool, revision: str | None) -> Source:
+    """A GGUF file of a hub repo: that one file is fetched, then it is a local GGUF source."""
+    from hf_rksp.models.checkpoints.hub import fetch_gguf
+
+    path = fetch_gguf(repo_id, gguf_file, revision, local_only=_offline())
+    return Source(id=given, kind="gguf", init=init, path=str(path.parent), gguf_file=path.name, revision=revision)
+
+
+def _config_from_dict(d: dict, origin: str, trust_remote_code: bool, any_family: bool = False):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise RKSPError(f"config {origin} has no 'model_type'")
+    if not any_family:
+        check_family(model_type, origin)
+    try:
+        config = AutoConfig.for_model(model_type, **d)
+    except Exception as e:
+        raise RKSPError(f"invalid config {origin}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    check_config(config, origin)
+    return config
+
+
+def check_family(model_type: str | None, origin: str) -> None:
+    if model_type not in BLOCK_PATHS:
+        raise RKSPError(
+            f"unsupported model family {model_type!r} ({origin}); supported: {', '.join(supported_families())}; "
+            "point at the block list with --blocks (e.g. --blocks model.layers)"
+        )
+
+
+def _hub_error(source: Source, e: Exception) -> RKSPError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(e, GatedRepoError):
+        return RKSPError(f"{source.id} is a gated repo: accept its license on the Hub and log in (hf auth login)")
+    if isinstance(e, RevisionNotFoundError):
+        return RKSPError(f"revision {source.revision!r} not found for {source.id}")
+    if isinstance(e, RepositoryNotFoundError):
+        return RKSPError(f"model {source.id!r} not found on the Hub (or it is private and you are not logged in)")
+    where = "the local Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if _offline() else " or the Hub (no network?)")
+    return RKSPError(f"could not load {source.id!r} from {where}: {str(e).splitlines()[0]}")
+
+
+def load_config(source: Source, trust_remote_code: bool = False, any_family: bool = False):
+    """The model config for ``source``, without weights."""
+    from transformers import AutoConfig
+
+    if source.kind == "config":
+        try:
+            d = json.loads(Path(source.path).read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, 100k-deep nesting
+            raise RKSPError(f"config file {source.path} is not valid JSON: {str(e)[:200]}") from None
+        if not isinstance(d, dict):
+            raise RKSPError(f"config file {source.path} is not a JSON object")
+        return _config_from_dict(d, source.path, trust_remote_code, any_family)
+    if source.kind == "hub" and source.init and source.revision is None:
+        shipped = shipped_config(source.id)
+        if shipped is not None:
+            source.config_origin = f"shipped:{shipped_config_names()[source.id]}"
+            return _config_from_dict(shipped, source.config_origin, trust_remote_code, any_family)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        if source.kind == "gguf":
+            with shared_reader():
+                cfg = AutoConfig.from_pretrained(source.path, **kwargs)
+        elif source.kind == "hub":
+            try:
+                cfg = AutoConfig.from_pretrained(source.id, revision=source.revision, local_files_only=True, **kwargs)
+            except OSError:
+                if _offline():
+                    raise
+                cfg = AutoConfig.from_pretrained(source.id, revision=source.revision, **kwargs)
+        else:
+            cfg = AutoConfig.from_pretrained(source.path, **kwargs)
+    except RKSPError:
+        raise
+    except Exception as e:
+        if source.kind == "hub":
+            raise _hub_error(source, e) from None
+        raise RKSPError(f"could not read a model config from {source.id}: {str(e).splitlines()[0]}") from None
+    source.config_origin = source.config_origin or source.kind
+    if not any_family:
+        check_family(getattr(cfg, "model_type", None), source.id)
+    check_config(cfg, source.id)
+    return cfg
+
+
+def _from_pretrained(auto_cls, source: Source, local_files_only: bool, **kwargs):
+    """``auto_cls.from_pretrained`` for a gguf file, a directory, or a hub id."""
+    if source.kind == "gguf":
+        with shared_reader():
+            return auto_cls.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+    if source.kind == "dir":
+        return auto_cls.from_pretrained(source.path, **kwargs)
+    return auto_cls.from_pretrained(source.id, revision=source.revision, local_files_only=local_files_only, **kwargs)
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    """The tokenizer next to the model, or None when there is none offline (random ids then)."""
+    from transformers import AutoTokenizer
+
+    if source.kind == "config":
+        return None
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    try:
+        tok = _from_pretrained(AutoTokenizer, source, local_files_only=source.init or _offline(), **kwargs)
+    except Exception:
+        return None
+    # transformers builds an empty (or specials-only) tokenizer from a directory without vocab files
+    ids = tok("The residual stream of a transformer.", add_special_tokens=False)["input_ids"]
+    if len(tok) < 256 or not ids or all(i == tok.unk_token_id for i in ids):
+        return None
+    return tok
+
+
+def check_memory(config, dtype: torch.dtype, device: str) -> None:
+    """Fail before building a model that cannot fit in RAM whole (the memory planner, without streaming)."""
+    if not str(device).startswith("cpu"):
+        return
+    from hf_rksp.models.memory import ModelSizes, plan_memory
+
+    plan_memory(ModelSizes.of(config, dtype), tokens=0, dtype=str(dtype).replace("torch.", ""), stream=False,
+                can_stream=False)
+
+
+def load_model(
+    source: Source,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    any_family: bool = False,
+    placement: dict | None = None,
+    blocks: str | None = None,
+) -> LoadedModel:
+    """Build the base model: pretrained weights, or random init from the config with ``seed``.
+
+    ``placement`` (device_map, max_memory, offload_folder, quantization_config)
+    goes to ``from_pretrained`` as accelerate expects it; then the model stays
+    where accelerate put it.
+    """
+    placement = placement or {}
+    from transformers import AutoModel
+
+    torch_dtype = parse_dtype(dtype)
+    config = load_config(source, trust_remote_code, any_family)
+    try:
+        if not placement:
+            check_memory(config, torch_dtype, device)
+    except RKSPError:
+        raise
+    except Exception as e:  # the config parses but transformers cannot build it
+        raise RKSPError(f"invalid config {Path(source.config_origin or source.id).name}: {str(e).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    try:
+        if source.init:
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            _seeded_init(model, seed, blocks)
+        elif source.kind == "gguf" and not placement and per_tensor(source.gguf_path):
+            model = load_gguf_model(source, config, torch_dtype)
+        else:
+            model = _from_pretrained(AutoModel, source, local_files_only=_offline(), dtype=torch_dtype,
+                                     trust_remote_code=trust_remote_code, **placement)
+    except RKSPError:
+        raise
+    except (torch.OutOfMemoryError, MemoryError):
+        raise RKSPError(f"out of memory while loading {source.id}; try --dtype bfloat16") from None
+    except Exception as e:
+        if source.kind == "hub":
+            raise _hub_error(source, e) from None
+        raise RKSPError(f"could not load weights from {source.id}: {str(e).splitlines()[0]}") from None
+    if not placement:
+        model.to(device)
+    model.eval()
+    if source.kind == "hub" and not source.init:
+        source.revision = getattr(config, "_commit_hash", None) or source.revision
+    info = {
+        "family": config.model_type,
+        "model_class": type(model).__name__,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+    }
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
+
+
+def load_gguf_model(source: Source, config, dtype: torch.dtype):
+    """The base model of a GGUF file, every tensor de-quantized in torch straight into ``dtype``.
+
+    The same weights as transformers' ``from_pretrained(gguf_file=...)`` (its
+    name map and layout fixes; tested equal), without its float32 numpy copy of
+    every tensor.
+    """
+    from hf_rksp.models.weights import build_meta_model
+
+    model = build_meta_model(config, dtype)
+    names = [n for n, _ in model.named_parameters()]
+    state = GGUFCheckpoint(source.gguf_path, model, dtype).state_dict(names)
+    model.load_state_dict(state, strict=False, assign=True)
+    return model
+
+
+def _seeded_init(model, seed: int, blocks_path: str | None) -> None:
+    """Group-by-group seeded init (hf_rksp.init_weights), so the streamed --init path gives the same weights.
+
+    ``blocks_path`` is ``--blocks`` for families hf-rksp does not know.
+    """
+    from hf_rksp.models.blocks import find_blocks
+    from hf_rksp.models.init import seeded_init
+
+    seeded_init(model, find_blocks(model, blocks_path)[1], seed)
+
+
+def save_sharded(loaded: LoadedModel, out: str | Path, max_shard_size: str = "2GB") -> Path:
+    """Write a whole-loaded model (from GGUF, .bin, ...) as a sharded safetensors checkpoint + index,
+    config and tokenizer: the layout streaming reads block by block."""
+    from huggingface_hub import save_torch_state_dict
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(loaded.model.state_dict(), out, max_shard_size=max_shard_size)
+    cfg = copy.deepcopy(loaded.config)  # the caller's model keeps its own config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # a GGUF's: the safetensors hold the de-quantized weights
+    cfg.save_pretrained(out)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out)
+    return out
+
+
+def checkpoint_dir(source: Source) -> Path:
+    """The local directory holding ``source``'s weights (a hub id resolves to its cached snapshot)."""
+    if source.kind == "dir":
+        return Path(source.path)
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source.id, revision=source.revision, local_files_only=_offline(),
+                                          allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:
+            raise _hub_error(source, e) from None
+    raise RKSPError(f"--stream reads safetensors and GGUF checkpoints; a {source.kind} source loads whole "
+                    "(drop --stream)")
+
+
+def load_for_streaming(
+    source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False,
+    low_disk: bool = False,
+) -> LoadedModel:
+    """Config, tokenizer and the base model on the meta device: no weights are read or created here.
+
+    A sharded hub checkpoint is read shard by shard (:mod:`hf_rksp.hub_stream`;
+    ``low_disk``: one shard in the cache at a time); a single-file one is fetched whole.
+    """
+    from hf_rksp.models.weights import build_meta_model
+
+    torch_dtype = parse_dtype(dtype)
+    config = load_config(source, trust_remote_code, any_family)
+    ckpt = None
+    if source.kind == "hub" and not source.init:
+        from hf_rksp.models.checkpoints.hub import HubCheckpoint
+
+        ckpt = HubCheckpoint.open(source.id, source.revision, low_disk=low_disk, local_only=_offline())
+    elif low_disk:
+        raise RKSPError("--low-disk deletes the shards of a hub checkpoint as the audit passes them; "
+                        f"{source.id} is not a hub checkpoint")
+    if ckpt is None and not source.init and source.kind != "gguf":
+        ckpt = checkpoint_dir(source)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    try:
+        model = build_meta_model(config, torch_dtype)
+    except Exception as e:
+        raise RKSPError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from None
+    if source.kind == "gguf" and not source.init:
+        ckpt = GGUFCheckpoint(source.gguf_path, model, torch_dtype)
+    if source.kind == "hub":
+        source.revision = getattr(config, "_commit_hash", None) or source.revision
+    info = {
+        "family": config.model_type,
+        "model_class": type(model).__name__,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "checkpoint": ckpt,  # a safetensors directory or a GGUFCheckpoint; None at init
+        "dtype": torch_dtype,
+        "streamed": True,
+    }
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)

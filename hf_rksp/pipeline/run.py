@@ -1,0 +1,323 @@
+"""The RKSP audit: load -> capture -> spectra -> report, as one library call."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from hf_rksp.capture import calibration as cal
+from hf_rksp.capture.profile import block_result, profile_model, rksp_config
+from hf_rksp.capture.routers import RouterRecorder, find_routers
+from hf_rksp.errors import AuditInterrupted, RKSPError
+from hf_rksp.models.blocks import find_blocks
+from hf_rksp.models.loading import (
+    LoadedModel,
+    load_for_streaming,
+    load_model,
+    resolve_source,
+)
+from hf_rksp.models.placement import placement_kwargs, plan_for
+from hf_rksp.pipeline.options import AuditOptions, command_line
+from hf_rksp.pipeline.risk import assess_summary
+from hf_rksp.pipeline.validation import check_audit_options
+from hf_rksp.publish.local import check_out_dir
+from hf_rksp.record.records import (
+    AuditRecord,
+    BlockRecord,
+    InputsRecord,
+    MethodRecord,
+    SourceRecord,
+    SummaryRecord,
+    read_audit,
+)
+from hf_rksp.record.summary import summarize
+from hf_rksp.report import card as report
+from hf_rksp.report import plots
+from hf_rksp.report.card import render_card
+from hf_rksp.spectral import METHOD_VERSION
+
+logger = logging.getLogger("hf_rksp")
+METHOD_NAME = "RKSP"
+VISION_FAMILIES = ("vit",)
+
+
+@dataclass
+class AuditResult:
+    """An audit: the typed record, and the files written (empty when nothing was)."""
+
+    record: AuditRecord
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def near_unit_mass(self) -> float:
+        """The paper's score: the layer-mean near-unit mass M_~1."""
+        return self.record.summary.score
+
+    @property
+    def data(self) -> dict:
+        """The audit as its JSON dict (``record.to_dict()``), e.g. ``data["blocks"][0]["spectral_radius"]``."""
+        return self.record.to_dict()
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RKSPError(f"--device {name} requested but CUDA is not available on this machine")
+    return name
+
+
+def _max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
+    """Pick the calibration input: dataset, text file, embedded text, or random ids at init."""
+    tok = loaded.tokenizer
+    cfg = loaded.config
+    if cfg.model_type in VISION_FAMILIES:
+        if opts.dataset or opts.text:
+            raise RKSPError("vision models are calibrated on synthetic images; --text/--dataset are for text models")
+        return cal.synthetic_images(opts.tokens, cfg.num_channels, cfg.image_size, cfg.patch_size, opts.seed)
+    if opts.dataset or opts.text:
+        if tok is None:
+            raise RKSPError("--text/--dataset need a tokenizer, and none is available for this model offline")
+        if opts.dataset:
+            return cal.from_dataset(
+                opts.dataset, opts.split, opts.column, tok, opts.tokens, opts.seq_len, opts.dataset_config
+            )
+        return cal.from_file(opts.text, tok, opts.tokens, opts.seq_len)
+    if tok is not None:
+        return cal.from_embedded(tok, opts.tokens, opts.seq_len)
+    if not loaded.source.init:
+        logger.warning("no tokenizer found for %s: calibrating on seeded random token ids", loaded.source.id)
+    return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
+
+
+def check_options(opts: AuditOptions, d_model: int | None = None, *, init: bool = False) -> None:
+    """Reject options that cannot work, before any heavy work (:mod:`hf_rksp.validation`)."""
+    check_audit_options(opts, init=init)
+    if d_model is not None:
+        rksp_config(opts, opts.tokens, d_model)
+
+
+def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOptions, progress: bool = True,
+                   resume_dir: Path | None = None, resume_key: str = ""):
+    """profile_model's results for a model streamed block by block (from its checkpoint, or at seeded init)."""
+    from hf_rksp.capture.streaming import ResumeState, stream_snapshots_and_profile
+    from hf_rksp.models.weights import CheckpointWeights, InitWeights
+
+    path, blocks = find_blocks(loaded.model, opts.blocks)
+    if "+" in path or input_ids.is_floating_point():
+        raise RKSPError("--stream supports decoder and encoder text models (not encoder-decoder or vision yet)")
+    device, dtype = _device(opts.device), loaded.info["dtype"]
+    if loaded.source.init:
+        weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
+    else:
+        weights = CheckpointWeights(loaded.model, loaded.info["checkpoint"], dtype, device)
+    resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
+    routers = RouterRecorder(find_routers(blocks))
+
+    def profile_block(i, x, y):  # router statistics join each block's result, so they survive a resume
+        r = block_result(i, x, y, opts)
+        stats = routers.summary().get(i)
+        if stats is not None:
+            r["router"] = stats
+        return r
+
+    try:
+        with routers.recording():
+            results, timings = stream_snapshots_and_profile(
+                loaded.model, blocks, path, weights, input_ids, profile_block,
+                batch_size=opts.batch_size, device=device, progress=progress, resume=resume,
+            )
+    except RKSPError as e:  # the same input fails the same way: its progress is of no use
+        if resume is not None and not e.resumable:
+            resume.clear()
+        raise
+    except KeyboardInterrupt:
+        kept = resume is not None and (resume.dir / "progress.json").is_file()
+        raise AuditInterrupted("interrupted; " + (f"progress kept in {resume.dir}: rerun the same command to resume"
+                                                  if kept else "nothing was written")) from None
+    if resume is not None:
+        resume.clear()
+    return results, path, timings
+
+
+def method_record(opts: AuditOptions, calib, d_model: int, streamed: bool, path: str, init: bool) -> MethodRecord:
+    """The method of the audit: every parameter that changes the numbers."""
+    config = rksp_config(opts, calib.n_tokens, d_model)
+    return MethodRecord.from_dict({
+        "name": METHOD_NAME,
+        "version": METHOD_VERSION,
+        "rank": "full" if config.rank is None else config.rank,
+        "rank_option": str(opts.rank),
+        **{k: v for k, v in config.to_json().items() if k != "rank"},
+        "kreiss_of": "A / max(rho, 1)",
+        "tokens": opts.tokens,
+        "seq_len": calib.seq_len,
+        "seed": opts.seed,
+        "dtype": opts.dtype,
+        "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)"
+        + (("; layer-major streaming at seeded init" if init else "; layer-major streaming from the checkpoint")
+           if streamed else ""),
+        "streamed": streamed,
+    })
+
+
+def source_record(loaded: LoadedModel, n_blocks: int) -> SourceRecord:
+    """What was audited, and how it was found."""
+    src = loaded.source
+    return SourceRecord(id=src.display_id, path=src.id if src.name else None, kind=src.kind, init=src.init,
+                        revision=src.revision, config_origin=src.config_origin, gguf_file=src.gguf_file,
+                        family=loaded.info["family"], model_class=loaded.info["model_class"], n_blocks=n_blocks,
+                        d_model=int(loaded.config.hidden_size), n_params=loaded.info["n_params"])
+
+
+def inputs_record(calib: cal.Calibration) -> InputsRecord:
+    return InputsRecord(origin=calib.origin, n_tokens=calib.n_tokens, n_sequences=int(calib.input_ids.shape[0]),
+                        seq_len=calib.seq_len, sha256=calib.sha256, extra=dict(calib.detail))
+
+
+def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True,
+                resume_root: Path | None = None) -> AuditRecord:
+    """The audit record of an already loaded model (calibration, capture, spectra, summary).
+
+    A streamed audit with ``resume_root`` saves its progress after every block
+    under ``resume_root/<slug>-<key>`` and resumes from there when rerun.
+    """
+    streamed = bool(loaded.info.get("streamed"))
+    device = _device(opts.device) if streamed else str(next(loaded.model.parameters()).device)
+    d_model = int(loaded.config.hidden_size)
+    check_options(opts, d_model)
+    calib = calibration_for(loaded, opts)
+    max_pos = _max_positions(loaded.config)
+    if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
+        raise RKSPError(f"--seq-len {calib.seq_len} exceeds the model's {max_pos} positions")
+    if streamed:
+        key = hashlib.sha256(f"{command}\n{calib.sha256}\n{opts!r}".encode()).hexdigest()
+        rdir = resume_root / f"{loaded.source.slug}-{key[:16]}" if resume_root is not None else None
+        block_results, path, timings = stream_profile(loaded, calib.input_ids, opts, progress,
+                                                      resume_dir=rdir, resume_key=key)
+    else:
+        block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
+                                                     progress=progress, input_name=calib.input_name)
+    method = method_record(opts, calib, d_model, streamed, path, loaded.source.init)
+    summary = SummaryRecord.from_dict(summarize(block_results))
+    risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.info["family"], d_model=d_model,
+                                       n_layers=len(block_results), init=loaded.source.init,
+                                       method=method.to_dict())
+    record = AuditRecord(
+        slug=loaded.source.slug,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=command,
+        method=method,
+        source=source_record(loaded, len(block_results)),
+        inputs=inputs_record(calib),
+        blocks=[BlockRecord.from_dict(b) for b in block_results],
+        summary=summary,
+        risk=risk,
+        environment=report.environment(device),
+        timings=timings,
+        risk_unavailable_reason=risk_reason,
+    )
+    return report.with_verdict(record)
+
+
+def audit(
+    source: str | None = None,
+    *,
+    init: bool = False,
+    config: str | None = None,
+    options: AuditOptions | None = None,
+    out_dir: str | None = ".",
+    progress: bool = True,
+    **kwargs,
+) -> AuditResult:
+    """Audit a model with RKSP v2 and (unless ``out_dir`` is None) write JSON, plots and card.
+
+    ``source`` is a hub id (from the local cache when offline), a checkpoint
+    directory or a .gguf file; ``init=True`` or ``config=PATH`` audits the
+    architecture at random init.  Keyword arguments override ``options``.
+    """
+    unknown = sorted(set(kwargs) - {f.name for f in fields(AuditOptions)})
+    if unknown:
+        raise TypeError(f"audit() got unknown options {unknown}")
+    opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
+    check_options(opts, init=init or config is not None)
+    if out_dir is not None:
+        check_out_dir(Path(out_dir))
+    t0 = time.perf_counter()
+    device = _device(opts.device)
+    src = resolve_source(source, init=init, config_path=config, revision=opts.revision, gguf_file=opts.gguf_file)
+    src.name = opts.name
+    opts.stream = opts.stream or opts.low_disk
+    plan = plan_for(src, opts)
+    if plan is not None and plan.stream and not opts.stream:
+        logger.warning("%s would take more than half the available memory: streaming it block by block", src.id)
+        opts.stream = True
+    # --device-map disk offloads to a folder of this audit's own, removed however the audit ends
+    with tempfile.TemporaryDirectory(prefix="hf-rksp-offload-") if opts.device_map == "disk" else nullcontext() \
+            as offload:
+        if opts.stream:
+            loaded = load_for_streaming(src, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+                                        any_family=opts.blocks is not None, low_disk=opts.low_disk)
+        else:
+            loaded = load_model(src, dtype=opts.dtype, device=device, seed=opts.seed,
+                                trust_remote_code=opts.trust_remote_code, any_family=opts.blocks is not None,
+                                placement=placement_kwargs(opts, offload), blocks=opts.blocks)
+        t_load = time.perf_counter()
+        resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
+        record = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
+                             resume_root=resume_root)
+    timings = {"load_s": t_load - t0, **record.timings, "total_s": time.perf_counter() - t0}
+    result = AuditResult(record=replace(record, timings=timings))
+    if out_dir is not None:
+        result.paths = report.write_outputs(result.record, out_dir)
+    return result
+
+
+def rerender(audit_json: str, out_dir: str = ".") -> AuditResult:
+    """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed."""
+    result = AuditResult(record=report.with_verdict(read_audit(audit_json)))
+    result.paths = report.write_outputs(result.record, out_dir)
+    return result
+
+
+def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
+    """Write audit.json, the plots and the card; all files appear together or not at all.
+
+    Everything is rendered in memory first, then :func:`hf_rksp.publish.local.publish`
+    switches the audit and card folders in together (crash-safe), so a
+    failure at any point leaves the previous audit and card of this slug untouched.
+    """
+    from hf_rksp.publish.local import publish
+
+    audit.validate()
+    text = audit.to_json().encode("utf-8")
+    spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)
+    card = render_card(audit).encode("utf-8")
+    done = publish(out_dir, audit.slug, {
+        "audits": {"audit.json": text, "spectrum.png": spectrum, "profile.png": profile},
+        "model_cards": {"README.md": card, "spectrum.png": spectrum, "profile.png": profile},
+    })
+    audit_dir, card_dir = done["audits"], done["model_cards"]
+    return {
+        "audit": str(audit_dir / "audit.json"),
+        "spectrum": str(audit_dir / "spectrum.png"),
+        "profile": str(audit_dir / "profile.png"),
+        "card": str(card_dir / "README.md"),
+    }
+

@@ -1,0 +1,88 @@
+"""One validation layer: every option and config value is checked here, before any heavy work.
+
+The audit, the streaming path, push and compare call these functions instead
+of checking values where they use them, so a bad value fails the same way
+(a ConfigError naming its parameter, worded as a flag by the CLI) whichever
+path it would have taken.  Iteration counts are bounded here too: an option
+that would make the audit run for days or allocate terabytes is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hf_rksp.errors import ConfigError, RKSPError
+from hf_rksp.utils.checks import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_TOKENS,
+    check_device,
+    check_hub_id,
+    check_int,
+    check_positive_float,
+    check_revision,
+    parse_max_memory,
+)
+
+
+def check_audit_options(opts, *, init: bool = False) -> None:
+    """Every audit option (``hf_rksp.pipeline.options.AuditOptions``), alone and in combination; raises ConfigError/RKSPError."""
+    from hf_rksp.capture.calibration import check_shape
+    from hf_rksp.capture.profile import rksp_config
+    from hf_rksp.models.loading import parse_dtype
+
+    check_int("tokens", opts.tokens, 2, MAX_TOKENS)
+    check_int("seq_len", opts.seq_len, 1, MAX_TOKENS)
+    check_shape(opts.tokens, opts.seq_len)
+    if not (opts.rank in ("auto", "full") or (isinstance(opts.rank, int) and not isinstance(opts.rank, bool))):
+        raise ConfigError(f"rank must be 'full', 'auto' or an integer, got {opts.rank!r}", param="rank")
+    if isinstance(opts.rank, int) and opts.rank < 1:
+        raise ConfigError(f"rank must be at least 1, got {opts.rank}", param="rank")
+    if isinstance(opts.rank, int) and opts.rank > opts.tokens - 1:
+        raise ConfigError(f"rank {opts.rank} needs at least {opts.rank + 1} tokens; with {opts.tokens} tokens "
+                          f"the largest possible rank is {opts.tokens - 1}", param="rank")
+    rksp_config(opts, opts.tokens, opts.tokens)  # validates eps, bands, tau
+    for name in ("eps", "band_upper", "band_lower", "contractive", "resdmd_tau"):
+        check_positive_float(name, getattr(opts, name))
+    check_int("seed", opts.seed, 0, MAX_SEED)
+    check_int("batch_size", opts.batch_size, 1, MAX_BATCH)
+    parse_dtype(opts.dtype)
+    check_device(opts.device)
+    if opts.lr is not None:
+        check_positive_float("lr", opts.lr)
+    if opts.name is not None:
+        check_hub_id(opts.name, "name")
+    check_revision(opts.revision)
+    if opts.text is not None and not Path(opts.text).is_file():
+        raise RKSPError(f"--text file not found: {opts.text}")
+    _check_placement(opts, init)
+
+
+def _check_placement(opts, init: bool) -> None:
+    import torch
+
+    if opts.quantize is not None:
+        if opts.quantize not in ("8bit", "4bit"):
+            raise RKSPError(f"unknown quantization {opts.quantize!r} (8bit, 4bit)")
+        if not torch.cuda.is_available():
+            raise RKSPError(f"--load-in-{opts.quantize} uses bitsandbytes, which needs a CUDA GPU; this machine has "
+                            "none (audit in float32/bfloat16, with --stream if the model is large)")
+        if opts.stream:
+            raise RKSPError(f"--load-in-{opts.quantize} loads the model whole; it cannot be combined with --stream")
+    if opts.max_memory is not None:
+        parse_max_memory(opts.max_memory)
+        if opts.device_map is None:
+            raise RKSPError("--max-memory goes with --device-map")
+    if opts.device_map is not None and opts.stream:
+        raise RKSPError("--device-map places a whole model; --stream loads one block at a time (use one of them)")
+    if (opts.device_map is not None or opts.quantize is not None) and init:
+        raise RKSPError("--device-map and --load-in-Nbit place pretrained weights; --init builds on --device "
+                        "(use --stream for big models at init)")
+    if opts.device == "mps" and not torch.backends.mps.is_available():
+        raise RKSPError("--device mps requested but this machine has no Apple MPS device")
+    if (opts.device.startswith("cuda") or opts.device_map == "cuda") and not torch.cuda.is_available():
+        flag = "--device" if opts.device.startswith("cuda") else "--device-map"
+        raise RKSPError(f"{flag} {opts.device_map if flag == '--device-map' else opts.device} requested but CUDA "
+                        "is not available on this machine")
+
+

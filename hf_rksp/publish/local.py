@@ -1,0 +1,211 @@
+"""Publishing an audit: ``audits/<slug>/`` and ``model_cards/<slug>/`` switch together, even across a crash.
+
+Both folders are staged complete first (``.<slug>.stage.<pid>.*``).  Then a
+journal ``audits/.publish-<slug>.json`` naming every rename is written and
+synced, and the renames run: each existing target to a backup
+(``.<slug>.old.*``), each staged folder to its target.  The journal is removed
+once all are done, then the backups.
+
+- An error during the renames (a full disk, a permission) rolls back at once:
+  the earlier pair is put back, nothing new stays.
+- A crash (SIGKILL, power loss) leaves the journal; the next hf-rksp command
+  on this output folder (:func:`recover`) completes it, since the staged
+  folders were complete before the journal existed.  Readers therefore see
+  the old pair or the new pair, never one of each.
+
+All of this runs under an exclusive ``flock`` on the output folder, so
+concurrent audits into one folder publish one after the other.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from hf_rksp.errors import OutputError
+
+PARENTS = ("audits", "model_cards")
+JOURNAL = ".publish-{slug}.json"
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before any work when results could not be written under ``out_dir``; writes nothing."""
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"--out-dir {out_dir} exists and is not a directory")
+    existing = next(a for a in (p, *p.absolute().parents) if a.exists())
+    if not existing.is_dir():
+        raise OutputError(f"--out-dir {out_dir}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OutputError(f"--out-dir {out_dir}: cannot write in {existing}: {e.strerror or e}") from None
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def locked(out_dir: Path):
+    """An exclusive lock on ``out_dir`` (flock on the folder itself: no lock file to leave behind)."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; a killed process releases it too
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        with open(folder / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _stage(parent: Path, slug: str, files: dict[str, bytes]) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=f".{slug}.stage.{os.getpid()}.", dir=parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(d, 0o777 & ~mask)  # mkdtemp makes 0700
+        _write_files(d, files)
+        _fsync_dir(d)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    return d
+
+
+def _backup_name(target: Path) -> Path:
+    return target.parent / f".{target.name}.old.{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def _roll_forward(out_dir: Path, steps: list[dict]) -> None:
+    """Finish a journal's renames: a staged folder still there replaces its target (kept as the backup)."""
+    for s in steps:
+        staged, target, backup = (out_dir / s[k] for k in ("staged", "target", "backup"))
+        if not staged.exists():
+            continue  # this pair was switched already
+        if target.exists():
+            if backup.exists():
+                shutil.rmtree(target)
+            else:
+                os.rename(target, backup)
+        os.rename(staged, target)
+
+
+def _roll_back(out_dir: Path, steps: list[dict]) -> None:
+    """Undo a journal's renames after an error: every target gets its backup back, staged folders go."""
+    for s in reversed(steps):
+        staged, target, backup = (out_dir / s[k] for k in ("staged", "target", "backup"))
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+        elif backup.exists() or not s["had_target"]:
+            shutil.rmtree(target, ignore_errors=True)
+        if backup.exists():
+            os.rename(backup, target)
+
+
+def _finish(out_dir: Path, journal: Path, steps: list[dict]) -> None:
+    journal.unlink(missing_ok=True)
+    _fsync_dir(journal.parent)
+    for s in steps:
+        shutil.rmtree(out_dir / s["backup"], ignore_errors=True)
+
+
+def recover(out_dir: str | Path) -> None:
+    """Complete what a killed publish left in ``out_dir`` (journals), and drop orphaned staging folders."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "audits").is_dir():
+        return
+    with locked(out_dir):
+        for journal in (out_dir / "audits").glob(".publish-*.json"):
+            try:
+                steps = json.loads(journal.read_text())["steps"]
+            except (OSError, ValueError, KeyError, TypeError):
+                journal.unlink(missing_ok=True)  # written before any rename: nothing to complete
+                continue
+            _roll_forward(out_dir, steps)
+            _finish(out_dir, journal, steps)
+        for tmp in (out_dir / "audits").glob(".publish-*.tmp"):
+            tmp.unlink(missing_ok=True)  # a journal killed while being written: no rename had started
+        for parent in PARENTS:
+            for d in (out_dir / parent).glob(".*.stage.*.*") if (out_dir / parent).is_dir() else ():
+                if not _alive(d.name.split(".stage.", 1)[1].split(".", 1)[0]):
+                    shutil.rmtree(d, ignore_errors=True)
+            for d in (out_dir / parent).glob(".*.old.*.*") if (out_dir / parent).is_dir() else ():
+                shutil.rmtree(d, ignore_errors=True)  # no journal names it any more: its publish completed
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]]) -> dict[str, Path]:
+    """Write ``contents`` ({"audits": {file: bytes}, "model_cards": {...}}) as ``<parent>/<slug>/`` folders.
+
+    Returns the published folders.  Raises OutputError (earlier results untouched, nothing new left) when
+    writing fails; see the module docstring for what a crash leaves and how the next run completes it.
+    """
+    out_dir = Path(out_dir)
+    created = [d for d in (out_dir, *(out_dir / p for p in contents)) if not d.exists()]
+    staged: list[Path] = []
+    try:
+        for parent in contents:
+            (out_dir / parent).mkdir(parents=True, exist_ok=True)
+        recover(out_dir)
+        for parent, files in contents.items():
+            staged.append(_stage(out_dir / parent, slug, files))
+        with locked(out_dir):
+            _switch(out_dir, slug, [(s, out_dir / parent / slug) for s, parent in zip(staged, contents)])
+    except OSError as e:
+        for s in staged:
+            shutil.rmtree(s, ignore_errors=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()  # only when empty: a folder this failed publish created
+            except OSError:
+                pass
+        why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(f"could not write the audit under {out_dir}: {why} ({e.filename or out_dir}); "
+                          "earlier outputs are unchanged") from None
+    return {parent: out_dir / parent / slug for parent in contents}
+
+
+def _switch(out_dir: Path, slug: str, pairs: list[tuple[Path, Path]]) -> None:
+    """The journaled renames (under the lock): all pairs switch, or (on an error) none."""
+    rel = lambda p: str(p.relative_to(out_dir))  # noqa: E731
+    steps = [{"staged": rel(s), "target": rel(t), "backup": rel(_backup_name(t)), "had_target": t.exists()}
+             for s, t in pairs]
+    journal = out_dir / "audits" / JOURNAL.format(slug=slug)
+    tmp = journal.with_suffix(".tmp")
+    _write_files(tmp.parent, {tmp.name: json.dumps({"steps": steps}).encode()})
+    os.replace(tmp, journal)
+    _fsync_dir(journal.parent)
+    try:
+        _roll_forward(out_dir, steps)
+    except BaseException:
+        _roll_back(out_dir, steps)
+        journal.unlink(missing_ok=True)
+        raise
+    _finish(out_dir, journal, steps)

@@ -1,0 +1,1 @@
+"""Rendering an audit record for people: the model card, the plots and the comparison of two audits."""

@@ -1,0 +1,101 @@
+"""Compare two audits (a base model and its fine-tune, init vs trained, two seeds...)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from hf_rksp.errors import AuditFileError
+from hf_rksp.record.records import AuditRecord, read_audit
+from hf_rksp.spectral import FEATURES
+
+#: model-level rows: (feature, aggregate)
+SUMMARY_ROWS = tuple((f.name, "mean") for f in FEATURES) + (("spectral_radius", "max"),)
+#: method parameters that make two audits' numbers incomparable when they differ
+METHOD_FIELDS = ("rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau", "tokens")
+
+
+def load_audit(ref: str | Path, out_dir: str | Path = ".") -> AuditRecord:
+    """An audit from a path to audit.json, an audit directory, or a slug under ``out_dir``/audits."""
+    p = Path(ref)
+    for c in (p, p / "audit.json", Path(out_dir) / "audits" / str(ref) / "audit.json"):
+        if c.is_file():
+            return read_audit(c)
+    raise AuditFileError(f"no audit found for {ref!r} (a path to audit.json, an audit directory, or a slug)")
+
+
+def _delta(a, b):
+    """b - a, or None where either is missing or the difference overflows (JSON has no infinity)."""
+    if a is None or b is None:
+        return None
+    d = b - a
+    return d if math.isfinite(d) else None
+
+
+def compare(a: AuditRecord, b: AuditRecord) -> dict:
+    """Per-block and model-level differences b - a, with a short verdict (same method version only).
+
+    Returns the JSON-ready comparison that `hf-rksp compare --json` prints.
+    """
+    va, vb = a.method.version, b.method.version
+    if va != vb:
+        raise AuditFileError(f"cannot compare an RKSP v{va} audit with an RKSP v{vb} audit: re-run the older one")
+    na, nb = len(a.blocks), len(b.blocks)
+    same_depth = na == nb
+    per_block = []
+    if same_depth:
+        for ba, bb in zip(a.blocks, b.blocks):
+            per_block.append({"index": ba.index, **{f"{f.name}_delta": _delta(ba.value(f.name), bb.value(f.name))
+                                                    for f in FEATURES}})
+    fa, fb = a.summary.features, b.summary.features
+    summary = {}
+    for name, agg in SUMMARY_ROWS:
+        xa, xb = getattr(fa[name], agg), getattr(fb[name], agg)
+        summary[f"{name}_{agg}"] = {"a": xa, "b": xb, "delta": _delta(xa, xb)}
+    warnings = []
+    for field in METHOD_FIELDS:
+        xa, xb = getattr(a.method, field), getattr(b.method, field)
+        if xa != xb:
+            warnings.append(f"method.{field} differs ({xa} vs {xb})")
+    if a.inputs.sha256 != b.inputs.sha256:
+        warnings.append("calibration tokens differ (different tokenizer, text or seed)")
+    if not same_depth:
+        warnings.append(f"block counts differ ({na} vs {nb}): per-block differences omitted")
+    ma, mb = a.summary.score, b.summary.score
+    ra, rb = fa["spectral_radius"].max, fb["spectral_radius"].max
+    moved = max(per_block, key=lambda r: abs(r["near_unit_mass_delta"]), default=None)
+    verdict = (f"B vs A: near-unit mass M {ma:.3f} -> {mb:.3f} ({mb - ma:+.3f}); "
+               f"max spectral radius {ra:.3f} -> {rb:.3f} ({rb - ra:+.3f}).")
+    if moved is not None:
+        verdict += (f" Largest per-block change in near-unit mass: block {moved['index']} "
+                    f"({moved['near_unit_mass_delta']:+.3f}).")
+    return {
+        "a": {"slug": a.slug, "id": a.source.id, "init": a.source.init},
+        "b": {"slug": b.slug, "id": b.source.id, "init": b.source.init},
+        "summary": summary,
+        "blocks": per_block,
+        "warnings": warnings,
+        "verdict": verdict,
+    }
+
+
+def compare_png(a: AuditRecord, b: AuditRecord) -> bytes:
+    """Both profiles on one figure, against relative depth so different depths still line up."""
+    from hf_rksp.report import plots
+
+    fig, (ax1, ax2) = plots.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for audit, style in ((a, "o-"), (b, "s--")):
+        n = len(audit.blocks)
+        depth = [i / max(1, n - 1) for i in range(n)]
+        label = plots.title(audit)
+        ax1.plot(depth, [x.near_unit_mass for x in audit.blocks], style, ms=3, label=label)
+        ax2.plot(depth, [x.spectral_radius for x in audit.blocks], style, ms=3, label=label)
+    ax1.set_ylabel("near-unit mass")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.legend(fontsize=8)
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("spectral radius")
+    ax2.set_xlabel("relative depth")
+    ax1.set_title("RKSP profiles compared")
+    return plots.to_png(fig)

@@ -1,0 +1,136 @@
+"""RKSPMonitorCallback: the audit's spectral profile of the model every N steps, logged, with warnings."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger("hf_rksp")
+
+
+
+def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int]:
+    """The audit's model-level summary at the current weights (no grad), and the block count.
+
+    ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
+    """
+    from hf_rksp.capture.profile import profile_model
+    from hf_rksp.record.summary import summarize
+
+    was_training = model.training
+    try:
+        blocks, _, _ = profile_model(model, input_ids, options, device=str(next(model.parameters()).device),
+                                     progress=False)
+    finally:
+        model.train(was_training)
+    return summarize(blocks), len(blocks)
+
+
+class RKSPMonitorCallback(TrainerCallback):
+    """Profile the model with the RKSP audit every N steps on a fixed calibration batch.
+
+    Works with the plain ``Trainer``.  At train begin it records a baseline;
+    every ``every_n_steps`` optimizer steps it runs
+    :func:`hf_rksp.capture.profile.profile_model` (no grad) on ``input_ids`` and logs
+    ``rksp/near_unit_mass`` (model-level M), ``rksp/spectral_radius`` (max
+    over blocks) and ``rksp/outside_mass``, and warns (logger ``hf_rksp``)
+    when M or the radius passes an absolute threshold or moves from the
+    baseline by more than the allowed change.
+
+    Logging: with KSSTrainer the metrics go through ``Trainer.log`` before any
+    integration sees the logs.  With the plain Trainer they are added in
+    ``on_log`` (to the logs dict and ``state.log_history``), so integrations
+    placed *after* this callback see them: use
+    ``trainer.callback_handler.callbacks.insert(0, monitor)`` (or
+    :meth:`attach`) if TensorBoard / W&B must receive them.
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        every_n_steps: int = 50,
+        options=None,
+        *,
+        max_near_unit_mass: float | None = None,
+        max_spectral_radius: float | None = None,
+        max_near_unit_change: float | None = 0.1,
+        max_radius_change: float | None = 0.25,
+    ):
+        from hf_rksp.capture.profile import ProfileOptions
+
+        if input_ids.ndim != 2:
+            raise ValueError("input_ids must be (B, T) token ids")
+        self.input_ids = input_ids
+        self.every_n_steps = int(every_n_steps)
+        self.options = options or ProfileOptions(batch_size=int(input_ids.shape[0]))
+        self.max_near_unit_mass = max_near_unit_mass
+        self.max_spectral_radius = max_spectral_radius
+        self.max_near_unit_change = max_near_unit_change
+        self.max_radius_change = max_radius_change
+        self.baseline: dict | None = None
+        self.history: list[dict] = []
+        self.warnings: list[str] = []
+        self._pending: dict[str, float] = {}
+
+    def attach(self, trainer) -> "RKSPMonitorCallback":
+        """Put this callback first so every integration sees its metrics."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def profile(self, model) -> dict:
+        from hf_rksp.spectral import FEATURES
+
+        s, _ = profile_summary(model, self.input_ids, self.options)
+        out = {"rksp/near_unit_mass": s["score"], "rksp/spectral_radius": s["features"]["spectral_radius"]["max"]}
+        out.update({f"rksp/{f.name}_mean": s["features"][f.name]["mean"] for f in FEATURES
+                    if s["features"][f.name]["mean"] is not None})
+        return out
+
+    def _check(self, m: dict, step: int, is_zero: bool) -> None:
+        msgs = []
+        M, rho = m["rksp/near_unit_mass"], m["rksp/spectral_radius"]
+        if self.max_near_unit_mass is not None and M > self.max_near_unit_mass:
+            msgs.append(f"near-unit mass {M:.3f} > {self.max_near_unit_mass}")
+        if self.max_spectral_radius is not None and rho > self.max_spectral_radius:
+            msgs.append(f"spectral radius {rho:.3f} > {self.max_spectral_radius}")
+        if self.baseline is not None:
+            M0, rho0 = self.baseline["rksp/near_unit_mass"], self.baseline["rksp/spectral_radius"]
+            if self.max_near_unit_change is not None and abs(M - M0) > self.max_near_unit_change:
+                msgs.append(f"near-unit mass moved {M0:.3f} -> {M:.3f}")
+            if self.max_radius_change is not None and rho0 > 0 and abs(rho / rho0 - 1) > self.max_radius_change:
+                msgs.append(f"spectral radius moved {rho0:.3f} -> {rho:.3f}")
+        for msg in msgs:
+            text = f"RKSP monitor, step {step}: {msg}"
+            self.warnings.append(text)
+            if is_zero:
+                logger.warning(text)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.baseline is None:
+            self.baseline = self.profile(model)
+            self.history.append({"step": state.global_step, **self.baseline})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % self.every_n_steps:
+            return control
+        m = self.profile(model)
+        self.history.append({"step": state.global_step, **m})
+        self._check(m, state.global_step, state.is_world_process_zero)
+        self._pending = dict(m)
+        control.should_log = True
+        return control
+
+    def pop_pending(self) -> dict:
+        p, self._pending = self._pending, {}
+        return p
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None:
+            p = self.pop_pending()
+            logs.update(p)
+            if state.log_history:
+                state.log_history[-1].update(p)
+        return control
+
