@@ -3,9 +3,9 @@
 A plain training loop (AdamW, linear warm-up over 100 steps, weight decay 0.01, no clipping, batch 16)
 of the paper's No-Norm model (benchmarks.paper_models, d 128, L 4, 4 heads) on associative recall, with
 KSS at its defaults (alpha 0.15 every 10 steps, 50% of the blocks, rank 32, 512 tokens) computed by
-the library's own pieces (``SnapshotSampler``, ``select_layers``, ``layer_kss``).  On every KSS step
-the task gradient and the alpha-weighted KSS gradient are taken separately (two ``autograd.grad``
-calls on one forward) and their norms recorded with the KSS loss, the hard near-unit mass KSS sees
+the trainer's own step (``hf_rksp.training.kss.KSSStep``: the same draws and seeds as ``KSSTrainer``).
+On every KSS step the task gradient and the alpha-weighted KSS gradient are taken separately
+(``measure_grad_norms``: two ``autograd.grad`` calls on one forward) and their norms recorded with the KSS loss, the hard near-unit mass KSS sees
 and the largest eigenvalue condition number; then their sum is applied.  Training stops at the
 paper's divergence label (loss > 50 or gradient norm > 500).  ``--no-kss`` gives the baseline's
 divergence step.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 
-from hf_rksp.training.kss import KSSConfig, SnapshotSampler, layer_kss, select_layers
+from hf_rksp.training.kss import KSSConfig, KSSStep
 from benchmarks.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
 from benchmarks.paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
 
@@ -44,27 +44,21 @@ def run(seed: int, lr: float, kss: bool, a) -> dict:
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warmup))
-    cfg = KSSConfig(seed=seed)
+    cfg = KSSConfig(seed=seed, measure_grad_norms=True)
     blocks = list(model.gpt.blocks)
     trace, diverged_at = [], None
     for step in range(a.steps):
         ids, labels = associative_recall(a.batch, seed=seed * 1_000_003 + step)
         opt.zero_grad()
-        if kss and step % cfg.every_n_steps == 0:
-            chosen = select_layers(len(blocks), cfg.layer_fraction, torch.Generator().manual_seed(seed + step))
-            with SnapshotSampler([blocks[i] for i in chosen], cfg.subsample,
-                                 torch.Generator().manual_seed(seed + step)) as s:
+        if kss and step % cfg.every_n_steps == 0:  # the trainer's own KSS step (same draws, same seeds)
+            with KSSStep(blocks, cfg, step=step) as k:
                 loss = model(ids, labels)["loss"]
-            rs = [layer_kss(x, y, cfg, generator=torch.Generator().manual_seed(step * 1009 + i))
-                  for i, (x, y) in enumerate(s.pairs())]
-            used = [r.loss for r in rs if not r.skipped]
-            g_task = torch.autograd.grad(loss, params, retain_graph=bool(used), allow_unused=True)
-            g_kss = (torch.autograd.grad(cfg.alpha * torch.stack(used).mean(), params, allow_unused=True)
-                     if used else [None] * len(params))
-            for p, gt, gk in zip(params, g_task, g_kss):
-                p.grad = sum(g for g in (gt, gk) if g is not None) if (gt is not None or gk is not None) else None
-            trace.append({"step": step, "loss": float(loss.detach()), "task_grad_norm": _norm(g_task),
-                          "kss_grad_norm": _norm(g_kss), "kss_loss": float(torch.stack(used).mean().detach()) if used else None,
+            out = k.result(loss, cfg.alpha, params)
+            rs = out.layers
+            (loss if out.term is None else loss + out.term).backward()
+            trace.append({"step": step, "loss": float(loss.detach()), "task_grad_norm": out.grad_norms.get(
+                              "kss/task_grad_norm", 0.0), "kss_grad_norm": out.grad_norms.get("kss/grad_norm", 0.0),
+                          "kss_loss": float(out.term.detach()) / cfg.alpha if out.term is not None else None,
                           "near_unit_mass": sum(r.near_unit_mass for r in rs) / len(rs),
                           "max_condition": max(r.condition for r in rs), "skipped": sum(r.skipped for r in rs)})
         else:

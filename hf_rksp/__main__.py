@@ -1,3 +1,5 @@
+"""``python -m hf_rksp``: the command line, as ``hf-rksp``."""
+
 import sys
 
 from hf_rksp.cli.commands import main

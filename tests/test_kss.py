@@ -570,3 +570,49 @@ def test_max_grad_ratio_bounds_the_kss_gradient(tmp_path):
     for h in logs:
         assert 0 < h["kss/grad_scale"] < 1  # at init the KSS gradient is far larger than the task's
         assert h["grad_norm"] <= 1.5 * h["kss/task_grad_norm"] * (1 + 1e-4)
+
+
+def test_kss_step_is_the_documented_draw_and_bounds_its_gradient():
+    """KSSStep (what KSSTrainer and the benchmarks call) against the pieces assembled by hand.
+
+    The term must equal alpha * mean L_l over the blocks and positions its docstring says it draws, to
+    1e-12 (the same float64 computation on the same snapshots: only summation order could differ), and with
+    max_grad_ratio the term's gradient norm must be at most ratio x the task's (1e-6 relative: a rescaling,
+    measured again through float32 parameter gradients).
+    """
+    from hf_rksp.models.init import group_seed
+    from hf_rksp.training.kss import KSSStep, select_layers
+
+    model = tiny_lm("gpt2", no_norm=True).eval()  # no dropout: the two forwards see the same stream
+    _, blocks = find_blocks(model)
+    blocks = list(blocks) * 2  # 4 entries, so the draw of 50% is a real choice
+    cfg = _KSSConfig(seed=7, subsample=96)
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    with KSSStep(blocks, cfg, step=20, micro=3) as k:
+        loss = model(input_ids=ids, labels=ids).loss
+    out = k.result(loss, 0.15)
+
+    chosen = select_layers(4, cfg.layer_fraction, torch.Generator().manual_seed(group_seed(7, 20)))
+    gen = torch.Generator().manual_seed(group_seed(8, 20 * 1009 + 3))
+    with SnapshotSampler([blocks[i] for i in chosen], 96, gen) as s:
+        model(input_ids=ids)
+    ref = [layer_kss(x, y, cfg, generator=torch.Generator().manual_seed(group_seed(9, 20 * 1009 + i)))
+           for i, (x, y) in zip(chosen, s.pairs())]
+    assert out.chosen == chosen and len(out.layers) == len(chosen) == 2
+    want = 0.15 * torch.stack([r.loss for r in ref if not r.skipped]).mean()
+    term, want = float(out.term.detach()), float(want.detach())
+    assert abs(term - want) <= 1e-12 * max(1.0, abs(want))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    bounded = _KSSConfig(seed=7, subsample=96, max_grad_ratio=1e-3)
+    with KSSStep(blocks, bounded, step=20) as k:
+        loss = model(input_ids=ids, labels=ids).loss
+    out = k.result(loss, 0.15, params)
+    grads = torch.autograd.grad(out.term, params, allow_unused=True)
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+    assert 0 < out.grad_norms["kss/grad_scale"] < 1
+    assert norm <= 1e-3 * out.grad_norms["kss/task_grad_norm"] * (1 + 1e-6)
+    with pytest.raises(ValueError, match="parameters"):
+        with KSSStep(blocks, bounded, step=20) as k:
+            loss = model(input_ids=ids, labels=ids).loss
+        k.result(loss, 0.15)

@@ -32,13 +32,14 @@ layer whose eigenvalues are ill-conditioned (condition number above
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
 from hf_rksp.capture.hooks import hidden_in, hidden_out
 from hf_rksp.errors import ConfigError, SnapshotError
+from hf_rksp.models.init import group_seed
 from hf_rksp.spectral import (
     MAX_CONDITION,
     RKSPConfig,
@@ -52,7 +53,8 @@ from hf_rksp.spectral import (
 )
 from hf_rksp.spectral.whitening import EPS
 
-__all__ = ["KSSConfig", "LayerKSS", "layer_kss", "select_layers", "SnapshotSampler"]
+__all__ = ["KSSConfig", "LayerKSS", "layer_kss", "select_layers", "SnapshotSampler", "KSSStep", "KSSResult",
+           "gradient_norms"]
 
 
 @dataclass
@@ -280,3 +282,92 @@ class SnapshotSampler:
         if any(t is None for t in self.inputs + self.outputs):
             raise SnapshotError("KSS hooks did not see every selected block in the forward pass")
         return list(zip(self.inputs, self.outputs))
+
+
+@dataclass
+class KSSResult:
+    """What one KSS evaluation (:class:`KSSStep`) produced."""
+
+    term: torch.Tensor | None  # alpha * mean_l L_l (times grad_scale), to add to the task loss; None: no usable layer
+    layers: list[LayerKSS]  # one per drawn block whose snapshots could be whitened
+    chosen: list[int]  # the drawn blocks (indices into the blocks given)
+    degenerate: int = 0  # drawn blocks whose snapshots could not be whitened (a constant stream)
+    degenerate_reason: str | None = None  # the first such block's message
+    grad_norms: dict[str, float] = field(default_factory=dict)  # measure_grad_norms / max_grad_ratio
+
+
+def gradient_norms(params: list[torch.Tensor], task_loss: torch.Tensor, term: torch.Tensor) -> dict[str, float]:
+    """Norms of the task loss's gradient and of the KSS term's, over ``params``, taken apart.
+
+    The graph is kept for the real backward.  Keys: ``kss/task_grad_norm``, ``kss/grad_norm``.
+    """
+    out = {}
+    for name, value in (("kss/task_grad_norm", task_loss), ("kss/grad_norm", term)):
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        out[name] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None))
+    return out
+
+
+class KSSStep:
+    """One KSS evaluation around one forward pass: the one implementation every training loop uses.
+
+    ::
+
+        with KSSStep(blocks, config, step=step) as kss:
+            loss = model(**batch).loss                 # the hooks keep each drawn block's snapshots
+        out = kss.result(loss, alpha, params)          # out.term is None when no layer was usable
+        if out.term is not None:
+            loss = loss + out.term
+        loss.backward()
+
+    The draws are seeded from ``config.seed``: the blocks from the optimizer ``step`` (one draw for all
+    micro-batches of a step), the token positions from ``step`` and the micro-batch number ``micro``, each
+    block's randomized-DMD basis from ``step`` and the block's index.  ``attention_mask`` keeps padding out
+    of the sample.  ``params`` (the parameters that train) is needed only with ``measure_grad_norms`` or
+    ``max_grad_ratio``; the term's gradient is then bounded by ``max_grad_ratio`` times the task's.
+    """
+
+    def __init__(self, blocks: list[nn.Module], config: KSSConfig, *, step: int, micro: int = 0,
+                 attention_mask: torch.Tensor | None = None):
+        self.config, self.step = config, step
+        self.chosen = select_layers(len(blocks), config.layer_fraction,
+                                    torch.Generator().manual_seed(group_seed(config.seed, step)))
+        gen = torch.Generator().manual_seed(group_seed(config.seed + 1, step * 1009 + micro % 1009))
+        valid = attention_mask.reshape(-1).bool() if isinstance(attention_mask, torch.Tensor) else None
+        self.sampler = SnapshotSampler([blocks[i] for i in self.chosen], config.subsample, gen, valid)
+
+    def __enter__(self) -> "KSSStep":
+        self.sampler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sampler.__exit__(*exc)
+
+    def result(self, task_loss: torch.Tensor, alpha: float, params: list[torch.Tensor] | None = None) -> KSSResult:
+        cfg = self.config
+        layers, degenerate, reason = [], 0, None
+        with torch.autocast(device_type=task_loss.device.type, enabled=False):
+            for i, (x, y) in zip(self.chosen, self.sampler.pairs()):
+                basis = torch.Generator().manual_seed(group_seed(cfg.seed + 2, self.step * 1009 + i))
+                try:
+                    layers.append(layer_kss(x, y, cfg, generator=basis))
+                except SnapshotError as e:  # a collapsed (constant) residual stream: nothing to shape
+                    degenerate += 1
+                    reason = reason or str(e)
+        out = KSSResult(term=None, layers=layers, chosen=self.chosen, degenerate=degenerate, degenerate_reason=reason)
+        used = [r.loss for r in layers if not r.skipped]
+        if not used:
+            return out
+        term = alpha * torch.stack(used).mean()
+        if cfg.measure_grad_norms or cfg.max_grad_ratio is not None:
+            if params is None:
+                raise ConfigError("KSSStep.result needs the trained parameters to measure or bound gradients",
+                                  param="params")
+            out.grad_norms = gradient_norms(params, task_loss, term)
+        if cfg.max_grad_ratio is not None:
+            bound = cfg.max_grad_ratio * out.grad_norms["kss/task_grad_norm"]
+            total = out.grad_norms["kss/grad_norm"]
+            out.grad_norms["kss/grad_scale"] = scale = min(1.0, bound / total) if total > 0 else 1.0
+            term = term * scale
+        out.term = term
+        return out

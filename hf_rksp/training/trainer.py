@@ -17,11 +17,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from hf_rksp.errors import SnapshotError
 from hf_rksp.models.blocks import find_blocks
 from hf_rksp.models.families import default_lr
-from hf_rksp.models.init import group_seed
-from hf_rksp.training.kss import KSSConfig, SnapshotSampler, layer_kss, select_layers
+from hf_rksp.training.kss import KSSConfig, KSSStep
 from hf_rksp.training.monitor import RKSPMonitorCallback, profile_summary
 from hf_rksp.utils import atomic
 
@@ -162,57 +160,23 @@ class KSSTrainer(Trainer):
         if alpha <= 0.0:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        cfg = self.kss_config
-        step = self.state.global_step
         pool = self._kss_selected_blocks(model)
-        # one layer draw per optimizer step (all its micro-batches); tokens drawn per micro-batch
-        chosen = select_layers(len(pool), cfg.layer_fraction, torch.Generator().manual_seed(group_seed(cfg.seed, step)))
-        gen = torch.Generator().manual_seed(group_seed(cfg.seed + 1, step * 1009 + self.kss_state.evaluations % 1009))
         mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None  # dict or BatchEncoding
-        valid = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) else None
-        with SnapshotSampler([pool[i] for i in chosen], cfg.subsample, gen, valid) as sampler:
+        # one layer draw per optimizer step (all its micro-batches); tokens drawn per micro-batch
+        with KSSStep(pool, self.kss_config, step=self.state.global_step, micro=self.kss_state.evaluations,
+                     attention_mask=mask) as kss:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
-        with torch.autocast(device_type=loss.device.type, enabled=False):
-            results, degenerate = [], 0
-            for i, (x, y) in zip(chosen, sampler.pairs()):
-                basis_gen = torch.Generator().manual_seed(group_seed(cfg.seed + 2, step * 1009 + i))
-                try:
-                    results.append(layer_kss(x, y, cfg, generator=basis_gen))
-                except SnapshotError as e:  # a collapsed (constant) residual stream: nothing to shape
-                    if not self.kss_state.degenerate_layers:
-                        logger.warning("KSS skips a block this step: %s", e)
-                    degenerate += 1
-        used = [r.loss for r in results if not r.skipped]
-        norms = {}
-        if used:
-            kss = torch.stack(used).mean()
-            if cfg.measure_grad_norms or cfg.max_grad_ratio is not None:
-                norms = self._kss_gradient_norms(model, loss, alpha * kss)
-            term = alpha * kss
-            if cfg.max_grad_ratio is not None:
-                bound = cfg.max_grad_ratio * norms["kss/task_grad_norm"]
-                scale = min(1.0, bound / norms["kss/grad_norm"]) if norms["kss/grad_norm"] > 0 else 1.0
-                norms["kss/grad_scale"] = scale
-                term = term * scale
+        out = kss.result(loss, alpha, [p for p in model.parameters() if p.requires_grad])
+        if out.degenerate and not self.kss_state.degenerate_layers:
+            logger.warning("KSS skips a block this step: %s", out.degenerate_reason)
+        if out.term is not None:
+            term = out.term
             if self._loss_is_scaled_for_ga(num_items_in_batch):
                 term = term / self.current_gradient_accumulation_steps
             loss = loss + term.to(loss.dtype)
-        self._kss_record(alpha, results, degenerate, norms)
+        self._kss_record(alpha, out.layers, out.degenerate, out.grad_norms)
         return (loss, outputs) if return_outputs else loss
-
-    @staticmethod
-    def _kss_gradient_norms(model, task_loss: torch.Tensor, term: torch.Tensor) -> dict[str, float]:
-        """Norms of this micro-batch's task-loss gradient and of alpha * grad L_KSS (KSSConfig.measure_grad_norms).
-
-        Taken before gradient-accumulation scaling and clipping, with the graph kept for the real backward.
-        """
-        params = [p for p in model.parameters() if p.requires_grad]
-        out = {}
-        for name, value in (("kss/task_grad_norm", task_loss), ("kss/grad_norm", term)):
-            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-            out[name] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None))
-        return out
 
     def _kss_record(self, alpha: float, results, degenerate: int, norms: dict[str, float] | None = None) -> None:
         st = self.kss_state
