@@ -1,8 +1,14 @@
 """Typed errors.  Library code raises these in library terms; only the CLI words them as flags.
 
+A message names a parameter in backticks, by its library name (```seq_len```, ```dtype``` = float32): a Python
+user reads the argument to change, and ``hf_rksp/cli/errors.py`` (the one place errors become flags) turns each
+into its command-line flag (``--seq-len``).  Errors carry their data (``param``, ``repo_id``, ``path``...).
+Our own bugs are not RKSPErrors: they keep their traceback (the CLI writes it to the debug log).
+
     RKSPError                      anything the user can fix (the CLI prints one line, exits non-zero)
     ├── ConfigError                a method or audit parameter out of range
     ├── SourceError                the model/checkpoint/config cannot be found or read
+    │   └── HubError               the Hugging Face Hub refused or failed a download or an upload
     ├── SnapshotError              snapshots the method cannot use (too few tokens, constant stream)
     │   └── NonFiniteActivationError
     ├── AuditFileError             an audit.json that cannot be read, is invalid, or is of another method version
@@ -36,6 +42,14 @@ class SourceError(RKSPError):
     """The model source (hub id, directory, GGUF, config) cannot be found or read."""
 
 
+class HubError(SourceError):
+    """A Hub download or upload failed: ``repo_id``, and the ``filename`` or ``revision`` when known."""
+
+    def __init__(self, message: str, *, repo_id: str, filename: str | None = None, revision: str | None = None):
+        self.repo_id, self.filename, self.revision = repo_id, filename, revision
+        super().__init__(message)
+
+
 class SnapshotError(RKSPError):
     """The snapshots cannot be profiled (fewer than 2 tokens, no variance, shape mismatch)."""
 
@@ -48,7 +62,7 @@ class NonFiniteActivationError(SnapshotError):
         self.where = where
         super().__init__(
             f"non-finite values (NaN/inf) in the residual stream {where} block {block}; "
-            "check the weights (or, in float16/bfloat16, retry with --dtype float32)"
+            "check the weights (or, in float16/bfloat16, retry with `dtype` float32)"
         )
 
 

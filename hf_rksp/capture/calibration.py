@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_rksp.errors import RKSPError
+from hf_rksp.errors import ConfigError, SourceError
 
 DEFAULT_TEXT = "hf_rksp/data/calibration.txt"
 
@@ -50,14 +50,14 @@ def default_text() -> str:
 def check_shape(tokens: int, seq_len: int) -> tuple[int, int]:
     """Validate --tokens/--seq-len and return (n_sequences, seq_len)."""
     if tokens < 2:
-        raise RKSPError(f"--tokens must be at least 2, got {tokens}")
+        raise ConfigError(f"`tokens` must be at least 2, got {tokens}", param="tokens")
     if seq_len < 1:
-        raise RKSPError(f"--seq-len must be positive, got {seq_len}")
+        raise ConfigError(f"`seq_len` must be positive, got {seq_len}", param="seq_len")
     seq_len = min(seq_len, tokens)
     if tokens % seq_len:
-        raise RKSPError(
-            f"--tokens ({tokens}) must be a multiple of --seq-len ({seq_len}): "
-            "calibration text is cut into whole sequences with no padding"
+        raise ConfigError(
+            f"`tokens` ({tokens}) must be a multiple of `seq_len` ({seq_len}): "
+            "calibration text is cut into whole sequences with no padding", param="tokens"
         )
     return tokens // seq_len, seq_len
 
@@ -65,7 +65,8 @@ def check_shape(tokens: int, seq_len: int) -> tuple[int, int]:
 def _cut(ids: list[int], tokens: int, seq_len: int, what: str) -> torch.Tensor:
     n_seq, seq_len = check_shape(tokens, seq_len)
     if len(ids) < tokens:
-        raise RKSPError(f"{what} gives only {len(ids)} tokens with this tokenizer; {tokens} requested (--tokens)")
+        raise ConfigError(f"{what} gives only {len(ids)} tokens with this tokenizer; {tokens} requested (`tokens`)",
+                          param="tokens")
     return torch.tensor(ids[:tokens], dtype=torch.int64).reshape(n_seq, seq_len)
 
 
@@ -98,7 +99,7 @@ def from_file(path: str | Path, tokenizer, tokens: int, seq_len: int) -> Calibra
     """
     p = Path(path)
     if not p.is_file():
-        raise RKSPError(f"--text file not found: {p}")
+        raise ConfigError(f"`text` file not found: {p}", param="text")
     h = hashlib.sha256()
     try:
         with open(p, encoding="utf-8") as f:  # text mode: the same newlines as read_text()
@@ -106,11 +107,11 @@ def from_file(path: str | Path, tokenizer, tokens: int, seq_len: int) -> Calibra
             for rest in iter(lambda: f.read(1 << 20), ""):
                 h.update(rest.encode())
     except UnicodeDecodeError:
-        raise RKSPError(f"--text file is not UTF-8 text: {p}") from None
+        raise ConfigError(f"`text` file is not UTF-8 text: {p}", param="text") from None
     except OSError as e:
-        raise RKSPError(f"--text file cannot be read: {p}: {e.strerror or e}") from None
+        raise ConfigError(f"`text` file cannot be read: {p}: {e.strerror or e}", param="text") from e
     detail = {"file": str(p), "text_sha256": h.hexdigest()}
-    return Calibration(_cut(ids, tokens, seq_len, f"--text file {p}"), "text-file", detail)
+    return Calibration(_cut(ids, tokens, seq_len, f"`text` file {p}"), "text-file", detail)
 
 
 def _prefix_ids(f, h, tokenizer, tokens: int) -> list[int]:
@@ -138,12 +139,12 @@ def from_dataset(
     try:
         ds = datasets.load_dataset(name, config_name, split=split, streaming=True)
     except Exception as e:  # datasets raises many types for missing/offline/bad names
-        raise RKSPError(f"could not load dataset {name!r} split {split!r}: {e}") from None
+        raise SourceError(f"could not load dataset {name!r} split {split!r}: {e}") from e
     ids: list[int] = []
     rows = 0
     for row in ds:
         if column not in row:
-            raise RKSPError(f"dataset {name!r} has no column {column!r}; columns: {', '.join(row)}")
+            raise SourceError(f"dataset {name!r} has no column {column!r}; columns: {', '.join(row)}")
         text = row[column]
         if not isinstance(text, str) or not text.strip():
             continue
@@ -175,7 +176,7 @@ def synthetic_images(
     per_image = (size // patch) ** 2 + cls_tokens
     n_images = n_tokens // per_image
     if n_images < 1:
-        raise RKSPError(f"--tokens {n_tokens} is less than one image ({per_image} positions)")
+        raise ConfigError(f"`tokens` {n_tokens} is less than one image ({per_image} positions)", param="tokens")
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n_images, channels, max(2, size // 8), max(2, size // 8), generator=g) * 2 - 1
     images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)

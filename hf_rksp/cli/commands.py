@@ -9,7 +9,8 @@ import sys
 from contextlib import contextmanager
 from dataclasses import fields
 
-from hf_rksp.errors import ConfigError, RKSPError
+from hf_rksp.cli.errors import fail, unexpected, worded
+from hf_rksp.errors import RKSPError
 
 PUSH_HELP = """\
 Publish an audit to the Hugging Face Hub in a single commit (or none).
@@ -340,13 +341,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _worded(e: RKSPError) -> str:
-    """The one place library errors are worded as flags: a ConfigError names its option."""
-    if isinstance(e, ConfigError) and e.param:
-        return f"--{e.param.replace('_', '-')}: {e}"
-    return str(e).replace("\n", " ")
-
-
 COMMANDS = {"audit": cmd_audit, "push": cmd_push, "compare": cmd_compare}
 
 
@@ -368,33 +362,17 @@ def main(argv: list[str] | None = None) -> int:
             recover(args.out_dir)  # completes a publish a killed run left half done
             rc = COMMANDS[args.command](args)
         except RKSPError as e:
-            return _fail(_worded(e))
+            logging.getLogger("hf_rksp").debug("error", exc_info=e)  # with its cause: the traceback behind it
+            return fail(worded(e, parser))
         except KeyboardInterrupt as e:
             print(f"hf-rksp: {str(e) or 'interrupted; nothing was written'}", file=sys.stderr)
             return 130
         except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
-            return _fail(_unexpected(e))
+            return fail(unexpected(e))
         if not getattr(args, "quiet", False):
             for message in notices.messages:
                 print(f"hf-rksp: warning: {message}", file=sys.stderr)
         return rc
-
-
-def _fail(message: str) -> int:
-    print(f"hf-rksp: error: {message.replace(chr(10), ' ')[:500]}", file=sys.stderr)
-    return 2
-
-
-def _unexpected(e: Exception) -> str:
-    """An exception no layer typed: what the user can still act on, in one line."""
-    logging.getLogger("hf_rksp").debug("unexpected error", exc_info=e)
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return ("out of memory; use --dtype bfloat16, a smaller --tokens or --stream (a streamed audit resumes "
-                "from its last block when rerun)")
-    if isinstance(e, OSError):
-        return f"{e.filename or 'file'}: {e.strerror or e}"
-    first = (str(e).splitlines() or [""])[0][:200]
-    return f"unexpected {type(e).__name__}: {first} (set HF_RKSP_LOG=FILE for the traceback, and please report it)"
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
         if model_type not in BLOCK_PATHS:
             raise RKSPError(
                 f"unsupported model family {model_type!r}; supported: {', '.join(supported_families())}; "
-                "point at the block list with --blocks (e.g. --blocks model.layers)"
+                "point at the block list with `blocks` (e.g. `blocks` model.layers)"
             )
         path = BLOCK_PATHS[model_type]
     stacks = [_find_stack(model, base, p) for p in path.split("+")]

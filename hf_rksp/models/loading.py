@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_rksp.errors import RKSPError
+from hf_rksp.errors import ConfigError, RKSPError, SourceError
+from hf_rksp.utils.hub_errors import hub_error
+from hf_rksp.utils.hub_errors import offline as _offline
 from hf_rksp.models.blocks import BLOCK_PATHS, supported_families
 from hf_rksp.models.checkpoints.gguf import GGUFCheckpoint, per_tensor, shared_reader
 from hf_rksp.models.config import check_config
@@ -80,7 +82,7 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise RKSPError(f"unknown --dtype {name!r}; choose from {', '.join(sorted(DTYPES))}") from None
+        raise ConfigError(f"unknown `dtype` {name!r}; choose from {', '.join(sorted(DTYPES))}", param="dtype") from None
 
 
 def shipped_config_names() -> dict[str, str]:
@@ -96,12 +98,6 @@ def shipped_config(name: str) -> dict | None:
     return json.loads(resources.files("hf_rksp").joinpath(f"configs/{fname}").read_text(encoding="utf-8"))
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def resolve_source(
     source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None,
     gguf_file: str | None = None,
@@ -113,31 +109,31 @@ def resolve_source(
     if config_path is not None:
         p = Path(config_path).expanduser()
         if not p.is_file():
-            raise RKSPError(f"config file not found: {config_path}")
+            raise SourceError(f"config file not found: {config_path}")
         return Source(id=source or str(p), kind="config", init=True, path=str(p), config_origin=str(p))
     if not source:
-        raise RKSPError("name a model (hub id, local directory or .gguf file) or pass --config")
+        raise SourceError("name a model (hub id, local directory or .gguf file) or pass `config`")
     p = Path(source).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise RKSPError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file or a hub id")
+            raise SourceError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file or a hub id")
         return Source(id=source, kind="gguf", init=init, path=str(p.parent), gguf_file=p.name)
     if p.is_dir() and gguf_file:
         if not (p / gguf_file).is_file():
-            raise RKSPError(f"no GGUF file {gguf_file} in {source}")
+            raise SourceError(f"no GGUF file {gguf_file} in {source}")
         return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=gguf_file)
     if p.is_dir():
         if not (p / "config.json").is_file():
             ggufs = sorted(p.glob("*.gguf"))
             if len(ggufs) == 1:
                 return Source(id=source, kind="gguf", init=init, path=str(p), gguf_file=ggufs[0].name)
-            raise RKSPError(f"directory {source} has no config.json (not a Hugging Face checkpoint)")
+            raise SourceError(f"directory {source} has no config.json (not a Hugging Face checkpoint)")
         return Source(id=source, kind="dir", init=init, path=str(p))
     if not source.startswith((".", "/", "~")) and source.endswith(".gguf") and source.count("/") >= 2:
         repo_id, _, gguf_file = source.partition("/")[2].partition("/")  # org/repo/file.gguf
         return _hub_gguf(source, source.split("/")[0] + "/" + repo_id, gguf_file, init, revision)
     if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1:
-        raise RKSPError(f"no such file or directory: {source}")
+        raise SourceError(f"no such file or directory: {source}")
     if gguf_file:
         return _hub_gguf(source, source, gguf_file, init, revision)
     return Source(id=source, kind="hub", init=init, revision=revision)
@@ -157,40 +153,23 @@ def _config_from_dict(d: dict, origin: str, trust_remote_code: bool, any_family:
     d = dict(d)
     model_type = d.pop("model_type", None)
     if model_type is None:
-        raise RKSPError(f"config {origin} has no 'model_type'")
+        raise SourceError(f"config {origin} has no 'model_type'")
     if not any_family:
         check_family(model_type, origin)
     try:
         config = AutoConfig.for_model(model_type, **d)
     except Exception as e:
-        raise RKSPError(f"invalid config {origin}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SourceError(f"invalid config {origin}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     check_config(config, origin)
     return config
 
 
 def check_family(model_type: str | None, origin: str) -> None:
     if model_type not in BLOCK_PATHS:
-        raise RKSPError(
+        raise SourceError(
             f"unsupported model family {model_type!r} ({origin}); supported: {', '.join(supported_families())}; "
-            "point at the block list with --blocks (e.g. --blocks model.layers)"
+            "point at the block list with `blocks` (e.g. `blocks` model.layers)"
         )
-
-
-def _hub_error(source: Source, e: Exception) -> RKSPError:
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(e, GatedRepoError):
-        return RKSPError(f"{source.id} is a gated repo: accept its license on the Hub and log in (hf auth login)")
-    if isinstance(e, RevisionNotFoundError):
-        return RKSPError(f"revision {source.revision!r} not found for {source.id}")
-    if isinstance(e, RepositoryNotFoundError):
-        return RKSPError(f"model {source.id!r} not found on the Hub (or it is private and you are not logged in)")
-    where = "the local Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if _offline() else " or the Hub (no network?)")
-    return RKSPError(f"could not load {source.id!r} from {where}: {str(e).splitlines()[0]}")
 
 
 def load_config(source: Source, trust_remote_code: bool = False, any_family: bool = False):
@@ -201,9 +180,9 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
         try:
             d = json.loads(Path(source.path).read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, 100k-deep nesting
-            raise RKSPError(f"config file {source.path} is not valid JSON: {str(e)[:200]}") from None
+            raise SourceError(f"config file {source.path} is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(d, dict):
-            raise RKSPError(f"config file {source.path} is not a JSON object")
+            raise SourceError(f"config file {source.path} is not a JSON object")
         return _config_from_dict(d, source.path, trust_remote_code, any_family)
     if source.kind == "hub" and source.init and source.revision is None:
         shipped = shipped_config(source.id)
@@ -230,8 +209,8 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
         raise
     except Exception as e:
         if source.kind == "hub":
-            raise _hub_error(source, e) from None
-        raise RKSPError(f"could not read a model config from {source.id}: {str(e).splitlines()[0]}") from None
+            raise hub_error(e, repo_id=source.id, action="load", revision=source.revision) from e
+        raise SourceError(f"could not read a model config from {source.id}: {str(e).splitlines()[0]}") from e
     source.config_origin = source.config_origin or source.kind
     if not any_family:
         check_family(getattr(cfg, "model_type", None), source.id)
@@ -305,7 +284,7 @@ def load_model(
     except RKSPError:
         raise
     except Exception as e:  # the config parses but transformers cannot build it
-        raise RKSPError(f"invalid config {Path(source.config_origin or source.id).name}: {str(e).splitlines()[0]}") from None
+        raise SourceError(f"invalid config {Path(source.config_origin or source.id).name}: {str(e).splitlines()[0]}") from e
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         if source.init:
@@ -320,11 +299,11 @@ def load_model(
     except RKSPError:
         raise
     except (torch.OutOfMemoryError, MemoryError):
-        raise RKSPError(f"out of memory while loading {source.id}; try --dtype bfloat16") from None
+        raise RKSPError(f"out of memory while loading {source.id}; try `dtype` bfloat16") from None
     except Exception as e:
         if source.kind == "hub":
-            raise _hub_error(source, e) from None
-        raise RKSPError(f"could not load weights from {source.id}: {str(e).splitlines()[0]}") from None
+            raise hub_error(e, repo_id=source.id, action="load", revision=source.revision) from e
+        raise SourceError(f"could not load weights from {source.id}: {str(e).splitlines()[0]}") from e
     if not placement:
         model.to(device)
     model.eval()
@@ -393,9 +372,9 @@ def checkpoint_dir(source: Source) -> Path:
             return Path(snapshot_download(source.id, revision=source.revision, local_files_only=_offline(),
                                           allow_patterns=["*.json", "*.safetensors"]))
         except Exception as e:
-            raise _hub_error(source, e) from None
-    raise RKSPError(f"--stream reads safetensors and GGUF checkpoints; a {source.kind} source loads whole "
-                    "(drop --stream)")
+            raise hub_error(e, repo_id=source.id, action="load", revision=source.revision) from e
+    raise SourceError(f"`stream` reads safetensors and GGUF checkpoints; a {source.kind} source loads whole "
+                    "(drop `stream`)")
 
 
 def load_for_streaming(
@@ -417,7 +396,7 @@ def load_for_streaming(
 
         ckpt = HubCheckpoint.open(source.id, source.revision, low_disk=low_disk, local_only=_offline())
     elif low_disk:
-        raise RKSPError("--low-disk deletes the shards of a hub checkpoint as the audit passes them; "
+        raise SourceError("`low_disk` deletes the shards of a hub checkpoint as the audit passes them; "
                         f"{source.id} is not a hub checkpoint")
     if ckpt is None and not source.init and source.kind != "gguf":
         ckpt = checkpoint_dir(source)
@@ -425,7 +404,7 @@ def load_for_streaming(
     try:
         model = build_meta_model(config, torch_dtype)
     except Exception as e:
-        raise RKSPError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from None
+        raise SourceError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from e
     if source.kind == "gguf" and not source.init:
         ckpt = GGUFCheckpoint(source.gguf_path, model, torch_dtype)
     if source.kind == "hub":

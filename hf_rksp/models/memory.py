@@ -73,7 +73,7 @@ class ModelSizes:
             raise
         except Exception as e:  # the config parses but transformers cannot build it
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RKSPError(f"invalid config{' ' + origin if origin else ''}: {why}") from None
+            raise RKSPError(f"invalid config{' ' + origin if origin else ''}: {why}") from e
         elem = torch.empty((), dtype=dtype).element_size()
         whole = sum(p.numel() for p in model.parameters()) * elem
         try:
@@ -124,7 +124,7 @@ def plan_memory(sizes: ModelSizes, *, tokens: int, dtype: str, stream: bool, can
         raise MemoryPlanError(
             f"the model needs {_gib(sizes.whole)} of weights in {dtype} plus {_gib(whole_need - sizes.whole)} of "
             f"activations for {tokens} tokens, but only {_gib(avail)} of RAM is available and it cannot be "
-            "streamed; use --dtype bfloat16, --device-map disk or a smaller --tokens", need=whole_need, available=avail)
+            "streamed; use `dtype` bfloat16, `device_map` disk or a smaller `tokens`", need=whole_need, available=avail)
     if stream_need <= USABLE * avail:
         return MemoryPlan(stream=True, need=stream_need, available=avail, sizes=sizes)
     acts = stream_need - sizes.outer - sizes.block
@@ -132,6 +132,6 @@ def plan_memory(sizes: ModelSizes, *, tokens: int, dtype: str, stream: bool, can
             else f"the activations of {tokens} tokens need {_gib(acts)}")
     raise MemoryPlanError(
         f"{what} (streamed peak {_gib(stream_need)}: block {_gib(sizes.block)}, embeddings {_gib(sizes.outer)}, "
-        f"activations {_gib(acts)}) but only {_gib(avail)} of RAM is available; use --dtype bfloat16, "
-        "--device-map disk (pretrained weights, offloaded to disk) or a smaller --tokens",
+        f"activations {_gib(acts)}) but only {_gib(avail)} of RAM is available; use `dtype` bfloat16, "
+        "`device_map` disk (pretrained weights, offloaded to disk) or a smaller `tokens`",
         need=stream_need, available=avail)

@@ -18,6 +18,7 @@ from pathlib import Path
 from hf_rksp.errors import ConfigError, RKSPError
 from hf_rksp.record.records import AuditRecord, read_audit
 from hf_rksp.utils.checks import check_hub_id, check_revision
+from hf_rksp.utils.hub_errors import hub_error
 
 AUDIT_FILES = ("audit.json", "spectrum.png", "profile.png")
 
@@ -90,12 +91,12 @@ def plan_push(
     if mode == "model-pr":
         if repo_id is None:
             if audit.source.kind != "hub":
-                raise RKSPError("--to-model needs --repo-id: the audited model was not a hub id")
+                raise RKSPError("`to_model` needs `repo_id`: the audited model was not a hub id")
             repo_id = audit.source.id
         prefix, create_pr = "rksp/", True
     elif mode == "own":
         if repo_id is None:
-            raise RKSPError("--repo-id USER/NAME is required (or --to-model to open a PR on the audited model)")
+            raise RKSPError("`repo_id` USER/NAME is required (or `to_model` to open a PR on the audited model)")
         prefix = ""
     else:
         raise ValueError(f"unknown push mode {mode!r}")
@@ -111,32 +112,6 @@ def plan_push(
 
 def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
-
-
-def _hub_error(e: Exception, plan: PushPlan, token: str | None) -> RKSPError:
-    """One clear line per failure class; the token never appears in it."""
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    if isinstance(e, RevisionNotFoundError):
-        msg = f"revision {plan.revision!r} not found in {plan.repo_id}"
-    elif isinstance(e, RepositoryNotFoundError) or status == 404:
-        msg = f"repo {plan.repo_id} not found, or your token cannot see it"
-    elif status in (401, 403):
-        msg = f"no write access to {plan.repo_id} with this token (HTTP {status})"
-    elif status == 429:
-        msg = "rate limited by the Hub (HTTP 429); wait and retry"
-    elif isinstance(e, HfHubHTTPError):
-        msg = f"the Hub refused the upload (HTTP {status}): {str(e).splitlines()[0]}"
-    elif isinstance(e, (ConnectionError, OSError)) or "connect" in type(e).__name__.lower():
-        msg = f"cannot reach the Hub ({type(e).__name__}); check the network or HF_ENDPOINT"
-    else:
-        msg = f"push failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return RKSPError(_scrub(msg + "; nothing was uploaded", token))
 
 
 def push(plan: PushPlan, *, token: str | None = None, endpoint: str | None = None) -> PushResult:
@@ -158,5 +133,6 @@ def push(plan: PushPlan, *, token: str | None = None, endpoint: str | None = Non
     except OfflineModeIsEnabled:
         raise RKSPError("HF_HUB_OFFLINE is set: unset it to push; nothing was uploaded") from None
     except Exception as e:
-        raise _hub_error(e, plan, token) from None
+        # not chained: the client's own exception may quote the request, token included
+        raise hub_error(e, repo_id=plan.repo_id, action="upload", revision=plan.revision, token=token) from None
     return PushResult(plan=plan, commit_url=info.commit_url, pr_url=info.pr_url)

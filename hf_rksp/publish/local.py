@@ -38,15 +38,15 @@ def check_out_dir(out_dir: Path) -> None:
     """Fail before any work when results could not be written under ``out_dir``; writes nothing."""
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
-        raise OutputError(f"--out-dir {out_dir} exists and is not a directory")
+        raise OutputError(f"`out_dir` {out_dir} exists and is not a directory")
     existing = next(a for a in (p, *p.absolute().parents) if a.exists())
     if not existing.is_dir():
-        raise OutputError(f"--out-dir {out_dir}: {existing} is not a directory")
+        raise OutputError(f"`out_dir` {out_dir}: {existing} is not a directory")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise OutputError(f"--out-dir {out_dir}: cannot write in {existing}: {e.strerror or e}") from None
+        raise OutputError(f"`out_dir` {out_dir}: cannot write in {existing}: {e.strerror or e}") from None
 
 
 def _fsync_dir(d: Path) -> None:

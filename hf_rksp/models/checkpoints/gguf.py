@@ -58,10 +58,10 @@ def _parse(path: Path):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "GGMLQuantizationType" in msg:
             raise SourceError(f"{path.name} uses an unknown GGML quantization type ({msg}); "
-                              "it may come from a newer llama.cpp than the installed gguf package reads") from None
+                              "it may come from a newer llama.cpp than the installed gguf package reads") from e
         if "magic" in msg:
-            raise SourceError(f"{path.name} is not a GGUF file (bad magic number)") from None
-        raise SourceError(f"{path.name} is not a readable GGUF file (truncated or corrupt: {msg})") from None
+            raise SourceError(f"{path.name} is not a GGUF file (bad magic number)") from e
+        raise SourceError(f"{path.name} is not a readable GGUF file (truncated or corrupt: {msg})") from e
 
 
 @contextmanager

@@ -12,7 +12,6 @@ HTTP range request instead of downloading that shard early.
 
 from __future__ import annotations
 
-import errno
 import json
 import struct
 from pathlib import Path
@@ -20,23 +19,11 @@ from pathlib import Path
 import torch
 
 from hf_rksp.errors import SourceError
+from hf_rksp.utils.hub_errors import INDEX, hub_error
 
-INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def hub_error(repo_id: str, filename: str, e: Exception) -> SourceError:
-    """One line for a failed download: missing file, full disk, or the client's own first line."""
-    from huggingface_hub.errors import EntryNotFoundError
-
-    if isinstance(e, EntryNotFoundError):
-        return SourceError(f"{filename} is listed in {repo_id}'s {INDEX} but missing from the repo")
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return SourceError(f"no space left on the disk while downloading {filename} of {repo_id} into the Hugging "
-                           "Face cache; free space, point HF_HOME elsewhere, or add --low-disk (one shard at a time)")
-    return SourceError(f"could not download {filename} of {repo_id}: {str(e).splitlines()[0] if str(e) else e!r}")
 
 
 class HubCheckpoint:
@@ -82,7 +69,7 @@ class HubCheckpoint:
         try:
             return hf_hub_download(self.repo_id, filename, revision=self.revision, local_files_only=self.local_only)
         except Exception as e:
-            raise hub_error(self.repo_id, filename, e) from None
+            raise hub_error(e, repo_id=self.repo_id, action="download", filename=filename) from e
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The tensors of ``keys``: the shard on disk first, so it can be done with before the next one."""
@@ -140,7 +127,7 @@ class HubCheckpoint:
                                   follow_redirects=True)
             r.raise_for_status()
         except Exception as e:
-            raise hub_error(self.repo_id, shard, e) from None
+            raise hub_error(e, repo_id=self.repo_id, action="download", filename=shard) from e
         if len(r.content) != end - start:
             raise SourceError(f"the Hub sent {len(r.content)} bytes of {shard} for a {end - start}-byte range")
         return r.content
@@ -157,4 +144,4 @@ def fetch_gguf(repo_id: str, filename: str, revision: str | None, local_only: bo
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
     except Exception as e:
-        raise hub_error(repo_id, filename, e) from None
+        raise hub_error(e, repo_id=repo_id, action="download", filename=filename) from e

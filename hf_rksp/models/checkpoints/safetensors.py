@@ -27,7 +27,7 @@ class SafetensorsCheckpoint:
         else:
             kinds = sorted({p.suffix for p in d.iterdir() if p.suffix in (".bin", ".pt", ".gguf")})
             hint = f" (found {', '.join(kinds)} weights: those can only be loaded whole)" if kinds else ""
-            raise SourceError(f"streaming (--stream, automatic for models over half the free RAM) needs a "
+            raise SourceError(f"streaming (`stream`, automatic for models over half the free RAM) needs a "
                               f"safetensors checkpoint in {d}{hint}")
         self.files, self.shapes = files, {}
         for shard in sorted(set(files.values())):
@@ -51,7 +51,7 @@ class SafetensorsCheckpoint:
                     for k in keys:
                         out[k] = h.get_tensor(k)
             except Exception as e:  # SafetensorError, OSError: a shard damaged since it was opened
-                raise SourceError(f"cannot read {', '.join(keys[:1])} from {f}: {_first_line(e)}") from None
+                raise SourceError(f"cannot read {', '.join(keys[:1])} from {f}: {_first_line(e)}") from e
         return out
 
 
@@ -80,5 +80,5 @@ def _header(shard: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(shard, "pt") as h:
             return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
     except Exception as e:  # SafetensorError (corrupt header, bad length, truncated file) or OSError
-        raise SourceError(f"{shard} is not a valid safetensors file: {_first_line(e)}") from None
+        raise SourceError(f"{shard} is not a valid safetensors file: {_first_line(e)}") from e
 

@@ -1,0 +1,65 @@
+"""The one place library errors become command-line words: parameters as flags, one line, tracebacks kept.
+
+Library messages name parameters in backticks by their library name (```seq_len```); here each becomes the
+flag that sets it (``--seq-len``).  A :class:`~hf_rksp.errors.ConfigError` is prefixed with its parameter's
+flag unless the message already names it.  Anything else that escapes is our bug or the system's: one line on
+stderr, the traceback in the debug log (``HF_RKSP_LOG=FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from hf_rksp.errors import ConfigError, RKSPError
+
+#: parameters whose flag is not ``--`` + the name with dashes
+SPECIAL_FLAGS = {"kreiss": "--no-kreiss", "quantize": "--load-in-8bit/--load-in-4bit"}
+
+_NAMED = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def option_names(parser: argparse.ArgumentParser | None) -> set[str]:
+    """Every dest of ``parser`` and its subcommands (the parameters a message may name)."""
+    if parser is None:
+        return set()
+    names = set()
+    for action in parser._actions:  # argparse keeps no public list of them
+        names.add(action.dest)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= option_names(sub)
+    return names
+
+
+def flag(name: str) -> str:
+    return SPECIAL_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def worded(e: RKSPError, parser: argparse.ArgumentParser | None = None) -> str:
+    """``e`` as the command line says it: its parameters as flags (those ``parser`` knows; all, without one)."""
+    known = option_names(parser) | set(SPECIAL_FLAGS)
+    text = _NAMED.sub(lambda m: flag(m.group(1)) if not known or m.group(1) in known else m.group(1),
+                      str(e).replace("\n", " "))
+    if isinstance(e, ConfigError) and e.param and flag(e.param) not in text:
+        text = f"{flag(e.param)}: {text}"
+    return text
+
+
+def fail(message: str) -> int:
+    print(f"hf-rksp: error: {message.replace(chr(10), ' ')[:500]}", file=sys.stderr)
+    return 2
+
+
+def unexpected(e: Exception) -> str:
+    """An exception no layer typed: what the user can still act on, in one line."""
+    logging.getLogger("hf_rksp").debug("unexpected error", exc_info=e)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return ("out of memory; use --dtype bfloat16, a smaller --tokens or --stream (a streamed audit resumes "
+                "from its last block when rerun)")
+    if isinstance(e, OSError):
+        return f"{e.filename or 'file'}: {e.strerror or e}"
+    first = (str(e).splitlines() or [""])[0][:200]
+    return f"unexpected {type(e).__name__}: {first} (set HF_RKSP_LOG=FILE for the traceback, and please report it)"
