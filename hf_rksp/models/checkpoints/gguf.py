@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import mmap
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,7 @@ from hf_rksp.errors import SourceError
 from hf_rksp.models.checkpoints.dequant import dequantize
 
 _READERS: dict[tuple, object] = {}
+_SWAP = threading.RLock()  # shared_reader swaps module attributes: one thread at a time
 _METADATA: dict = {}
 
 
@@ -75,14 +77,16 @@ def shared_reader():
     rebuilds gguf's ``TensorNameMap`` for each of the model's ~400 modules
     (5 s for SmolLM2); the map is a pure function of (architecture, blocks), so
     it is built once.
+
+    This swaps three attributes of other libraries' modules for the length of the block: the one place the
+    package does so (read transformers 5.x's GGUF loader, hence the ``transformers<6`` bound), restored on
+    exit, serialized by a lock, and tested against transformers' own loader (tests/test_gguf.py).
     """
     import gguf
     from transformers import modeling_gguf_pytorch_utils as tg
 
     def reader(path, mode="r"):
         return open_reader(path) if mode == "r" else GGUFReader(path, mode)
-
-    real_checkpoint = tg.load_gguf_checkpoint
 
     def metadata_once(path, return_tensors=False, **kwargs):
         """The config/tokenizer dict of a file (1.8 s of field decoding for SmolLM2), decoded once."""
@@ -93,12 +97,14 @@ def shared_reader():
             _METADATA.update(key=key, value=real_checkpoint(path, return_tensors=False))
         return copy.deepcopy(_METADATA["value"])
 
-    gguf.GGUFReader, gguf.get_tensor_name_map, tg.load_gguf_checkpoint = reader, _name_map, metadata_once
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map, tg.load_gguf_checkpoint = (GGUFReader, get_tensor_name_map,
-                                                                              real_checkpoint)
+    with _SWAP:
+        real_checkpoint = tg.load_gguf_checkpoint  # read under the lock: never another thread's swap
+        gguf.GGUFReader, gguf.get_tensor_name_map, tg.load_gguf_checkpoint = reader, _name_map, metadata_once
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map, tg.load_gguf_checkpoint = (GGUFReader, get_tensor_name_map,
+                                                                                  real_checkpoint)
 
 
 @lru_cache(maxsize=8)
