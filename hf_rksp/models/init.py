@@ -39,9 +39,10 @@ def init_group(model, modules: list[nn.Module], seed: int, what: str) -> None:
         p._is_hf_initialized = False
     for m in modules:
         m._is_hf_initialized = False
-    torch.manual_seed(seed)
-    for m in modules:
-        model._init_weights(m)
+    with torch.random.fork_rng(devices=[]):  # _init_weights draws from the global RNG: seed it, then restore it
+        torch.manual_seed(seed)
+        for m in modules:
+            model._init_weights(m)
     for m, n, p in params:
         if not bool(torch.isfinite(p).all()):
             raise RKSPError(f"{type(model).__name__}._init_weights does not initialize {type(m).__name__}.{n} "

@@ -288,9 +288,10 @@ def load_model(
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         if source.init:
-            torch.manual_seed(seed)
-            model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-            _seeded_init(model, seed, blocks)
+            with torch.random.fork_rng(devices=[]):  # seeded, and the caller's global RNG left as it was
+                torch.manual_seed(seed)
+                model = AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+                _seeded_init(model, seed, blocks)
         elif source.kind == "gguf" and not placement and per_tensor(source.gguf_path):
             model = load_gguf_model(source, config, torch_dtype)
         else:
