@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from hf_rksp.publish.local import recover
 
-            recover(args.out_dir)  # completes a publish a killed run left half done
+            if args.command == "push" or (args.command == "audit" and not args.no_write):
+                recover(args.out_dir)  # completes a publish a killed run left half done; compare only reads
             rc = COMMANDS[args.command](args)
         except RKSPError as e:
             logging.getLogger("hf_rksp").debug("error", exc_info=e)  # with its cause: the traceback behind it

@@ -1,5 +1,5 @@
-"""hf_rksp/cli/errors.py: the one place library errors become flags (a library message names parameters in
-backticks by their library name; the CLI says the flag)."""
+"""hf_rksp/cli: the one place library errors become flags (a library message names parameters in backticks by
+their library name; the CLI says the flag), and commands that only read write nothing."""
 
 from __future__ import annotations
 
@@ -40,3 +40,17 @@ def test_a_library_error_keeps_its_cause_in_the_debug_log(tmp_path, monkeypatch,
     assert rc == 2 and len(err) == 1 and err[0].startswith("hf-rksp: error:")
     assert "Traceback" in log.read_text() and "direct cause" in log.read_text()  # the cause, chained
     logging.getLogger("hf_rksp").handlers.clear()
+
+
+def test_read_only_commands_leave_the_output_folder_alone(tmp_path, capsys):
+    """compare and audit --no-write do not run the publish recovery (it writes); an audit that writes does."""
+    journal = tmp_path / "audits" / ".publish-x.json"
+    journal.parent.mkdir()
+    journal.write_text('{"steps": []}')
+    main(["compare", "a", "b", "--out-dir", str(tmp_path)])
+    assert journal.is_file()
+    main(["audit", "--config", str(tmp_path / "missing.json"), "--no-write", "--out-dir", str(tmp_path), "-q"])
+    assert journal.is_file()
+    main(["audit", "--config", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path), "-q"])
+    assert not journal.exists()
+    capsys.readouterr()
