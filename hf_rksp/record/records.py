@@ -34,14 +34,6 @@ _NUM_OR_NULL = {"type": ["number", "null"]}
 _SHARE = {"type": "number", "minimum": 0, "maximum": 1}
 
 
-def _feature_schema(f) -> dict:
-    if f.name.endswith("_kept") and f.name != "resdmd_kept":
-        return {"type": ["number", "null"], "minimum": 0, "maximum": 1}
-    if f.name.endswith("mass") or f.name == "resdmd_kept":
-        return _SHARE
-    return _NUM_OR_NULL if f.unbounded or f.name.startswith("resdmd_residual") else {"type": "number", "minimum": 0}
-
-
 def _aggregate_schema() -> dict:
     keys = ("mean", "max", "min", "std") + THIRDS
     return {"type": "object", "required": [*keys, "n"],
@@ -71,7 +63,7 @@ def audit_schema() -> dict:
         "required": ["index", *[f.name for f in FEATURES], "m", "rank", "flags", "eigenvalues"],
         "properties": {
             "index": {"type": "integer", "minimum": 0},
-            **{f.name: _feature_schema(f) for f in FEATURES},
+            **{f.name: f.json_schema() for f in FEATURES},
             "m": {"type": "integer", "minimum": 1},
             "rank": {"type": "integer", "minimum": 1},
             "flags": {"type": "array", "items": {"enum": ["near_identity", "rank_deficient"]}},
@@ -96,7 +88,7 @@ def audit_schema() -> dict:
         "$id": "https://github.com/hf-rksp/hf-rksp/schema/audit.schema.json",
         "title": "hf-rksp audit",
         "description": f"Result of one RKSP v{METHOD_VERSION} audit (the paper's method), schema {SCHEMA_VERSION}. "
-                       "Generated from hf_rksp.spectral.FEATURES by hf_rksp.record.records.audit_schema().",
+                       "Generated from hf_rksp.spectral.FEATURES by hf_rksp.record.audit_schema().",
         "type": "object",
         "required": ["schema_version", "slug", "created", "command", "method", "source", "inputs", "blocks",
                      "summary", "risk", "environment", "timings"],

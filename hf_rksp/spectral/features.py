@@ -15,14 +15,17 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from hf_rksp.errors import ConfigError
-from hf_rksp.spectral.kreiss import (
-    _all_finite,
-    _kreiss,
+from hf_rksp.spectral.kreiss import kreiss_core
+from hf_rksp.spectral.linalg import (
+    all_finite,
     complex_inverse,
+    condition,
     real_basis,
+    real_inverse,
     unit_columns,
 )
 from hf_rksp.spectral.operator import OVERSAMPLE, POWER_ITERS, DMDOperator, dmd_operator
+from hf_rksp.spectral.registry import FEATURE_NAMES, FEATURES, Feature  # noqa: F401  (re-exported)
 from hf_rksp.spectral.whitening import EPS, REL_CUT, whiten
 
 
@@ -73,38 +76,6 @@ class RKSPConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-@dataclass(frozen=True)
-class Feature:
-    """One scalar per-block feature: how to name it, print it and aggregate it."""
-
-    name: str
-    label: str  # for tables and plot axes
-    symbol: str  # the paper's symbol
-    fmt: str = ".4f"
-    unbounded: bool = False  # may be infinite (stored as null)
-
-
-#: Every scalar feature of a block, in the order tables show them.
-FEATURES: tuple[Feature, ...] = (
-    Feature("near_unit_mass", "near-unit mass", "M_~1"),
-    Feature("expansive_mass", "expansive mass", "M_>1"),
-    Feature("mid_mass", "intermediate mass", "M_mid"),
-    Feature("contractive_mass", "contractive mass", "M_<1"),
-    Feature("spectral_radius", "spectral radius", "rho"),
-    Feature("eigvec_condition", "eigenvector condition number", "kappa(V)", ".4g", unbounded=True),
-    Feature("nonlinearity_ratio", "nonlinearity ratio", "eta_nl"),
-    Feature("kreiss_constant", "Kreiss constant of A/max(rho,1)", "K", ".4g", unbounded=True),
-    Feature("resdmd_kept", "share of modes with ResDMD residual <= tau", "kept"),
-    Feature("resdmd_residual_median", "median ResDMD residual", "r_med", ".4g"),
-    Feature("resdmd_residual_max", "largest ResDMD residual", "r_max", ".4g"),
-    Feature("near_unit_mass_kept", "near-unit mass of the kept modes", "M_~1^kept"),
-    Feature("expansive_mass_kept", "expansive mass of the kept modes", "M_>1^kept"),
-    Feature("mid_mass_kept", "intermediate mass of the kept modes", "M_mid^kept"),
-    Feature("contractive_mass_kept", "contractive mass of the kept modes", "M_<1^kept"),
-)
-FEATURE_NAMES = tuple(f.name for f in FEATURES)
-
-
 @dataclass
 class BlockFeatures:
     """RKSP v2 features of one residual block; None stands for an infinite or undefined value."""
@@ -149,78 +120,13 @@ def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _spectral_norm(mat: torch.Tensor, *, rtol: float = 1e-12, max_steps: int = 200) -> float:
-    """||mat||_2 by Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization (seeded start).
-
-    After j steps mat V_j = U_j B_j exactly and mat^* U_j = V_j B_j^* + beta_j v_{j+1} e_j^*, so the top
-    singular triplet (s, y, x) of the small bidiagonal B_j is a singular triplet of mat up to the residual
-    beta_j |y_j|: a singular value of mat lies within it (and s <= ||mat||).  Stops when that bound is
-    below ``rtol`` x s (or the Krylov space is exhausted): 20-40 steps (two matrix-vector products
-    each) for the unit-column eigenvector matrices at m = 576 and their inverses, ~5x cheaper than an
-    eigen-decomposition of mat^* mat.  Falls back to ``svdvals`` after ``max_steps``.
-    """
-    m, n = mat.shape
-    if min(m, n) == 0:
-        return 0.0
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(n, generator=gen, dtype=torch.float64).to(mat.dtype)
-    steps = min(m, n, max_steps)
-    cap = min(steps + 1, 48)
-    vs = torch.empty(cap, n, dtype=mat.dtype)  # rows: v_1, v_2, ... (grown on demand)
-    us = torch.empty(cap, m, dtype=mat.dtype)  # rows: u_1, u_2, ...
-    vs[0] = v / torch.linalg.vector_norm(v)
-    alpha, beta = [], []
-    mat_h = mat.mH.contiguous()  # a row-major copy: gemv with mat^* as fast as with mat
-    u = None
-    for j in range(steps):
-        if j + 1 >= vs.shape[0]:
-            vs, us = torch.cat([vs, torch.empty_like(vs)]), torch.cat([us, torch.empty_like(us)])
-        u = mat @ vs[j] if u is None else mat @ vs[j] - beta[-1] * u
-        u = u - (us[:j].conj() @ u) @ us[:j]  # full reorthogonalization (classical Gram-Schmidt)
-        a = float(torch.linalg.vector_norm(u))
-        if not a > 0:  # the Krylov space is exhausted (B_j is complete), or not finite
-            if a == 0 and j > 0:
-                return _top_singular_value(alpha, beta[:-1])
-            break
-        u = u / a
-        us[j] = u
-        alpha.append(a)
-        w = mat_h @ u - a * vs[j]
-        w = w - (vs[:j + 1].conj() @ w) @ vs[:j + 1]
-        b = float(torch.linalg.vector_norm(w))
-        beta.append(b)
-        if (j >= 11 and j % 6 == 5) or j == steps - 1 or not b > 0:  # test convergence every 6 steps
-            bid = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-            if j > 0:
-                bid += torch.diag(torch.tensor(beta[:-1], dtype=torch.float64), 1)
-            left, sv, _ = torch.linalg.svd(bid)
-            if b == 0 or b * float(left[-1, 0].abs()) <= rtol * float(sv[0]):
-                return float(sv[0])
-            if j + 1 == min(m, n):  # all of one side spanned: mat's singular values are [B_j, beta_j e_j]'s
-                aug = torch.zeros(j + 1, j + 2, dtype=torch.float64)
-                aug[:, :j + 1], aug[j, j + 1] = bid, b
-                return float(torch.linalg.svdvals(aug)[0])
-            if not b > 0:  # not finite
-                break
-        vs[j + 1] = w / b
-    return float(torch.linalg.svdvals(mat)[0])  # not converged in max_steps, or not finite
-
-
-def _top_singular_value(alpha: list[float], beta: list[float]) -> float:
-    """Largest singular value of the upper bidiagonal matrix with diagonal ``alpha``, superdiagonal ``beta``."""
-    bid = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    if beta:
-        bid += torch.diag(torch.tensor(beta, dtype=torch.float64), 1)
-    return float(torch.linalg.svdvals(bid)[0])
-
-
 def eigvec_condition(vectors: torch.Tensor, inverse: torch.Tensor | None = None) -> float:
     """kappa(V) = ||V||_2 ||V^-1||_2 with every right eigenvector scaled to unit norm (inf if singular).
 
     For the eigenvectors of a real operator (real columns and adjacent conjugate pairs, as
     torch.linalg.eig returns them), kappa(V) = kappa(Wr) for the real matrix Wr of ``real_basis``
     (V = Wr U, U unitary): everything below runs in real arithmetic, ~4x cheaper.  With ``inverse``
-    (V^-1 of the unit-column V, as ``eigen`` returns it): ||V||_2 ||V^-1||_2 by ``_spectral_norm``, a few
+    (V^-1 of the unit-column V, as ``eigen`` returns it): ||V||_2 ||V^-1||_2 by ``spectral_norm``, a few
     matrix-vector products.  Without it: from the eigenvalues of the Gram M^* M (M = Wr or V; 3x
     cheaper than an SVD) while they resolve kappa (kappa^2 well below 1 / float64 eps); from singular
     values beyond.
@@ -231,29 +137,14 @@ def eigvec_condition(vectors: torch.Tensor, inverse: torch.Tensor | None = None)
     if inverse is not None:
         inv = inverse.to(v.dtype) * torch.linalg.vector_norm(vectors, dim=0)[:, None].to(v.dtype)  # unit-column V's
         if basis is not None:
-            mat_inv = _real_inverse(inv, *basis[1:])
-            return _condition(mat, mat_inv)
-        return _condition(mat, inv)
+            mat_inv = real_inverse(inv, *basis[1:])
+            return condition(mat, mat_inv)
+        return condition(mat, inv)
     g = torch.linalg.eigvalsh(mat.mH @ mat)
     if float(g[0]) > 1e-8 * float(g[-1]):
         return math.sqrt(float(g[-1]) / float(g[0]))
     sv = torch.linalg.svdvals(mat)
     return float(sv[0] / sv[-1]) if float(sv[-1]) > 0 else math.inf
-
-
-def _condition(mat: torch.Tensor, mat_inv: torch.Tensor) -> float:
-    """||M||_2 ||M^-1||_2 from M and its computed inverse (inf if the inverse is not finite)."""
-    if not _all_finite(mat_inv):
-        return math.inf
-    return _spectral_norm(mat) * _spectral_norm(mat_inv)
-
-
-def _real_inverse(inv: torch.Tensor, jp: torch.Tensor, jq: torch.Tensor, jr: torch.Tensor) -> torch.Tensor:
-    """Wr^-1 = U V^-1 (the inverse of ``real_basis``'s Wr) from V^-1: rows Re(w_p + w_q) / sqrt2,
-    Im(w_q - w_p) / sqrt2, Re w_r (the inverse of ``complex_inverse``)."""
-    wv = torch.view_as_real(inv)
-    s2 = math.sqrt(2.0)
-    return torch.cat([(wv[jp, :, 0] + wv[jq, :, 0]) / s2, (wv[jq, :, 1] - wv[jp, :, 1]) / s2, wv[jr, :, 0]], 0)
 
 
 def resdmd_residuals(op: DMDOperator, eigenvalues: torch.Tensor, left: torch.Tensor, eps_r: float) -> torch.Tensor:
@@ -355,7 +246,7 @@ def _decompose(op: DMDOperator) -> _Decomposition:
             inv = torch.linalg.inv(vec)
     except RuntimeError:  # defective to working precision
         inv, wr_inv = torch.full_like(vec, complex(math.inf, 0)), None
-    return _Decomposition(lam, vec, inv, basis, wr_inv, _all_finite(inv))
+    return _Decomposition(lam, vec, inv, basis, wr_inv, all_finite(inv))
 
 
 def eigen(op: DMDOperator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -374,8 +265,8 @@ def _kappa(dec: _Decomposition) -> float:
     if not dec.finite:
         return math.inf
     if dec.basis is not None and dec.wr_inv is not None:
-        return _condition(dec.basis[0], dec.wr_inv)
-    return _condition(dec.vec, dec.inv)
+        return condition(dec.basis[0], dec.wr_inv)
+    return condition(dec.vec, dec.inv)
 
 
 def _residuals(op: DMDOperator, dec: _Decomposition, eps_r: float) -> torch.Tensor:
@@ -399,7 +290,7 @@ def features_of(op: DMDOperator, wh, config: RKSPConfig = RKSPConfig()) -> Block
     kept = res <= config.resdmd_tau
     kept_masses = mass_partition(lam[kept], config)
     eta, upd, xnorm = nonlinearity_ratio(op, wh, config.eps_nl)
-    kreiss = (_kreiss(lam, vec, inv, basis=dec.basis) if config.kreiss and finite_inv
+    kreiss = (kreiss_core(lam, vec, inv, basis=dec.basis) if config.kreiss and finite_inv
               else (math.inf if config.kreiss else None))
     flags = []
     if upd <= config.identity_tol * xnorm:

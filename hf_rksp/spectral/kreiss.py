@@ -71,6 +71,8 @@ import math
 
 import torch
 
+from hf_rksp.spectral.linalg import all_finite, col_norms, real_basis
+
 SCREEN_BY_KAPPA = 16  # eigenvalue rays screened, by kappa_j / (1 + (1 - |lam_j|) / KAPPA_SCALE) ...
 SCREEN_BY_MODULUS = 8  # ... and by |lam_j|
 KAPPA_SCALE = 0.05
@@ -91,70 +93,6 @@ T_FLOOR = 1e-6  # smallest |z| - 1 the ascent visits (the radial limits cover t 
 ILL_CONDITIONED = 1e10  # ||V||_F ||V^-1||_F above which ``matrix`` (when given) replaces V
 SINGULAR = 1e-2  # ||V||_F ||V^-1||_F x float64 eps above which V counts as singular
 MATRIX_MAX_M = 256  # between the two, ``matrix`` is used up to this size (LU solves cost m^3 per point)
-
-
-def _col_norms(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean norms of the columns of a complex matrix (through its real view: complex abs is slow;
-    summed over rows first: a reduction over dims (0, 2) at once is ~10x slower)."""
-    return torch.view_as_real(x).square().sum(0).sum(1).sqrt()
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether every entry of x is finite: from its sum (~20x faster than ``isfinite(x).all()`` on an
-    m x m matrix), and entry by entry only when the sum is not finite (a non-finite entry, or overflow)."""
-    r = torch.view_as_real(x.resolve_conj()) if x.is_complex() else x
-    return bool(torch.isfinite(r.sum())) or bool(torch.isfinite(r).all())
-
-
-def unit_columns(x: torch.Tensor) -> torch.Tensor:
-    """x with every column scaled to unit Euclidean norm (complex x through its real view: faster)."""
-    if not torch.is_complex(x):
-        return x / x.norm(dim=0, keepdim=True)
-    return torch.view_as_complex(torch.view_as_real(x) / _col_norms(x)[None, :, None])
-
-
-def real_basis(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The real form of an eigenvector matrix of a real operator, or None.
-
-    When every column of V is real or one of two adjacent columns that are exact complex conjugates
-    (torch.linalg.eig of a real matrix returns them so), V = Wr U with the real matrix
-    Wr = [sqrt2 Re v_p, sqrt2 Im v_p, v_r] (columns: the first of each pair p, then the real ones r)
-    and U unitary (a 2 x 2 block (1/sqrt2) [[1, 1], [i, -i]] per pair).  So ||V|| = ||Wr||,
-    ||V^-1|| = ||Wr^-1||, V^-1 = U^* Wr^-1, and products with V or V^-1 are real products.
-    Returns (Wr, jp, jq, jr): pair firsts, their partners, real columns (indices into V).
-    """
-    if not torch.is_complex(vectors) or vectors.ndim != 2:
-        return None
-    r = torch.view_as_real(vectors)
-    m = vectors.shape[1]
-    real_col = (r[..., 1] == 0).all(0).tolist()
-    conj_next = ((r[:, 1:, 0] == r[:, :-1, 0]) & (r[:, 1:, 1] == -r[:, :-1, 1])).all(0).tolist() + [False]
-    jp, jr = [], []
-    j = 0
-    while j < m:
-        if real_col[j]:
-            jr.append(j)
-            j += 1
-        elif conj_next[j]:
-            jp.append(j)
-            j += 2
-        else:
-            return None
-    jp_t = torch.tensor(jp, dtype=torch.long)
-    jq_t = jp_t + 1
-    jr_t = torch.tensor(jr, dtype=torch.long)
-    s2 = math.sqrt(2.0)
-    wr = torch.cat([s2 * r[:, jp_t, 0], s2 * r[:, jp_t, 1], r[:, jr_t, 0]], 1)
-    return wr, jp_t, jq_t, jr_t
-
-
-def complex_inverse(wr_inv: torch.Tensor, jp: torch.Tensor, jq: torch.Tensor, jr: torch.Tensor) -> torch.Tensor:
-    """V^-1 = U^* Wr^-1 (rows back in V's column order) from the inverse of ``real_basis``'s Wr."""
-    npair = jp.numel()
-    a, b = wr_inv[:npair] / math.sqrt(2.0), wr_inv[npair:2 * npair] / math.sqrt(2.0)
-    c = wr_inv[2 * npair:]
-    rows = torch.cat([torch.complex(a, -b), torch.complex(a, b), torch.complex(c, torch.zeros_like(c))])  # a - i b,
-    return rows[torch.argsort(torch.cat([jp, jq, jr]))]  # its conjugate, the real rows; back in V's column order
 
 
 class _Resolvent:
@@ -255,14 +193,13 @@ def _power(res: _Resolvent, z: torch.Tensor, y: torch.Tensor, products: int, *, 
     if adjoint_first:
         y = res.apply_adjoint(z, y)
     for i in range(products):
-        y = y / _col_norms(y).clamp_min(1e-300)
+        y = y / col_norms(y).clamp_min(1e-300)
         x = res.apply(z, y)
-        sigma = _col_norms(x)
+        sigma = col_norms(x)
         x = x / sigma.clamp_min(1e-300)
         if i < products - 1:
             y = res.apply_adjoint(z, x)
     return torch.nan_to_num(sigma, nan=0.0, posinf=0.0), y, x
-
 
 
 def _reorthogonalize(x: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
@@ -282,18 +219,18 @@ def _lanczos(res: _Resolvent, z: torch.Tensor, y: torch.Tensor, products: int):
     b = z.numel()
     bidiag = torch.zeros(b, products, products, dtype=torch.complex128)
     qs, ps = [], []
-    q = y / _col_norms(y).clamp_min(1e-300)
+    q = y / col_norms(y).clamp_min(1e-300)
     for i in range(products):
         qs.append(q)
         p = _reorthogonalize(res.apply(z, q), ps)
-        a = _col_norms(p)
+        a = col_norms(p)
         p = p / a.clamp_min(1e-300)
         ps.append(p)
         bidiag[:, i, i] = a
         if i == products - 1:
             break
         q = _reorthogonalize(res.apply_adjoint(z, p), qs)
-        bb = _col_norms(q)
+        bb = col_norms(q)
         q = q / bb.clamp_min(1e-300)
         bidiag[:, i, i + 1] = bb
     u, s, vh = torch.linalg.svd(torch.nan_to_num(bidiag))
@@ -401,10 +338,10 @@ def kreiss_constant(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: t
     precision (||V||_F ||V^-1||_F > 4.5e13, e.g. a defective A) -- without it such a V gives inf -- and,
     for m <= 256, already when they are ill-conditioned (> 1e10).
     """
-    return _kreiss(eigenvalues, vectors, inverse, matrix=matrix)
+    return kreiss_core(eigenvalues, vectors, inverse, matrix=matrix)
 
 
-def _kreiss(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Tensor, *,
+def kreiss_core(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Tensor, *,
             matrix: torch.Tensor | None = None, basis: tuple | None = None) -> float:
     """``kreiss_constant``; ``basis``: ``real_basis(vectors)`` when the caller has it already."""
     lam = eigenvalues.detach().to(torch.complex128)
@@ -418,12 +355,12 @@ def _kreiss(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Ten
         return math.inf
     scale = max(float(lam.abs().max()), 1.0)
     lam = lam / scale
-    finite = _all_finite(v) and _all_finite(w)
-    vn = _col_norms(v) if finite else None
+    finite = all_finite(v) and all_finite(w)
+    vn = col_norms(v) if finite else None
     if finite and bool((vn > 0).all()):
         if not bool(((vn - 1).abs() <= 1e-14).all()):
             v, w, basis = v / vn, w * vn[:, None], None
-        kappa = _col_norms(w.T)
+        kappa = col_norms(w.T)
         cond_f = float(kappa.square().sum().sqrt()) * math.sqrt(m)  # ||V||_F ||V^-1||_F, unit columns
     else:
         kappa, cond_f = torch.full((m,), math.inf, dtype=torch.float64), math.inf
@@ -433,7 +370,7 @@ def _kreiss(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Ten
         return math.inf  # V singular to working precision
     if use_matrix:
         a = a / scale
-        if not _all_finite(a):
+        if not all_finite(a):
             return math.inf
         if not finite or not bool(torch.isfinite(kappa).all()):
             v = w = torch.eye(m, dtype=torch.complex128)
@@ -481,7 +418,7 @@ def _kreiss(eigenvalues: torch.Tensor, vectors: torch.Tensor, inverse: torch.Ten
     best = max(best, float(f_s.max()))
     # ||A x|| of the unit screening vectors (A x = z x - y / sigma) bounds where f can still exceed 2:
     # f <= (|z| - 1) / (|z| - ||A||) < 2 for |z| > 2 ||A||
-    a_norm = float(_col_norms(z_s[None, :] * x_s - y_s / sigma.clamp_min(1e-300)).max())
+    a_norm = float(col_norms(z_s[None, :] * x_s - y_s / sigma.clamp_min(1e-300)).max())
     t_max = min(max(10.0, 2 * a_norm), 1e6)
 
     # --- Newton ascents from the best rays and the best far-field point ---
