@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from hf_rksp.errors import ConfigError, RKSPError, SourceError
-from hf_rksp.utils.hub_errors import hub_error
-from hf_rksp.utils.hub_errors import offline as _offline
 from hf_rksp.models.blocks import BLOCK_PATHS, supported_families
 from hf_rksp.models.checkpoints.gguf import GGUFCheckpoint, per_tensor, shared_reader
 from hf_rksp.models.config import check_config
+from hf_rksp.utils.hub_errors import hub_error
+from hf_rksp.utils.hub_errors import offline as _offline
 
 DTYPES = {
     "float32": torch.float32,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hf_rksp.errors import SourceError
+from hf_rksp.models.checkpoints import Checkpoint
 from hf_rksp.models.checkpoints.safetensors import SafetensorsCheckpoint
 from hf_rksp.models.init import group_seed, init_group, outer_modules
 
@@ -25,26 +26,24 @@ def _key_map(model, ckpt: SafetensorsCheckpoint) -> dict[str, str]:
 class CheckpointWeights:
     """Weights read from a checkpoint, a group of tensors at a time.
 
-    ``checkpoint`` is a safetensors directory, or any object with ``files``
-    (its tensor keys) and ``read(keys) -> {key: tensor}``: a
-    :class:`~hf_rksp.models.checkpoints.gguf.GGUFCheckpoint`, a Hub checkpoint.
+    ``checkpoint`` is a safetensors directory, or any :class:`~hf_rksp.models.checkpoints.Checkpoint`
+    (a GGUF file's, a Hub repo's).
     """
 
-    def __init__(self, model, checkpoint, dtype: torch.dtype, device: str):
+    def __init__(self, model, checkpoint: Checkpoint | str | Path, dtype: torch.dtype, device: str):
         self.model, self.dtype, self.device = model, dtype, device
         self.ckpt = SafetensorsCheckpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         self.keys = _key_map(model, self.ckpt)
         for n, p in model.named_parameters():  # a safetensors header knows every shape: check them all now
-            got = getattr(self.ckpt, "shapes", {}).get(self.keys.get(n))
+            got = self.ckpt.shapes.get(self.keys.get(n))
             if got is not None and tuple(got) != tuple(p.shape):
                 raise SourceError(f"checkpoint tensor {self.keys[n]} has shape {list(got)}, the config's model "
                                   f"expects {list(p.shape)}")
-        if hasattr(self.ckpt, "expect"):  # a Hub checkpoint: which shard tensors will be read
-            self.ckpt.expect(self.keys[n] for n, _ in model.named_parameters() if n in self.keys)
+        self.ckpt.expect(self.keys[n] for n, _ in model.named_parameters() if n in self.keys)
 
     def progress(self) -> dict[str, str]:
         """What the per-block bar shows about reading (a Hub checkpoint: shards fetched)."""
-        return self.ckpt.progress() if hasattr(self.ckpt, "progress") else {}
+        return self.ckpt.progress()
 
     def _load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device

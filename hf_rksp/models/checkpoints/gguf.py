@@ -177,6 +177,13 @@ class GGUFCheckpoint:
         by_name = {t.name: t for t in reader.tensors}
         self.files = {hf: by_name[g] for g, hf in mapping.items() if g in by_name}
         self._mmap = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
+        self.shapes: dict[str, tuple[int, ...]] = {}  # known only after the processor's reshapes: checked on read
+
+    def expect(self, keys) -> None:
+        """Nothing to plan: the file stays mapped."""
+
+    def progress(self) -> dict[str, str]:
+        return {}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named parameters, de-quantized, in transformers' layout, in ``dtype``."""

@@ -38,6 +38,7 @@ class HubCheckpoint:
         self.repo_id, self.revision, self.low_disk, self.local_only = repo_id, revision, low_disk, local_only
         index = json.loads(Path(self._download(INDEX)).read_text())
         self.files: dict[str, str] = index["weight_map"]
+        self.shapes: dict[str, tuple[int, ...]] = {}  # shard headers are read with the shards: checked on read
         self.shards = sorted(set(self.files.values()))
         self.pending: dict[str, set[str]] = {s: set() for s in self.shards}
         self.on_disk: dict[str, Path] = {}

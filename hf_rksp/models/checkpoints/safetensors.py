@@ -38,6 +38,12 @@ class SafetensorsCheckpoint:
         if absent:
             raise SourceError(f"checkpoint {d}: {absent[0]} is in the index but not in {files[absent[0]].name}")
 
+    def expect(self, keys) -> None:
+        """Nothing to plan: every shard stays on disk."""
+
+    def progress(self) -> dict[str, str]:
+        return {}
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
