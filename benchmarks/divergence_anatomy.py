@@ -26,17 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
-from pathlib import Path
 
 import torch
 
-
+from benchmarks.harness import machine, set_threads, write_result
 from benchmarks.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
-from hf_rksp.capture.profile import ProfileOptions, profile_model
 from benchmarks.paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
+from hf_rksp.capture.profile import ProfileOptions, profile_model
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -117,12 +114,10 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    set_threads(1)
     runs = [run(seed, a) for seed in a.seeds]
     settings = {k: getattr(a, k) for k in ("lr", "steps", "warmup", "batch", "every", "d", "layers", "heads")}
-    out = Path(__file__).resolve().parent / "results" / f"divergence_anatomy_lr{a.lr:g}.json"
-    out.write_text(json.dumps({"settings": settings, "runs": runs, "machine": {
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__}}, indent=1))
+    write_result(f"divergence_anatomy_lr{a.lr:g}.json", {"settings": settings, "runs": runs, "machine": machine()})
     summary = [summarize(r) for r in runs]
     for s in summary:
         print(f"seed {s['seed']}: diverged at {s['diverged_at']} ({s['reason']}); first -> last: "

@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
-from pathlib import Path
 
 import torch
 
-
-from hf_rksp.training.kss import KSSConfig, KSSStep
+from benchmarks.harness import machine, write_result
 from benchmarks.paper_models import GPTConfig, RecallModel, associative_recall  # noqa: E402
 from benchmarks.paper_repro import divergence_reason  # noqa: E402  (the paper's label, one definition)
+from hf_rksp.training.kss import KSSConfig, KSSStep
 
 
 def _norm(grads) -> float:
@@ -89,12 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     a = p.parse_args(argv)
     runs = [run(seed, a.lr, kss, a) for seed in a.seeds for kss in (False, True)]
-    out = Path(__file__).resolve().parent / "results" / f"kss_gradient_scale_lr{a.lr:g}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(a, k) for k in ("lr", "steps", "warmup", "batch", "d", "layers", "heads")}
-    report = {"settings": settings, "runs": runs, "machine": {"platform": platform.platform(),
-                                                              "cpu_count": os.cpu_count(), "torch": torch.__version__}}
-    out.write_text(json.dumps(report, indent=1))
+    write_result(f"kss_gradient_scale_lr{a.lr:g}.json", {"settings": settings, "runs": runs, "machine": machine()})
     for r in runs:
         print(f"seed {r['seed']} KSS {'on ' if r['kss'] else 'off'}: diverged at {r['diverged_at']}, "
               f"median |grad alpha*KSS| / |grad task| = {r['median_kss_over_task_grad']}", file=sys.stderr)
