@@ -76,7 +76,7 @@ PILOT_METHODS = {
     "alpha_0.15_clip_1.0": Method(clip=1.0, alpha=0.15),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
-PAPER = {  # the numbers to compare with (PAPER.md)
+PAPER = {  # the numbers to compare with (the paper's Tables 1-6 and Appendix H)
     "table1": {"pre": (25, 0.0, 0.16, 0.54, 2.29), "post": (69, 0.0, 0.66, 0.31, 7.48),
                "rms": (12, 0.0, 0.16, 0.54, 2.28), "deepnorm": (12, 0.0, 0.00, 1.00, 3.94),
                "subln": (12, 0.0, 0.13, 0.54, 2.23), "none": (84, 96.4, 0.80, 0.19, 1.11)},
