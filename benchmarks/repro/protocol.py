@@ -211,8 +211,8 @@ def unique(specs: list[RunSpec]) -> list[RunSpec]:
     return out
 
 
-#: the reproduction [ours: the lr grids come from the pilots at d 128, L 4 (README, "Reproducing the paper's
-#: experiments"): No-Norm diverged 0/2 at lr 2e-3, 1/3 at 3e-3, 3/3 at 4e-3, 2/2 at 5e-3 and 1e-2; Pre-LN 0/1 at
+#: the reproduction [ours: the lr grids come from the pilots at d 128, L 4 (docs/results/paper_repro.md,
+#: "Pilot findings"): No-Norm diverged 0/2 at lr 2e-3, 1/3 at 3e-3, 3/3 at 4e-3, 2/2 at 5e-3 and 1e-2; Pre-LN 0/1 at
 #: 0.03 and 0.1, 1/1 at 0.3 and 1.0; RMSNorm, Post-LN and SubLN 1/1 at 1.0; Post-LN and DeepNorm 0/1 at 0.1].
 #: At d 256 (3-5x the cost per step) Table 1 keeps each grid's two ends, stable and divergent.
 PAPER_PROTOCOL = Protocol(
