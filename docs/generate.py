@@ -285,7 +285,11 @@ def paper_repro_targets() -> str:
 
 
 def _machine(m: dict) -> str:
-    return f"{m.get('platform')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')}"
+    """A results file's machine description, with whichever keys it has (benchmarks/harness.py adds some)."""
+    parts = [m.get("processor") or m.get("platform"), m.get("cpu_count") and f"{m['cpu_count']} CPUs",
+             m.get("torch") and f"torch {m['torch']}", m.get("torch_threads") and f"{m['torch_threads']} torch threads",
+             m.get("load_avg_1min") is not None and f"load {m['load_avg_1min']}"]
+    return ", ".join(str(p) for p in parts if p)
 
 
 def kss_gradient_scale() -> str:
