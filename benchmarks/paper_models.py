@@ -1,4 +1,4 @@
-"""The paper's small GPT-2-style models and its two tasks (PAPER.md D.1, D.2), in plain torch.
+"""The paper's small GPT-2-style models and its two tasks (D.1, D.2; docs/method.md), in plain torch.
 
 Tasks, seeded and generated on the fly: ``associative_recall`` (with
 ``RecallModel`` / ``RecallDataset``, last-position cross-entropy, for
@@ -7,8 +7,8 @@ Tasks, seeded and generated on the fly: ``associative_recall`` (with
 
 A nanoGPT-style decoder (learned positions, causal self-attention, GELU MLP
 of width 4d, no dropout) with one of six normalizations, initialized the way
-that reproduces the paper's Table 1 at init (PAPER.md, "What we verified
-ourselves"): **every weight matrix and embedding drawn from N(0, 0.02^2), no
+that reproduces the paper's Table 1 at init (docs/method.md, "What we
+verified ourselves"): **every weight matrix and embedding drawn from N(0, 0.02^2), no
 1/sqrt(2L) residual scaling, biases zero**, norm gains 1 and biases 0.
 
 Residual blocks, ``f_a`` = attention sublayer, ``f_m`` = MLP sublayer:
@@ -253,7 +253,7 @@ def block_snapshots(model: GPT, input_ids: torch.Tensor) -> list[tuple[torch.Ten
 
 def associative_recall(batch: int, *, seed: int, n_pairs: int = 4, length: int = 64, vocab_size: int = 256
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PAPER.md D.1: ``[k1, v1, ..., k_n, v_n, fillers..., q]`` and the value of q as the label.
+    """D.1 (docs/method.md): ``[k1, v1, ..., k_n, v_n, fillers..., q]`` and the value of q as the label.
 
     Per sequence (seeded, generated on the fly): n_pairs distinct keys and
     n_pairs values (independent, may repeat) drawn uniformly from the
@@ -281,7 +281,7 @@ class RecallModel(nn.Module):
 
     ``forward(input_ids, labels)`` returns ``{"loss", "logits"}`` with the
     cross-entropy of the *last* position's logits against the recalled value
-    (PAPER.md D.1).  The blocks are at ``gpt.blocks`` (``KSSConfig(block_path="gpt.blocks")``).
+    (D.1; docs/method.md).  The blocks are at ``gpt.blocks`` (``KSSConfig(block_path="gpt.blocks")``).
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -309,14 +309,14 @@ class RecallDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
-# --- The synthetic LM task (PAPER.md D.2) ------------------------------------------------------------------------
+# --- The synthetic LM task (D.2; docs/method.md) -----------------------------------------------------------------
 
 #: token ids below this are reserved (the paper draws every token from {10, ..., V - 1})
 LM_FIRST_TOKEN = 10
 
 
 def synthetic_lm_sequence(rng: random.Random, *, length: int = 256, vocab_size: int = 10_000) -> list[int]:
-    """One sequence of PAPER.md D.2: segments concatenated until ``length`` tokens, then truncated.
+    """One sequence of the paper's D.2 (docs/method.md): segments concatenated until ``length`` tokens, then truncated.
 
     Each segment is, with equal probability, a *repetition* (a pattern of 2-5
     i.i.d. tokens repeated 2-4 times), a *sequential* run (5-15 consecutive

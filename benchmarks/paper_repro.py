@@ -1,6 +1,6 @@
 """The paper's experiments with its own protocol (issue 15): Tables 1, 2, 3/6 and 5, and the shipped risk model.
 
-What is trained (PAPER.md; [ours] marks our choices, the README says why):
+What is trained (docs/method.md; [ours] marks our choices, that page says why):
 
 - Models: ``benchmarks.paper_models`` GPT-2-style decoder (learned positions, GELU MLP of width 4d, head width
   32), every weight and embedding from N(0, 0.02^2), **no residual scaling** (the setting that reproduces

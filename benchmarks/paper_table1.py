@@ -1,6 +1,6 @@
-"""Reproduce the paper's Table 1 at init (PAPER.md): layer-mean M_~1, M_>1 and rho of six normalizations.
+"""Reproduce the paper's Table 1 at init (docs/method.md): layer-mean M_~1, M_>1 and rho of six normalizations.
 
-The model of PAPER.md "What we verified ourselves" (benchmarks/paper_models.py):
+The model of docs/method.md, "What we verified ourselves" (benchmarks/paper_models.py):
 GPT-2-style, d = 256, L = 6, 8 heads, vocabulary 256, learned positions,
 GELU MLP of width 4d, every weight matrix and embedding ~ N(0, 0.02^2), no
 1/sqrt(2L) residual scaling, biases zero.  At init, on 32 associative-recall
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                     "init, no residual scaling) for Pre-LN, Post-LN, RMSNorm, DeepNorm, SubLN and No-Norm, full "
                     "whitened DMD, averaged over seeds; compared with the paper's numbers (tolerance: 0.03 on "
                     "masses, 5%% on rho).",
-        epilog="The defaults (d 256, 6 layers, 2048 tokens, seeds 42 123 456) are PAPER.md's verified setting; "
+        epilog="The defaults (d 256, 6 layers, 2048 tokens, seeds 42 123 456) are docs/method.md's verified setting; "
                "the smaller options only make a faster, rougher run.")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON line {norm: {near_unit_mass, expansive_mass, spectral_radius}} instead")

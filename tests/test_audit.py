@@ -66,7 +66,7 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
         assert key in da["method"]
     m = da["method"]
     assert m["name"] == "RKSP" and m["version"] == "2"
-    # the paper's defaults (PAPER.md), recorded; d = 64 <= 1024: --rank auto is full DMD
+    # the paper's defaults (docs/method.md), recorded; d = 64 <= 1024: --rank auto is full DMD
     assert (m["eps"], m["band_upper"], m["band_lower"], m["contractive"], m["resdmd_tau"]) == (1e-5, 1.05, 0.9, 0.8, 0.1)
     assert m["rank"] == "full" and m["rank_option"] == "auto"
     from hf_rksp.spectral import FEATURE_NAMES

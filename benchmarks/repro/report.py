@@ -1,8 +1,14 @@
-"""``analyze``: every table, plot, summary.json and (``--ship``) the risk model from runs.jsonl."""
+"""``analyze``: every table, plot, summary.json and (``--ship``) the risk model from runs.jsonl.
+
+Analysing the committed results folder also refreshes the tables of ``docs/results/paper_repro.md``
+(through ``docs/generate.py``, which owns the page's generated sections).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +18,28 @@ from hf_rksp.utils import atomic
 from .analysis import (_clean, auroc_table, cv_table, fit_risk_model, kss_table, label, make_summary, maxlr_table,
                        norm_table, pilot_table, pilot_tables_md, shared_lr_auroc, tables_md)
 from .plots import write_plots
-from .protocol import RISK_MODEL, Protocol, unique
+from .protocol import RESULTS, RISK_MODEL, ROOT, Protocol, unique
 from .runner import read_runs, write_csv
 from .stats import auroc, ece, reliability
 
+#: the docs page that shows these results, and its sections that docs/generate.py fills from them
+DOCS_GENERATOR = ROOT / "docs" / "generate.py"
+DOCS_SECTIONS = ("paper-repro-targets", "paper-repro-tables", "paper-repro-pilots")
+
+
+def refresh_docs(*, check: bool = False) -> int:
+    """Rewrite (or, with ``check``, compare) the results sections of docs/results/paper_repro.md from
+    RESULTS' tables.md, pilot/tables.md, summary.json and analysis.json; the generator's exit code."""
+    return subprocess.run([sys.executable, str(DOCS_GENERATOR), *(["--check"] if check else []), *DOCS_SECTIONS],
+                          cwd=ROOT, check=False).returncode
+
+
 def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Path = RISK_MODEL,
-            n_boot: int = 1000, log=print) -> dict:
-    """Every table, plot and summary.json from ``out/runs.jsonl`` (no training)."""
+            n_boot: int = 1000, log=print, docs: bool | None = None) -> dict:
+    """Every table, plot and summary.json from ``out/runs.jsonl`` (no training).
+
+    ``docs``: also refresh docs/results/paper_repro.md (default: when ``out`` is the committed RESULTS).
+    """
     runs_path = out / "runs.jsonl"
     runs = read_runs(runs_path)
     sha = hashlib.sha256(runs_path.read_bytes()).hexdigest() if runs_path.is_file() else "0" * 64
@@ -71,4 +92,8 @@ def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Pat
         atomic.write_json(risk_path, model.to_json())
         log(f"risk model written to {risk_path} (features {', '.join(model.features)})")
     log(f"{len(runs)} runs analysed; summary in {out / 'summary.json'}, tables in {out / 'tables.md'}")
+    if docs is None:
+        docs = out.resolve() == RESULTS.resolve()
+    if docs and refresh_docs() != 0:
+        raise SystemExit(f"could not refresh the docs ({DOCS_GENERATOR} failed)")
     return summary

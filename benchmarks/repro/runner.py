@@ -179,7 +179,7 @@ def execute(specs: list[RunSpec], out: Path, *, workers: int = 1, device: str = 
 # --- time estimate ----------------------------------------------------------------------------------------------
 
 #: seconds per optimizer step at d 128, L 4, batch 16, one thread, this 2-core machine (pilots: 0.08-0.09
-#: with a moderate load, 0.11-0.13 under a heavy one; README); scaled as
+#: with a moderate load, 0.11-0.13 under a heavy one; docs/results/paper_repro.md); scaled as
 #: (d / 128)^1.7 x L / 4 x batch / 16 x seq_len / 64 (measured: d 256, L 6 costs 4.9x d 128, L 4)
 STEP_S_D128_L4 = 0.10
 KSS_OVERHEAD = 0.15

@@ -1,4 +1,4 @@
-"""Layer-major streaming: audit a checkpoint one block at a time (DESIGN.md, "Layer-major streaming").
+"""Layer-major streaming: audit a checkpoint one block at a time (docs/guides/streaming.md).
 
 The base model is built on the meta device; only the non-block weights
 (embeddings, final norm) and one block's weights are ever materialized.  The

@@ -31,7 +31,7 @@ from hf_rksp.spectral.whitening import EPS, REL_CUT, whiten
 
 @dataclass(frozen=True)
 class RKSPConfig:
-    """Every parameter of RKSP v2, defaulting to the paper's values (PAPER.md).
+    """Every parameter of RKSP v2, defaulting to the paper's values (docs/method.md, "Parameters and defaults").
 
     ``rank``: None for full DMD (all k eigenvalues), or r for seeded rank-r
     randomized DMD.  ``eps_nl`` and ``eps_r`` are the paper's unspecified

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-#: Largest eigenvalue condition number whose eigenvalue gradient KSS uses **[ours]** (see README).
+#: Largest eigenvalue condition number whose eigenvalue gradient KSS uses **[ours]** (docs/results/kss.md).
 MAX_CONDITION = 1e4
 
 

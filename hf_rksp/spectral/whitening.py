@@ -53,7 +53,7 @@ import torch
 
 from hf_rksp.errors import SnapshotError
 
-#: Relative cut of the pseudo-inverse of X~ (PAPER.md: 1e-6 x the largest singular value).
+#: Relative cut of the pseudo-inverse of X~: 1e-6 x the largest singular value [ours] (docs/method.md).
 REL_CUT = 1e-6
 #: The paper's whitening regularizer (absolute, Eq. 9).
 EPS = 1e-5
