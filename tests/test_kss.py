@@ -458,7 +458,7 @@ def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score
         feats = {"spectral_radius": {"max": 1.5}, "eigvec_condition": {"mean": kappa}}
         return {"score": score, "features": feats}, 2
 
-    monkeypatch.setattr(trainer, "_profile_summary", fake_profile)
+    monkeypatch.setattr(trainer, "profile_summary", fake_profile)
     model = tiny_lm("gpt2", no_norm=no_norm)
     assert trainer.has_normalization(model) is not no_norm
     tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=2, learning_rate=lr, logging_steps=1),
