@@ -167,3 +167,33 @@ def test_published_schema_is_the_generated_one():
     assert published == audit_schema()
     block = published["properties"]["blocks"]["items"]
     assert set(FEATURE_NAMES) <= set(block["required"])
+
+
+def test_audit_checks_once_and_leaves_the_callers_options_alone(tiny_dirs, monkeypatch):
+    """check_options once per audit, the spectral config built once by the pipeline, options and source copied."""
+    from dataclasses import replace
+
+    from hf_rksp.pipeline import run
+    from hf_rksp.pipeline.options import AuditOptions
+
+    calls = {"check": 0, "config": 0}
+    check, config = run.check_audit_options, run.rksp_config
+
+    def counted_check(*a, **k):
+        calls["check"] += 1
+        return check(*a, **k)
+
+    def counted_config(*a, **k):
+        calls["config"] += 1
+        return config(*a, **k)
+
+    monkeypatch.setattr(run, "check_audit_options", counted_check)
+    monkeypatch.setattr(run, "rksp_config", counted_config)
+    opts = AuditOptions(tokens=256, seq_len=128, name="org/tiny")
+    before = replace(opts)
+    monkeypatch.setattr(run, "plan_for", lambda src, o: type("Plan", (), {"stream": True})())  # "too big: stream"
+    res = audit(str(tiny_dirs["llama"]), init=True, out_dir=None, options=opts, progress=False)
+    assert calls == {"check": 1, "config": 1}
+    assert opts == before and opts.stream is False  # the audit streamed on a copy
+    assert res.record.method.streamed and "--stream" in res.record.command and res.record.source.id == "org/tiny"
+

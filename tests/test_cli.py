@@ -551,5 +551,131 @@ def test_default_command_is_unchanged():
         "--stream")
 
 
+#: the option strings of `hf-rksp audit`, captured from the parser before the options were defined once
+#: (hand-written argparse calls); the derived parser must give exactly these
+AUDIT_OPTION_STRINGS = [
+    "-h", "--help", "--init", "--config", "--revision", "--name", "--gguf-file", "--blocks", "--trust-remote-code",
+    "--tokens", "--seq-len", "--rank", "--eps", "--band-upper", "--band-lower", "--contractive", "--resdmd-tau",
+    "--no-kreiss", "--seed", "--lr", "--text", "--dataset", "--dataset-config", "--split", "--column", "--dtype",
+    "--device", "--batch-size", "--stream", "--low-disk", "--device-map", "--max-memory", "--load-in-8bit",
+    "--load-in-4bit", "--out-dir", "--no-write", "-q", "--quiet", "--from-audit", "--push-to",
+]
+#: the options of `hf-rksp audit` that are not AuditOptions fields (what to run on, where to write, what to print)
+NOT_FIELDS = {"-h", "--help", "--init", "--config", "--out-dir", "--no-write", "-q", "--quiet", "--from-audit",
+              "--push-to"}
+
+
+def audit_parser():
+    from hf_rksp.cli.commands import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices["audit"]
+
+
+def test_audit_help_lists_the_same_options():
+    strings = [s for a in audit_parser()._actions for s in a.option_strings]
+    assert sorted(strings) == sorted(AUDIT_OPTION_STRINGS) and len(strings) == len(set(strings))
+
+
+def test_every_field_is_an_option_and_every_option_but_a_few_is_a_field():
+    """dest = field name for each flag derived from AuditOptions; the others are the command's own."""
+    from dataclasses import fields
+
+    from hf_rksp.pipeline.options import AuditOptions
+
+    names = {f.name for f in fields(AuditOptions)}
+    by_dest: dict = {}
+    for a in audit_parser()._actions:
+        if a.option_strings:
+            by_dest.setdefault(a.dest, []).extend(a.option_strings)
+    assert names <= set(by_dest)
+    others = {s for dest, strings in by_dest.items() if dest not in names for s in strings}
+    assert others == NOT_FIELDS
+    assert by_dest["kreiss"] == ["--no-kreiss"] and by_dest["quantize"] == ["--load-in-8bit", "--load-in-4bit"]
+
+
+def test_derived_flags_keep_their_behaviour(capsys):
+    """Types, choices, switches and the 8bit/4bit exclusion, as the hand-written parser had them."""
+    from hf_rksp.cli.commands import audit_options, build_parser
+
+    p = build_parser()
+    args = p.parse_args(["audit", "m", "--rank", "full", "--tokens", "64", "--eps", "2e-5", "--no-kreiss",
+                         "--load-in-4bit", "--device-map", "cpu", "--stream", "--trust-remote-code"])
+    opts = audit_options(args)
+    assert (opts.rank, opts.tokens, opts.eps, opts.kreiss, opts.quantize, opts.device_map, opts.stream,
+            opts.trust_remote_code) == ("full", 64, 2e-5, False, "4bit", "cpu", True, True)
+    assert audit_options(p.parse_args(["audit", "m", "--rank", "8"])).rank == 8
+    assert not hasattr(p.parse_args(["audit", "m"]), "tokens")  # unset: AuditOptions holds the default
+    for argv, message in [(["--rank", "x"], "argument --rank: expected full, auto or an integer, got 'x'"),
+                          (["--tokens", "x"], "argument --tokens: invalid int value: 'x'"),
+                          (["--device-map", "nope"], "argument --device-map: invalid choice: 'nope'"),
+                          (["--load-in-8bit", "--load-in-4bit"], "not allowed with argument --load-in-8bit")]:
+        with pytest.raises(SystemExit):
+            p.parse_args(["audit", "m", *argv])
+        assert message in capsys.readouterr().err
+
+
+def test_help_gives_each_default_from_the_dataclass():
+    from dataclasses import fields
+
+    from hf_rksp.pipeline.options import AuditOptions
+
+    helps = {a.dest: a.help for a in audit_parser()._actions}
+    defaults = {f.name: f.default for f in fields(AuditOptions)}
+    assert helps["tokens"].endswith(f"(default: {defaults['tokens']})")
+    assert helps["eps"].endswith("(default: 1e-05)") and helps["rank"].endswith("(default: auto)")
+    assert helps["lr"].startswith("peak learning rate") and "(default: the family's" in helps["lr"]
+    assert "(default" not in helps["stream"]  # a switch says what it does
+
+
+def test_options_markdown_has_a_row_per_flag():
+    from hf_rksp.pipeline.options import GROUPS, options_markdown
+
+    md = options_markdown()
+    rows = [line for line in md.splitlines() if line.startswith("| `")]
+    flags = [r.split("`")[1].split(" ")[0].replace("\\", "") for r in rows]
+    assert sorted(flags) == sorted(set(AUDIT_OPTION_STRINGS) - NOT_FIELDS)
+    assert all(f"**{title}**" in md for title in GROUPS.values())
+    assert "| `--tokens TOKENS` | `2048` | always | calibration tokens N |" in rows
+    assert "| `--rank full\\|auto\\|R` | `auto` | always |" in md  # table pipes escaped
+    assert "| `--device DEVICE` | `cpu` | no |" in md
+
+
+def test_a_new_option_is_one_field(monkeypatch, capsys):
+    """A field with its metadata is enough: flag, help with default, check and recorded command follow."""
+    from dataclasses import dataclass
+
+    from hf_rksp.errors import ConfigError
+    from hf_rksp.pipeline import options
+    from hf_rksp.pipeline.validation import check_audit_options
+    from hf_rksp.utils.options import option
+
+    @dataclass
+    class WithWarmup(options.AuditOptions):
+        warmup: int = option(0, group="method", parse=int, bounds=(0, 64), help="forward passes before the capture")
+
+    monkeypatch.setattr(options, "AuditOptions", WithWarmup)
+    from hf_rksp.cli.commands import audit_options, build_parser
+
+    args = build_parser().parse_args(["audit", "m", "--warmup", "3"])
+    opts = audit_options(args)
+    assert opts.warmup == 3
+    assert options.command_line("m", False, None, opts).endswith("--dtype float32 --warmup 3")
+    assert "--warmup" not in options.command_line("m", False, None, WithWarmup())
+    assert {a.dest: a.help for a in audit_parser()._actions}["warmup"] == \
+        "forward passes before the capture (default: 0)"
+    with pytest.raises(ConfigError, match="between 0 and 64"):
+        check_audit_options(WithWarmup(warmup=65))
+    assert "`--warmup WARMUP` | `0` | if changed | forward passes before the capture |" in options.options_markdown()
+
+
+def test_options_table_order_covers_only_fields():
+    from dataclasses import fields
+
+    from hf_rksp.pipeline.options import ORDER, AuditOptions, audit_option_fields
+
+    assert len(ORDER) == len(set(ORDER)) and set(ORDER) <= {f.name for f in fields(AuditOptions)}
+    assert [f.name for f, _ in audit_option_fields()][:len(ORDER)] == list(ORDER)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

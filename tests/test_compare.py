@@ -38,6 +38,19 @@ def test_compare_function(two):
     assert all(r["near_unit_mass_delta"] == 0 for r in same["blocks"]) and same["warnings"] == []
 
 
+
+def test_method_fields_are_the_compared_options():
+    """compare warns on exactly the options marked ``compared``, each a field of the method record."""
+    from dataclasses import fields
+
+    from hf_rksp.pipeline.options import COMPARED
+    from hf_rksp.record.records import MethodRecord
+    from hf_rksp.report.compare import METHOD_FIELDS
+
+    assert METHOD_FIELDS == COMPARED == ("rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau",
+                                         "tokens")
+    assert set(METHOD_FIELDS) <= {f.name for f in fields(MethodRecord)}
+
 def test_compare_cli(two, capsys, tmp_path):
     out, a, b = two
     png = tmp_path / "cmp.png"

@@ -19,6 +19,8 @@ from hf_rksp.errors import RKSPError
 from hf_rksp.models.blocks import find_blocks, stack_labels
 from hf_rksp.models.init import group_seed
 from hf_rksp.spectral import FEATURE_NAMES, RKSPConfig, profile_block
+from hf_rksp.utils.checks import MAX_BATCH, MAX_SEED
+from hf_rksp.utils.options import option, parse_rank
 
 #: --rank auto: full DMD while the operator is at most this wide, else rank AUTO_RANK (see README, [ours])
 FULL_DMD_MAX = 1024
@@ -27,18 +29,32 @@ AUTO_RANK = 32
 
 @dataclass
 class ProfileOptions:
-    """What changes the numbers of a profile of a model already in memory."""
+    """What changes the numbers of a profile of a model already in memory (each field an option of
+    `hf-rksp audit`: see :mod:`hf_rksp.utils.options`)."""
 
-    rank: str | int = "auto"  # "full", an integer r (rank-r randomized DMD), or "auto" (see resolve_rank)
-    eps: float = RKSPConfig.eps
-    band_upper: float = RKSPConfig.band_upper
-    band_lower: float = RKSPConfig.band_lower
-    contractive: float = RKSPConfig.contractive
-    resdmd_tau: float = RKSPConfig.resdmd_tau
-    kreiss: bool = True
-    seed: int = 0  # the rank-r basis of block i draws from group_seed(seed, i)
-    batch_size: int = 1
-    blocks: str | None = None  # block-list path for families hf-rksp does not know
+    rank: str | int = option(
+        "auto", group="method", metavar="full|auto|R", parse=parse_rank, recorded="always", compared=True,
+        help="full: all k eigenvalues of the operator on the range of X~ (k = its numerical rank); "
+             f"R: seeded rank-R randomized DMD; auto: full while min(N-1, d) <= {FULL_DMD_MAX}, "
+             f"rank {AUTO_RANK} beyond (7B widths, where full costs several block forwards on a CPU)")
+    eps: float = option(RKSPConfig.eps, group="method", parse=float, positive=True, compared=True,
+                        help="whitening regularizer: Sigma = Xc Xc^T/(N-1) + eps I")
+    band_upper: float = option(RKSPConfig.band_upper, group="method", parse=float, positive=True, compared=True,
+                               help="expansive above, near-unit up to this |lambda| (1 + eps_u)")
+    band_lower: float = option(RKSPConfig.band_lower, group="method", parse=float, positive=True, compared=True,
+                               help="near-unit from this |lambda| (1 - eps_n)")
+    contractive: float = option(RKSPConfig.contractive, group="method", parse=float, positive=True, compared=True,
+                                help="contractive below this |lambda| (1 - delta_c)")
+    resdmd_tau: float = option(RKSPConfig.resdmd_tau, group="method", parse=float, positive=True, compared=True,
+                               help="ResDMD residual threshold: modes with r_j <= tau are kept")
+    kreiss: bool = option(True, group="method", help="skip the Kreiss constant (the costliest feature)")
+    seed: int = option(0, group="method", parse=int, bounds=(0, MAX_SEED), recorded="always",  # block i: group_seed
+                       help="seed for random init, random token ids and the range finder")
+    batch_size: int = option(1, group="runtime", parse=int, bounds=(1, MAX_BATCH), recorded="never",
+                             help="sequences per forward batch")
+    blocks: str | None = option(None, group="source", metavar="PATH",
+                                help="attribute path of the residual block list for an unknown family "
+                                     "(e.g. model.layers)")
 
 
 def resolve_rank(rank: str | int, n_tokens: int, d_model: int) -> int | None:

@@ -58,12 +58,40 @@ class Parser(argparse.ArgumentParser):
                      f"(see '{self.prog} --help')\n")
 
 
-def _option(group, *flags, **kwargs):
-    """A field of AuditOptions (its ``dest``): unset unless given, so the dataclass alone holds the default."""
-    return group.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+def _cli_type(parse):
+    """An Option's ``parse`` as an argparse type: its ValueError becomes the usage error's message."""
+    if parse in (None, int, float):  # argparse's own wording: "invalid int value: 'x'"
+        return parse
+
+    def typed(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    typed.__name__ = parse.__name__
+    return typed
+
+
+def _add_option(group, f, meta) -> None:
+    """An AuditOptions field as its flag(s), dest = field name, unset unless given (the dataclass holds the default)."""
+    from hf_rksp.utils.options import flag, help_text, switch
+
+    kw = {"dest": f.name, "default": argparse.SUPPRESS}
+    if meta.switches:  # one switch per value, at most one of them
+        q = group.add_mutually_exclusive_group()
+        for value, (text, help_) in meta.switches.items():
+            q.add_argument(text, action="store_const", const=value, help=help_, **kw)
+    elif switch(f) is not None:
+        group.add_argument(switch(f), action="store_false" if f.default else "store_true", help=help_text(f), **kw)
+    else:
+        group.add_argument(flag(f.name), type=_cli_type(meta.parse), metavar=meta.metavar,
+                           choices=list(meta.choices) if meta.choices else None, help=help_text(f), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hf_rksp.pipeline.options import GROUPS, audit_option_fields
+
     p = Parser(
         prog="hf-rksp",
         description="RKSP spectral audits for Hugging Face transformers.",
@@ -83,67 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="audit a model (pretrained or at random init)", description=AUDIT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("model", nargs="?", help="hub id (local HF cache when offline), checkpoint directory, or .gguf file")
-    g = a.add_argument_group("what to audit")
+    groups = {key: a.add_argument_group(title) for key, title in GROUPS.items()}
+    g, r = groups["source"], groups["runtime"]
     g.add_argument("--init", action="store_true",
                    help="build the architecture at random init (no weights); configs of famous checkpoints ship offline")
     g.add_argument("--config", metavar="PATH", help="a config.json to build at random init (implies --init)")
-    # every option below is a field of AuditOptions (dest = field name); AuditOptions holds the defaults
-    _option(g, "--revision", help="hub revision (branch, tag or commit)")
-    _option(g, "--name", metavar="HUB_ID",
-            help="the hub id a local directory or .gguf stands for: names the slug and the card's base_model")
-    _option(g, "--gguf-file", metavar="NAME",
-            help="the GGUF file to audit in a hub repo (only that file is downloaded; or name it org/repo/NAME)")
-    _option(g, "--blocks", metavar="PATH",
-            help="attribute path of the residual block list for an unknown family (e.g. model.layers)")
-    _option(g, "--trust-remote-code", action="store_true",
-            help="allow custom modeling code from the repo (off by default)")
-    m = a.add_argument_group("method (RKSP v2; defaults are the paper's)")
-    _option(m, "--tokens", type=int, help="calibration tokens N (default 2048)")
-    _option(m, "--seq-len", type=int, help="sequence length T; N/T sequences, no padding (default 512)")
-    _option(m, "--rank", type=_rank, metavar="full|auto|R",
-            help="full: all k eigenvalues of the operator on the range of X~ (k = its numerical rank); "
-                 "R: seeded rank-R randomized DMD; auto (default): full while min(N-1, d) <= 1024, "
-                 "rank 32 beyond (7B widths, where full costs several block forwards on a CPU)")
-    _option(m, "--eps", type=float, help="whitening regularizer: Sigma = Xc Xc^T/(N-1) + eps I (default 1e-5)")
-    _option(m, "--band-upper", type=float,
-            help="expansive above, near-unit up to this |lambda| (1 + eps_u; default 1.05)")
-    _option(m, "--band-lower", type=float, help="near-unit from this |lambda| (1 - eps_n; default 0.90)")
-    _option(m, "--contractive", type=float, help="contractive below this |lambda| (1 - delta_c; default 0.80)")
-    _option(m, "--resdmd-tau", type=float,
-            help="ResDMD residual threshold: modes with r_j <= tau are kept (default 0.1)")
-    _option(m, "--no-kreiss", dest="kreiss", action="store_false",
-            help="skip the Kreiss constant (the costliest feature)")
-    _option(m, "--seed", type=int, help="seed for random init, random token ids and the range finder (default 0)")
-    k = a.add_argument_group("risk (from the shipped v2 risk model when this build has one; otherwise null, with the reason)")
-    _option(k, "--lr", type=float, metavar="LR",
-            help="peak learning rate the probability of divergence is given for (default: the family's "
-                 "typical pretraining value, e.g. gpt2 6e-4, llama 3e-4, bert 1e-4; see README)")
-    c = a.add_argument_group("calibration input (default: the English text embedded in the package)")
-    _option(c, "--text", metavar="FILE", help="UTF-8 text file to calibrate on")
-    _option(c, "--dataset", metavar="NAME_OR_PATH", help="a `datasets` dataset to calibrate on")
-    _option(c, "--dataset-config", help="dataset configuration name")
-    _option(c, "--split", help="dataset split (default train)")
-    _option(c, "--column", help="dataset text column (default text)")
-    r = a.add_argument_group("runtime")
-    _option(r, "--dtype", help="forward dtype: float32 (default), bfloat16, float16")
-    _option(r, "--device", help="cpu (default), cuda, cuda:N or auto")
-    _option(r, "--batch-size", type=int, help="sequences per forward batch (default 1)")
-    _option(r, "--stream", action="store_true",
-            help="layer-major: read (or, with --init, create) and run one block at a time "
-                 "(peak memory ~ one block + activations); automatic when the model would take more "
-                 "than half the available RAM; resumes after an interruption")
-    _option(r, "--low-disk", action="store_true",
-            help="streaming a sharded hub checkpoint: delete each shard from the HF cache after the last block "
-                 "that uses it, so the cache holds at most one shard (implies --stream)")
-    _option(r, "--device-map", choices=["auto", "cpu", "cuda", "disk"],
-            help="whole-model loading through accelerate's device map (disk: offload what does not fit)")
-    _option(r, "--max-memory", metavar="DEV=SIZE,...",
-            help="accelerate max_memory for --device-map, e.g. 'cuda:0=20GiB,cpu=30GiB'")
-    q = r.add_mutually_exclusive_group()
-    _option(q, "--load-in-8bit", dest="quantize", action="store_const", const="8bit",
-            help="bitsandbytes 8-bit weights (needs CUDA)")
-    _option(q, "--load-in-4bit", dest="quantize", action="store_const", const="4bit",
-            help="bitsandbytes 4-bit NF4 weights (needs CUDA)")
+    for key, group in groups.items():  # every AuditOptions field, defined (help, default) in pipeline/options.py
+        for f, meta in audit_option_fields():
+            if meta.group == key:
+                _add_option(group, f, meta)
     r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
     r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -170,15 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", metavar="PNG", help="write both profiles to this PNG")
     c.add_argument("--json", action="store_true", help="print the comparison as JSON")
     return p
-
-
-def _rank(text: str):
-    if text in ("full", "auto"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected full, auto or an integer, got {text!r}") from None
 
 
 def _fmt(v, fmt: str) -> str:

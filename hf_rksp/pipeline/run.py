@@ -42,7 +42,7 @@ from hf_rksp.record.summary import summarize
 from hf_rksp.report import card as report
 from hf_rksp.report import plots
 from hf_rksp.report.card import render_card
-from hf_rksp.spectral import METHOD_VERSION
+from hf_rksp.spectral import METHOD_VERSION, RKSPConfig
 
 logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
@@ -106,11 +106,9 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
     return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
 
 
-def check_options(opts: AuditOptions, d_model: int | None = None, *, init: bool = False) -> None:
-    """Reject options that cannot work, before any heavy work (:mod:`hf_rksp.validation`)."""
+def check_options(opts: AuditOptions, *, init: bool = False) -> None:
+    """Reject options that cannot work, before any heavy work (:mod:`hf_rksp.pipeline.validation`)."""
     check_audit_options(opts, init=init)
-    if d_model is not None:
-        rksp_config(opts, opts.tokens, d_model)
 
 
 def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOptions, progress: bool = True,
@@ -156,9 +154,9 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
     return results, path, timings
 
 
-def method_record(opts: AuditOptions, calib, d_model: int, streamed: bool, path: str, init: bool) -> MethodRecord:
-    """The method of the audit: every parameter that changes the numbers."""
-    config = rksp_config(opts, calib.n_tokens, d_model)
+def method_record(opts: AuditOptions, calib, config: RKSPConfig, streamed: bool, path: str,
+                  init: bool) -> MethodRecord:
+    """The method of the audit: every parameter that changes the numbers (``config``: the spectral core's)."""
     return MethodRecord.from_dict({
         "name": METHOD_NAME,
         "version": METHOD_VERSION,
@@ -198,10 +196,16 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     A streamed audit with ``resume_root`` saves its progress after every block
     under ``resume_root/<slug>-<key>`` and resumes from there when rerun.
     """
+    check_options(opts)
+    return _audit_loaded(loaded, opts, command=command, progress=progress, resume_root=resume_root)
+
+
+def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool,
+                  resume_root: Path | None) -> AuditRecord:
+    """audit_model, for options already checked (:func:`audit` checks them before loading)."""
     streamed = bool(loaded.info.get("streamed"))
     device = _device(opts.device) if streamed else str(next(loaded.model.parameters()).device)
     d_model = int(loaded.config.hidden_size)
-    check_options(opts, d_model)
     calib = calibration_for(loaded, opts)
     max_pos = _max_positions(loaded.config)
     if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
@@ -214,7 +218,8 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     else:
         block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
                                                      progress=progress, input_name=calib.input_name)
-    method = method_record(opts, calib, d_model, streamed, path, loaded.source.init)
+    config = rksp_config(opts, calib.n_tokens, d_model)
+    method = method_record(opts, calib, config, streamed, path, loaded.source.init)
     summary = SummaryRecord.from_dict(summarize(block_results))
     risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.info["family"], d_model=d_model,
                                        n_layers=len(block_results), init=loaded.source.init,
@@ -261,13 +266,14 @@ def audit(
         check_out_dir(Path(out_dir))
     t0 = time.perf_counter()
     device = _device(opts.device)
-    src = resolve_source(source, init=init, config_path=config, revision=opts.revision, gguf_file=opts.gguf_file)
-    src.name = opts.name
-    opts.stream = opts.stream or opts.low_disk
+    src = replace(resolve_source(source, init=init, config_path=config, revision=opts.revision,
+                                 gguf_file=opts.gguf_file), name=opts.name)
+    if opts.low_disk and not opts.stream:
+        opts = replace(opts, stream=True)  # --low-disk implies --stream
     plan = plan_for(src, opts)
     if plan is not None and plan.stream and not opts.stream:
         logger.warning("%s would take more than half the available memory: streaming it block by block", src.id)
-        opts.stream = True
+        opts = replace(opts, stream=True)
     # --device-map disk offloads to a folder of this audit's own, removed however the audit ends
     with tempfile.TemporaryDirectory(prefix="hf-rksp-offload-") if opts.device_map == "disk" else nullcontext() \
             as offload:
@@ -280,8 +286,8 @@ def audit(
                                 placement=placement_kwargs(opts, offload), blocks=opts.blocks)
         t_load = time.perf_counter()
         resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
-        record = audit_model(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
-                             resume_root=resume_root)
+        record = _audit_loaded(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
+                               resume_root=resume_root)
     timings = {"load_s": t_load - t0, **record.timings, "total_s": time.perf_counter() - t0}
     result = AuditResult(record=replace(record, timings=timings))
     if out_dir is not None:

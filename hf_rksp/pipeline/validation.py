@@ -13,9 +13,6 @@ from pathlib import Path
 
 from hf_rksp.errors import ConfigError, RKSPError
 from hf_rksp.utils.checks import (
-    MAX_BATCH,
-    MAX_SEED,
-    MAX_TOKENS,
     check_device,
     check_hub_id,
     check_int,
@@ -23,16 +20,23 @@ from hf_rksp.utils.checks import (
     check_revision,
     parse_max_memory,
 )
+from hf_rksp.utils.options import option_fields
 
 
 def check_audit_options(opts, *, init: bool = False) -> None:
-    """Every audit option (``hf_rksp.pipeline.options.AuditOptions``), alone and in combination; raises ConfigError/RKSPError."""
+    """Every audit option (``hf_rksp.pipeline.options.AuditOptions``), alone and in combination; raises ConfigError/RKSPError.
+
+    The simple checks come from each field's :class:`~hf_rksp.utils.options.Option`: integer ``bounds``,
+    ``positive`` floats and ``choices``; the rest (combinations, files, devices) are written out here.
+    """
     from hf_rksp.capture.calibration import check_shape
     from hf_rksp.capture.profile import rksp_config
     from hf_rksp.models.loading import parse_dtype
 
-    check_int("tokens", opts.tokens, 2, MAX_TOKENS)
-    check_int("seq_len", opts.seq_len, 1, MAX_TOKENS)
+    declared = option_fields(opts)
+    for f, meta in declared:  # tokens, seq_len, seed, batch_size
+        if meta.bounds is not None:
+            check_int(f.name, getattr(opts, f.name), *meta.bounds)
     check_shape(opts.tokens, opts.seq_len)
     if not (opts.rank in ("auto", "full") or (isinstance(opts.rank, int) and not isinstance(opts.rank, bool))):
         raise ConfigError(f"rank must be 'full', 'auto' or an integer, got {opts.rank!r}", param="rank")
@@ -41,15 +45,15 @@ def check_audit_options(opts, *, init: bool = False) -> None:
     if isinstance(opts.rank, int) and opts.rank > opts.tokens - 1:
         raise ConfigError(f"rank {opts.rank} needs at least {opts.rank + 1} tokens; with {opts.tokens} tokens "
                           f"the largest possible rank is {opts.tokens - 1}", param="rank")
-    rksp_config(opts, opts.tokens, opts.tokens)  # validates eps, bands, tau
-    for name in ("eps", "band_upper", "band_lower", "contractive", "resdmd_tau"):
-        check_positive_float(name, getattr(opts, name))
-    check_int("seed", opts.seed, 0, MAX_SEED)
-    check_int("batch_size", opts.batch_size, 1, MAX_BATCH)
+    rksp_config(opts, opts.tokens, opts.tokens)  # the spectral core's own checks: eps, the bands in order, tau
+    for f, meta in declared:  # eps, band_upper, band_lower, contractive, resdmd_tau, lr (None: the default)
+        value = getattr(opts, f.name)
+        if meta.positive and value is not None:
+            check_positive_float(f.name, value)
+        if meta.choices is not None and value is not None and value not in meta.choices:
+            raise ConfigError(f"must be one of {', '.join(map(str, meta.choices))}, got {value!r}", param=f.name)
     parse_dtype(opts.dtype)
     check_device(opts.device)
-    if opts.lr is not None:
-        check_positive_float("lr", opts.lr)
     if opts.name is not None:
         check_hub_id(opts.name, "name")
     check_revision(opts.revision)

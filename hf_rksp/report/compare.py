@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from hf_rksp.capture.profile import ProfileOptions
 from hf_rksp.errors import AuditFileError
 from hf_rksp.record.records import AuditRecord, read_audit
 from hf_rksp.spectral import FEATURES
+from hf_rksp.utils.options import option_fields
 
 #: model-level rows: (feature, aggregate)
 SUMMARY_ROWS = tuple((f.name, "mean") for f in FEATURES) + (("spectral_radius", "max"),)
-#: method parameters that make two audits' numbers incomparable when they differ
-METHOD_FIELDS = ("rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau", "tokens")
+#: method parameters that make two audits' numbers incomparable when they differ: the options marked
+#: ``compared`` (the profiling options here, then the calibration size, an audit option of the pipeline layer above,
+#: which tests/test_compare.py keeps equal to ``hf_rksp.pipeline.options.COMPARED``); each a MethodRecord field
+METHOD_FIELDS = tuple(f.name for f, meta in option_fields(ProfileOptions) if meta.compared) + ("tokens",)
 
 
 def load_audit(ref: str | Path, out_dir: str | Path = ".") -> AuditRecord:
