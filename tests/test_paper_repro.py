@@ -102,7 +102,7 @@ def test_analyze_refreshes_the_docs_page_only_for_the_committed_results(smoke, t
     what the generator makes of the committed files."""
     import shutil
 
-    report = sys.modules[bench.analyze.__module__]
+    import benchmarks.repro.report as report
     calls = []
     monkeypatch.setattr(report, "refresh_docs", lambda **kw: calls.append(kw) or 0)
     out = tmp_path / "scratch"
