@@ -80,26 +80,25 @@ def _help(*words: str) -> str:
 
 
 def audit_options() -> str:
-    """Every `hf-rksp audit` option and its help, one table per argparse group (the parser's own text)."""
+    """Every `hf-rksp audit` option: the AuditOptions fields from their own metadata
+    (``hf_rksp.pipeline.options.options_markdown``), then the command's other flags from the parser."""
+    from dataclasses import fields
+
     from hf_rksp.cli import build_parser
+    from hf_rksp.pipeline.options import AuditOptions, options_markdown
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    audit = sub.choices["audit"]
-    parts = []
-    for group in audit._action_groups:
-        rows = []
-        for action in group._group_actions:
-            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
-                continue
-            flags = ", ".join(action.option_strings) or action.dest
-            if action.option_strings and action.nargs != 0:
-                choices = "{" + ",".join(map(str, action.choices)) + "}" if action.choices else None
-                flags += " " + (action.metavar or choices or action.dest.upper())
-            rows.append([f"`{flags}`", action.help or ""])
-        if rows:
-            parts.append(f"**{group.title}**\n\n" + _table(["option", "meaning"], rows))
-    return "\n".join(parts)
+    known = {f.name for f in fields(AuditOptions)}
+    rows = []
+    for action in sub.choices["audit"]._actions:
+        if action.dest in known or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        flags = ", ".join(action.option_strings) or action.dest
+        if action.option_strings and action.nargs != 0:
+            flags += " " + (action.metavar or action.dest.upper())
+        rows.append([f"`{flags}`", action.help or ""])
+    return options_markdown().rstrip() + "\n\n**the command's own (not recorded)**\n\n" + _table(["option", "meaning"], rows)
 
 
 # ----------------------------------------------------------------------------- the audit JSON

@@ -20,7 +20,7 @@ import torch
 from hf_rksp.errors import MemoryPlanError, RKSPError
 
 GiB = 2**30
-#: whole-model audits stream beyond this share of the available RAM (README: "more than half")
+#: whole-model audits stream beyond this share of the available RAM (docs/guides/streaming.md: "more than half")
 STREAM_ABOVE = 0.5
 #: no plan may need more than this share of the available RAM (the rest is the interpreter, libraries, slack)
 USABLE = 0.85

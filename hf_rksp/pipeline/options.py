@@ -69,7 +69,7 @@ class AuditOptions(ProfileOptions):
                                         "name it org/repo/NAME)")
     lr: float | None = option(None, group="risk", metavar="LR", parse=float, positive=True,
                               default_help="the family's typical pretraining value, e.g. gpt2 6e-4, llama 3e-4, "
-                                           "bert 1e-4; see README",
+                                           "bert 1e-4 (hf_rksp.models.families)",
                               help="peak learning rate the probability of divergence is given for")
     device_map: str | None = option(None, group="runtime", choices=("auto", "cpu", "cuda", "disk"),
                                     help="whole-model loading through accelerate's device map (disk: offload what "

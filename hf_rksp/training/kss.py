@@ -64,7 +64,7 @@ class KSSConfig:
     The loss added to the task loss at optimizer step t is
     ``alpha * schedule(t) * mean_l L_l`` on steps where ``t % every_n_steps == 0``;
     defaults are the paper's (T, tau_u, tau_l, alpha = 0.15, r = 32, 50% of
-    layers, every 10 steps) or, where it gives none, ours (README).
+    layers, every 10 steps) or, where it gives none, ours (docs/method.md, "KSS (Definition 2) and our choices").
     """
 
     mode: str = "on"  # "on" | "off" | "auto" (RKSP before the first step decides, paper Fig. 7)

@@ -275,7 +275,7 @@ class KSSTrainer(Trainer):
         if self.kss_config.mode == "auto" and self.kss_state.auto is None:
             self.kss_auto_decide()
         if self.kss_enabled and not (self.args.max_grad_norm or 0) > 0 and self.kss_config.max_grad_ratio is None:
-            # measured in the reproduction (README, "KSS: what it does and what it costs"): after a loss spike
+            # measured in the reproduction (docs/results/kss.md): after a loss spike
             # the unstable penalty's gradient is 10-1e7x the task's, and unclipped it finished runs that
             # plain AdamW recovered from
             logger.warning("KSS is on without gradient clipping (max_grad_norm=%s) or max_grad_ratio: after a "
