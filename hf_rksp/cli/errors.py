@@ -1,7 +1,7 @@
 """The one place library errors become command-line words: parameters as flags, one line, tracebacks kept.
 
 Library messages name parameters in backticks by their library name (```seq_len```); here each becomes the
-flag that sets it (``--seq-len``).  A :class:`~hf_rksp.errors.ConfigError` is prefixed with its parameter's
+flag that sets it (``--seq-len``), read from the option's metadata (``hf_rksp.utils.options``).  A :class:`~hf_rksp.errors.ConfigError` is prefixed with its parameter's
 flag unless the message already names it.  Anything else that escapes is our bug or the system's: one line on
 stderr, the traceback in the debug log (``HF_RKSP_LOG=FILE``).
 """
@@ -14,9 +14,9 @@ import re
 import sys
 
 from hf_rksp.errors import ConfigError, RKSPError
-
-#: parameters whose flag is not ``--`` + the name with dashes
-SPECIAL_FLAGS = {"kreiss": "--no-kreiss", "quantize": "--load-in-8bit/--load-in-4bit"}
+from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.utils.options import flag as option_flag
+from hf_rksp.utils.options import option_fields, switch
 
 _NAMED = re.compile(r"`([a-z][a-z0-9_]*)`")
 
@@ -35,12 +35,19 @@ def option_names(parser: argparse.ArgumentParser | None) -> set[str]:
 
 
 def flag(name: str) -> str:
-    return SPECIAL_FLAGS.get(name, "--" + name.replace("_", "-"))
+    """The flag that sets parameter ``name``: from the option's own metadata (``--no-kreiss``, the 8/4-bit
+    switches), else ``--`` + the name with dashes."""
+    for f, meta in option_fields(AuditOptions):
+        if f.name == name:
+            if meta.switches:
+                return "/".join(flags for flags, _ in meta.switches.values())
+            return switch(f) or option_flag(name)
+    return option_flag(name)
 
 
 def worded(e: RKSPError, parser: argparse.ArgumentParser | None = None) -> str:
     """``e`` as the command line says it: its parameters as flags (those ``parser`` knows; all, without one)."""
-    known = option_names(parser) | set(SPECIAL_FLAGS)
+    known = option_names(parser)
     text = _NAMED.sub(lambda m: flag(m.group(1)) if not known or m.group(1) in known else m.group(1),
                       str(e).replace("\n", " "))
     if isinstance(e, ConfigError) and e.param and flag(e.param) not in text:
