@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hf_rksp.report import card as report
+from hf_rksp.pipeline.run import write_outputs
 from hf_rksp.pipeline.options import AuditOptions
 from hf_rksp.pipeline.run import audit_model
 from hf_rksp.models.blocks import find_blocks
@@ -85,7 +85,7 @@ def main() -> None:
     def full_audit():
         data = audit_model(loaded, opts, command="bench", progress=False)
         with tempfile.TemporaryDirectory() as d:
-            report.write_outputs(data, d)
+            write_outputs(data, d)
         return data
 
     plain_forward()  # warm-up (allocator, kernels)

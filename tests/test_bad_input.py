@@ -443,7 +443,7 @@ def kill_at_rename(record, out: Path, n: int) -> int:
     pid = os.fork()
     if pid == 0:  # the child: count os.rename/os.replace calls, die at the n-th, before it runs
         try:
-            from hf_rksp.report import card as report
+            from hf_rksp.pipeline.run import write_outputs
 
             count = [0]
 
@@ -456,7 +456,7 @@ def kill_at_rename(record, out: Path, n: int) -> int:
                 return call
 
             os.rename, os.replace = dying(os.rename), dying(os.replace)
-            report.write_outputs(record, out)
+            write_outputs(record, out)
             os._exit(count[0])
         except BaseException:
             os._exit(255)

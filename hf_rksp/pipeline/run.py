@@ -285,14 +285,14 @@ def audit(
     timings = {"load_s": t_load - t0, **record.timings, "total_s": time.perf_counter() - t0}
     result = AuditResult(record=replace(record, timings=timings))
     if out_dir is not None:
-        result.paths = report.write_outputs(result.record, out_dir)
+        result.paths = write_outputs(result.record, out_dir)
     return result
 
 
 def rerender(audit_json: str, out_dir: str = ".") -> AuditResult:
     """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed."""
     result = AuditResult(record=report.with_verdict(read_audit(audit_json)))
-    result.paths = report.write_outputs(result.record, out_dir)
+    result.paths = write_outputs(result.record, out_dir)
     return result
 
 
