@@ -96,7 +96,7 @@ def audit_schema() -> dict:
         "$id": "https://github.com/hf-rksp/hf-rksp/schema/audit.schema.json",
         "title": "hf-rksp audit",
         "description": f"Result of one RKSP v{METHOD_VERSION} audit (the paper's method), schema {SCHEMA_VERSION}. "
-                       "Generated from hf_rksp.spectral.FEATURES by hf_rksp.record.records.audit_schema().",
+                       "Generated from hf_rksp.spectral.FEATURES by hf_rksp.record.audit_schema().",
         "type": "object",
         "required": ["schema_version", "slug", "created", "command", "method", "source", "inputs", "blocks",
                      "summary", "risk", "environment", "timings"],
