@@ -167,3 +167,17 @@ def test_published_schema_is_the_generated_one():
     assert published == audit_schema()
     block = published["properties"]["blocks"]["items"]
     assert set(FEATURE_NAMES) <= set(block["required"])
+
+
+def test_loaded_model_is_typed(tiny_dirs):
+    """load_model and load_for_streaming fill LoadedModel's fields; ``info`` is still the dict it was."""
+    from hf_rksp.models.loading import load_for_streaming, load_model
+
+    whole = load_model(resolve_source(str(tiny_dirs["llama"])), dtype="float32", device="cpu")
+    assert (whole.family, whole.model_class, whole.streamed) == ("llama", type(whole.model).__name__, False)
+    assert whole.n_params == sum(p.numel() for p in whole.model.parameters()) and whole.checkpoint is None
+    assert whole.info == {"family": "llama", "model_class": whole.model_class, "n_params": whole.n_params}
+    streamed = load_for_streaming(resolve_source(str(tiny_dirs["llama"])), dtype="bfloat16")
+    assert streamed.streamed and streamed.dtype == torch.bfloat16 and streamed.checkpoint is not None
+    assert streamed.n_params == whole.n_params and streamed.family == "llama"
+    assert streamed.info["dtype"] == torch.bfloat16 and streamed.info["streamed"] is True
