@@ -57,8 +57,8 @@ def snapshot(model: RecallModel, ids: torch.Tensor) -> dict:
                                                             batch_size=32), progress=False)
     model.train(was)
     return {"stream_rms": stream, "logit_std": float(logits.detach().double().std()),
-            "rho": [b["spectral_radius"] for b in blocks], "near_unit_mass": [b["near_unit_mass"] for b in blocks],
-            "expansive_mass": [b["expansive_mass"] for b in blocks],
+            "rho": [b.spectral_radius for b in blocks], "near_unit_mass": [b.near_unit_mass for b in blocks],
+            "expansive_mass": [b.expansive_mass for b in blocks],
             "weight_rms": {"wte": _rms(gpt.wte.weight),
                            **{f"block{i}": _rms(torch.cat([p.reshape(-1) for p in b.parameters() if p.ndim == 2]))
                               for i, b in enumerate(gpt.blocks)}}}

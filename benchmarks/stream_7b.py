@@ -48,11 +48,14 @@ elif args["mode"] == "plain":  # the same streaming, no spectral work
     loaded = load_for_streaming(resolve_source(args["source"], init=args["init"], config_path=args.get("config")))
     calib = calibration_for(loaded, opts)
     path, blocks = find_blocks(loaded.model)
-    dtype = loaded.info["dtype"]
+    from hf_rksp.record.records import BlockRecord
+    dtype = loaded.dtype
     weights = (InitWeights(loaded.model, blocks, opts.seed, dtype, "cpu") if args["init"] else
-               CheckpointWeights(loaded.model, loaded.info["checkpoint"], dtype, "cpu"))
-    res, timings = stream_snapshots_and_profile(loaded.model, blocks, path, weights, calib.input_ids,
-                                                lambda i, x, y: {"near_unit_mass": 0.0}, progress=False)
+               CheckpointWeights(loaded.model, loaded.checkpoint, dtype, "cpu"))
+    nothing = lambda i, x, y: BlockRecord(index=i, values={"near_unit_mass": 0.0}, m=1, rank=1, flags=[],  # noqa: E731
+                                          eigenvalues=[[0.0, 0.0]])
+    res, timings = stream_snapshots_and_profile(loaded.model, blocks, path, weights, calib.input_ids, nothing,
+                                                progress=False)
     out = {"seconds": time.perf_counter() - t0, "timings": timings, "blocks": len(res)}
 out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print("RESULT " + json.dumps(out))

@@ -44,8 +44,8 @@ class Chunks(Dataset):
 def summary(model, ids) -> dict:
     blocks, _, _ = profile_model(model, ids, AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]),
                                                           batch_size=int(ids.shape[0])), progress=False)
-    return {"near_unit_mass": sum(b["near_unit_mass"] for b in blocks) / len(blocks),
-            "spectral_radius": max(b["spectral_radius"] for b in blocks)}
+    return {"near_unit_mass": sum(b.near_unit_mass for b in blocks) / len(blocks),
+            "spectral_radius": max(b.spectral_radius for b in blocks)}
 
 
 def main() -> None:

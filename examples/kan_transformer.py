@@ -61,7 +61,7 @@ def kan_gpt2(layers: int = 4, width: int = 128, heads: int = 4, vocab: int = 102
     return model.eval()
 
 
-def audit_kan(layers: int = 4, width: int = 128, tokens: int = 1024, seq_len: int = 256, seed: int = 0) -> list[dict]:
+def audit_kan(layers: int = 4, width: int = 128, tokens: int = 1024, seq_len: int = 256, seed: int = 0) -> list:
     from hf_rksp.pipeline.options import AuditOptions
     from hf_rksp.pipeline.run import profile_model
     from hf_rksp.capture.calibration import random_ids
@@ -83,9 +83,9 @@ def main() -> None:
     print(f"KAN-GPT2 at init: {args.layers} blocks, width {args.width}, {args.tokens} random tokens")
     print(f"{'block':>5} {'near-unit':>10} {'expansive':>10} {'radius':>8} {'eta_nl':>7} {'ResDMD kept':>12}")
     for b in blocks:
-        print(f"{b['index']:>5} {b['near_unit_mass']:>10.4f} {b['expansive_mass']:>10.4f} "
-              f"{b['spectral_radius']:>8.4f} {b['nonlinearity_ratio']:>7.4f} {b['resdmd_kept']:>12.3f}")
-    m = sum(b["near_unit_mass"] for b in blocks) / len(blocks)
+        print(f"{b.index:>5} {b.near_unit_mass:>10.4f} {b.expansive_mass:>10.4f} "
+              f"{b.spectral_radius:>8.4f} {b.nonlinearity_ratio:>7.4f} {b.resdmd_kept:>12.3f}")
+    m = sum(b.near_unit_mass for b in blocks) / len(blocks)
     print(f"near-unit mass M = {m:.4f}")
 
 

@@ -197,3 +197,14 @@ def test_audit_checks_once_and_leaves_the_callers_options_alone(tiny_dirs, monke
     assert opts == before and opts.stream is False  # the audit streamed on a copy
     assert res.record.method.streamed and "--stream" in res.record.command and res.record.source.id == "org/tiny"
 
+
+def test_loaded_model_is_typed(tiny_dirs):
+    """load_model and load_for_streaming fill LoadedModel's fields."""
+    from hf_rksp.models.loading import load_for_streaming, load_model
+
+    whole = load_model(resolve_source(str(tiny_dirs["llama"])), dtype="float32", device="cpu")
+    assert (whole.family, whole.model_class, whole.streamed) == ("llama", type(whole.model).__name__, False)
+    assert whole.n_params == sum(p.numel() for p in whole.model.parameters()) and whole.checkpoint is None
+    streamed = load_for_streaming(resolve_source(str(tiny_dirs["llama"])), dtype="bfloat16")
+    assert streamed.streamed and streamed.dtype == torch.bfloat16 and streamed.checkpoint is not None
+    assert streamed.n_params == whole.n_params and streamed.family == "llama"

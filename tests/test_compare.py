@@ -24,18 +24,51 @@ def two(tmp_path_factory, tiny_dirs):
 def test_compare_function(two):
     _, a, b = two
     res = compare(a.record, b.record)
-    assert len(res["blocks"]) == len(a.record.blocks)
-    for ra, ba, bb in zip(res["blocks"], a.record.blocks, b.record.blocks):
-        assert ra["near_unit_mass_delta"] == pytest.approx(bb.near_unit_mass - ba.near_unit_mass)
-        assert ra["spectral_radius_delta"] == pytest.approx(bb.spectral_radius - ba.spectral_radius)
-    s = res["summary"]["near_unit_mass_mean"]
-    assert s["delta"] == pytest.approx(b.near_unit_mass - a.near_unit_mass)
+    assert len(res.blocks) == len(a.record.blocks)
+    for ra, ba, bb in zip(res.blocks, a.record.blocks, b.record.blocks):
+        assert ra.delta("near_unit_mass") == pytest.approx(bb.near_unit_mass - ba.near_unit_mass)
+        assert ra.delta("spectral_radius") == pytest.approx(bb.spectral_radius - ba.spectral_radius)
+    s = res.summary["near_unit_mass_mean"]
+    assert s.delta == pytest.approx(b.near_unit_mass - a.near_unit_mass)
     from hf_rksp.spectral import FEATURE_NAMES
 
-    assert {f"{n}_mean" for n in FEATURE_NAMES} | {"spectral_radius_max"} == set(res["summary"])
-    assert "near-unit mass" in res["verdict"]
+    assert {f"{n}_mean" for n in FEATURE_NAMES} | {"spectral_radius_max"} == set(res.summary)
+    assert "near-unit mass" in res.verdict
     same = compare(a.record, a.record)
-    assert all(r["near_unit_mass_delta"] == 0 for r in same["blocks"]) and same["warnings"] == []
+    assert all(r.delta("near_unit_mass") == 0 for r in same.blocks) and same.warnings == []
+
+
+def _old_compare_dict(a, b) -> dict:
+    """compare()'s result as the dict it was before it was typed: the JSON `hf-rksp compare --json` prints."""
+    from hf_rksp.report.compare import SUMMARY_ROWS, _delta
+    from hf_rksp.spectral import FEATURES
+
+    blocks = [{"index": ba.index, **{f"{f.name}_delta": _delta(ba.value(f.name), bb.value(f.name)) for f in FEATURES}}
+              for ba, bb in zip(a.blocks, b.blocks)] if len(a.blocks) == len(b.blocks) else []
+    summary = {}
+    for name, agg in SUMMARY_ROWS:
+        xa, xb = getattr(a.summary.features[name], agg), getattr(b.summary.features[name], agg)
+        summary[f"{name}_{agg}"] = {"a": xa, "b": xb, "delta": _delta(xa, xb)}
+    return {"a": {"slug": a.slug, "id": a.source.id, "init": a.source.init},
+            "b": {"slug": b.slug, "id": b.source.id, "init": b.source.init},
+            "summary": summary, "blocks": blocks}
+
+
+def test_comparison_to_dict_is_the_json_it_always_was(two):
+    """The typed Comparison writes the same keys, in the same order, as the dict compare() used to return."""
+    _, a, b = two
+    for x, y in ((a.record, b.record), (b.record, a.record), (a.record, a.record)):
+        got = compare(x, y).to_dict()
+        assert list(got) == ["a", "b", "summary", "blocks", "warnings", "verdict"]
+        want = _old_compare_dict(x, y)
+        assert json.dumps({k: got[k] for k in want}) == json.dumps(want)
+    # different depths: no per-block rows, a warning, and the verdict without the largest change
+    from dataclasses import replace
+
+    short = replace(b.record, blocks=b.record.blocks[:1])
+    got = compare(a.record, short).to_dict()
+    assert got["blocks"] == [] and any("block counts differ" in w for w in got["warnings"])
+    assert "Largest per-block change" not in got["verdict"]
 
 
 

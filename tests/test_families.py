@@ -136,16 +136,16 @@ def test_moe_router_statistics(model_type, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids, output_router_logits=True).router_logits
     for i, b in enumerate(results):
-        r = b["router"]
+        r = b.router
         lg = logits[i].float()
-        top = torch.topk(torch.softmax(lg, -1), r["top_k"], dim=-1).indices
+        top = torch.topk(torch.softmax(lg, -1), r.top_k, dim=-1).indices
         load = torch.bincount(top.reshape(-1), minlength=lg.shape[-1]).double()
         load = load / load.sum()
-        assert r["n_experts"] == 4 and r["top_k"] == 2
-        assert r["expert_load"] == pytest.approx(load.tolist(), abs=1e-6)
-        assert r["router_logit_max"] == pytest.approx(float(lg.abs().max()), rel=1e-5)
-        assert r["load_max_over_mean"] == pytest.approx(float(load.max() * 4), rel=1e-5)
-        assert 0 < r["router_entropy_mean"] <= r["router_entropy_max"] + 1e-9
+        assert r.n_experts == 4 and r.top_k == 2
+        assert r.expert_load == pytest.approx(load.tolist(), abs=1e-6)
+        assert r.router_logit_max == pytest.approx(float(lg.abs().max()), rel=1e-5)
+        assert r.load_max_over_mean == pytest.approx(float(load.max() * 4), rel=1e-5)
+        assert 0 < r.router_entropy_mean <= r.router_entropy_max + 1e-9
 
 
 def test_moe_audit_card_and_schema(tmp_path):
@@ -172,7 +172,7 @@ def test_kan_transformer_example_audits():
     model = mod.kan_gpt2(layers=2, width=32)
     assert all(isinstance(b.mlp, mod.KANFeedForward) for b in model.h)
     blocks = mod.audit_kan(layers=2, width=32, tokens=256, seq_len=128)
-    assert len(blocks) == 2 and all(b["rank"] == 32 for b in blocks)
+    assert len(blocks) == 2 and all(b.rank == 32 for b in blocks)
     # the KAN feed-forward changes the map: same seed, GPT-2 with its MLPs, different spectrum
     from hf_rksp.capture.calibration import random_ids
     from hf_rksp.pipeline.options import AuditOptions
@@ -184,7 +184,7 @@ def test_kan_transformer_example_audits():
     plain = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=1024, n_positions=512)).eval()
     ids = random_ids(1024, 256, 128, 0).input_ids
     ref, _, _ = profile_model(plain, ids, AuditOptions(tokens=256, seq_len=128), progress=False)
-    assert [b["eigenvalues"] for b in ref] != [b["eigenvalues"] for b in blocks]
+    assert [b.eigenvalues for b in ref] != [b.eigenvalues for b in blocks]
 
 
 def test_vit_audits_on_synthetic_images(tmp_path):

@@ -66,7 +66,7 @@ def targs(tmp_path, **kw):
 def model_profile(model):
     ids = torch.randint(0, VOCAB, (4, 128), generator=torch.Generator().manual_seed(5))
     blocks, _, _ = profile_model(model, ids, AuditOptions(tokens=512, seq_len=128, batch_size=4), progress=False)
-    return (sum(b["near_unit_mass"] for b in blocks) / len(blocks), max(b["spectral_radius"] for b in blocks))
+    return (sum(b.near_unit_mass for b in blocks) / len(blocks), max(b.spectral_radius for b in blocks))
 
 
 # -- the spectral core pieces KSS uses ---------------------------------------------------------
@@ -452,11 +452,15 @@ def test_auto_mode_follows_the_papers_decision_rule(tmp_path, monkeypatch, score
     """mode="auto" profiles the model before step 1 and applies the paper's Fig. 7 flow (no v2 risk model
     ships yet).  The profile is stubbed to a given M and mean kappa, so every branch is exercised."""
     from hf_rksp import KSSConfig, KSSTrainer
+    from hf_rksp.record.records import Aggregate, SummaryRecord
     from hf_rksp.training import trainer
 
+    def agg(mean=None, max=None):
+        return Aggregate(mean=mean, max=max, min=None, std=None, n=2, early=None, middle=None, late=None)
+
     def fake_profile(model, ids, options):
-        feats = {"spectral_radius": {"max": 1.5}, "eigvec_condition": {"mean": kappa}}
-        return {"score": score, "features": feats}, 2
+        feats = {"spectral_radius": agg(max=1.5), "eigvec_condition": agg(mean=kappa)}
+        return SummaryRecord(score=score, features=feats, spectral_radius_max_block=0, flagged_blocks={}), 2
 
     monkeypatch.setattr(trainer, "profile_summary", fake_profile)
     model = tiny_lm("gpt2", no_norm=no_norm)

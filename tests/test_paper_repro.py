@@ -79,7 +79,7 @@ def test_analyze_writes_summary_plots_and_a_readable_risk_model(smoke):
     assert model.sweep_data_sha256 == __import__("hashlib").sha256((smoke / "runs.jsonl").read_bytes()).hexdigest()
     entry = model.assess(near_unit_mass=0.5, eigvec_condition=2.0, lr=1e-3, lr_source="given", d_model=32,
                          n_layers=2)
-    assert 0 <= entry["probability"] <= 1 and entry["band"] in ("low", "medium", "high")
+    assert 0 <= entry.probability <= 1 and entry.band in ("low", "medium", "high")
 
 
 def test_lm_group_is_trained_and_tabled(smoke, tmp_path):
@@ -233,8 +233,8 @@ def test_audit_fills_risk_from_a_shipped_model(smoke, tmp_path, monkeypatch):
                 lr=2e-3, progress=False)
     r = res.record.risk
     assert r is not None and res.record.risk_unavailable_reason is None
-    assert 0 <= r["probability"] <= 1 and r["lr"] == 2e-3 and r["lr_source"] == "given"
-    assert r["model"]["sweep_data_sha256"] == model.sweep_data_sha256
+    assert 0 <= r.probability <= 1 and r.lr == 2e-3 and r.lr_source == "given"
+    assert r.model["sweep_data_sha256"] == model.sweep_data_sha256
     res.record.validate()
     card = render_card(res.record)
     assert "Probability of divergence: " in card and "not available" not in card

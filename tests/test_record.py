@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from hf_rksp.errors import AuditFileError
-from hf_rksp.record.records import AuditRecord, BlockRecord, read_audit
+from hf_rksp.record.records import (
+    AuditRecord,
+    BlockRecord,
+    RiskEntry,
+    RouterStats,
+    SummaryRecord,
+    read_audit,
+)
+from hf_rksp.record.summary import summarize
 from hf_rksp.spectral import FEATURE_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +83,9 @@ def test_unknown_keys_survive_a_round_trip():
 def test_optional_block_fields_are_written_only_when_set():
     b = read_audit(SMALL).blocks[0]
     assert set(b.to_dict()) == {"index", *FEATURE_NAMES, "m", "rank", "flags", "eigenvalues"}
-    moe = dataclasses.replace(b, stack="encoder", stack_index=0, router={"n_experts": 4})
+    router = RouterStats(n_experts=4, top_k=2, load_max_over_mean=1.5, router_logit_max=3.0,
+                         router_entropy_mean=1.0, router_entropy_max=1.386)
+    moe = dataclasses.replace(b, stack="encoder", stack_index=0, router=router)
     assert list(moe.to_dict())[-3:] == ["stack", "stack_index", "router"]
     assert BlockRecord.from_dict(moe.to_dict()) == moe
 
@@ -110,3 +120,94 @@ def test_writer_refuses_nan():
     nan = dataclasses.replace(b, values={**b.values, "spectral_radius": float("nan")})
     with pytest.raises(AuditFileError, match="JSON does not allow"):
         dataclasses.replace(r, blocks=[nan, *r.blocks[1:]]).to_json()
+
+
+# ----------------------------------------------------------------------------- typed end to end
+
+
+def _close(x, y, at="summary"):
+    """x == y, numbers to 1e-12 (relative or absolute), keys in the same order."""
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and list(x) == list(y), at
+        for k in x:
+            _close(x[k], y[k], f"{at}/{k}")
+    elif isinstance(x, list):
+        assert isinstance(y, list) and len(x) == len(y), at
+        for i, (a, b) in enumerate(zip(x, y)):
+            _close(a, b, f"{at}/{i}")
+    elif isinstance(x, float) and not isinstance(y, bool):
+        assert y == pytest.approx(x, rel=1e-12, abs=1e-12), at
+    else:
+        assert x == y and type(x) is type(y), at
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
+def test_summarize_on_block_records_is_the_stored_summary(path):
+    """summarize(list[BlockRecord]) -> SummaryRecord rebuilds every shipped audit's summary from its blocks."""
+    r = read_audit(path)
+    s = summarize(r.blocks)
+    assert isinstance(s, SummaryRecord) and s.verdict is None
+    stored = r.summary.to_dict()
+    del stored["verdict"]  # written by the report from the numbers
+    _close(stored, s.to_dict())
+    assert s.features["near_unit_mass"].mean == s.score
+
+
+def test_summarize_stacks_and_flags():
+    """Encoder-decoder blocks get a summary per stack; flags and the worst block are block indices."""
+    b = read_audit(SMALL).blocks
+    blocks = [dataclasses.replace(x, stack="encoder" if x.index < 3 else "decoder", stack_index=x.index % 3,
+                                  flags=["near_identity"] if x.index == 1 else []) for x in b[:6]]
+    s = summarize(blocks)
+    assert list(s.stacks) == ["decoder", "encoder"]
+    plain = [dataclasses.replace(x, stack=None, stack_index=None) for x in blocks[:3]]
+    assert s.stacks["encoder"] == summarize(plain) and s.stacks["encoder"].stacks is None
+    assert s.flagged_blocks == {"near_identity": [1], "rank_deficient": []}
+    radii = [x.spectral_radius for x in blocks]
+    assert s.spectral_radius_max_block == blocks[radii.index(max(radii))].index
+    assert s.to_dict()["stacks"]["decoder"]["features"]["near_unit_mass"]["n"] == 3
+
+
+def test_router_stats_round_trip_in_their_order():
+    """A MoE block's router entry is a RouterStats written with the keys in the order they always had."""
+    d = json.loads(SMALL.read_text())["blocks"][0]
+    d["router"] = {"n_experts": 4, "top_k": 2, "expert_load": [0.25, 0.5, 0.125, 0.125], "load_max_over_mean": 2.0,
+                   "load_cv": 0.6, "router_logit_max": 3.5, "router_entropy_mean": 1.2, "router_entropy_max": 1.386}
+    b = BlockRecord.from_dict(d)
+    assert isinstance(b.router, RouterStats) and b.router.top_k == 2 and b.router.expert_load[1] == 0.5
+    assert json.dumps(b.to_dict()) == json.dumps(d)
+
+
+def _risk() -> dict:
+    return {"probability": 0.42, "band": "medium", "lr": 6e-4, "lr_source": "default for family 'gpt2'",
+            "lr_ceiling": None, "lr_ceiling_probability": 0.1, "in_range": False, "warnings": ["lr = 6e-4 is outside"],
+            "model": {"sweep_data_sha256": "0" * 64, "n_runs": 10, "features": ["near_unit_mass"],
+                      "divergence_definition": "loss > 10", "cv_ece": None, "cv_auroc": 0.9}}
+
+
+def test_risk_entry_is_typed_and_its_json_unchanged():
+    d = json.loads(SMALL.read_text())
+    d["risk"] = _risk()
+    d.pop("risk_unavailable_reason", None)
+    text = json.dumps(d, indent=2) + "\n"
+    r = AuditRecord.from_json(text)
+    assert isinstance(r.risk, RiskEntry) and r.risk.lr_ceiling is None and r.risk.band == "medium"
+    assert r.risk.model["cv_auroc"] == 0.9
+    assert r.to_json() == text  # lr_ceiling stays null, the model's provenance stays last
+    with_ceiling = dataclasses.replace(r.risk, lr_ceiling=1e-3, extra={"future": 1})
+    assert list(with_ceiling.to_dict())[-2:] == ["model", "future"]
+    assert RiskEntry.from_dict(with_ceiling.to_dict()) == with_ceiling
+
+
+def test_risk_model_fills_a_risk_entry():
+    from hf_rksp.pipeline.risk import LogisticFit, RiskModel, assess_summary
+
+    model = RiskModel(features=("near_unit_mass", "lr"), fit=LogisticFit((0.3, -3.0), (0.1, 0.5), -1.0, (2.0, 1.0), 0.01),
+                      n_runs=10, n_diverged=3, divergence_definition="loss > 10", sweep_data_sha256="0" * 64,
+                      valid={"lr": [1e-4, 1e-2], "near_unit_mass": [0, 1]}, cv={"ece": 0.1, "auroc": 0.9}, rksp={})
+    summary = read_audit(SMALL).summary
+    entry, reason = assess_summary(summary, lr=1e-3, family="bert", init=False, model=model)
+    assert reason is None and isinstance(entry, RiskEntry) and entry.lr_source == "given" and entry.in_range is False
+    assert entry == assess_summary(summary.to_dict(), lr=1e-3, family="bert", init=False, model=model)[0]  # a dict
+    assert list(entry.to_dict()) == ["probability", "band", "lr", "lr_source", "lr_ceiling", "lr_ceiling_probability",
+                                     "in_range", "warnings", "model"]

@@ -206,3 +206,28 @@ def test_rank_auto_is_full_up_to_1024_wide_then_32():
     assert resolve_rank("auto", 2048, 576) is None and resolve_rank("auto", 2048, 1024) is None
     assert resolve_rank("auto", 2048, 4096) == 32 and resolve_rank("auto", 512, 4096) is None  # k <= 511
     assert resolve_rank("full", 2048, 4096) is None and resolve_rank(16, 2048, 64) == 16
+
+
+def test_resume_state_keeps_block_records(tmp_path):
+    """progress.json holds the blocks done as their audit-JSON objects (the format it always had, so a progress
+    file written before the blocks were typed still resumes); load gives BlockRecords back, router stats too."""
+    import dataclasses
+    from pathlib import Path
+
+    from hf_rksp.capture.streaming import ResumeState
+    from hf_rksp.record.records import BlockRecord, RouterStats, read_audit
+
+    shipped = Path(__file__).resolve().parents[1] / "audits" / "gpt2__init" / "audit.json"
+    blocks = read_audit(shipped).blocks[:3]
+    router = RouterStats(n_experts=4, top_k=2, expert_load=[0.25] * 4, load_max_over_mean=1.0, load_cv=0.0,
+                         router_logit_max=2.0, router_entropy_mean=1.3, router_entropy_max=1.386)
+    blocks[1] = dataclasses.replace(blocks[1], router=router)
+    hidden = [torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))]
+    state = ResumeState(tmp_path / "p", "key")
+    state.save(3, blocks, hidden)
+    saved = json.loads((tmp_path / "p" / "progress.json").read_text())
+    assert saved["results"] == [b.to_dict() for b in blocks]
+    nxt, results, h = ResumeState(tmp_path / "p", "key").load(5, 1)
+    assert nxt == 3 and results == blocks and all(isinstance(r, BlockRecord) for r in results)
+    assert results[1].router == router and torch.equal(h[0], hidden[0])
+    assert ResumeState(tmp_path / "p", "other key").load(5, 1) is None

@@ -66,11 +66,11 @@ def rksp(model, spec: RunSpec) -> dict:
                                      progress=False)
     finally:
         model.train(was)
-    s = summarize(blocks)["features"]
-    out = {k: s[k]["mean"] for k in ("near_unit_mass", "expansive_mass", "contractive_mass", "spectral_radius",
-                                     "eigvec_condition", "nonlinearity_ratio")}
-    out["spectral_radius_max"] = s["spectral_radius"]["max"]
-    out["near_unit_mass_layers"] = [b["near_unit_mass"] for b in blocks]
+    s = summarize(blocks).features
+    out = {k: s[k].mean for k in ("near_unit_mass", "expansive_mass", "contractive_mass", "spectral_radius",
+                                  "eigvec_condition", "nonlinearity_ratio")}
+    out["spectral_radius_max"] = s["spectral_radius"].max
+    out["near_unit_mass_layers"] = [b.near_unit_mass for b in blocks]
     return out
 
 

@@ -8,7 +8,7 @@ callback) build on; it knows nothing of files, sources or the CLI.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +18,7 @@ from hf_rksp.capture.routers import RouterRecorder, find_routers
 from hf_rksp.errors import RKSPError
 from hf_rksp.models.blocks import find_blocks, stack_labels
 from hf_rksp.models.init import group_seed
+from hf_rksp.record.records import BlockRecord
 from hf_rksp.spectral import FEATURE_NAMES, RKSPConfig, profile_block
 from hf_rksp.utils.checks import MAX_BATCH, MAX_SEED
 from hf_rksp.utils.options import option, parse_rank
@@ -79,39 +80,37 @@ def rksp_config(opts: ProfileOptions, n_tokens: int, d_model: int) -> RKSPConfig
                       kreiss=opts.kreiss)
 
 
-def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: ProfileOptions) -> dict:
-    """RKSP v2 features of block ``i`` from its snapshots, as a JSON-ready dict (null for inf/undefined).
+def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: ProfileOptions) -> BlockRecord:
+    """RKSP v2 features of block ``i`` from its snapshots, as its record (None for inf/undefined values).
 
     Rank-r randomized DMD of block i draws from its own seed, so a block's
     numbers do not depend on which blocks ran before it (streaming resumes).
     """
     g = torch.Generator().manual_seed(group_seed(opts.seed, i))
     f = profile_block(x, y, rksp_config(opts, x.shape[0], x.shape[1]), generator=g)
-    out = {"index": i}
-    out.update({name: f.value(name) for name in FEATURE_NAMES})
     ev = f.eigenvalues
-    out.update({"m": f.m, "rank": f.rank, "flags": f.flags,
-                "eigenvalues": torch.stack([ev.real, ev.imag], dim=1).tolist()})
-    return out
+    return BlockRecord(index=i, values={name: f.value(name) for name in FEATURE_NAMES}, m=f.m, rank=f.rank,
+                       flags=f.flags, eigenvalues=torch.stack([ev.real, ev.imag], dim=1).tolist())
 
 
-def profile_blocks(x_list, y_list, opts: ProfileOptions, progress: bool = True) -> list[dict]:
-    """RKSP v2 features of every block, as JSON-ready dicts."""
+def profile_blocks(x_list, y_list, opts: ProfileOptions, progress: bool = True) -> list[BlockRecord]:
+    """RKSP v2 features of every block, as their records."""
     out = []
     bar = tqdm(range(len(x_list)), desc="spectra", unit="block", disable=not progress)
     for i in bar:
         out.append(block_result(i, x_list[i], y_list[i], opts))
-        bar.set_postfix(near_unit=f"{out[-1]['near_unit_mass']:.3f}", rho=f"{out[-1]['spectral_radius']:.3f}")
+        bar.set_postfix(near_unit=f"{out[-1].near_unit_mass:.3f}", rho=f"{out[-1].spectral_radius:.3f}")
     return out
 
 
 def profile_model(
     model, input_ids: torch.Tensor, opts: ProfileOptions, *, device: str = "cpu", progress: bool = True,
     input_name: str = "input_ids",
-) -> tuple[list[dict], str, dict]:
+) -> tuple[list[BlockRecord], str, dict]:
     """Capture every block's snapshots on ``input_ids`` and return their RKSP features.
 
-    Returns (per-block dicts, block path, timings); no files, no loading.
+    Returns (per-block records, with MoE routing and encoder-decoder stacks where the model has them,
+    block path, timings); no files, no loading.
     """
     path, blocks = find_blocks(model, opts.blocks)
     routers = RouterRecorder(find_routers(blocks))
@@ -126,7 +125,8 @@ def profile_model(
     results = profile_blocks(snaps.inputs, snaps.outputs, opts, progress)
     del snaps
     for i, stats in routers.summary().items():
-        results[i]["router"] = stats
-    for r, (stack, j) in zip(results, stack_labels(path, model) or []):
-        r["stack"], r["stack_index"] = stack, j
+        results[i] = replace(results[i], router=stats)
+    for k, (stack, j) in enumerate(stack_labels(path, model) or []):
+        if k < len(results):
+            results[k] = replace(results[k], stack=stack, stack_index=j)
     return results, path, {"forward_s": t1 - t0, "spectral_s": time.perf_counter() - t1}

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from hf_rksp.record.records import RouterStats
+
 
 def find_routers(blocks: nn.ModuleList) -> dict[int, nn.Module]:
     """Block index -> its top-k router (transformers' ``*TopKRouter`` modules: Mixtral, Qwen2-MoE, ...)."""
@@ -60,19 +62,20 @@ class RouterRecorder:
             for h in handles:
                 h.remove()
 
-    def summary(self) -> dict[int, dict]:
+    def summary(self) -> dict[int, RouterStats]:
+        """Block index -> its routing statistics so far (blocks whose router has run)."""
         out = {}
         for i, counts in self.counts.items():
             load = counts / counts.sum()
             n_exp = load.numel()
-            out[i] = {
-                "n_experts": n_exp,
-                "top_k": int(self.routers[i].top_k),
-                "expert_load": [round(float(x), 6) for x in load],
-                "load_max_over_mean": float(load.max() * n_exp),
-                "load_cv": float(load.std(unbiased=False) * n_exp),
-                "router_logit_max": self.logit_max[i],
-                "router_entropy_mean": self.entropy_sum[i] / self.tokens[i],
-                "router_entropy_max": math.log(n_exp),
-            }
+            out[i] = RouterStats(
+                n_experts=n_exp,
+                top_k=int(self.routers[i].top_k),
+                expert_load=[round(float(x), 6) for x in load],
+                load_max_over_mean=float(load.max() * n_exp),
+                load_cv=float(load.std(unbiased=False) * n_exp),
+                router_logit_max=self.logit_max[i],
+                router_entropy_mean=self.entropy_sum[i] / self.tokens[i],
+                router_entropy_max=math.log(n_exp),
+            )
         return out

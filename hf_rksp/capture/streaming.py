@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from hf_rksp.capture.hooks import check_finite, hidden_in, hidden_out
 from hf_rksp.errors import OutputError
 from hf_rksp.models.weights import release
+from hf_rksp.record.records import BlockRecord
 
 logger = logging.getLogger("hf_rksp")
 
@@ -37,14 +38,16 @@ class ResumeState:
 
     Saved atomically after every block under ``directory``; ``key`` (a hash of
     everything that changes the numbers) guards against resuming a different
-    audit.  Removed when the audit completes.
+    audit.  Removed when the audit completes.  ``progress.json`` holds the
+    blocks done as their audit-JSON objects (``BlockRecord.to_dict()``, the
+    schema's block items), read back with ``BlockRecord.from_dict``.
     """
 
     def __init__(self, directory: Path, key: str):
         self.dir, self.key = Path(directory), key
         self.made: list[Path] = []  # the folders the first save created (an --out-dir too), deepest first
 
-    def load(self, n_blocks: int, n_chunks: int) -> tuple[int, list[dict], list[torch.Tensor]] | None:
+    def load(self, n_blocks: int, n_chunks: int) -> tuple[int, list[BlockRecord], list[torch.Tensor]] | None:
         """The saved progress, or None when there is none or it is not this audit's, or damaged (start over)."""
         meta, acts = self.dir / "progress.json", self.dir / "activations.pt"
         if not (meta.is_file() and acts.is_file()):
@@ -64,9 +67,9 @@ class ResumeState:
                 and m.get("activations_sha") == _tensors_sha(hidden)):
             logger.warning("the saved progress in %s is damaged or incomplete: starting over", self.dir)
             return None
-        return nxt, results, hidden
+        return nxt, [BlockRecord.from_dict(r) for r in results], hidden
 
-    def save(self, next_block: int, results: list[dict], hidden: list[torch.Tensor]) -> None:
+    def save(self, next_block: int, results: list[BlockRecord], hidden: list[torch.Tensor]) -> None:
         """Write the progress atomically; a full or read-only disk is an OutputError (progress so far kept)."""
         from hf_rksp.utils import atomic
 
@@ -79,7 +82,7 @@ class ResumeState:
             tmp.replace(self.dir / "activations.pt")
             atomic.write_json(self.dir / "progress.json", {"key": self.key, "next_block": next_block,
                                                            "activations_sha": _tensors_sha(hidden),
-                                                           "results": results})
+                                                           "results": [r.to_dict() for r in results]})
         except OSError as e:
             (self.dir / "activations.pt.tmp").unlink(missing_ok=True)
             if not (self.dir / "progress.json").is_file():
@@ -133,12 +136,12 @@ def stream_snapshots_and_profile(
     device: str = "cpu",
     progress: bool = True,
     resume: ResumeState | None = None,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[BlockRecord], dict]:
     """Run ``model`` (on meta) block by block, its weights from ``weights``, and profile each block.
 
     ``weights`` is a :class:`CheckpointWeights` or :class:`InitWeights`.
     ``profile_block(i, x, y)`` turns one block's snapshots (N x d, float32) into
-    its result dict, so the streamed and whole-model audits share every number.
+    its ``BlockRecord``, so the streamed and whole-model audits share every number.
     With ``resume``, progress is saved after every block and a saved state is
     picked up where it stopped.
     """
@@ -171,7 +174,7 @@ def stream_snapshots_and_profile(
     release(model, outer)  # embeddings are only needed to make block 0's inputs
     timings = {"capture_s": time.perf_counter() - t0, "read_s": 0.0, "forward_s": 0.0, "spectral_s": 0.0}
 
-    results: list[dict] = []
+    results: list[BlockRecord] = []
     start = 0
     saved = resume.load(len(blocks), len(chunks)) if resume is not None else None
     if saved is not None:
@@ -206,6 +209,6 @@ def stream_snapshots_and_profile(
         timings["forward_s"] += t_fwd - t_read
         timings["spectral_s"] += t_spec - t_fwd
         timings["checkpoint_s"] = timings.get("checkpoint_s", 0.0) + time.perf_counter() - t_spec
-        bar.set_postfix(tok_s=f"{n_tok / max(t_fwd - t_read, 1e-9):.0f}", near_unit=f"{results[-1]['near_unit_mass']:.3f}",
+        bar.set_postfix(tok_s=f"{n_tok / max(t_fwd - t_read, 1e-9):.0f}", near_unit=f"{results[-1].near_unit_mass:.3f}",
                         **getattr(weights, "progress", dict)())
     return results, timings

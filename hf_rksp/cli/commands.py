@@ -289,20 +289,20 @@ def cmd_compare(args) -> int:
     if args.plot:
         atomic.write_bytes(args.plot, compare_png(a, b))
     if args.json:
-        print(json.dumps(res, indent=2, allow_nan=False))
+        print(json.dumps(res.to_dict(), indent=2, allow_nan=False))
         return 0
-    print(f"A: {res['a']['slug']}\nB: {res['b']['slug']}")
+    print(f"A: {res.a.slug}\nB: {res.b.slug}")
     print(f"{'':<30}{'A':>10}{'B':>10}{'B-A':>10}")
-    for k, v in res["summary"].items():
-        print(f"{k[:29]:<30}{_fmt(v['a'], '.4f'):>10}{_fmt(v['b'], '.4f'):>10}{_fmt(v['delta'], '+.4f'):>10}")
-    if res["blocks"]:
+    for k, v in res.summary.items():
+        print(f"{k[:29]:<30}{_fmt(v.a, '.4f'):>10}{_fmt(v.b, '.4f'):>10}{_fmt(v.delta, '+.4f'):>10}")
+    if res.blocks:
         cols = ("near_unit_mass", "expansive_mass", "spectral_radius", "nonlinearity_ratio")
         print(f"\n{'block':>5}" + "".join(f"{'d ' + c[:12]:>16}" for c in cols))
-        for r in res["blocks"]:
-            print(f"{r['index']:>5}" + "".join(f"{_fmt(r[c + '_delta'], '+.4f'):>16}" for c in cols))
-    for w in res["warnings"]:
+        for r in res.blocks:
+            print(f"{r.index:>5}" + "".join(f"{_fmt(r.delta(c), '+.4f'):>16}" for c in cols))
+    for w in res.warnings:
         print(f"warning: {w}")
-    print("\n" + res["verdict"])
+    print("\n" + res.verdict)
     if args.plot:
         print(f"wrote plot {args.plot}")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -71,11 +71,22 @@ class Source:
 
 @dataclass
 class LoadedModel:
+    """A model ready to audit: the module, its config and tokenizer, where it came from, and what the audit records.
+
+    A streamed model (``load_for_streaming``) is on the meta device: its weights come block by block
+    from ``checkpoint`` (a safetensors directory or a GGUFCheckpoint; None at init) in ``dtype``.
+    """
+
     model: nn.Module
     config: object
     tokenizer: object | None
     source: Source
-    info: dict = field(default_factory=dict)
+    family: str  # the config's model_type
+    model_class: str  # the class of ``model``
+    n_params: int
+    checkpoint: object = None  # streamed only: a safetensors directory or a GGUFCheckpoint; None at init
+    dtype: torch.dtype | None = None  # streamed only: the dtype the blocks are built in
+    streamed: bool = False
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -310,12 +321,8 @@ def load_model(
     model.eval()
     if source.kind == "hub" and not source.init:
         source.revision = getattr(config, "_commit_hash", None) or source.revision
-    info = {
-        "family": config.model_type,
-        "model_class": type(model).__name__,
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-    }
-    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, family=config.model_type,
+                       model_class=type(model).__name__, n_params=int(sum(p.numel() for p in model.parameters())))
 
 
 def load_gguf_model(source: Source, config, dtype: torch.dtype):
@@ -410,12 +417,6 @@ def load_for_streaming(
         ckpt = GGUFCheckpoint(source.gguf_path, model, torch_dtype)
     if source.kind == "hub":
         source.revision = getattr(config, "_commit_hash", None) or source.revision
-    info = {
-        "family": config.model_type,
-        "model_class": type(model).__name__,
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-        "checkpoint": ckpt,  # a safetensors directory or a GGUFCheckpoint; None at init
-        "dtype": torch_dtype,
-        "streamed": True,
-    }
-    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, info=info)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, family=config.model_type,
+                       model_class=type(model).__name__, n_params=int(sum(p.numel() for p in model.parameters())),
+                       checkpoint=ckpt, dtype=torch_dtype, streamed=True)

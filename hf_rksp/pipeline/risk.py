@@ -28,6 +28,7 @@ import numpy as np
 
 from hf_rksp.errors import RKSPError
 from hf_rksp.models.families import default_lr
+from hf_rksp.record.records import RiskEntry, SummaryRecord
 
 UNAVAILABLE = ("the shipped risk model was fitted on RKSP v1 features and does not apply to v2; "
                "a v2 model comes with the reproduction of the paper's sweep")
@@ -185,7 +186,7 @@ class RiskModel:
 
     def assess(self, *, near_unit_mass: float, eigvec_condition: float | None, lr: float, lr_source: str,
                d_model: int | None = None, n_layers: int | None = None, init: bool = True,
-               method: dict | None = None) -> dict:
+               method: dict | None = None) -> RiskEntry:
         """The audit's ``risk`` entry: probability, band, ceiling, and every way the input is out of range."""
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"learning rate must be a positive number, got {lr}")
@@ -203,19 +204,19 @@ class RiskModel:
         for k, want in self.rksp.items():
             if method is not None and k in method and method[k] != want:
                 warnings.append(f"the audit's {k} {method[k]!r} differs from the sweep's {want!r}")
-        return {
-            "probability": p,
-            "band": band(p),
-            "lr": float(lr),
-            "lr_source": lr_source,
-            "lr_ceiling": self.lr_ceiling(values),
-            "lr_ceiling_probability": CEILING_P,
-            "in_range": not warnings,
-            "warnings": warnings,
-            "model": {"sweep_data_sha256": self.sweep_data_sha256, "n_runs": self.n_runs,
-                      "features": list(self.features), "divergence_definition": self.divergence_definition,
-                      "cv_ece": self.cv.get("ece"), "cv_auroc": self.cv.get("auroc")},
-        }
+        return RiskEntry(
+            probability=p,
+            band=band(p),
+            lr=float(lr),
+            lr_source=lr_source,
+            lr_ceiling=self.lr_ceiling(values),
+            lr_ceiling_probability=CEILING_P,
+            in_range=not warnings,
+            warnings=warnings,
+            model={"sweep_data_sha256": self.sweep_data_sha256, "n_runs": self.n_runs,
+                   "features": list(self.features), "divergence_definition": self.divergence_definition,
+                   "cv_ece": self.cv.get("ece"), "cv_auroc": self.cv.get("auroc")},
+        )
 
 
 def model_path():
@@ -235,9 +236,9 @@ def load_risk_model() -> RiskModel | None:
     return RiskModel.from_json(d)
 
 
-def assess_summary(summary, *, lr: float | None, family: str | None, d_model: int | None = None,
-                   n_layers: int | None = None, init: bool = True, method: dict | None = None,
-                   model: RiskModel | None = None) -> tuple[dict | None, str | None]:
+def assess_summary(summary: SummaryRecord | dict, *, lr: float | None, family: str | None,
+                   d_model: int | None = None, n_layers: int | None = None, init: bool = True,
+                   method: dict | None = None, model: RiskModel | None = None) -> tuple[RiskEntry | None, str | None]:
     """(risk entry, None) from an audit's summary (``SummaryRecord`` or its dict), or (None, reason).
 
     ``lr`` None: the family's default learning rate (DEFAULT_LR), said so in ``lr_source``.
@@ -245,9 +246,9 @@ def assess_summary(summary, *, lr: float | None, family: str | None, d_model: in
     model = model if model is not None else load_risk_model()
     if model is None:
         return None, UNAVAILABLE
-    s = summary.to_dict() if hasattr(summary, "to_dict") else summary
+    s = SummaryRecord.from_dict(summary) if isinstance(summary, dict) else summary
     lr_source = "given" if lr is not None else f"default for family {family!r}"
     lr = float(lr) if lr is not None else default_lr(family)
-    entry = model.assess(near_unit_mass=s["score"], eigvec_condition=s["features"]["eigvec_condition"]["mean"],
+    entry = model.assess(near_unit_mass=s.score, eigvec_condition=s.features["eigvec_condition"].mean,
                          lr=lr, lr_source=lr_source, d_model=d_model, n_layers=n_layers, init=init, method=method)
     return entry, None

@@ -31,11 +31,9 @@ from hf_rksp.pipeline.validation import check_audit_options
 from hf_rksp.publish.local import check_out_dir
 from hf_rksp.record.records import (
     AuditRecord,
-    BlockRecord,
     InputsRecord,
     MethodRecord,
     SourceRecord,
-    SummaryRecord,
     read_audit,
 )
 from hf_rksp.record.summary import summarize
@@ -120,20 +118,18 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
     path, blocks = find_blocks(loaded.model, opts.blocks)
     if "+" in path or input_ids.is_floating_point():
         raise RKSPError("--stream supports decoder and encoder text models (not encoder-decoder or vision yet)")
-    device, dtype = _device(opts.device), loaded.info["dtype"]
+    device, dtype = _device(opts.device), loaded.dtype
     if loaded.source.init:
         weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
     else:
-        weights = CheckpointWeights(loaded.model, loaded.info["checkpoint"], dtype, device)
+        weights = CheckpointWeights(loaded.model, loaded.checkpoint, dtype, device)
     resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
     routers = RouterRecorder(find_routers(blocks))
 
-    def profile_block(i, x, y):  # router statistics join each block's result, so they survive a resume
+    def profile_block(i, x, y):  # router statistics join each block's record, so they survive a resume
         r = block_result(i, x, y, opts)
         stats = routers.summary().get(i)
-        if stats is not None:
-            r["router"] = stats
-        return r
+        return r if stats is None else replace(r, router=stats)
 
     try:
         with routers.recording():
@@ -180,8 +176,8 @@ def source_record(loaded: LoadedModel, n_blocks: int) -> SourceRecord:
     src = loaded.source
     return SourceRecord(id=src.display_id, path=src.id if src.name else None, kind=src.kind, init=src.init,
                         revision=src.revision, config_origin=src.config_origin, gguf_file=src.gguf_file,
-                        family=loaded.info["family"], model_class=loaded.info["model_class"], n_blocks=n_blocks,
-                        d_model=int(loaded.config.hidden_size), n_params=loaded.info["n_params"])
+                        family=loaded.family, model_class=loaded.model_class, n_blocks=n_blocks,
+                        d_model=int(loaded.config.hidden_size), n_params=loaded.n_params)
 
 
 def inputs_record(calib: cal.Calibration) -> InputsRecord:
@@ -203,7 +199,7 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
 def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool,
                   resume_root: Path | None) -> AuditRecord:
     """audit_model, for options already checked (:func:`audit` checks them before loading)."""
-    streamed = bool(loaded.info.get("streamed"))
+    streamed = loaded.streamed
     device = _device(opts.device) if streamed else str(next(loaded.model.parameters()).device)
     d_model = int(loaded.config.hidden_size)
     calib = calibration_for(loaded, opts)
@@ -213,25 +209,25 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
     if streamed:
         key = hashlib.sha256(f"{command}\n{calib.sha256}\n{opts!r}".encode()).hexdigest()
         rdir = resume_root / f"{loaded.source.slug}-{key[:16]}" if resume_root is not None else None
-        block_results, path, timings = stream_profile(loaded, calib.input_ids, opts, progress,
-                                                      resume_dir=rdir, resume_key=key)
+        blocks, path, timings = stream_profile(loaded, calib.input_ids, opts, progress,
+                                               resume_dir=rdir, resume_key=key)
     else:
-        block_results, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
-                                                     progress=progress, input_name=calib.input_name)
+        blocks, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
+                                              progress=progress, input_name=calib.input_name)
     config = rksp_config(opts, calib.n_tokens, d_model)
     method = method_record(opts, calib, config, streamed, path, loaded.source.init)
-    summary = SummaryRecord.from_dict(summarize(block_results))
-    risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.info["family"], d_model=d_model,
-                                       n_layers=len(block_results), init=loaded.source.init,
+    summary = summarize(blocks)
+    risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.family, d_model=d_model,
+                                       n_layers=len(blocks), init=loaded.source.init,
                                        method=method.to_dict())
     record = AuditRecord(
         slug=loaded.source.slug,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
         method=method,
-        source=source_record(loaded, len(block_results)),
+        source=source_record(loaded, len(blocks)),
         inputs=inputs_record(calib),
-        blocks=[BlockRecord.from_dict(b) for b in block_results],
+        blocks=blocks,
         summary=summary,
         risk=risk,
         environment=report.environment(device),

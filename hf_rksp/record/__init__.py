@@ -11,6 +11,8 @@ from hf_rksp.record.records import (
                                     EnvironmentRecord,
                                     InputsRecord,
                                     MethodRecord,
+                                    RiskEntry,
+                                    RouterStats,
                                     SourceRecord,
                                     SummaryRecord,
                                     audit_schema,
@@ -19,4 +21,5 @@ from hf_rksp.record.records import (
 )
 
 __all__ = ["SCHEMA_VERSION", "Aggregate", "AuditRecord", "BlockRecord", "EnvironmentRecord", "InputsRecord",
-           "MethodRecord", "SourceRecord", "SummaryRecord", "audit_schema", "read_audit", "validate_audit"]
+           "MethodRecord", "RiskEntry", "RouterStats", "SourceRecord", "SummaryRecord", "audit_schema", "read_audit",
+           "validate_audit"]

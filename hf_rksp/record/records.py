@@ -1,7 +1,9 @@
 """The audit record (schema 2.0): typed dataclasses, their JSON, the schema built from the feature registry.
 
-An audit is one ``AuditRecord``: the producer (``audit.audit_model``) builds it,
-the report, plots, compare, push and CLI read its attributes, and
+An audit is one ``AuditRecord``: the producer (``pipeline.run.audit_model``)
+builds it from typed parts all the way (the profile's ``BlockRecord``s, the
+summary's ``SummaryRecord``, the risk model's ``RiskEntry``, MoE blocks'
+``RouterStats``); the report, plots, compare, push and CLI read its attributes, and
 ``to_json``/``from_json`` are the only way it becomes text and back.  The
 JSON is the schema-2.0 format unchanged: ``to_json`` writes the keys in the
 order they always had, so ``from_json(text).to_json() == text`` for every
@@ -22,8 +24,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from hf_rksp.errors import AuditFileError
-from hf_rksp.record.summary import THIRDS
 from hf_rksp.spectral import FEATURE_NAMES, FEATURES, METHOD_VERSION
+
+#: the thirds of depth every feature's aggregate has a mean of (``hf_rksp.record.summary``)
+THIRDS = ("early", "middle", "late")
 
 SCHEMA_VERSION = "2.0"
 SCHEMA_FILE = "schema/audit.schema.json"
@@ -337,6 +341,20 @@ class SummaryRecord(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouterStats(_Record):
+    """Routing of one mixture-of-experts block over the calibration tokens (``capture.routers``)."""
+
+    n_experts: int
+    top_k: int
+    expert_load: list[float] | None = None  # each expert's share of the routed tokens
+    load_max_over_mean: float
+    load_cv: float | None = None  # coefficient of variation of the load
+    router_logit_max: float  # the largest |router logit|
+    router_entropy_mean: float
+    router_entropy_max: float  # log(n_experts)
+
+
+@dataclass(frozen=True, kw_only=True)
 class BlockRecord(_Record):
     """RKSP v2 of one block: every registry feature by name (``block.value(name)`` or ``block.<name>``; None
     where infinite or undefined), the eigenvalues as [re, im] pairs, and what MoE and encoder-decoder add."""
@@ -349,7 +367,7 @@ class BlockRecord(_Record):
     eigenvalues: list[list[float]]
     stack: str | None = None
     stack_index: int | None = None
-    router: dict | None = None
+    router: RouterStats | None = None
 
     def value(self, name: str) -> float | None:
         return self.values[name]
@@ -363,10 +381,13 @@ class BlockRecord(_Record):
     @classmethod
     def from_dict(cls, d: dict) -> BlockRecord:
         rest = {k: v for k, v in d.items() if k not in FEATURE_NAMES}
-        return super().from_dict(rest, values={name: d[name] for name in FEATURE_NAMES})
+        router = d.get("router")
+        return super().from_dict(rest, values={name: d[name] for name in FEATURE_NAMES},
+                                 router=None if router is None else RouterStats.from_dict(router))
 
     def to_dict(self) -> dict:
-        tail = super().to_dict()  # index, values, m, rank, ...: the features go where values is
+        tail = super().to_dict(router=None if self.router is None else self.router.to_dict())
+        # index, values, m, rank, ...: the features go where values is
         del tail["index"], tail["values"]
         return {"index": self.index, **self.values, **tail}
 
@@ -385,10 +406,27 @@ class EnvironmentRecord(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RiskEntry(_Record):
+    """The calibrated risk model's reading of an audit (filled by ``hf_rksp.pipeline.risk``)."""
+
+    probability: float  # P(divergence)
+    band: str  # low | medium | high
+    lr: float  # the learning rate it was assessed at
+    lr_source: str  # "given", or the family default it came from
+    lr_ceiling: float | None  # the largest lr with P below lr_ceiling_probability; None: P does not grow with lr
+    lr_ceiling_probability: float
+    in_range: bool  # False: some input is outside what the model was fitted on (see warnings)
+    warnings: list[str]
+    model: dict | None = None  # the risk model's provenance: sweep_data_sha256, n_runs, features, cv_auroc...
+
+    _NULLABLE = ("lr_ceiling",)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuditRecord(_Record):
     """One RKSP audit: the typed form of audit.json (schema 2.0).
 
-    ``risk`` is a calibrated model's reading (a dict) or None with
+    ``risk`` is a calibrated model's reading (a ``RiskEntry``) or None with
     ``risk_unavailable_reason``; ``timings`` maps step names to seconds.
     """
 
@@ -401,7 +439,7 @@ class AuditRecord(_Record):
     inputs: InputsRecord
     blocks: list[BlockRecord]
     summary: SummaryRecord
-    risk: dict | None = None
+    risk: RiskEntry | None = None
     environment: EnvironmentRecord
     timings: dict[str, float]
     risk_unavailable_reason: str | None = None
@@ -418,13 +456,15 @@ class AuditRecord(_Record):
         return super().from_dict(
             d, method=MethodRecord.from_dict(d["method"]), source=SourceRecord.from_dict(d["source"]),
             inputs=InputsRecord.from_dict(d["inputs"]), blocks=[BlockRecord.from_dict(b) for b in d["blocks"]],
-            summary=SummaryRecord.from_dict(d["summary"]), environment=EnvironmentRecord.from_dict(d["environment"]))
+            summary=SummaryRecord.from_dict(d["summary"]), environment=EnvironmentRecord.from_dict(d["environment"]),
+            risk=None if d.get("risk") is None else RiskEntry.from_dict(d["risk"]))
 
     def to_dict(self) -> dict:
         """The audit as a JSON-ready dict (it shares the record's lists: copy before changing it)."""
         return super().to_dict(method=self.method.to_dict(), source=self.source.to_dict(),
                                inputs=self.inputs.to_dict(), blocks=[b.to_dict() for b in self.blocks],
-                               summary=self.summary.to_dict(), environment=self.environment.to_dict())
+                               summary=self.summary.to_dict(), environment=self.environment.to_dict(),
+                               risk=None if self.risk is None else self.risk.to_dict())
 
     @classmethod
     def from_json(cls, text: str, origin: str = "this audit") -> AuditRecord:

@@ -70,7 +70,7 @@ def _risk_note(audit: AuditRecord) -> str:
     if audit.risk is None:
         return "No calibrated probability of divergence is given here: " + (audit.risk_unavailable_reason or
                                                                             "no fitted risk model") + "."
-    model = audit.risk.get("model") or {}
+    model = audit.risk.model or {}
     cv = ""
     if model.get("cv_auroc") is not None and model.get("cv_ece") is not None:
         cv = (f" Under grouped cross-validation on that sweep it has AUROC {model['cv_auroc']:.2f} and ECE "
@@ -85,10 +85,10 @@ def risk_line(audit: AuditRecord) -> str:
     r = audit.risk
     if r is None:
         return "not available: " + (audit.risk_unavailable_reason or "no fitted risk model")
-    ceiling = (f"lr ceiling (P < {r['lr_ceiling_probability']:g}) {r['lr_ceiling']:.3g}"
-               if r["lr_ceiling"] is not None else "no lr ceiling (risk does not grow with lr in the fit)")
-    return (f"P(divergence) = {r['probability']:.3f} ({r['band']}) at lr {r['lr']:.3g} ({r['lr_source']}); "
-            f"{ceiling}" + ("" if r["in_range"] else f"; OUTSIDE the fitted range ({len(r['warnings'])} warning(s))"))
+    ceiling = (f"lr ceiling (P < {r.lr_ceiling_probability:g}) {r.lr_ceiling:.3g}"
+               if r.lr_ceiling is not None else "no lr ceiling (risk does not grow with lr in the fit)")
+    return (f"P(divergence) = {r.probability:.3f} ({r.band}) at lr {r.lr:.3g} ({r.lr_source}); "
+            f"{ceiling}" + ("" if r.in_range else f"; OUTSIDE the fitted range ({len(r.warnings)} warning(s))"))
 
 
 CARD_TEMPLATE = """---
@@ -176,9 +176,9 @@ def _router_section(blocks: list[BlockRecord]) -> str:
         "| block | experts (top-k) | max / mean expert load | max abs router logit | mean router entropy (max) |\n"
         "|---:|---:|---:|---:|---:|\n"
         + "\n".join(
-            f"| {b.index} | {b.router['n_experts']} ({b.router['top_k']}) | "
-            f"{b.router['load_max_over_mean']:.3f} | {b.router['router_logit_max']:.3f} | "
-            f"{b.router['router_entropy_mean']:.3f} ({b.router['router_entropy_max']:.3f}) |"
+            f"| {b.index} | {b.router.n_experts} ({b.router.top_k}) | "
+            f"{b.router.load_max_over_mean:.3f} | {b.router.router_logit_max:.3f} | "
+            f"{b.router.router_entropy_mean:.3f} ({b.router.router_entropy_max:.3f}) |"
             for b in routed
         )
         + "\n\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from hf_rksp.capture.profile import ProfileOptions
@@ -36,10 +37,70 @@ def _delta(a, b):
     return d if math.isfinite(d) else None
 
 
-def compare(a: AuditRecord, b: AuditRecord) -> dict:
+@dataclass(frozen=True)
+class ComparedAudit:
+    """Which audit is A (or B)."""
+
+    slug: str
+    id: str
+    init: bool
+
+    def to_dict(self) -> dict:
+        return {"slug": self.slug, "id": self.id, "init": self.init}
+
+
+@dataclass(frozen=True)
+class SummaryDelta:
+    """One model-level number in both audits, and b - a (None where either is missing or it overflows)."""
+
+    a: float | None
+    b: float | None
+    delta: float | None
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "delta": self.delta}
+
+
+@dataclass(frozen=True)
+class BlockDelta:
+    """One block's feature differences b - a, by feature name in registry order."""
+
+    index: int
+    deltas: dict[str, float | None]
+
+    def delta(self, name: str) -> float | None:
+        return self.deltas[name]
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, **{f"{name}_delta": d for name, d in self.deltas.items()}}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two audits compared: ``to_dict()`` is the JSON that `hf-rksp compare --json` prints."""
+
+    a: ComparedAudit
+    b: ComparedAudit
+    summary: dict[str, SummaryDelta]  # "<feature>_<aggregate>" (SUMMARY_ROWS) -> the two values and the delta
+    blocks: list[BlockDelta]  # empty when the depths differ
+    warnings: list[str]
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return {
+            "a": self.a.to_dict(),
+            "b": self.b.to_dict(),
+            "summary": {k: v.to_dict() for k, v in self.summary.items()},
+            "blocks": [r.to_dict() for r in self.blocks],
+            "warnings": list(self.warnings),
+            "verdict": self.verdict,
+        }
+
+
+def compare(a: AuditRecord, b: AuditRecord) -> Comparison:
     """Per-block and model-level differences b - a, with a short verdict (same method version only).
 
-    Returns the JSON-ready comparison that `hf-rksp compare --json` prints.
+    Returns the comparison whose ``to_dict()`` `hf-rksp compare --json` prints.
     """
     va, vb = a.method.version, b.method.version
     if va != vb:
@@ -49,13 +110,13 @@ def compare(a: AuditRecord, b: AuditRecord) -> dict:
     per_block = []
     if same_depth:
         for ba, bb in zip(a.blocks, b.blocks):
-            per_block.append({"index": ba.index, **{f"{f.name}_delta": _delta(ba.value(f.name), bb.value(f.name))
-                                                    for f in FEATURES}})
+            per_block.append(BlockDelta(index=ba.index, deltas={f.name: _delta(ba.value(f.name), bb.value(f.name))
+                                                                for f in FEATURES}))
     fa, fb = a.summary.features, b.summary.features
     summary = {}
     for name, agg in SUMMARY_ROWS:
         xa, xb = getattr(fa[name], agg), getattr(fb[name], agg)
-        summary[f"{name}_{agg}"] = {"a": xa, "b": xb, "delta": _delta(xa, xb)}
+        summary[f"{name}_{agg}"] = SummaryDelta(a=xa, b=xb, delta=_delta(xa, xb))
     warnings = []
     for field in METHOD_FIELDS:
         xa, xb = getattr(a.method, field), getattr(b.method, field)
@@ -67,20 +128,20 @@ def compare(a: AuditRecord, b: AuditRecord) -> dict:
         warnings.append(f"block counts differ ({na} vs {nb}): per-block differences omitted")
     ma, mb = a.summary.score, b.summary.score
     ra, rb = fa["spectral_radius"].max, fb["spectral_radius"].max
-    moved = max(per_block, key=lambda r: abs(r["near_unit_mass_delta"]), default=None)
+    moved = max(per_block, key=lambda r: abs(r.delta("near_unit_mass")), default=None)
     verdict = (f"B vs A: near-unit mass M {ma:.3f} -> {mb:.3f} ({mb - ma:+.3f}); "
                f"max spectral radius {ra:.3f} -> {rb:.3f} ({rb - ra:+.3f}).")
     if moved is not None:
-        verdict += (f" Largest per-block change in near-unit mass: block {moved['index']} "
-                    f"({moved['near_unit_mass_delta']:+.3f}).")
-    return {
-        "a": {"slug": a.slug, "id": a.source.id, "init": a.source.init},
-        "b": {"slug": b.slug, "id": b.source.id, "init": b.source.init},
-        "summary": summary,
-        "blocks": per_block,
-        "warnings": warnings,
-        "verdict": verdict,
-    }
+        verdict += (f" Largest per-block change in near-unit mass: block {moved.index} "
+                    f"({moved.delta('near_unit_mass'):+.3f}).")
+    return Comparison(
+        a=ComparedAudit(slug=a.slug, id=a.source.id, init=a.source.init),
+        b=ComparedAudit(slug=b.slug, id=b.source.id, init=b.source.init),
+        summary=summary,
+        blocks=per_block,
+        warnings=warnings,
+        verdict=verdict,
+    )
 
 
 def compare_png(a: AuditRecord, b: AuditRecord) -> bytes:

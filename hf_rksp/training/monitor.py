@@ -7,11 +7,12 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from hf_rksp.record.records import SummaryRecord
+
 logger = logging.getLogger("hf_rksp")
 
 
-
-def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[dict, int]:
+def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRecord, int]:
     """The audit's model-level summary at the current weights (no grad), and the block count.
 
     ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
@@ -83,9 +84,9 @@ class RKSPMonitorCallback(TrainerCallback):
         from hf_rksp.spectral import FEATURES
 
         s, _ = profile_summary(model, self.input_ids, self.options)
-        out = {"rksp/near_unit_mass": s["score"], "rksp/spectral_radius": s["features"]["spectral_radius"]["max"]}
-        out.update({f"rksp/{f.name}_mean": s["features"][f.name]["mean"] for f in FEATURES
-                    if s["features"][f.name]["mean"] is not None})
+        out = {"rksp/near_unit_mass": s.score, "rksp/spectral_radius": s.features["spectral_radius"].max}
+        out.update({f"rksp/{f.name}_mean": s.features[f.name].mean for f in FEATURES
+                    if s.features[f.name].mean is not None})
         return out
 
     def _check(self, m: dict, step: int, is_zero: bool) -> None:

@@ -118,8 +118,8 @@ class KSSTrainer(Trainer):
         ids = ids[: max(1, cfg.auto_tokens // ids.shape[1])]
         model = self.accelerator.unwrap_model(self.model)
         s, _ = profile_summary(model, ids, ProfileOptions(kreiss=False, blocks=cfg.block_path))
-        m = s["score"]
-        kappa = s["features"]["eigvec_condition"]["mean"]
+        m = s.score
+        kappa = s.features["eigvec_condition"].mean
         kappa = math.inf if kappa is None else kappa  # null: some block's V is singular
         lr, lr_default = self.args.learning_rate, default_lr(getattr(getattr(model, "config", None),
                                                                      "model_type", None))
@@ -134,7 +134,7 @@ class KSSTrainer(Trainer):
             why = ("no normalization" if not normed else f"lr > 2x default {lr_default:g}") if enabled else \
                 f"M in [{cfg.auto_low:g}, {cfg.auto_threshold:g}], normalized, lr <= 2x default"
         decision = {"near_unit_mass": m, "eigvec_condition_mean": _finite(kappa),
-                    "spectral_radius_max": s["features"]["spectral_radius"]["max"], "lr": lr,
+                    "spectral_radius_max": s.features["spectral_radius"].max, "lr": lr,
                     "lr_default": lr_default, "normalized": normed, "enabled": enabled, "reason": why}
         self.kss_state.auto = decision
         logger.warning("RKSP before training: M = %.3f, mean kappa %.3g, lr %g (family default %g) -> KSS %s (%s)",
