@@ -26,6 +26,9 @@ def test_special_flags_and_unknown_names():
     assert worded(RKSPError("`kreiss` and `quantize` and `not_an_option`"), p) == \
         "--no-kreiss and --load-in-8bit/--load-in-4bit and not_an_option"
     assert worded(ConfigError("must be positive", param="band_upper"), p) == "--band-upper: must be positive"
+    assert worded(ConfigError("`quantize` 4bit loads the model whole; not with `stream`", param="quantize"), p) == \
+        "--load-in-4bit loads the model whole; not with --stream"
+    assert worded(ConfigError("`device` cuda:1 requested", param="device"), p) == "--device cuda:1 requested"
 
 
 def test_a_library_error_keeps_its_cause_in_the_debug_log(tmp_path, monkeypatch, capsys):

@@ -120,7 +120,7 @@ def profile_model(
             snaps = capture_snapshots(model, blocks, input_ids, batch_size=opts.batch_size, device=device,
                                       progress=progress, input_name=input_name)
     except (torch.OutOfMemoryError, MemoryError):
-        raise RKSPError("out of memory in the forward pass; lower --tokens or --batch-size") from None
+        raise RKSPError("out of memory in the forward pass; lower `tokens` or `batch_size`") from None
     t1 = time.perf_counter()
     results = profile_blocks(snaps.inputs, snaps.outputs, opts, progress)
     del snaps

@@ -18,7 +18,7 @@ from hf_rksp.pipeline.options import AuditOptions
 from hf_rksp.utils.options import flag as option_flag
 from hf_rksp.utils.options import option_fields, switch
 
-_NAMED = re.compile(r"`([a-z][a-z0-9_]*)`")
+_NAMED = re.compile(r"`([a-z][a-z0-9_]*)`( [A-Za-z0-9:_.-]+)?")
 
 
 def option_names(parser: argparse.ArgumentParser | None) -> set[str]:
@@ -32,6 +32,14 @@ def option_names(parser: argparse.ArgumentParser | None) -> set[str]:
             for sub in action.choices.values():
                 names |= option_names(sub)
     return names
+
+
+def _switch_flag(name: str, value: str) -> str | None:
+    """The switch that gives ``name`` the value ``value`` (``quantize`` 8bit -> --load-in-8bit), if any."""
+    for f, meta in option_fields(AuditOptions):
+        if f.name == name and meta.switches and value in meta.switches:
+            return meta.switches[value][0]
+    return None
 
 
 def flag(name: str) -> str:
@@ -48,9 +56,14 @@ def flag(name: str) -> str:
 def worded(e: RKSPError, parser: argparse.ArgumentParser | None = None) -> str:
     """``e`` as the command line says it: its parameters as flags (those ``parser`` knows; all, without one)."""
     known = option_names(parser)
-    text = _NAMED.sub(lambda m: flag(m.group(1)) if not known or m.group(1) in known else m.group(1),
-                      str(e).replace("\n", " "))
-    if isinstance(e, ConfigError) and e.param and flag(e.param) not in text:
+    def word(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2) or ""
+        if known and name not in known:
+            return name + value
+        return _switch_flag(name, value.strip()) or flag(name) + value
+
+    text = _NAMED.sub(word, str(e).replace("\n", " "))
+    if isinstance(e, ConfigError) and e.param and f"`{e.param}`" not in str(e) and flag(e.param) not in text:
         text = f"{flag(e.param)}: {text}"
     return text
 

@@ -16,7 +16,7 @@ import torch
 from hf_rksp.capture import calibration as cal
 from hf_rksp.capture.profile import block_result, profile_model, rksp_config
 from hf_rksp.capture.routers import RouterRecorder, find_routers
-from hf_rksp.errors import AuditInterrupted, RKSPError
+from hf_rksp.errors import AuditInterrupted, ConfigError, RKSPError, SourceError
 from hf_rksp.models.blocks import find_blocks
 from hf_rksp.models.loading import (
     LoadedModel,
@@ -69,7 +69,7 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RKSPError(f"--device {name} requested but CUDA is not available on this machine")
+        raise ConfigError(f"`device` {name} requested but CUDA is not available on this machine", param="device")
     return name
 
 
@@ -87,11 +87,12 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
     cfg = loaded.config
     if cfg.model_type in VISION_FAMILIES:
         if opts.dataset or opts.text:
-            raise RKSPError("vision models are calibrated on synthetic images; --text/--dataset are for text models")
+            raise ConfigError("vision models are calibrated on synthetic images; `text`/`dataset` are for text models",
+                              param="text")
         return cal.synthetic_images(opts.tokens, cfg.num_channels, cfg.image_size, cfg.patch_size, opts.seed)
     if opts.dataset or opts.text:
         if tok is None:
-            raise RKSPError("--text/--dataset need a tokenizer, and none is available for this model offline")
+            raise SourceError("`text`/`dataset` need a tokenizer, and none is available for this model offline")
         if opts.dataset:
             return cal.from_dataset(
                 opts.dataset, opts.split, opts.column, tok, opts.tokens, opts.seq_len, opts.dataset_config
@@ -117,7 +118,8 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
 
     path, blocks = find_blocks(loaded.model, opts.blocks)
     if "+" in path or input_ids.is_floating_point():
-        raise RKSPError("--stream supports decoder and encoder text models (not encoder-decoder or vision yet)")
+        raise ConfigError("`stream` supports decoder and encoder text models (not encoder-decoder or vision yet)",
+                          param="stream")
     device, dtype = _device(opts.device), loaded.dtype
     if loaded.source.init:
         weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
@@ -205,7 +207,7 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
     calib = calibration_for(loaded, opts)
     max_pos = _max_positions(loaded.config)
     if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
-        raise RKSPError(f"--seq-len {calib.seq_len} exceeds the model's {max_pos} positions")
+        raise ConfigError(f"`seq_len` {calib.seq_len} exceeds the model's {max_pos} positions", param="seq_len")
     if streamed:
         key = hashlib.sha256(f"{command}\n{calib.sha256}\n{opts!r}".encode()).hexdigest()
         rdir = resume_root / f"{loaded.source.slug}-{key[:16]}" if resume_root is not None else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hf_rksp.errors import ConfigError, RKSPError
+from hf_rksp.errors import ConfigError
 from hf_rksp.utils.checks import (
     check_device,
     check_hub_id,
@@ -58,7 +58,7 @@ def check_audit_options(opts, *, init: bool = False) -> None:
         check_hub_id(opts.name, "name")
     check_revision(opts.revision)
     if opts.text is not None and not Path(opts.text).is_file():
-        raise RKSPError(f"--text file not found: {opts.text}")
+        raise ConfigError(f"`text` file not found: {opts.text}", param="text")
     _check_placement(opts, init)
 
 
@@ -67,26 +67,28 @@ def _check_placement(opts, init: bool) -> None:
 
     if opts.quantize is not None:
         if opts.quantize not in ("8bit", "4bit"):
-            raise RKSPError(f"unknown quantization {opts.quantize!r} (8bit, 4bit)")
+            raise ConfigError(f"unknown quantization {opts.quantize!r} (8bit, 4bit)", param="quantize")
         if not torch.cuda.is_available():
-            raise RKSPError(f"--load-in-{opts.quantize} uses bitsandbytes, which needs a CUDA GPU; this machine has "
-                            "none (audit in float32/bfloat16, with --stream if the model is large)")
+            raise ConfigError(f"`quantize` {opts.quantize} uses bitsandbytes, which needs a CUDA GPU; this machine has "
+                              "none (audit in float32/bfloat16, with `stream` if the model is large)", param="quantize")
         if opts.stream:
-            raise RKSPError(f"--load-in-{opts.quantize} loads the model whole; it cannot be combined with --stream")
+            raise ConfigError(f"`quantize` {opts.quantize} loads the model whole; it cannot be combined with `stream`",
+                              param="quantize")
     if opts.max_memory is not None:
         parse_max_memory(opts.max_memory)
         if opts.device_map is None:
-            raise RKSPError("--max-memory goes with --device-map")
+            raise ConfigError("`max_memory` goes with `device_map`", param="max_memory")
     if opts.device_map is not None and opts.stream:
-        raise RKSPError("--device-map places a whole model; --stream loads one block at a time (use one of them)")
+        raise ConfigError("`device_map` places a whole model; `stream` loads one block at a time (use one of them)",
+                          param="device_map")
     if (opts.device_map is not None or opts.quantize is not None) and init:
-        raise RKSPError("--device-map and --load-in-Nbit place pretrained weights; --init builds on --device "
-                        "(use --stream for big models at init)")
+        raise ConfigError("`device_map` and `quantize` place pretrained weights; `init` builds on `device` "
+                          "(use `stream` for big models at init)", param="device_map")
     if opts.device == "mps" and not torch.backends.mps.is_available():
-        raise RKSPError("--device mps requested but this machine has no Apple MPS device")
+        raise ConfigError("`device` mps requested but this machine has no Apple MPS device", param="device")
     if (opts.device.startswith("cuda") or opts.device_map == "cuda") and not torch.cuda.is_available():
-        flag = "--device" if opts.device.startswith("cuda") else "--device-map"
-        raise RKSPError(f"{flag} {opts.device_map if flag == '--device-map' else opts.device} requested but CUDA "
-                        "is not available on this machine")
+        param = "device" if opts.device.startswith("cuda") else "device_map"
+        raise ConfigError(f"`{param}` {getattr(opts, param)} requested but CUDA is not available on this machine",
+                          param=param)
 
 
