@@ -35,6 +35,10 @@ class ConfigError(RKSPError, ValueError):
 
     def __init__(self, message: str, *, param: str | None = None):
         self.param = param
+        if param and f"`{param}`" not in message and not message.startswith(param + " "):
+            message = f"`{param}`: {message}"  # the message names its parameter: `tokens`: must be ...
+        elif param and message.startswith(param + " "):
+            message = f"`{param}`{message[len(param):]}"  # eps must be > 0 -> `eps` must be > 0
         super().__init__(message)
 
 

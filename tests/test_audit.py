@@ -208,3 +208,33 @@ def test_loaded_model_is_typed(tiny_dirs):
     streamed = load_for_streaming(resolve_source(str(tiny_dirs["llama"])), dtype="bfloat16")
     assert streamed.streamed and streamed.dtype == torch.bfloat16 and streamed.checkpoint is not None
     assert streamed.n_params == whole.n_params and streamed.family == "llama"
+
+
+def test_threads_option_is_scoped_to_the_audit(tiny_dirs, monkeypatch):
+    """--threads N (AuditOptions.threads): the audit runs on N torch threads, the process's setting comes back
+    after it, the reproducing command does not record it (it does not change what is computed), and a count
+    out of range is refused before any work."""
+    import torch
+
+    from hf_rksp.cli import build_parser
+    from hf_rksp.errors import ConfigError
+    from hf_rksp.pipeline import run
+
+    seen = []
+    real = run.profile_model
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(run, "profile_model", spy)
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    res = audit(str(tiny_dirs["llama"]), init=True, out_dir=None, tokens=256, seq_len=128, threads=other,
+                progress=False)
+    assert seen == [other] and torch.get_num_threads() == before
+    assert "--threads" not in res.record.command
+    args = build_parser().parse_args(["audit", "x", "--threads", "3"])
+    assert args.threads == 3
+    with pytest.raises(ConfigError, match="threads"):
+        audit(str(tiny_dirs["llama"]), init=True, out_dir=None, threads=0)

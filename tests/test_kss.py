@@ -501,7 +501,8 @@ def test_bad_kss_config_raises_one_clear_error(kwargs, param):
 
     with pytest.raises(ConfigError) as e:
         KSSConfig(**kwargs)
-    assert e.value.param == param and str(e.value).startswith("KSSConfig.") and "\n" not in str(e.value)
+    text = str(e.value)
+    assert e.value.param == param and text.startswith(f"`{param}`") and text.endswith("(KSSConfig)") and "\n" not in text
 
 
 def test_kss_defaults_are_the_papers():

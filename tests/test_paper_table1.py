@@ -15,15 +15,14 @@ import torch
 
 import benchmarks.paper_table1 as bench
 from benchmarks.paper_models import GPT, GPTConfig, associative_recall, block_snapshots
+from hf_rksp.utils.threads import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One torch thread: on a busy 2-core machine two threads made the eigensolvers 30-100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("norm", ["pre", "post", "rms", "none"])

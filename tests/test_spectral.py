@@ -35,6 +35,7 @@ from hf_rksp.spectral import (
     resdmd_residuals,
     whiten,
 )
+from hf_rksp.utils.threads import torch_threads
 
 EPS = 1e-5
 REL_CUT = 1e-6
@@ -48,17 +49,15 @@ def _one_thread():
     """All matrices here are tiny (m <= 64): with 2 threads on a busy 2-core machine every small torch op or
     BLAS call waits for the other thread (kreiss_constant measured 3-15 s instead of 0.01-0.08 s, the
     reference 4 s instead of 0.05 s), so the module runs torch and BLAS single-threaded, then restores them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(limits=1)
     except ImportError:  # optional: only speed depends on it
         limits = None
-    yield
+    with torch_threads(1):
+        yield
     if limits is not None:
         limits.restore_original_limits()
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------------

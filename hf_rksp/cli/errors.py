@@ -1,9 +1,9 @@
 """The one place library errors become command-line words: parameters as flags, one line, tracebacks kept.
 
 Library messages name parameters in backticks by their library name (```seq_len```); here each becomes the
-flag that sets it (``--seq-len``), read from the option's metadata (``hf_rksp.utils.options``).  A :class:`~hf_rksp.errors.ConfigError` is prefixed with its parameter's
-flag unless the message already names it.  Anything else that escapes is our bug or the system's: one line on
-stderr, the traceback in the debug log (``HF_RKSP_LOG=FILE``).
+flag that sets it (``--seq-len``), read from the option's metadata (``hf_rksp.utils.options``); a
+:class:`~hf_rksp.errors.ConfigError` always names its parameter.  Anything else that escapes is our bug or the
+system's: one line on stderr, the traceback in the debug log (``HF_RKSP_LOG=FILE``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 
-from hf_rksp.errors import ConfigError, RKSPError
+from hf_rksp.errors import RKSPError
 from hf_rksp.pipeline.options import AuditOptions
 from hf_rksp.utils.options import flag as option_flag
 from hf_rksp.utils.options import option_fields, switch
@@ -63,8 +63,6 @@ def worded(e: RKSPError, parser: argparse.ArgumentParser | None = None) -> str:
         return _switch_flag(name, value.strip()) or flag(name) + value
 
     text = _NAMED.sub(word, str(e).replace("\n", " "))
-    if isinstance(e, ConfigError) and e.param and f"`{e.param}`" not in str(e) and flag(e.param) not in text:
-        text = f"{flag(e.param)}: {text}"
     return text
 
 

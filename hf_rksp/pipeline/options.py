@@ -76,6 +76,10 @@ class AuditOptions(ProfileOptions):
                                          "does not fit)")
     max_memory: str | None = option(None, group="runtime", metavar="DEV=SIZE,...",
                                     help="accelerate max_memory for --device-map, e.g. 'cuda:0=20GiB,cpu=30GiB'")
+    threads: int | None = option(None, group="runtime", parse=int, bounds=(1, 4096), recorded="never",
+                                 default_help="torch's own setting",
+                                 help="torch intra-op threads for this audit (restored after it); on a loaded "
+                                      "machine fewer threads than cores can be much faster")
     quantize: str | None = option(None, group="runtime", switches={
         "8bit": ("--load-in-8bit", "bitsandbytes 8-bit weights (needs CUDA)"),
         "4bit": ("--load-in-4bit", "bitsandbytes 4-bit NF4 weights (needs CUDA)"),

@@ -41,6 +41,7 @@ from hf_rksp.report import card as report
 from hf_rksp.report import plots
 from hf_rksp.report.card import render_card
 from hf_rksp.spectral import METHOD_VERSION, RKSPConfig
+from hf_rksp.utils.threads import torch_threads
 
 logger = logging.getLogger("hf_rksp")
 METHOD_NAME = "RKSP"
@@ -262,6 +263,12 @@ def audit(
     check_options(opts, init=init or config is not None)
     if out_dir is not None:
         check_out_dir(Path(out_dir))
+    with torch_threads(opts.threads):
+        return _audit(source, init, config, opts, out_dir, progress)
+
+
+def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bool) -> AuditResult:
+    """:func:`audit` for checked options."""
     t0 = time.perf_counter()
     device = _device(opts.device)
     src = replace(resolve_source(source, init=init, config_path=config, revision=opts.revision,

@@ -34,8 +34,8 @@ def check_audit_options(opts, *, init: bool = False) -> None:
     from hf_rksp.models.loading import parse_dtype
 
     declared = option_fields(opts)
-    for f, meta in declared:  # tokens, seq_len, seed, batch_size
-        if meta.bounds is not None:
+    for f, meta in declared:  # tokens, seq_len, seed, batch_size, threads (None: the default)
+        if meta.bounds is not None and not (getattr(opts, f.name) is None and f.default is None):
             check_int(f.name, getattr(opts, f.name), *meta.bounds)
     check_shape(opts.tokens, opts.seq_len)
     if not (opts.rank in ("auto", "full") or (isinstance(opts.rank, int) and not isinstance(opts.rank, bool))):

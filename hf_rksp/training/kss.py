@@ -134,7 +134,7 @@ class KSSConfig:
         )
         for param, ok, message in checks:
             if not ok:
-                raise ConfigError(f"KSSConfig.{message}", param=param)
+                raise ConfigError(f"{message} (KSSConfig)", param=param)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,6 +27,7 @@ from gguf import (  # bound here: shared_reader() swaps gguf's attributes
 
 from hf_rksp.errors import SourceError
 from hf_rksp.models.checkpoints.dequant import dequantize
+from hf_rksp.utils.threads import torch_threads
 
 _READERS: dict[tuple, object] = {}
 _SWAP = threading.RLock()  # shared_reader swaps module attributes: one thread at a time
@@ -133,18 +134,6 @@ def _processor_kinds():
     return reshape_only, torch_safe, merging
 
 
-@contextmanager
-def one_thread():
-    """Decode on one torch thread: the byte shuffling is memory-bound, and on a 2-core EPYC shared with
-    one busy process, 2 threads took 12.2 s to de-quantize SmolLM2 against 0.34 s on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 class GGUFCheckpoint:
     """``files``: the base model's parameter names -> the GGUF tensors holding them; ``read`` de-quantizes.
 
@@ -187,7 +176,9 @@ class GGUFCheckpoint:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named parameters, de-quantized, in transformers' layout, in ``dtype``."""
-        with one_thread():
+        # one thread: the byte shuffling is memory-bound, and on a 2-core EPYC shared with one busy process
+        # 2 threads took 12.2 s to de-quantize SmolLM2 against 0.34 s on one
+        with torch_threads(1):
             return {n: self._tensor(n) for n in names}
 
     def _tensor(self, name: str) -> torch.Tensor:
