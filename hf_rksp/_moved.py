@@ -43,7 +43,8 @@ class MovedFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         pkg, _, leaf = fullname.rpartition(".")
-        if pkg != "hf_rksp" or leaf not in MOVED or leaf in ("record", "cli", "audit"):  # packages now; hf_rksp.audit is the function
+        # record and cli are packages now, and hf_rksp.audit is the function
+        if pkg != "hf_rksp" or leaf not in MOVED or leaf in ("record", "cli", "audit"):
             return None
         new = f"hf_rksp.{MOVED[leaf]}"
         warnings.warn(f"{fullname} moved to {new}; the old path will be removed", DeprecationWarning, stacklevel=2)

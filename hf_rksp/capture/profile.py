@@ -23,7 +23,8 @@ from hf_rksp.spectral import FEATURE_NAMES, RKSPConfig, profile_block
 from hf_rksp.utils.checks import MAX_BATCH, MAX_SEED
 from hf_rksp.utils.options import option, parse_rank
 
-#: --rank auto: full DMD while the operator is at most this wide, else rank AUTO_RANK (docs/method.md, "Choices the paper leaves open (ours)")
+#: --rank auto: full DMD while the operator is at most this wide, else rank AUTO_RANK
+#: (docs/method.md, "Choices the paper leaves open (ours)")
 FULL_DMD_MAX = 1024
 AUTO_RANK = 32
 

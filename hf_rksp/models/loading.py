@@ -127,7 +127,8 @@ def resolve_source(
     p = Path(source).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise SourceError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file or a hub id")
+            raise SourceError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file "
+                              "or a hub id")
         return Source(id=source, kind="gguf", init=init, path=str(p.parent), gguf_file=p.name)
     if p.is_dir() and gguf_file:
         if not (p / gguf_file).is_file():
@@ -295,7 +296,8 @@ def load_model(
     except RKSPError:
         raise
     except Exception as e:  # the config parses but transformers cannot build it
-        raise SourceError(f"invalid config {Path(source.config_origin or source.id).name}: {str(e).splitlines()[0]}") from e
+        name = Path(source.config_origin or source.id).name
+        raise SourceError(f"invalid config {name}: {str(e).splitlines()[0]}") from e
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         if source.init:

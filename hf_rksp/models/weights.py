@@ -67,7 +67,8 @@ class CheckpointWeights:
 
 
 class InitWeights:
-    """Weights at seeded random init, created group by group (hf_rksp.init_weights): same values as whole-model --init."""
+    """Weights at seeded random init, created group by group (hf_rksp.models.init): the values of a whole-model
+    init."""
 
     def __init__(self, model, blocks, seed: int, dtype: torch.dtype, device: str):
         self.model, self.blocks, self.seed, self.dtype, self.device = model, blocks, seed, dtype, device
