@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from hf_rksp.capture.hooks import check_finite, hidden_in, hidden_out
 from hf_rksp.errors import OutputError
 from hf_rksp.models.weights import release
-from hf_rksp.record.records import BlockRecord
+from hf_rksp.record.records import BlockRecord, audit_schema
+from hf_rksp.utils import atomic
 
 logger = logging.getLogger("hf_rksp")
 
@@ -71,8 +72,6 @@ class ResumeState:
 
     def save(self, next_block: int, results: list[BlockRecord], hidden: list[torch.Tensor]) -> None:
         """Write the progress atomically; a full or read-only disk is an OutputError (progress so far kept)."""
-        from hf_rksp.utils import atomic
-
         try:
             if not self.dir.exists():
                 self.made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
@@ -106,7 +105,6 @@ def _valid_results(results, n: int) -> bool:
     """``n`` block results as the audit schema wants them, indexed 0..n-1 (a tampered file fails this)."""
     import jsonschema
 
-    from hf_rksp.record.records import audit_schema
 
     if not isinstance(results, list) or len(results) != n:
         return False

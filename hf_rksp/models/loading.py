@@ -17,9 +17,13 @@ import torch
 from torch import nn
 
 from hf_rksp.errors import ConfigError, RKSPError, SourceError
-from hf_rksp.models.blocks import BLOCK_PATHS, supported_families
+from hf_rksp.models.blocks import BLOCK_PATHS, find_blocks, supported_families
 from hf_rksp.models.checkpoints.gguf import GGUFCheckpoint, per_tensor, shared_reader
+from hf_rksp.models.checkpoints.hub import HubCheckpoint, fetch_gguf
 from hf_rksp.models.config import check_config
+from hf_rksp.models.init import seeded_init
+from hf_rksp.models.memory import ModelSizes, plan_memory
+from hf_rksp.models.weights import build_meta_model
 from hf_rksp.utils.hub_errors import hub_error
 from hf_rksp.utils.hub_errors import offline as _offline
 
@@ -153,8 +157,6 @@ def resolve_source(
 
 def _hub_gguf(given: str, repo_id: str, gguf_file: str, init: bool, revision: str | None) -> Source:
     """A GGUF file of a hub repo: that one file is fetched, then it is a local GGUF source."""
-    from hf_rksp.models.checkpoints.hub import fetch_gguf
-
     path = fetch_gguf(repo_id, gguf_file, revision, local_only=_offline())
     return Source(id=given, kind="gguf", init=init, path=str(path.parent), gguf_file=path.name, revision=revision)
 
@@ -262,7 +264,6 @@ def check_memory(config, dtype: torch.dtype, device: str) -> None:
     """Fail before building a model that cannot fit in RAM whole (the memory planner, without streaming)."""
     if not str(device).startswith("cpu"):
         return
-    from hf_rksp.models.memory import ModelSizes, plan_memory
 
     plan_memory(ModelSizes.of(config, dtype), tokens=0, dtype=str(dtype).replace("torch.", ""), stream=False,
                 can_stream=False)
@@ -334,8 +335,6 @@ def load_gguf_model(source: Source, config, dtype: torch.dtype):
     name map and layout fixes; tested equal), without its float32 numpy copy of
     every tensor.
     """
-    from hf_rksp.models.weights import build_meta_model
-
     model = build_meta_model(config, dtype)
     names = [n for n, _ in model.named_parameters()]
     state = GGUFCheckpoint(source.gguf_path, model, dtype).state_dict(names)
@@ -348,9 +347,6 @@ def _seeded_init(model, seed: int, blocks_path: str | None) -> None:
 
     ``blocks_path`` is ``--blocks`` for families hf-rksp does not know.
     """
-    from hf_rksp.models.blocks import find_blocks
-    from hf_rksp.models.init import seeded_init
-
     seeded_init(model, find_blocks(model, blocks_path)[1], seed)
 
 
@@ -396,14 +392,10 @@ def load_for_streaming(
     A sharded hub checkpoint is read shard by shard (:mod:`hf_rksp.hub_stream`;
     ``low_disk``: one shard in the cache at a time); a single-file one is fetched whole.
     """
-    from hf_rksp.models.weights import build_meta_model
-
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code, any_family)
     ckpt = None
     if source.kind == "hub" and not source.init:
-        from hf_rksp.models.checkpoints.hub import HubCheckpoint
-
         ckpt = HubCheckpoint.open(source.id, source.revision, low_disk=low_disk, local_only=_offline())
     elif low_disk:
         raise SourceError("`low_disk` deletes the shards of a hub checkpoint as the audit passes them; "

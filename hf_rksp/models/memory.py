@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from hf_rksp.errors import MemoryPlanError, RKSPError
+from hf_rksp.models.blocks import find_blocks
 
 GiB = 2**30
 #: whole-model audits stream beyond this share of the available RAM (docs/guides/streaming.md: "more than half")
@@ -64,7 +65,6 @@ class ModelSizes:
         """Sizes of ``config``'s base model; a config transformers cannot build is an invalid config of ``origin``."""
         from transformers import AutoModel
 
-        from hf_rksp.models.blocks import find_blocks
 
         try:
             with torch.device("meta"):  # every tensor born on meta: a 270 GB block allocates nothing

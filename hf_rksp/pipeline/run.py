@@ -16,6 +16,7 @@ import torch
 from hf_rksp.capture import calibration as cal
 from hf_rksp.capture.profile import block_result, profile_model, rksp_config
 from hf_rksp.capture.routers import RouterRecorder, find_routers
+from hf_rksp.capture.streaming import ResumeState, stream_snapshots_and_profile
 from hf_rksp.errors import AuditInterrupted, ConfigError, RKSPError, SourceError
 from hf_rksp.models.blocks import find_blocks
 from hf_rksp.models.loading import (
@@ -25,10 +26,11 @@ from hf_rksp.models.loading import (
     resolve_source,
 )
 from hf_rksp.models.placement import placement_kwargs, plan_for
+from hf_rksp.models.weights import CheckpointWeights, InitWeights
 from hf_rksp.pipeline.options import AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
 from hf_rksp.pipeline.validation import check_audit_options
-from hf_rksp.publish.local import check_out_dir
+from hf_rksp.publish.local import check_out_dir, publish
 from hf_rksp.record.records import (
     AuditRecord,
     InputsRecord,
@@ -114,9 +116,6 @@ def check_options(opts: AuditOptions, *, init: bool = False) -> None:
 def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOptions, progress: bool = True,
                    resume_dir: Path | None = None, resume_key: str = ""):
     """profile_model's results for a model streamed block by block (from its checkpoint, or at seeded init)."""
-    from hf_rksp.capture.streaming import ResumeState, stream_snapshots_and_profile
-    from hf_rksp.models.weights import CheckpointWeights, InitWeights
-
     path, blocks = find_blocks(loaded.model, opts.blocks)
     if "+" in path or input_ids.is_floating_point():
         raise ConfigError("`stream` supports decoder and encoder text models (not encoder-decoder or vision yet)",
@@ -314,8 +313,6 @@ def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     switches the audit and card folders in together (crash-safe), so a
     failure at any point leaves the previous audit and card of this slug untouched.
     """
-    from hf_rksp.publish.local import publish
-
     audit.validate()
     text = audit.to_json().encode("utf-8")
     spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)

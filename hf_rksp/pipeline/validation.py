@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hf_rksp.capture.calibration import check_shape
+from hf_rksp.capture.profile import rksp_config
 from hf_rksp.errors import ConfigError
+from hf_rksp.models.loading import parse_dtype
 from hf_rksp.utils.checks import (
     check_device,
     check_hub_id,
@@ -29,10 +32,6 @@ def check_audit_options(opts, *, init: bool = False) -> None:
     The simple checks come from each field's :class:`~hf_rksp.utils.options.Option`: integer ``bounds``,
     ``positive`` floats and ``choices``; the rest (combinations, files, devices) are written out here.
     """
-    from hf_rksp.capture.calibration import check_shape
-    from hf_rksp.capture.profile import rksp_config
-    from hf_rksp.models.loading import parse_dtype
-
     declared = option_fields(opts)
     for f, meta in declared:  # tokens, seq_len, seed, batch_size, threads (None: the default)
         if meta.bounds is not None and not (getattr(opts, f.name) is None and f.default is None):

@@ -12,6 +12,7 @@ from hf_rksp.record.records import (
     EnvironmentRecord,
 )
 from hf_rksp.spectral import FEATURES
+from hf_rksp.version import __version__
 
 __all__ = ["SCHEMA_VERSION", "environment", "verdict", "with_verdict", "risk_line", "render_card"]
 
@@ -21,7 +22,6 @@ def environment(device: str) -> EnvironmentRecord:
     import torch
     import transformers
 
-    from hf_rksp.version import __version__
 
     return EnvironmentRecord(hf_rksp=__version__, torch=torch.__version__, transformers=transformers.__version__,
                              numpy=numpy.__version__, python=platform.python_version(), platform=platform.platform(),

@@ -9,6 +9,7 @@ from pathlib import Path
 from hf_rksp.capture.profile import ProfileOptions
 from hf_rksp.errors import AuditFileError
 from hf_rksp.record.records import AuditRecord, read_audit
+from hf_rksp.report import plots
 from hf_rksp.spectral import FEATURES
 from hf_rksp.utils.options import option_fields
 
@@ -146,8 +147,6 @@ def compare(a: AuditRecord, b: AuditRecord) -> Comparison:
 
 def compare_png(a: AuditRecord, b: AuditRecord) -> bytes:
     """Both profiles on one figure, against relative depth so different depths still line up."""
-    from hf_rksp.report import plots
-
     fig, (ax1, ax2) = plots.subplots(2, 1, figsize=(7, 5), sharex=True)
     for audit, style in ((a, "o-"), (b, "s--")):
         n = len(audit.blocks)

@@ -7,7 +7,10 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from hf_rksp.capture.profile import ProfileOptions, profile_model
 from hf_rksp.record.records import SummaryRecord
+from hf_rksp.record.summary import summarize
+from hf_rksp.spectral import FEATURES
 
 logger = logging.getLogger("hf_rksp")
 
@@ -17,9 +20,6 @@ def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRec
 
     ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
     """
-    from hf_rksp.capture.profile import profile_model
-    from hf_rksp.record.summary import summarize
-
     was_training = model.training
     try:
         blocks, _, _ = profile_model(model, input_ids, options, device=str(next(model.parameters()).device),
@@ -59,8 +59,6 @@ class RKSPMonitorCallback(TrainerCallback):
         max_near_unit_change: float | None = 0.1,
         max_radius_change: float | None = 0.25,
     ):
-        from hf_rksp.capture.profile import ProfileOptions
-
         if input_ids.ndim != 2:
             raise ValueError("input_ids must be (B, T) token ids")
         self.input_ids = input_ids
@@ -81,8 +79,6 @@ class RKSPMonitorCallback(TrainerCallback):
         return self
 
     def profile(self, model) -> dict:
-        from hf_rksp.spectral import FEATURES
-
         s, _ = profile_summary(model, self.input_ids, self.options)
         out = {"rksp/near_unit_mass": s.score, "rksp/spectral_radius": s.features["spectral_radius"].max}
         out.update({f"rksp/{f.name}_mean": s.features[f.name].mean for f in FEATURES

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from hf_rksp.capture.profile import ProfileOptions
 from hf_rksp.models.blocks import find_blocks
 from hf_rksp.models.families import default_lr
 from hf_rksp.training.kss import KSSConfig, KSSStep
@@ -104,8 +105,6 @@ class KSSTrainer(Trainer):
         in between, on for a model without normalization or a learning rate above 2x the family's default.
         The decision is logged, stored in the KSS state and kept on resume.
         """
-        from hf_rksp.capture.profile import ProfileOptions
-
         cfg = self.kss_config
         rows, n = [], 0
         for batch in self.get_train_dataloader():
