@@ -34,7 +34,8 @@ block near-unit after block 0: M_~1 0.83, not 0.00), while the pre-placed
 gives 0.00 / 1.00 / 3.61 (beta on v, o, fc, proj) or 3.88 (beta on o, proj);
 Magneto SubLN matches the masses but not rho (5.6, block 0's inner LayerNorms
 amplify the sublayers against the 0.028-scale embeddings).  A final norm (LayerNorm, RMSNorm for "rms", none for
-"none") and an LM head (tied to the token embedding, as in GPT-2) follow.
+"none"; ``final_norm=True`` puts a LayerNorm after No-Norm blocks too) and an LM head (tied to the token
+embedding, as in GPT-2) follow.
 
 ``model.blocks`` is an ``nn.ModuleList`` whose members map the residual
 stream (B, T, d) to the residual stream, so ``block_snapshots`` can take
@@ -81,6 +82,9 @@ class GPTConfig:
     subln_where: str = "both"
     #: the weights that DeepNorm's beta / SubLN's gain multiply: any of "v", "o", "fc", "proj"
     scaled_weights: tuple[str, ...] = ("v", "o", "fc", "proj")
+    #: the norm before the LM head: None = the block norm's kind (none for "none"); True = that kind, or a
+    #: LayerNorm for "none" (No-Norm blocks under a final LayerNorm, as GPT-2-style code keeps ln_f); False = none
+    final_norm: bool | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -117,6 +121,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_final_norm(cfg: GPTConfig) -> nn.Module:
+    """The norm before the LM head (``GPTConfig.final_norm``)."""
+    if cfg.final_norm is None:
+        return make_norm(cfg)
+    if not cfg.final_norm:
+        return nn.Identity()
+    return make_norm(cfg) if cfg.norm != "none" else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -190,7 +203,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg)
+        self.norm_f = make_final_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
         if cfg.tie_embeddings:

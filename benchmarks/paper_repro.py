@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     pi.add_argument("--task", choices=("recall", "lm"), default="recall")
     pi.add_argument("--workers", type=int, default=1)
     pi.add_argument("--device", default="auto")
+    pi.add_argument("--final-norm", action="store_true",
+                    help="a LayerNorm before the LM head after No-Norm blocks too (RunSpec.final_norm)")
     pi.add_argument("--no-stop", action="store_true",
                     help="train on past the divergence label (still recorded): does a stopped run recover?")
     a = sub.add_parser("analyze", help="tables, plots and summary.json from runs.jsonl (no training)")
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
         plan(protocol, _groups(args.groups), args.out, args.workers, args.step_s)
         return 0
     if args.cmd == "pilot":
-        base = dict(stop_at_label=not args.no_stop, steps=args.steps or protocol.steps,
+        base = dict(stop_at_label=not args.no_stop, final_norm=True if args.final_norm else None,
+                    steps=args.steps or protocol.steps,
                     warmup=protocol.warmup if args.warmup is None else args.warmup, batch=args.batch or protocol.batch)
         extra = LM if args.task == "lm" else {}
         specs = [RunSpec(task=args.task, norm=n, d_model=args.d, n_layers=args.layers, lr=lr, seed=s, method=m,

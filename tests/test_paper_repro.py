@@ -269,3 +269,24 @@ def test_pilot_no_stop_trains_past_the_label(tmp_path):
     at, = [v for k, v in table.items() if k.endswith("True")]
     assert past["diverged"] == at["diverged"] == 1 and past["diverged_step_median"] == at["diverged_step_median"]
     assert 0 <= past["ended_non_finite"] <= 1 and "ended_non_finite" not in at
+
+
+def test_final_norm_is_a_recorded_protocol_choice():
+    """RunSpec.final_norm (issue 24): None keeps every committed key; True puts a LayerNorm before the head
+    of a No-Norm model and changes the key; the regime group trains No-Norm blocks under it."""
+    from torch import nn
+
+    from benchmarks.paper_models import GPT, GPTConfig
+    from benchmarks.repro.protocol import RunSpec
+
+    base = RunSpec(norm="none")
+    assert base.key == RunSpec(norm="none", final_norm=None).key != RunSpec(norm="none", final_norm=True).key
+    assert "+final_norm" in RunSpec(norm="none", final_norm=True).label
+    assert isinstance(GPT(GPTConfig(norm="none", d_model=32, n_heads=1, n_layers=1)).norm_f, nn.Identity)
+    assert isinstance(GPT(GPTConfig(norm="none", final_norm=True, d_model=32, n_heads=1, n_layers=1)).norm_f,
+                      nn.LayerNorm)
+    assert isinstance(GPT(GPTConfig(norm="pre", final_norm=False, d_model=32, n_heads=1, n_layers=1)).norm_f,
+                      nn.Identity)
+    specs = bench.SMOKE_PROTOCOL.regime()
+    assert specs and all(s.final_norm and s.norm == "none" for s in specs)
+    assert {s.method for s in specs} == {"none", "clip_1.0"}

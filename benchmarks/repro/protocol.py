@@ -114,6 +114,9 @@ class RunSpec:
     version: int = 1  # bump when what run_one measures changes
     # False (pilots only): train on past the label, to see whether a run the label stopped would recover
     stop_at_label: bool = True
+    # [ours, issue 24] the norm before the LM head: None = the block norm's (none for "none", what every run
+    # before this field had); True = a LayerNorm after No-Norm blocks too (GPT-2-style code keeps ln_f)
+    final_norm: bool | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS or self.method not in ALL_METHODS or self.task not in ("recall", "lm"):
@@ -128,6 +131,8 @@ class RunSpec:
         d = asdict(self)
         if d["stop_at_label"]:  # the protocol's runs: keys from before this field existed stay valid
             del d["stop_at_label"]
+        if d["final_norm"] is None:  # likewise
+            del d["final_norm"]
         if ALL_METHODS[self.method].kss:
             # KSS runs since the label reads the task gradient on KSS steps (earlier KSS runs read the total
             # gradient, which the KSS term's own gradient crossed: they are retrained, the others kept)
@@ -139,7 +144,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return (f"{self.task} {self.norm} d{self.d_model} L{self.n_layers} lr {self.lr:g} seed {self.seed} "
+        final = {None: "", True: " +final_norm", False: " -final_norm"}[self.final_norm]
+        return (f"{self.task} {self.norm}{final} d{self.d_model} L{self.n_layers} lr {self.lr:g} seed {self.seed} "
                 f"{self.method}")
 
 
@@ -165,6 +171,11 @@ class Protocol:
     lm_norms: tuple[str, ...] = NORMS
     lm_lrs: tuple[float, ...] = ()
     lm_seeds: tuple[int, ...] = SEEDS3
+    #: issue 24's calibration of the regime: No-Norm blocks under a final LayerNorm, no control and clip 1.0
+    #: over an lr grid, looking for the paper's signature (no control diverges 50-70%, clip 1.0 still >= 40%)
+    regime_lrs: tuple[float, ...] = ()
+    regime_methods: tuple[str, ...] = ("none", "clip_1.0")
+    regime_seeds: tuple[int, ...] = SEEDS8
 
     def spec(self, **kw) -> RunSpec:
         return RunSpec(steps=self.steps, warmup=self.warmup, batch=self.batch, **kw)
@@ -194,8 +205,14 @@ class Protocol:
         return [self.spec(task="lm", norm=n, d_model=d, n_layers=L, lr=lr, seed=s, **LM)
                 for n in self.lm_norms for lr in self.lm_lrs for s in self.lm_seeds]
 
+    def regime(self) -> list[RunSpec]:
+        d, L = self.main
+        return [self.spec(norm="none", final_norm=True, d_model=d, n_layers=L, lr=lr, seed=s, method=m)
+                for lr in self.regime_lrs for m in self.regime_methods for s in self.regime_seeds]
+
     def group(self, name: str) -> list[RunSpec]:
-        return {"table1": self.table1, "kss": self.kss, "maxlr": self.maxlr, "lm": self.lm}[name]()
+        return {"table1": self.table1, "kss": self.kss, "maxlr": self.maxlr, "lm": self.lm,
+                "regime": self.regime}[name]()
 
     def no_control(self) -> list[RunSpec]:
         """Every no-control recall run of the protocol (the pooled population of the risk model)."""
@@ -223,14 +240,16 @@ PAPER_PROTOCOL = Protocol(
     maxlr_lrs={"pre": (0.1, 0.2, 0.3, 0.5), "rms": (0.1, 0.2, 0.3, 0.5),
                "none": (2e-3, 3e-3, 3.5e-3, 4e-3, 5e-3, 7e-3)},
     lm_lrs=(1e-3, 3e-3, 1e-2),
+    # [ours] around the edge a pilot found (issue 24): 0/2 diverged at 7.5e-3, 3/3 at 1e-2, clip 1.0 2/2 at 1e-2
+    regime_lrs=(7.5e-3, 8.5e-3, 1e-2, 1.2e-2),
 )
 #: a pipeline check in seconds (tests/test_paper_repro.py): tiny models, 20 steps
 SMOKE_PROTOCOL = Protocol(
     name="smoke", steps=20, warmup=5, batch=8, main=(32, 2), sizes=((32, 2),), table1_seeds=(42,),
     table1_lrs={"pre": (1e-3,), "none": (0.3,)}, kss_lrs=(0.01,), kss_seeds=(42,),
     kss_methods=("none", "clip_1.0", "alpha_0.15"), maxlr_lrs={"none": (0.01,)}, maxlr_seeds=(42,),
-    lm_norms=("none",), lm_lrs=(1e-3,), lm_seeds=(42,),
+    lm_norms=("none",), lm_lrs=(1e-3,), lm_seeds=(42,), regime_lrs=(0.01,), regime_seeds=(42,),
 )
 PROTOCOLS = {"paper": PAPER_PROTOCOL, "smoke": SMOKE_PROTOCOL}
-GROUPS = ("table1", "kss", "maxlr", "lm")
+GROUPS = ("table1", "kss", "maxlr", "lm", "regime")
 ALL = ("kss", "maxlr", "table1")  # "all": the paper's tables (lm is optional)

@@ -23,7 +23,7 @@ def build_model(spec: RunSpec):
     from benchmarks.paper_models import GPTConfig, LMModel, RecallModel
 
     cfg = GPTConfig(vocab_size=spec.vocab, d_model=spec.d_model, n_layers=spec.n_layers, n_heads=spec.n_heads,
-                    seq_len=spec.seq_len, norm=spec.norm)
+                    seq_len=spec.seq_len, norm=spec.norm, final_norm=spec.final_norm)
     torch.manual_seed(spec.seed)
     return (RecallModel if spec.task == "recall" else LMModel)(cfg)
 
