@@ -621,3 +621,26 @@ def test_kss_step_is_the_documented_draw_and_bounds_its_gradient():
         with KSSStep(blocks, bounded, step=20) as k:
             loss = model(input_ids=ids, labels=ids).loss
         k.result(loss, 0.15)
+
+
+def test_pod_sketch_kss_reaches_the_block_and_is_recorded():
+    """KSSConfig(sketch="pod"): the loss of a rank-8 POD sketch is finite and its gradient reaches the block
+    (the POD basis, like V, is a detached function of the snapshots); the setting survives a checkpoint."""
+    from benchmarks.paper_models import GPT, GPTConfig, associative_recall
+    from hf_rksp.training.kss import KSSConfig, layer_kss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(norm="none", d_model=32, n_layers=1, n_heads=2))
+    ids, _ = associative_recall(8, seed=0)
+    cfg = KSSConfig(rank=8, subsample=256, sketch="pod")
+    with SnapshotSampler(list(model.blocks), 256, torch.Generator().manual_seed(0)) as s:
+        model(ids)
+    (x, y), = s.pairs()
+    out = layer_kss(x, y, cfg)
+    assert out.rank == 8 and not out.skipped and math.isfinite(float(out.loss))
+    out.loss.backward()
+    grads = [p.grad for p in model.blocks[0].parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert KSSConfig.from_dict(cfg.to_dict()).sketch == "pod"
+    with pytest.raises(ValueError, match="sketch"):
+        KSSConfig(sketch="svd")

@@ -704,3 +704,37 @@ def test_kss_gradient_through_the_operator(rank):
     with torch.no_grad():
         fd = (loss(x, w + h * direction) - loss(x, w - h * direction)) / (2 * h)
     assert float((gw * direction).sum()) == pytest.approx(float(fd), rel=1e-5)
+
+
+def test_pod_sketch_is_dmd_on_the_top_principal_subspace_whitened_there():
+    """sketch="pod" against a float64 numpy reference written from its definition: project the centered
+    snapshots on the top-r right singular vectors of Xc (their POD modes), whiten there with the projected
+    covariance + eps I (Eqs. 7-9), A = Y~ X~^+; its r eigenvalues must match to 1e-9 (float64 algebra on
+    the same data, two routes). Also: the POD basis keeps a high-variance growing direction that a random
+    rank-r sketch of the (near-isotropic) whitened snapshots dilutes."""
+    from hf_rksp.spectral import dmd_operator, whiten
+
+    rng = np.random.default_rng(3)
+    n, d, r, eps = 400, 24, 6, 1e-5
+    scales = np.logspace(0, -2, d)
+    x = rng.standard_normal((n, d)) * scales
+    a_true = np.diag(np.r_[1.3, np.full(d - 1, 0.5)])  # the top-variance direction grows
+    y = x @ a_true.T + 1e-3 * rng.standard_normal((n, d))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    vr = vt[:r].T
+    xr, yr = xc @ vr, yc @ vr
+    w = np.diag((s[:r] ** 2 / (n - 1) + eps) ** -0.5)  # the projected covariance is diagonal
+    xt, yt = xr @ w, yr @ w
+    want = np.sort_complex(np.linalg.eigvals((yt.T @ np.linalg.pinv(xt.T))))
+
+    wh = whiten(torch.from_numpy(x), torch.from_numpy(y), eps=eps, dtype=torch.float64)
+    op = dmd_operator(wh, r, sketch="pod")
+    got = np.sort_complex(torch.linalg.eigvals(op.matrix).numpy())
+    assert op.m == r
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert np.abs(got).max() == pytest.approx(1.3, abs=1e-2)
+    random = dmd_operator(wh, r, sketch="random", generator=torch.Generator().manual_seed(0))
+    assert torch.linalg.eigvals(random.matrix).abs().max() < 1.2  # the growing direction, diluted
+    with pytest.raises(ValueError, match="sketch"):
+        dmd_operator(wh, r, sketch="svd")

@@ -42,6 +42,8 @@ class Method:
     beta: float = 1.0  # weight of the near-unit target (the paper: not given; KSSConfig's default) [ours]
     gamma: float = 0.4  # target soft near-unit mass (the paper: in [0.3, 0.5]; KSSConfig's default)
     grad_ratio: float | None = None  # KSSConfig.max_grad_ratio: KSS gradient <= this x the task's [ours]
+    sketch: str = "random"  # KSSConfig.sketch: the rank-r subspace, "random" or "pod" [ours, issue 24]
+    snapshots: int | None = None  # token states per KSS step (None: KSSConfig's 512; "batch": all of them)
 
     @property
     def kss(self) -> bool:
@@ -74,6 +76,10 @@ PILOT_METHODS = {
     "alpha_0.15_ratio_0.3": Method(alpha=0.15, grad_ratio=0.3),
     # KSS under the Trainer's default clipping (max_grad_norm 1.0), as a user of KSSTrainer gets it
     "alpha_0.15_clip_1.0": Method(clip=1.0, alpha=0.15),
+    # issue 24: the sketch the paper's cost O(dNr + r^3) suggests (the top-r POD subspace), and every token
+    # state of the batch (16 x 64 = 1024) instead of 512
+    "alpha_0.15_pod": Method(alpha=0.15, sketch="pod"),
+    "alpha_0.15_batch": Method(alpha=0.15, snapshots=1024),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
 PAPER = {  # the numbers to compare with (the paper's Tables 1-6 and Appendix H)

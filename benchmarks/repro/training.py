@@ -221,9 +221,10 @@ def kss_config(spec: RunSpec):
     m = ALL_METHODS[spec.method]
     if not m.kss:
         return KSSConfig(mode="off", block_path=BLOCKS, seed=spec.seed)
+    extra = {} if m.snapshots is None else {"subsample": min(m.snapshots, spec.batch * spec.seq_len)}
     return KSSConfig(mode="on", alpha=m.alpha, terms=m.terms, every_n_steps=m.every, rank=m.rank,
                      layer_fraction=m.layers, beta=m.beta, gamma=m.gamma, max_grad_ratio=m.grad_ratio,
-                     block_path=BLOCKS, seed=spec.seed, measure_grad_norms=True)
+                     block_path=BLOCKS, seed=spec.seed, measure_grad_norms=True, sketch=m.sketch, **extra)
 
 
 KSS_LOG_KEYS = ("step", "kss/loss", "kss/near_unit_mass", "kss/soft_near_unit_mass", "kss/expansive_mass",

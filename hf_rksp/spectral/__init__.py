@@ -28,6 +28,7 @@ from hf_rksp.spectral.operator import (
                        DMDOperator,
                        dmd_operator,
                        full_operator,
+                       pod_operator,
                        randomized_operator,
 )
 from hf_rksp.spectral.shaping import (
@@ -45,7 +46,7 @@ METHOD_VERSION = "2"
 
 __all__ = [
     "METHOD_VERSION", "EPS", "REL_CUT", "FEATURES", "FEATURE_NAMES", "Feature", "BlockFeatures", "RKSPConfig",
-    "Whitened", "whiten", "DMDOperator", "dmd_operator", "full_operator", "randomized_operator", "eigen",
+    "Whitened", "whiten", "DMDOperator", "dmd_operator", "full_operator", "pod_operator", "randomized_operator", "eigen",
     "eigvec_condition", "features_of", "mass_partition", "nonlinearity_ratio", "profile_block",
     "resdmd_residuals", "kreiss_constant", "kss_penalty", "soft_near_unit_mass", "unstable_penalty",
     "MAX_CONDITION", "Spectrum", "differentiable_eigenvalues", "eigenvalue_condition",

@@ -12,7 +12,13 @@ compressed snapshots Xb = B^T X~, Yb = B^T Y~ (m x N),
 - full (B = I, m = k): A~ is the compression of the paper's A onto range(X~),
   and its k eigenvalues are all the nonzero eigenvalues of A (A = Y~ X~^+ is
   zero on the orthogonal complement of range(X~)).
-- rank r (Erichson et al. 2019): B spans the seeded randomized range of X~,
+- rank r, sketch "pod": B spans the r principal directions of the raw centered
+  snapshots with the largest variance (their top-r POD modes).  Xc's covariance
+  is diagonal in V, so projecting X and Y on those directions and whitening
+  there (the paper's Eqs. 7-9 on the projected snapshots) is exactly A~
+  compressed onto those r coordinates of V: no randomness, and a growing
+  high-variance direction stays in the sketch.
+- rank r, sketch "random" (Erichson et al. 2019): B spans the seeded randomized range of X~,
   Q = orth(X~ Omega) after ``power_iters`` power iterations with ``oversample``
   extra columns, cut to the top-r left singular vectors of Q^T X~.  X~ Omega
   for a Gaussian Omega (N x (r + p)) has, in V coordinates, the distribution
@@ -96,9 +102,33 @@ def randomized_operator(wh: Whitened, rank: int, *, generator: torch.Generator |
     return _compress(wh, basis, evals[top].clamp_min(torch.finfo(sigma.dtype).tiny))
 
 
+def pod_operator(wh: Whitened, rank: int) -> DMDOperator:
+    """Rank-r DMD on the top-r POD subspace of the raw centered snapshots, whitened there (m = min(r, k)).
+
+    The basis selects the r coordinates of V with the largest singular values of Xc (module docstring);
+    it is a function of the detached snapshots, like V itself.
+    """
+    if rank < 1:
+        raise ConfigError(f"rank must be >= 1, got {rank}")
+    k = wh.k
+    if rank >= k:
+        return full_operator(wh)
+    top = torch.argsort(wh.s.detach(), descending=True)[:rank]
+    basis = torch.eye(k, dtype=wh.s.dtype, device=wh.s.device)[:, top]
+    return _compress(wh, basis, wh.sigma.detach()[top] ** 2)
+
+
+SKETCHES = ("random", "pod")
+
+
 def dmd_operator(wh: Whitened, rank: int | None = None, *, generator: torch.Generator | None = None,
-                 oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS) -> DMDOperator:
-    """Full DMD (``rank=None``) or rank-r randomized DMD of whitened snapshots."""
+                 oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS, sketch: str = "random") -> DMDOperator:
+    """Full DMD (``rank=None``) or rank-r DMD of whitened snapshots on a ``sketch`` subspace: the seeded
+    randomized range of X~ (``"random"``) or the top-r POD subspace of the raw snapshots (``"pod"``)."""
+    if sketch not in SKETCHES:
+        raise ConfigError(f"sketch must be one of {', '.join(SKETCHES)}, got {sketch!r}", param="sketch")
     if rank is None:
         return full_operator(wh)
+    if sketch == "pod":
+        return pod_operator(wh, rank)
     return randomized_operator(wh, rank, generator=generator, oversample=oversample, power_iters=power_iters)

@@ -51,6 +51,7 @@ from hf_rksp.spectral import (
     unstable_penalty,
     whiten,
 )
+from hf_rksp.spectral.operator import SKETCHES
 from hf_rksp.spectral.whitening import EPS
 
 __all__ = ["KSSConfig", "LayerKSS", "layer_kss", "select_layers", "SnapshotSampler", "KSSStep", "KSSResult",
@@ -75,6 +76,9 @@ class KSSConfig:
     block_path: str | None = None  # block list of a model whose family hf-rksp does not know ("blocks")
     subsample: int = 512  # token positions of the training batch per KSS step [ours]
     rank: int = 32  # rank r of the randomized DMD (paper: 32)
+    #: the rank-r subspace [ours, issue 24]: "random" (seeded randomized range of the whitened snapshots, the
+    #: original choice) or "pod" (the top-r principal directions of the raw snapshots, whitened there)
+    sketch: str = "random"
     T: float = 20.0  # sigmoid sharpness (Eqs. 14-15)
     tau_u: float = 1.05  # upper edge of the near-unit band; modes above are penalized
     tau_l: float = 0.90  # lower edge of the near-unit band
@@ -108,6 +112,7 @@ class KSSConfig:
             ("layer_fraction", _finite(self.layer_fraction) and 0 < self.layer_fraction <= 1,
              f"layer_fraction must be in (0, 1], got {self.layer_fraction}"),
             ("rank", _int(self.rank) and self.rank >= 2, f"rank must be an integer >= 2, got {self.rank}"),
+            ("sketch", self.sketch in SKETCHES, f"sketch must be one of {', '.join(SKETCHES)}, got {self.sketch!r}"),
             ("subsample", _int(self.subsample) and self.subsample > self.rank,
              f"subsample must be an integer > rank ({self.rank}), got {self.subsample}"),
             ("T", _finite(self.T) and self.T > 0, f"T must be > 0, got {self.T}"),
@@ -204,7 +209,7 @@ def layer_kss(x: torch.Tensor, y: torch.Tensor, config: KSSConfig, *,
     Raises SnapshotError when the snapshots cannot be whitened (a constant stream).
     """
     wh = whiten(x, y, eps=config.eps, dtype=torch.float64)
-    op = dmd_operator(wh, config.rank if config.rank < wh.k else None, generator=generator)
+    op = dmd_operator(wh, config.rank if config.rank < wh.k else None, generator=generator, sketch=config.sketch)
     spec = differentiable_eigenvalues(op.matrix, max_condition=config.max_condition)
     lam = spec.eigenvalues
     loss = config.penalty(lam)
