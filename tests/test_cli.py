@@ -553,7 +553,8 @@ def test_default_command_is_unchanged():
 
 #: the option strings of `hf-rksp audit`, captured from the parser before the options were defined once
 #: (hand-written argparse calls); the derived parser must give exactly these, plus the options added since
-ADDED_SINCE = ["--threads"]  # issue 26's option, added as one field (docs/development.md)
+#: issue 26's --threads and issue 24's --prompts, --snapshots, --sketch, each added as one field
+ADDED_SINCE = ["--threads", "--prompts", "--snapshots", "--sketch"]
 AUDIT_OPTION_STRINGS = [
     "-h", "--help", "--init", "--config", "--revision", "--name", "--gguf-file", "--blocks", "--trust-remote-code",
     "--tokens", "--seq-len", "--rank", "--eps", "--band-upper", "--band-lower", "--contractive", "--resdmd-tau",

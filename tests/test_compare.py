@@ -81,7 +81,7 @@ def test_method_fields_are_the_compared_options():
     from hf_rksp.report.compare import METHOD_FIELDS
 
     assert METHOD_FIELDS == COMPARED == ("rank", "eps", "band_upper", "band_lower", "contractive", "resdmd_tau",
-                                         "tokens")
+                                         "sketch", "snapshots", "tokens")
     assert set(METHOD_FIELDS) <= {f.name for f in fields(MethodRecord)}
 
 def test_compare_cli(two, capsys, tmp_path):

@@ -22,6 +22,7 @@ class Calibration:
     detail: dict
     input_name: str = "input_ids"  # keyword the model takes it as ("pixel_values" for images)
     positions_per_item: int | None = None  # residual-stream positions per image (patches + CLS)
+    attention_mask: torch.Tensor | None = None  # (B, T) padded prompts: 1 = a token, 0 = padding
 
     @property
     def seq_len(self) -> int:
@@ -29,6 +30,9 @@ class Calibration:
 
     @property
     def n_tokens(self) -> int:
+        """Token states the snapshots hold (padding positions are not among them)."""
+        if self.attention_mask is not None:
+            return int(self.attention_mask.sum())
         return int(self.input_ids.shape[0]) * self.seq_len
 
     @property
@@ -81,6 +85,54 @@ def from_embedded(tokenizer, tokens: int, seq_len: int) -> Calibration:
     text = default_text()
     detail = {"file": DEFAULT_TEXT, "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return from_text(text, tokenizer, tokens, seq_len, "embedded-text", detail)
+
+
+#: the prompt set shipped as a stand-in for the paper's (which are not published): see data/SOURCES.md
+DEFAULT_PROMPTS = "hf_rksp/data/prompts.txt"
+#: the paper's prompts are at most this many tokens; longer ones are cut here (recorded) [ours]
+PROMPT_MAX_TOKENS = 64
+
+
+def from_prompts(path: str | Path | None, tokenizer, max_tokens: int = PROMPT_MAX_TOKENS) -> Calibration:
+    """The paper's protocol for pretrained models (D.3): one prompt per line, each its own sequence from
+    position 0, right-padded into one batch with an attention mask (padding never enters the snapshots).
+
+    ``path`` None: the stand-in set shipped with the package.  Blank lines are skipped, repeats kept; each
+    prompt is tokenized with the tokenizer's own special tokens (``add_special_tokens=True``: a BOS where the
+    family adds one, none for GPT-2) and cut at ``max_tokens``.  Recorded: the file, its sha256, the number
+    of prompts, how many were cut, and the special-token choice.
+    """
+    if path is None:
+        text, name = resources.files("hf_rksp").joinpath("data/prompts.txt").read_text(encoding="utf-8"), \
+            DEFAULT_PROMPTS
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"`prompts` file not found: {p}", param="prompts")
+        try:
+            text, name = p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError:
+            raise ConfigError(f"`prompts` file is not UTF-8 text: {p}", param="prompts") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(prompts) < 1:
+        raise ConfigError(f"`prompts` file {name} has no prompt (one per line)", param="prompts")
+    rows = [tokenizer(q, add_special_tokens=True)["input_ids"] for q in prompts]
+    cut = sum(len(r) > max_tokens for r in rows)
+    rows = [r[:max_tokens] for r in rows]
+    if sum(len(r) for r in rows) < 2:
+        raise ConfigError(f"`prompts` file {name} gives fewer than 2 tokens", param="prompts")
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else \
+        (getattr(tokenizer, "eos_token_id", None) or 0)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+        mask[i, :len(r)] = 1
+    detail = {"file": name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_prompts": len(rows),
+              "max_tokens": max_tokens, "prompts_cut": cut, "special_tokens": "tokenizer default",
+              "padding": "right, masked out of the snapshots"}
+    return Calibration(ids, "prompts", detail, attention_mask=mask)
 
 
 #: --text is read and tokenized this many characters at a time at first, four times more each round

@@ -49,6 +49,14 @@ class ProfileOptions:
                                 help="contractive below this |lambda| (1 - delta_c)")
     resdmd_tau: float = option(RKSPConfig.resdmd_tau, group="method", parse=float, positive=True, compared=True,
                                help="ResDMD residual threshold: modes with r_j <= tau are kept")
+    sketch: str = option("random", group="method", choices=("random", "pod"), compared=True,
+                         help="the subspace of rank-R DMD (no effect at full rank): random, the seeded randomized "
+                              "range of the whitened snapshots; pod, their top-R principal directions before "
+                              "whitening (docs/method.md)")
+    snapshots: str = option("hooks", group="method", choices=("hooks", "hidden-states"), compared=True,
+                            help="hooks: each residual block's own input and output; hidden-states: the model's "
+                                 "output_hidden_states pairs (embeddings -> h1 ... -> h_L, the last after the "
+                                 "final norm: the paper's protocol for pretrained models)")
     kreiss: bool = option(True, group="method", help="skip the Kreiss constant (the costliest feature)")
     seed: int = option(0, group="method", parse=int, bounds=(0, MAX_SEED), recorded="always",  # block i: group_seed
                        help="seed for random init, random token ids and the range finder")
@@ -78,7 +86,7 @@ def rksp_config(opts: ProfileOptions, n_tokens: int, d_model: int) -> RKSPConfig
     """The spectral core's parameters for this audit (raises ConfigError on a bad value)."""
     return RKSPConfig(eps=opts.eps, rank=resolve_rank(opts.rank, n_tokens, d_model), band_upper=opts.band_upper,
                       band_lower=opts.band_lower, contractive=opts.contractive, resdmd_tau=opts.resdmd_tau,
-                      kreiss=opts.kreiss)
+                      kreiss=opts.kreiss, sketch=opts.sketch)
 
 
 def block_result(i: int, x: torch.Tensor, y: torch.Tensor, opts: ProfileOptions) -> BlockRecord:
@@ -106,9 +114,11 @@ def profile_blocks(x_list, y_list, opts: ProfileOptions, progress: bool = True) 
 
 def profile_model(
     model, input_ids: torch.Tensor, opts: ProfileOptions, *, device: str = "cpu", progress: bool = True,
-    input_name: str = "input_ids",
+    input_name: str = "input_ids", attention_mask: torch.Tensor | None = None,
 ) -> tuple[list[BlockRecord], str, dict]:
     """Capture every block's snapshots on ``input_ids`` and return their RKSP features.
+
+    ``attention_mask`` (B x T, padded prompts): its zero positions are kept out of the snapshots.
 
     Returns (per-block records, with MoE routing and encoder-decoder stacks where the model has them,
     block path, timings); no files, no loading.
@@ -119,7 +129,8 @@ def profile_model(
     try:
         with routers.recording():
             snaps = capture_snapshots(model, blocks, input_ids, batch_size=opts.batch_size, device=device,
-                                      progress=progress, input_name=input_name)
+                                      progress=progress, input_name=input_name, attention_mask=attention_mask,
+                                      source=opts.snapshots)
     except (torch.OutOfMemoryError, MemoryError):
         raise RKSPError("out of memory in the forward pass; lower `tokens` or `batch_size`") from None
     t1 = time.perf_counter()

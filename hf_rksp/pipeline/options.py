@@ -46,6 +46,11 @@ class AuditOptions(ProfileOptions):
     dtype: str = option("float32", group="runtime", recorded="always", help="forward dtype: float32, bfloat16, float16")
     device: str = option("cpu", group="runtime", recorded="never", help="cpu, cuda, cuda:N or auto")
     text: str | None = option(None, group="calibration", metavar="FILE", help="UTF-8 text file to calibrate on")
+    prompts: str | None = option(None, group="calibration", metavar="FILE",
+                                 help="one prompt per line, each its own sequence from position 0, padded into a "
+                                      "batch (padding kept out of the snapshots): the paper's protocol for "
+                                      "pretrained models, with --snapshots hidden-states; 'shipped' for the package's "
+                                      "stand-in set (8 prompts x 4, as in the paper's D.3)")
     dataset: str | None = option(None, group="calibration", metavar="NAME_OR_PATH",
                                  help="a `datasets` dataset to calibrate on")
     dataset_config: str | None = option(None, group="calibration", help="dataset configuration name")

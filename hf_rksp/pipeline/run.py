@@ -89,10 +89,14 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
     tok = loaded.tokenizer
     cfg = loaded.config
     if cfg.model_type in VISION_FAMILIES:
-        if opts.dataset or opts.text:
+        if opts.dataset or opts.text or opts.prompts:
             raise ConfigError("vision models are calibrated on synthetic images; `text`/`dataset` are for text models",
                               param="text")
         return cal.synthetic_images(opts.tokens, cfg.num_channels, cfg.image_size, cfg.patch_size, opts.seed)
+    if opts.prompts is not None:
+        if tok is None:
+            raise SourceError("`prompts` need a tokenizer, and none is available for this model offline")
+        return cal.from_prompts(None if opts.prompts == "shipped" else opts.prompts, tok)
     if opts.dataset or opts.text:
         if tok is None:
             raise SourceError("`text`/`dataset` need a tokenizer, and none is available for this model offline")
@@ -152,6 +156,14 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
     return results, path, timings
 
 
+def audit_slug(source, opts: AuditOptions) -> str:
+    """The audit's folder name: the source's slug, plus a suffix for each protocol choice that makes a
+    different audit of the same model (``__prompts``, ``__hidden-states``), so the two never replace
+    each other."""
+    return (source.slug + ("__prompts" if opts.prompts is not None else "")
+            + ("__hidden-states" if opts.snapshots == "hidden-states" else ""))
+
+
 def method_record(opts: AuditOptions, calib, config: RKSPConfig, streamed: bool, path: str,
                   init: bool) -> MethodRecord:
     """The method of the audit: every parameter that changes the numbers (``config``: the spectral core's)."""
@@ -160,15 +172,19 @@ def method_record(opts: AuditOptions, calib, config: RKSPConfig, streamed: bool,
         "version": METHOD_VERSION,
         "rank": "full" if config.rank is None else config.rank,
         "rank_option": str(opts.rank),
-        **{k: v for k, v in config.to_json().items() if k != "rank"},
+        # the sketch is recorded where it acts (rank-r DMD); a full-DMD method reads as it always did
+        **{k: v for k, v in config.to_json().items() if k != "rank" and not (k == "sketch" and config.rank is None)},
         "kreiss_of": "A / max(rho, 1)",
         "tokens": opts.tokens,
         "seq_len": calib.seq_len,
         "seed": opts.seed,
         "dtype": opts.dtype,
-        "snapshots": f"forward hooks on base_model.{path}[i] (input and output of each block)"
+        "snapshots": (f"forward hooks on base_model.{path}[i] (input and output of each block)"
+                      if opts.snapshots == "hooks" else
+                      "output_hidden_states: (h_i, h_i+1) from the embeddings to h_L, the last after the final norm")
         + (("; layer-major streaming at seeded init" if init else "; layer-major streaming from the checkpoint")
-           if streamed else ""),
+           if streamed else "")
+        + ("; padding positions excluded" if calib.attention_mask is not None else ""),
         "streamed": streamed,
     })
 
@@ -215,7 +231,8 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
                                                resume_dir=rdir, resume_key=key)
     else:
         blocks, path, timings = profile_model(loaded.model, calib.input_ids, opts, device=device,
-                                              progress=progress, input_name=calib.input_name)
+                                              progress=progress, input_name=calib.input_name,
+                                              attention_mask=calib.attention_mask)
     config = rksp_config(opts, calib.n_tokens, d_model)
     method = method_record(opts, calib, config, streamed, path, loaded.source.init)
     summary = summarize(blocks)
@@ -223,7 +240,7 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
                                        n_layers=len(blocks), init=loaded.source.init,
                                        method=method.to_dict())
     record = AuditRecord(
-        slug=loaded.source.slug,
+        slug=audit_slug(loaded.source, opts),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
         method=method,

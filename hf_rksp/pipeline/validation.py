@@ -58,6 +58,16 @@ def check_audit_options(opts, *, init: bool = False) -> None:
     check_revision(opts.revision)
     if opts.text is not None and not Path(opts.text).is_file():
         raise ConfigError(f"`text` file not found: {opts.text}", param="text")
+    if opts.prompts is not None:
+        if opts.text is not None or opts.dataset is not None:
+            raise ConfigError("`prompts` is a calibration input of its own: not with `text` or `dataset`",
+                              param="prompts")
+        if opts.prompts != "shipped" and not Path(opts.prompts).is_file():
+            raise ConfigError(f"`prompts` file not found: {opts.prompts} ('shipped': the package's set)",
+                              param="prompts")
+    if opts.stream and (opts.prompts is not None or opts.snapshots != "hooks"):
+        raise ConfigError("`stream` reads one block at a time: it takes neither `prompts` nor `snapshots` "
+                          "hidden-states (audit the model whole)", param="stream")
     _check_placement(opts, init)
 
 

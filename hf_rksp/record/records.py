@@ -116,6 +116,7 @@ def audit_schema() -> dict:
                     "seq_len": {"type": "integer", "minimum": 1},
                     "seed": {"type": "integer"},
                     "dtype": {"type": "string"},
+                    "sketch": {"enum": ["random", "pod"]},
                     "snapshots": {"type": "string"},
                     "streamed": {"type": "boolean"},
                 },
@@ -136,7 +137,7 @@ def audit_schema() -> dict:
                 "required": ["origin", "n_tokens", "n_sequences", "seq_len", "sha256"],
                 "properties": {
                     "origin": {"enum": ["embedded-text", "text-file", "dataset", "random-token-ids",
-                                        "synthetic-images"]},
+                                        "synthetic-images", "prompts"]},
                     "n_tokens": {"type": "integer", "minimum": 2},
                     "n_sequences": {"type": "integer", "minimum": 1},
                     "seq_len": {"type": "integer", "minimum": 1},
@@ -259,6 +260,7 @@ class MethodRecord(_Record):
     seq_len: int
     seed: int
     dtype: str
+    sketch: str | None = None  # rank-r DMD's subspace ("random" or "pod"); absent at full rank
     snapshots: str | None = None  # where the snapshots were taken, in words
     streamed: bool | None = None
 

@@ -24,7 +24,7 @@ from hf_rksp.spectral.linalg import (
     real_inverse,
     unit_columns,
 )
-from hf_rksp.spectral.operator import OVERSAMPLE, POWER_ITERS, DMDOperator, dmd_operator
+from hf_rksp.spectral.operator import OVERSAMPLE, POWER_ITERS, SKETCHES, DMDOperator, dmd_operator
 from hf_rksp.spectral.registry import FEATURE_NAMES, FEATURES, Feature  # noqa: F401  (re-exported)
 from hf_rksp.spectral.whitening import EPS, REL_CUT, whiten
 
@@ -52,6 +52,8 @@ class RKSPConfig:
     kreiss: bool = True
     #: a block is flagged near-identity when ||Y~ - X~||_F <= this x ||X~||_F (eta_nl unreliable, App. J)
     identity_tol: float = 1e-3
+    #: the subspace of rank-r DMD (no effect at full rank): "random" or "pod" (operator.py) [ours]
+    sketch: str = "random"
 
     def __post_init__(self):
         checks = (
@@ -67,6 +69,7 @@ class RKSPConfig:
             ("rel_cut", 0 < self.rel_cut < 1, f"rel_cut must be in (0, 1), got {self.rel_cut}"),
             ("oversample", self.oversample >= 0 and self.power_iters >= 0,
              "oversample and power_iters must be >= 0"),
+            ("sketch", self.sketch in SKETCHES, f"sketch must be one of {', '.join(SKETCHES)}, got {self.sketch!r}"),
         )
         for param, ok, message in checks:
             if not ok:
@@ -319,5 +322,5 @@ def profile_block(x: torch.Tensor, y: torch.Tensor, config: RKSPConfig = RKSPCon
         raise ConfigError("config must be an RKSPConfig")
     wh = whiten(x, y, eps=config.eps, rel_cut=config.rel_cut)
     op = dmd_operator(wh, config.rank, generator=generator, oversample=config.oversample,
-                      power_iters=config.power_iters)
+                      power_iters=config.power_iters, sketch=config.sketch)
     return features_of(op, wh, config)
