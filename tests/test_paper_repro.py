@@ -290,3 +290,18 @@ def test_final_norm_is_a_recorded_protocol_choice():
     specs = bench.SMOKE_PROTOCOL.regime()
     assert specs and all(s.final_norm and s.norm == "none" for s in specs)
     assert {s.method for s in specs} == {"none", "clip_1.0"}
+
+
+def test_regime_group_trains_and_is_tabled(smoke, tmp_path):
+    """The regime group (issue 24's calibration) runs through the same runner and gets its own table."""
+    import json
+    import shutil
+
+    out = tmp_path / "regime"
+    shutil.copytree(smoke, out)
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "run", "regime", "--device", "cpu"]) == 0
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "analyze", "--bootstrap", "20"]) == 0
+    table = json.loads((out / "analysis.json").read_text())["regime"]["0.01"]
+    assert table["none"]["n"] == table["clip_1.0"]["n"] == 1 and isinstance(table["signature"], bool)
+    text = (out / "tables.md").read_text()
+    assert "## Regime calibration" in text and "| 0.01 | clip_1.0 | 1 |" in text

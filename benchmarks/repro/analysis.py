@@ -219,6 +219,48 @@ def kss_table(protocol: Protocol, runs: dict, which: str = "paper") -> dict:
     return out
 
 
+def regime_table(protocol: Protocol, runs: dict) -> dict:
+    """Issue 24's calibration: per lr and method (No-Norm blocks under a final LayerNorm), the divergence rate
+    under the paper's label [Wilson CI] and under its loss criterion alone, how the diverged runs failed, and
+    when; and whether the lr shows the paper's signature (no control 50-70%, clip 1.0 >= 40%)."""
+    out = {}
+    for lr in protocol.regime_lrs:
+        row = {}
+        for m in protocol.regime_methods:
+            rs = [runs[s.key] for s in protocol.regime() if s.key in runs and s.lr == lr and s.method == m]
+            k, n = sum(label(r) for r in rs), len(rs)
+            stops = [r["diverged_step"] for r in rs if r["diverged"] and r["diverged_step"] is not None]
+            reasons: dict[str, int] = {}
+            for r in rs:
+                if r["diverged"]:
+                    reasons[r.get("diverged_reason") or "?"] = reasons.get(r.get("diverged_reason") or "?", 0) + 1
+            row[m] = {"n": n, "diverged": int(k), "rate": k / n if n else None, "ci95": wilson(k, n),
+                      "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
+                      "reasons": reasons, "diverged_step_median": float(np.median(stops)) if stops else None}
+        none, clip = row.get("none", {}), row.get("clip_1.0", {})
+        row["signature"] = (none.get("rate") is not None and clip.get("rate") is not None
+                            and 0.5 <= none["rate"] <= 0.7 and clip["rate"] >= 0.4)
+        out[f"{lr:g}"] = row
+    return out
+
+
+def regime_md(protocol: Protocol, table: dict) -> list[str]:
+    d, L = protocol.main
+    lines = ["", f"## Regime calibration (issue 24: No-Norm blocks + final LayerNorm, d {d}, L {L}; divergence % "
+             "[Wilson 95% CI], the paper's label / its loss criterion alone)", "",
+             "| lr | method | n | div % [CI] | loss-only % | how | median stop | signature |", "|---|---|---|---|---|---|---|---|"]
+    for lr, row in table.items():
+        for m in protocol.regime_methods:
+            v = row[m]
+            if not v["n"]:
+                continue
+            how = ", ".join(f"{k} {c}" for k, c in sorted(v["reasons"].items())) or "-"
+            lines.append(f"| {lr} | {m} | {v['n']} | {100 * v['rate']:.0f} {_ci(v['ci95'], 100, '.0f')} | "
+                         f"{100 * v['rate_loss_only']:.0f} | {how} | {_fmt(v['diverged_step_median'], '.0f')} | "
+                         f"{'yes' if row['signature'] else 'no'} |")
+    return lines
+
+
 def _rate(rs: list[dict], which: str) -> dict:
     k = sum(label(r, which) for r in rs)
     return {"n": len(rs), "diverged": int(k), "rate": k / len(rs) if rs else None}
@@ -481,6 +523,8 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
                      f"{_ms(None if acc is None else [100 * acc[0], 100 * acc[1]], '.1f')} | {byl} |")
         L += ["", f"AUROC of M_~1 at init over the {sum(v['n'] for v in lm['by_norm'].values())} LM runs: "
                   f"{_fmt(a['auroc'])} {_ci(a['ci95'])}."]
+    if res.get("regime") and any(v[m]["n"] for v in res["regime"].values() for m in protocol.regime_methods):
+        L += regime_md(protocol, res["regime"])
     return "\n".join(L) + "\n"
 
 
