@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     pi.add_argument("--task", choices=("recall", "lm"), default="recall")
     pi.add_argument("--workers", type=int, default=1)
     pi.add_argument("--device", default="auto")
+    pi.add_argument("--deepnorm-pre", action="store_true",
+                    help="DeepNorm pre-placed with beta on W_o, W_2 (RunSpec.deepnorm='pre'; the variant matching Table 1)")
     pi.add_argument("--final-norm", action="store_true",
                     help="a LayerNorm before the LM head after No-Norm blocks too (RunSpec.final_norm)")
     pi.add_argument("--no-stop", action="store_true",
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
                     warmup=protocol.warmup if args.warmup is None else args.warmup, batch=args.batch or protocol.batch)
         extra = LM if args.task == "lm" else {}
         specs = [RunSpec(task=args.task, norm=n, d_model=args.d, n_layers=args.layers, lr=lr, seed=s, method=m,
-                         **base, **extra)
+                         deepnorm="pre" if args.deepnorm_pre and n == "deepnorm" else None, **base, **extra)
                  for n in args.norm for m in args.methods for lr in args.lrs for s in args.seeds]
         execute(specs, args.out / "pilot", workers=args.workers, device=resolve_device(args.device))
         return 0

@@ -305,3 +305,17 @@ def test_regime_group_trains_and_is_tabled(smoke, tmp_path):
     assert table["none"]["n"] == table["clip_1.0"]["n"] == 1 and isinstance(table["signature"], bool)
     text = (out / "tables.md").read_text()
     assert "## Regime calibration" in text and "| 0.01 | clip_1.0 | 1 |" in text
+
+
+def test_deepnorm_pre_placed_is_a_recorded_protocol_choice():
+    """RunSpec.deepnorm="pre" (issue 24): a new key, DeepNorm only; its model is the Table 1-matching variant."""
+    from benchmarks.repro.protocol import RunSpec
+    from benchmarks.repro.training import build_model
+
+    assert RunSpec(norm="deepnorm").key != RunSpec(norm="deepnorm", deepnorm="pre").key
+    assert RunSpec(norm="deepnorm").key == RunSpec(norm="deepnorm", deepnorm=None).key
+    with pytest.raises(ValueError):
+        RunSpec(norm="pre", deepnorm="pre")
+    m = build_model(RunSpec(norm="deepnorm", deepnorm="pre", d_model=32, n_layers=2))
+    cfg = m.gpt.cfg
+    assert cfg.deepnorm_placement == "pre" and cfg.scaled_weights == ("o", "proj")

@@ -123,9 +123,14 @@ class RunSpec:
     # [ours, issue 24] the norm before the LM head: None = the block norm's (none for "none", what every run
     # before this field had); True = a LayerNorm after No-Norm blocks too (GPT-2-style code keeps ln_f)
     final_norm: bool | None = None
+    # [ours, issue 24] DeepNorm's variant: None = DeepNet's post-placed x = LN(a x + f(x)) (every run before this
+    # field); "pre" = x = a x + f(LN(x)) with beta on W_o, W_2, the variant whose init matches Table 1's row
+    # (benchmarks/paper_table1.py --variants: M_~1 0.00, M_>1 1.00, rho 3.88 vs the paper's 3.94)
+    deepnorm: str | None = None
 
     def __post_init__(self):
-        if self.norm not in NORMS or self.method not in ALL_METHODS or self.task not in ("recall", "lm"):
+        if self.norm not in NORMS or self.method not in ALL_METHODS or self.task not in ("recall", "lm") or \
+                self.deepnorm not in (None, "pre") or (self.deepnorm is not None and self.norm != "deepnorm"):
             raise ValueError(f"bad run spec {self}")
 
     @property
@@ -137,8 +142,9 @@ class RunSpec:
         d = asdict(self)
         if d["stop_at_label"]:  # the protocol's runs: keys from before this field existed stay valid
             del d["stop_at_label"]
-        if d["final_norm"] is None:  # likewise
-            del d["final_norm"]
+        for k in ("final_norm", "deepnorm"):  # likewise
+            if d[k] is None:
+                del d[k]
         if ALL_METHODS[self.method].kss:
             # KSS runs since the label reads the task gradient on KSS steps (earlier KSS runs read the total
             # gradient, which the KSS term's own gradient crossed: they are retrained, the others kept)
@@ -150,7 +156,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        final = {None: "", True: " +final_norm", False: " -final_norm"}[self.final_norm]
+        final = {None: "", True: " +final_norm", False: " -final_norm"}[self.final_norm] + \
+            (f" ({self.deepnorm}-placed)" if self.deepnorm else "")
         return (f"{self.task} {self.norm}{final} d{self.d_model} L{self.n_layers} lr {self.lr:g} seed {self.seed} "
                 f"{self.method}")
 

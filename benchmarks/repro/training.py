@@ -19,11 +19,15 @@ from .protocol import (ACC_SEQUENCES, BIG, BLOCKS, GRAD_LIMIT, GRAD_STEP, GRAD_V
 
 # --- one run ----------------------------------------------------------------------------------------------------
 
+#: RunSpec.deepnorm == "pre": the DeepNorm variant whose init matches the paper's Table 1 row
+DEEPNORM_PRE = {"deepnorm_placement": "pre", "scaled_weights": ("o", "proj")}
+
 def build_model(spec: RunSpec):
     from benchmarks.paper_models import GPTConfig, LMModel, RecallModel
 
     cfg = GPTConfig(vocab_size=spec.vocab, d_model=spec.d_model, n_layers=spec.n_layers, n_heads=spec.n_heads,
-                    seq_len=spec.seq_len, norm=spec.norm, final_norm=spec.final_norm)
+                    seq_len=spec.seq_len, norm=spec.norm, final_norm=spec.final_norm,
+                    **(DEEPNORM_PRE if spec.deepnorm == "pre" else {}))
     torch.manual_seed(spec.seed)
     return (RecallModel if spec.task == "recall" else LMModel)(cfg)
 
