@@ -299,12 +299,16 @@ def test_regime_group_trains_and_is_tabled(smoke, tmp_path):
 
     out = tmp_path / "regime"
     shutil.copytree(smoke, out)
-    assert bench.main(["--protocol", "smoke", "--out", str(out), "run", "regime", "--device", "cpu"]) == 0
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "run", "regime", "regime_kss", "--device",
+                       "cpu"]) == 0
     assert bench.main(["--protocol", "smoke", "--out", str(out), "analyze", "--bootstrap", "20"]) == 0
-    table = json.loads((out / "analysis.json").read_text())["regime"]["0.01"]
+    res = json.loads((out / "analysis.json").read_text())
+    table = res["regime"]["0.01"]
     assert table["none"]["n"] == table["clip_1.0"]["n"] == 1 and isinstance(table["signature"], bool)
+    assert res["regime_kss"]["alpha_0.15_pod"]["n"] == res["regime_kss"]["none"]["n"] == 1  # none: reused
     text = (out / "tables.md").read_text()
     assert "## Regime calibration" in text and "| 0.01 | clip_1.0 | 1 |" in text
+    assert "## Tables 3/6 in the calibrated regime" in text and "| alpha_0.15_pod | 1 |" in text
 
 
 def test_deepnorm_pre_placed_is_a_recorded_protocol_choice():

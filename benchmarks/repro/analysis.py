@@ -244,6 +244,43 @@ def regime_table(protocol: Protocol, runs: dict) -> dict:
     return out
 
 
+def regime_kss_table(protocol: Protocol, runs: dict) -> dict:
+    """Tables 3/6 in the calibrated regime: per method, divergence (Wilson CI, Fisher p vs no control), the
+    loss-only rate, median stop step, and per-lr counts."""
+    base = [runs[s.key] for s in protocol.regime_kss("none") if s.key in runs]
+    nb, kb = len(base), sum(label(r) for r in base)
+    out = {}
+    for m in protocol.regime_kss_methods:
+        rs = [runs[s.key] for s in protocol.regime_kss(m) if s.key in runs]
+        k, n = sum(label(r) for r in rs), len(rs)
+        stops = [r["diverged_step"] for r in rs if r["diverged"] and r["diverged_step"] is not None]
+        out[m] = {"n": n, "diverged": int(k), "rate": k / n if n else None, "ci95": wilson(k, n),
+                  "fisher_p_vs_none": fisher_exact(k, n - k, kb, nb - kb) if n and nb and m != "none" else None,
+                  "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
+                  "diverged_step_median": float(np.median(stops)) if stops else None,
+                  "by_lr": {f"{lr:g}": _rate([r for r in rs if r["spec"]["lr"] == lr], "paper")
+                            for lr in protocol.regime_kss_lrs}}
+    return out
+
+
+def regime_kss_md(protocol: Protocol, table: dict) -> list[str]:
+    d, L = protocol.main
+    lines = ["", f"## Tables 3/6 in the calibrated regime (No-Norm + final LayerNorm, d {d}, L {L}, lrs "
+             f"{', '.join(f'{x:g}' for x in protocol.regime_kss_lrs)}; divergence % [Wilson 95% CI])", "",
+             "| method | n | div % [CI] | Fisher p vs none | loss-only % | median stop | by lr | paper div % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, v in table.items():
+        if not v["n"]:
+            continue
+        byl = ", ".join(f"{lr}: {w['diverged']}/{w['n']}" for lr, w in v["by_lr"].items() if w["n"])
+        paper = PAPER["kss"].get(m)
+        lines.append(f"| {m} | {v['n']} | {100 * v['rate']:.1f} {_ci(v['ci95'], 100, '.1f')} | "
+                     f"{_fmt(v['fisher_p_vs_none'])} | {100 * v['rate_loss_only']:.1f} | "
+                     f"{_fmt(v['diverged_step_median'], '.0f')} | {byl} | "
+                     f"{'-' if paper is None else f'{100 * paper:.1f}'} |")
+    return lines
+
+
 def regime_md(protocol: Protocol, table: dict) -> list[str]:
     d, L = protocol.main
     lines = ["", f"## Regime calibration (issue 24: No-Norm blocks + final LayerNorm, d {d}, L {L}; divergence % "
@@ -525,6 +562,8 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
                   f"{_fmt(a['auroc'])} {_ci(a['ci95'])}."]
     if res.get("regime") and any(v[m]["n"] for v in res["regime"].values() for m in protocol.regime_methods):
         L += regime_md(protocol, res["regime"])
+    if res.get("regime_kss") and any(v["n"] for v in res["regime_kss"].values()):
+        L += regime_kss_md(protocol, res["regime_kss"])
     return "\n".join(L) + "\n"
 
 

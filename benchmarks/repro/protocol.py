@@ -189,6 +189,10 @@ class Protocol:
     regime_lrs: tuple[float, ...] = ()
     regime_methods: tuple[str, ...] = ("none", "clip_1.0")
     regime_seeds: tuple[int, ...] = SEEDS8
+    #: issue 24, step 3: Tables 3/6 in that regime (24 trials per method: 3 lrs x 8 seeds)
+    regime_kss_lrs: tuple[float, ...] = ()
+    regime_kss_methods: tuple[str, ...] = ("none", "clip_0.5", "clip_1.0", "alpha_0.10", "alpha_0.15", "alpha_0.20",
+                                           "alpha_0.15_pod", "alpha_0.15_batch", "unstable_only", "near_unit_only")
 
     def spec(self, **kw) -> RunSpec:
         return RunSpec(steps=self.steps, warmup=self.warmup, batch=self.batch, **kw)
@@ -223,9 +227,15 @@ class Protocol:
         return [self.spec(norm="none", final_norm=True, d_model=d, n_layers=L, lr=lr, seed=s, method=m)
                 for lr in self.regime_lrs for m in self.regime_methods for s in self.regime_seeds]
 
+    def regime_kss(self, method: str | None = None) -> list[RunSpec]:
+        d, L = self.main
+        return [self.spec(norm="none", final_norm=True, d_model=d, n_layers=L, lr=lr, seed=s, method=m)
+                for m in (self.regime_kss_methods if method is None else (method,)) for lr in self.regime_kss_lrs
+                for s in self.regime_seeds]
+
     def group(self, name: str) -> list[RunSpec]:
         return {"table1": self.table1, "kss": self.kss, "maxlr": self.maxlr, "lm": self.lm,
-                "regime": self.regime}[name]()
+                "regime": self.regime, "regime_kss": self.regime_kss}[name]()
 
     def no_control(self) -> list[RunSpec]:
         """Every no-control recall run of the protocol (the pooled population of the risk model)."""
@@ -255,6 +265,9 @@ PAPER_PROTOCOL = Protocol(
     lm_lrs=(1e-3, 3e-3, 1e-2),
     # [ours] around the edge a pilot found (issue 24): 0/2 diverged at 7.5e-3, 3/3 at 1e-2, clip 1.0 2/2 at 1e-2
     regime_lrs=(7.5e-3, 8.5e-3, 1e-2, 1.2e-2),
+    # [ours] from the regime calibration (docs/results/paper_repro.md): at d 128, L 4 no control diverged 3/8,
+    # 5/8 and 5/7 at these lrs while clip 1.0 diverged 6/8, 6/8 and 7/7 (first 45 runs)
+    regime_kss_lrs=(7.5e-3, 8.5e-3, 1e-2),
 )
 #: a pipeline check in seconds (tests/test_paper_repro.py): tiny models, 20 steps
 SMOKE_PROTOCOL = Protocol(
@@ -262,7 +275,8 @@ SMOKE_PROTOCOL = Protocol(
     table1_lrs={"pre": (1e-3,), "none": (0.3,)}, kss_lrs=(0.01,), kss_seeds=(42,),
     kss_methods=("none", "clip_1.0", "alpha_0.15"), maxlr_lrs={"none": (0.01,)}, maxlr_seeds=(42,),
     lm_norms=("none",), lm_lrs=(1e-3,), lm_seeds=(42,), regime_lrs=(0.01,), regime_seeds=(42,),
+    regime_kss_lrs=(0.01,), regime_kss_methods=("none", "alpha_0.15_pod"),
 )
 PROTOCOLS = {"paper": PAPER_PROTOCOL, "smoke": SMOKE_PROTOCOL}
-GROUPS = ("table1", "kss", "maxlr", "lm", "regime")
+GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss")
 ALL = ("kss", "maxlr", "table1")  # "all": the paper's tables (lm is optional)
