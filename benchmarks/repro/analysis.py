@@ -263,6 +263,21 @@ def regime_kss_table(protocol: Protocol, runs: dict) -> dict:
     return out
 
 
+def regime_summary(table: dict) -> dict | None:
+    """Issue 24's summary of the calibrated regime: divergence rates of no control, clip 1.0 and KSS alpha 0.15,
+    the best KSS variant, and the trials per method (None until the regime's runs exist)."""
+    def rate(m):
+        return (table.get(m) or {}).get("rate")
+
+    kss = {m: v["rate"] for m, v in table.items() if m.startswith("alpha_") and v["n"]}
+    if not table or rate("none") is None:
+        return None
+    best = min(kss, key=kss.get) if kss else None
+    return {"no_control": rate("none"), "clip_1.0": rate("clip_1.0"), "kss_alpha_0.15": rate("alpha_0.15"),
+            "kss_best": {"method": best, "rate": kss[best]} if best else None,
+            "n_per_method": {m: v["n"] for m, v in table.items()}}
+
+
 def regime_kss_md(protocol: Protocol, table: dict) -> list[str]:
     d, L = protocol.main
     lines = ["", f"## Tables 3/6 in the calibrated regime (No-Norm + final LayerNorm, d {d}, L {L}, lrs "
@@ -446,6 +461,7 @@ def make_summary(protocol: Protocol, runs: dict, res: dict, model: RiskModel | N
                                    for n in ("pre", "rms", "none")},
         "sensitivity_old_label": res["sensitivity_old_label"],
         "sensitivity_loss_only": res["sensitivity_loss_only"],
+        "regime": regime_summary(res.get("regime_kss") or {}),
         "kss_diverged_on_kss_step": {SUMMARY_METHOD_KEYS[m]: v["diverged_on_kss_step"] for m, v in res["kss"].items()},
         "paper": PAPER,
     })
