@@ -323,3 +323,25 @@ def test_deepnorm_pre_placed_is_a_recorded_protocol_choice():
     m = build_model(RunSpec(norm="deepnorm", deepnorm="pre", d_model=32, n_layers=2))
     cfg = m.gpt.cfg
     assert cfg.deepnorm_placement == "pre" and cfg.scaled_weights == ("o", "proj")
+
+
+def test_table2_under_the_papers_design():
+    """The paper's design picks each normalization's stable lr, No-Norm's divergent one and the pre-placed
+    DeepNorm; its AUROC is computed over exactly those runs (here: hand-made runs with known M and labels)."""
+    from benchmarks.repro.analysis import paper_design_auroc
+    from benchmarks.repro.protocol import PAPER_PROTOCOL as P
+
+    assert P.paper_design_lr("pre", 128) == 1e-2 and P.paper_design_lr("none", 128) == 1e-2
+    assert P.paper_design_lr("pre", 256) == 1e-1 and P.paper_design_lr("none", 256) == 1e-2
+    assert {s.deepnorm for s in P.table2_paper()} == {"pre"} and len(P.table2_paper()) == 12
+    runs = {}
+    for d, L in P.sizes:
+        for n in ("pre", "none", "deepnorm"):
+            for s in P.table1_seeds:
+                spec = P.spec(norm=n, d_model=d, n_layers=L, lr=P.paper_design_lr(n, d), seed=s,
+                              deepnorm="pre" if n == "deepnorm" else None)
+                runs[spec.key] = {"spec": {"norm": n}, "diverged": n == "none",
+                                  "init": {"near_unit_mass": {"pre": 0.2, "none": 0.9, "deepnorm": 0.0}[n]}}
+    res = paper_design_auroc(P, runs, n_boot=20)
+    assert res["deepnorm_pre"]["n"] == 36 and res["deepnorm_pre"]["auroc"] == 1.0
+    assert res["deepnorm_post"]["n"] == 24  # the post-placed DeepNorm runs are not in this hand-made set

@@ -10,7 +10,8 @@ import numpy as np
 
 from hf_rksp.pipeline.risk import KAPPA_CAP, RiskModel, fit_logistic, transform
 
-from .protocol import GRAD_LIMIT, LOSS_LIMIT, METHODS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS, Protocol
+from .protocol import (GRAD_LIMIT, LOSS_LIMIT, METHODS, NORMS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS,
+                       Protocol)
 from .stats import auroc, bootstrap_ci, ece, fisher_exact, log_loss, wilson
 from .training import gradient_baselines, old_label
 
@@ -300,7 +301,8 @@ def regime_md(protocol: Protocol, table: dict) -> list[str]:
     d, L = protocol.main
     lines = ["", f"## Regime calibration (issue 24: No-Norm blocks + final LayerNorm, d {d}, L {L}; divergence % "
              "[Wilson 95% CI], the paper's label / its loss criterion alone)", "",
-             "| lr | method | n | div % [CI] | loss-only % | how | median stop | signature |", "|---|---|---|---|---|---|---|---|"]
+             "| lr | method | n | div % [CI] | loss-only % | how | median stop | signature |",
+             "|---|---|---|---|---|---|---|---|"]
     for lr, row in table.items():
         for m in protocol.regime_methods:
             v = row[m]
@@ -342,6 +344,34 @@ def maxlr_table(protocol: Protocol, runs: dict, which: str = "paper", limit: flo
             out[norm][m] = {"by_lr": per, "max_stable_lr": best, "censored": best == max(lrs),
                             "complete": complete}
     return out
+
+
+def paper_design_auroc(protocol: Protocol, runs: dict, n_boot: int = 1000) -> dict:
+    """Table 2 under the paper's design: every normalization at a standard stable lr and No-Norm where it
+    diverges (``Protocol.paper_design_lr``), DeepNorm pre-placed (the variant matching Table 1); AUROC of
+    M_~1 at init over those runs, beside the same with our DeepNorm (post-placed, DeepNet's)."""
+    def pick(deepnorm: str | None) -> list[dict]:
+        out = []
+        for d, L in protocol.sizes:
+            for n in NORMS:
+                lr = protocol.paper_design_lr(n, d)
+                for s in protocol.table1_seeds if lr is not None else ():
+                    spec = protocol.spec(norm=n, d_model=d, n_layers=L, lr=lr, seed=s,
+                                         deepnorm=deepnorm if n == "deepnorm" else None)
+                    if spec.key in runs:
+                        out.append(runs[spec.key])
+        return out
+
+    res = {}
+    for name, dn in (("deepnorm_pre", "pre"), ("deepnorm_post", None)):
+        rs = pick(dn)
+        s, y = [r["init"]["near_unit_mass"] for r in rs], [label(r) for r in rs]
+        res[name] = {"n": len(rs), "diverged": int(sum(y)), "auroc": auroc(s, y) if len(set(y)) == 2 else None,
+                     "ci95": bootstrap_ci(s, y, n=n_boot) if len(set(y)) == 2 else None,
+                     "by_norm": {n: {"n": len(g), "diverged": int(sum(label(r) for r in g)),
+                                     "near_unit_mass": float(np.mean([r["init"]["near_unit_mass"] for r in g]))}
+                                 for n in NORMS if (g := [r for r in rs if r["spec"]["norm"] == n])}}
+    return res
 
 
 def shared_lr_auroc(runs: list[dict], n_boot: int = 1000) -> dict:
@@ -462,6 +492,8 @@ def make_summary(protocol: Protocol, runs: dict, res: dict, model: RiskModel | N
         "sensitivity_old_label": res["sensitivity_old_label"],
         "sensitivity_loss_only": res["sensitivity_loss_only"],
         "regime": regime_summary(res.get("regime_kss") or {}),
+        "auroc_paper_design": (res.get("table2_paper") or {}).get("deepnorm_pre", {}).get("auroc"),
+        "auroc_paper_design_ci95": (res.get("table2_paper") or {}).get("deepnorm_pre", {}).get("ci95"),
         "kss_diverged_on_kss_step": {SUMMARY_METHOD_KEYS[m]: v["diverged_on_kss_step"] for m, v in res["kss"].items()},
         "paper": PAPER,
     })
@@ -576,6 +608,19 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
                      f"{_ms(None if acc is None else [100 * acc[0], 100 * acc[1]], '.1f')} | {byl} |")
         L += ["", f"AUROC of M_~1 at init over the {sum(v['n'] for v in lm['by_norm'].values())} LM runs: "
                   f"{_fmt(a['auroc'])} {_ci(a['ci95'])}."]
+    t2 = res.get("table2_paper") or {}
+    if any(v["n"] for v in t2.values()):
+        L += ["", "## Table 2 under the paper's design (each normalization at a standard stable lr, No-Norm where it "
+              "diverges: `Protocol.paper_design_lr`; AUROC of M_~1 at init [95% bootstrap CI])", "",
+              "| DeepNorm | n | diverged | AUROC [CI] | M_~1 by norm (diverged/n) |", "|---|---|---|---|---|"]
+        for name, v in t2.items():
+            byn = ", ".join(f"{n} {w['near_unit_mass']:.2f} ({w['diverged']}/{w['n']})"
+                            for n, w in v["by_norm"].items())
+            L.append(f"| {name.replace('deepnorm_', '')}-placed | {v['n']} | {v['diverged']} | {_fmt(v['auroc'])} "
+                     f"{_ci(v['ci95']) if v['ci95'] else ''} | {byn} |")
+        L += ["", f"The paper: {PAPER['auroc']['near_unit_mass']}. Ours over the within-normalization lr grid: "
+                  "Table 2 above. M_~1 at init cannot see the lr: under this design it separates No-Norm (which "
+                  "diverges at any lr it is given here) from the rest, which is what the paper's design measures."]
     if res.get("regime") and any(v[m]["n"] for v in res["regime"].values() for m in protocol.regime_methods):
         L += regime_md(protocol, res["regime"])
     if res.get("regime_kss") and any(v["n"] for v in res["regime_kss"].values()):

@@ -233,9 +233,24 @@ class Protocol:
                 for m in (self.regime_kss_methods if method is None else (method,)) for lr in self.regime_kss_lrs
                 for s in self.regime_seeds]
 
+    def paper_design_lr(self, norm: str, d: int) -> float | None:
+        """Table 2 under the paper's design [ours, issue 24]: every normalization at the smallest lr of its
+        Table 1 grid (stable at every size), No-Norm at the largest (where it diverges); None: not in the grid."""
+        lrs = self.table1_grid(d).get(norm)
+        if not lrs:
+            return None
+        return max(lrs) if norm == "none" else min(lrs)
+
+    def table2_paper(self) -> list[RunSpec]:
+        """The runs the paper's design needs beyond Table 1's: DeepNorm pre-placed (the variant matching
+        Table 1's row) at the design's lr, every size and seed."""
+        return [self.spec(norm="deepnorm", deepnorm="pre", d_model=d, n_layers=L,
+                          lr=self.paper_design_lr("deepnorm", d), seed=s)
+                for d, L in self.sizes for s in self.table1_seeds if self.paper_design_lr("deepnorm", d) is not None]
+
     def group(self, name: str) -> list[RunSpec]:
         return {"table1": self.table1, "kss": self.kss, "maxlr": self.maxlr, "lm": self.lm,
-                "regime": self.regime, "regime_kss": self.regime_kss}[name]()
+                "regime": self.regime, "regime_kss": self.regime_kss, "table2_paper": self.table2_paper}[name]()
 
     def no_control(self) -> list[RunSpec]:
         """Every no-control recall run of the protocol (the pooled population of the risk model)."""
@@ -278,5 +293,5 @@ SMOKE_PROTOCOL = Protocol(
     regime_kss_lrs=(0.01,), regime_kss_methods=("none", "alpha_0.15_pod"),
 )
 PROTOCOLS = {"paper": PAPER_PROTOCOL, "smoke": SMOKE_PROTOCOL}
-GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss")
+GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss", "table2_paper")
 ALL = ("kss", "maxlr", "table1")  # "all": the paper's tables (lm is optional)

@@ -16,7 +16,8 @@ import numpy as np
 from hf_rksp.utils import atomic
 
 from .analysis import (_clean, auroc_table, cv_table, fit_risk_model, kss_table, label, make_summary, maxlr_table,
-                       norm_table, pilot_table, pilot_tables_md, regime_kss_table, regime_table, shared_lr_auroc,
+                       norm_table, paper_design_auroc, pilot_table, pilot_tables_md, regime_kss_table, regime_table,
+                       shared_lr_auroc,
                        tables_md)
 from .plots import write_plots
 from .protocol import RESULTS, RISK_MODEL, ROOT, Protocol, unique
@@ -53,6 +54,7 @@ def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Pat
                       "grouped_cv": cv_table(pooled)},
            "kss": kss_table(protocol, runs), "maxlr": maxlr_table(protocol, runs),
            "regime": regime_table(protocol, runs), "regime_kss": regime_kss_table(protocol, runs),
+           "table2_paper": paper_design_auroc(protocol, runs, n_boot),
            "lm": {"by_norm": norm_table(lm), "by_norm_lr": norm_table(lm, by=("norm", "lr")),
                   "auroc": auroc_table(lm, n_boot=n_boot)} if lm else None}
     y1 = [label(r) for r in t1]
