@@ -10,7 +10,7 @@ import numpy as np
 
 from hf_rksp.pipeline.risk import KAPPA_CAP, RiskModel, fit_logistic, transform
 
-from .protocol import (GRAD_LIMIT, LOSS_LIMIT, METHODS, NORMS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS,
+from .protocol import (ALL_METHODS, GRAD_LIMIT, LOSS_LIMIT, METHODS, NORMS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS,
                        Protocol)
 from .stats import auroc, bootstrap_ci, ece, fisher_exact, log_loss, wilson
 from .training import gradient_baselines, old_label
@@ -259,6 +259,9 @@ def regime_kss_table(protocol: Protocol, runs: dict) -> dict:
                   "fisher_p_vs_none": fisher_exact(k, n - k, kb, nb - kb) if n and nb and m != "none" else None,
                   "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
                   "diverged_step_median": float(np.median(stops)) if stops else None,
+                  "diverged_on_kss_step": sum(bool(r.get("diverged_on_kss_step")) for r in rs),
+                  "reasons": {k: sum(1 for r in rs if r["diverged"] and (r.get("diverged_reason") or "?") == k)
+                              for k in sorted({r.get("diverged_reason") or "?" for r in rs if r["diverged"]})},
                   "by_lr": {f"{lr:g}": _rate([r for r in rs if r["spec"]["lr"] == lr], "paper")
                             for lr in protocol.regime_kss_lrs}}
     return out
@@ -283,8 +286,8 @@ def regime_kss_md(protocol: Protocol, table: dict) -> list[str]:
     d, L = protocol.main
     lines = ["", f"## Tables 3/6 in the calibrated regime (No-Norm + final LayerNorm, d {d}, L {L}, lrs "
              f"{', '.join(f'{x:g}' for x in protocol.regime_kss_lrs)}; divergence % [Wilson 95% CI])", "",
-             "| method | n | div % [CI] | Fisher p vs none | loss-only % | median stop | by lr | paper div % |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | n | div % [CI] | Fisher p vs none | loss-only % | how | on a KSS step | median stop | by lr "
+             "| paper div % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in table.items():
         if not v["n"]:
             continue
@@ -292,6 +295,8 @@ def regime_kss_md(protocol: Protocol, table: dict) -> list[str]:
         paper = PAPER["kss"].get(m)
         lines.append(f"| {m} | {v['n']} | {100 * v['rate']:.1f} {_ci(v['ci95'], 100, '.1f')} | "
                      f"{_fmt(v['fisher_p_vs_none'])} | {100 * v['rate_loss_only']:.1f} | "
+                     f"{', '.join(f'{k} {c}' for k, c in v['reasons'].items()) or '-'} | "
+                     f"{v['diverged_on_kss_step'] if ALL_METHODS[m].kss else '-'} | "
                      f"{_fmt(v['diverged_step_median'], '.0f')} | {byl} | "
                      f"{'-' if paper is None else f'{100 * paper:.1f}'} |")
     return lines
