@@ -220,24 +220,25 @@ def kss_table(protocol: Protocol, runs: dict, which: str = "paper") -> dict:
     return out
 
 
+def _divergence(rs: list[dict]) -> dict:
+    """The divergence statistics both regime tables report for a set of runs: rate under the paper's label
+    [Wilson CI] and under its loss criterion alone, how the diverged runs failed, and their median stop step."""
+    k, n = sum(label(r) for r in rs), len(rs)
+    stops = [r["diverged_step"] for r in rs if r["diverged"] and r["diverged_step"] is not None]
+    reasons = sorted(r.get("diverged_reason") or "?" for r in rs if r["diverged"])
+    return {"n": n, "diverged": int(k), "rate": k / n if n else None, "ci95": wilson(k, n),
+            "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
+            "reasons": {why: reasons.count(why) for why in dict.fromkeys(reasons)},
+            "diverged_step_median": float(np.median(stops)) if stops else None}
+
+
 def regime_table(protocol: Protocol, runs: dict) -> dict:
-    """Issue 24's calibration: per lr and method (No-Norm blocks under a final LayerNorm), the divergence rate
-    under the paper's label [Wilson CI] and under its loss criterion alone, how the diverged runs failed, and
-    when; and whether the lr shows the paper's signature (no control 50-70%, clip 1.0 >= 40%)."""
+    """Issue 24's calibration: per lr and method (No-Norm blocks under a final LayerNorm), ``_divergence`` of its
+    runs, and whether the lr shows the paper's signature (no control 50-70%, clip 1.0 >= 40%)."""
     out = {}
     for lr in protocol.regime_lrs:
-        row = {}
-        for m in protocol.regime_methods:
-            rs = [runs[s.key] for s in protocol.regime() if s.key in runs and s.lr == lr and s.method == m]
-            k, n = sum(label(r) for r in rs), len(rs)
-            stops = [r["diverged_step"] for r in rs if r["diverged"] and r["diverged_step"] is not None]
-            reasons: dict[str, int] = {}
-            for r in rs:
-                if r["diverged"]:
-                    reasons[r.get("diverged_reason") or "?"] = reasons.get(r.get("diverged_reason") or "?", 0) + 1
-            row[m] = {"n": n, "diverged": int(k), "rate": k / n if n else None, "ci95": wilson(k, n),
-                      "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
-                      "reasons": reasons, "diverged_step_median": float(np.median(stops)) if stops else None}
+        row = {m: _divergence([runs[s.key] for s in protocol.regime() if s.key in runs and s.lr == lr
+                               and s.method == m]) for m in protocol.regime_methods}
         none, clip = row.get("none", {}), row.get("clip_1.0", {})
         row["signature"] = (none.get("rate") is not None and clip.get("rate") is not None
                             and 0.5 <= none["rate"] <= 0.7 and clip["rate"] >= 0.4)
@@ -246,22 +247,17 @@ def regime_table(protocol: Protocol, runs: dict) -> dict:
 
 
 def regime_kss_table(protocol: Protocol, runs: dict) -> dict:
-    """Tables 3/6 in the calibrated regime: per method, divergence (Wilson CI, Fisher p vs no control), the
-    loss-only rate, median stop step, and per-lr counts."""
+    """Tables 3/6 in the calibrated regime: per method, ``_divergence`` of its runs, Fisher's p against no
+    control, how many KSS runs failed on a KSS step, and per-lr counts."""
     base = [runs[s.key] for s in protocol.regime_kss("none") if s.key in runs]
     nb, kb = len(base), sum(label(r) for r in base)
     out = {}
     for m in protocol.regime_kss_methods:
         rs = [runs[s.key] for s in protocol.regime_kss(m) if s.key in runs]
-        k, n = sum(label(r) for r in rs), len(rs)
-        stops = [r["diverged_step"] for r in rs if r["diverged"] and r["diverged_step"] is not None]
-        out[m] = {"n": n, "diverged": int(k), "rate": k / n if n else None, "ci95": wilson(k, n),
-                  "fisher_p_vs_none": fisher_exact(k, n - k, kb, nb - kb) if n and nb and m != "none" else None,
-                  "rate_loss_only": sum(label(r, "loss") for r in rs) / n if n else None,
-                  "diverged_step_median": float(np.median(stops)) if stops else None,
+        v = _divergence(rs)
+        k, n = v["diverged"], v["n"]
+        out[m] = {**v, "fisher_p_vs_none": fisher_exact(k, n - k, kb, nb - kb) if n and nb and m != "none" else None,
                   "diverged_on_kss_step": sum(bool(r.get("diverged_on_kss_step")) for r in rs),
-                  "reasons": {k: sum(1 for r in rs if r["diverged"] and (r.get("diverged_reason") or "?") == k)
-                              for k in sorted({r.get("diverged_reason") or "?" for r in rs if r["diverged"]})},
                   "by_lr": {f"{lr:g}": _rate([r for r in rs if r["spec"]["lr"] == lr], "paper")
                             for lr in protocol.regime_kss_lrs}}
     return out
@@ -313,7 +309,7 @@ def regime_md(protocol: Protocol, table: dict) -> list[str]:
             v = row[m]
             if not v["n"]:
                 continue
-            how = ", ".join(f"{k} {c}" for k, c in sorted(v["reasons"].items())) or "-"
+            how = ", ".join(f"{k} {c}" for k, c in v["reasons"].items()) or "-"
             lines.append(f"| {lr} | {m} | {v['n']} | {100 * v['rate']:.0f} {_ci(v['ci95'], 100, '.0f')} | "
                          f"{100 * v['rate_loss_only']:.0f} | {how} | {_fmt(v['diverged_step_median'], '.0f')} | "
                          f"{'yes' if row['signature'] else 'no'} |")
