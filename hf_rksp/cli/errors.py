@@ -34,23 +34,29 @@ def option_names(parser: argparse.ArgumentParser | None) -> set[str]:
     return names
 
 
+def _option(name: str):
+    """The (field, Option) of audit option ``name``, or None."""
+    return next(((f, meta) for f, meta in option_fields(AuditOptions) if f.name == name), None)
+
+
 def _switch_flag(name: str, value: str) -> str | None:
     """The switch that gives ``name`` the value ``value`` (``quantize`` 8bit -> --load-in-8bit), if any."""
-    for f, meta in option_fields(AuditOptions):
-        if f.name == name and meta.switches and value in meta.switches:
-            return meta.switches[value][0]
+    found = _option(name)
+    if found is not None and found[1].switches and value in found[1].switches:
+        return found[1].switches[value][0]
     return None
 
 
 def flag(name: str) -> str:
     """The flag that sets parameter ``name``: from the option's own metadata (``--no-kreiss``, the 8/4-bit
     switches), else ``--`` + the name with dashes."""
-    for f, meta in option_fields(AuditOptions):
-        if f.name == name:
-            if meta.switches:
-                return "/".join(flags for flags, _ in meta.switches.values())
-            return switch(f) or option_flag(name)
-    return option_flag(name)
+    found = _option(name)
+    if found is None:
+        return option_flag(name)
+    f, meta = found
+    if meta.switches:
+        return "/".join(flags for flags, _ in meta.switches.values())
+    return switch(f) or option_flag(name)
 
 
 def worded(e: RKSPError, parser: argparse.ArgumentParser | None = None) -> str:
