@@ -86,6 +86,14 @@ def test_the_pretrained_protocol_end_to_end(minilm_dir):
     assert full.method.sketch is None and "sketch" not in full.method.to_dict()  # recorded where it acts
 
 
+def test_a_sketch_at_full_rank_is_not_silent(minilm_dir, caplog):
+    """--sketch pod with an audit that resolves to full DMD does nothing: the user is told."""
+    with caplog.at_level("WARNING", logger="hf_rksp"):
+        r = audit(str(minilm_dir), name="x/y", out_dir=None, progress=False, tokens=256, seq_len=128,
+                  sketch="pod").record
+    assert r.method.rank == "full" and any("has no effect" in m for m in caplog.messages)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(prompts="/nonexistent/prompts.txt"), "prompts"),
     (dict(prompts="shipped", stream=True), "stream"),

@@ -234,6 +234,9 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
                                               progress=progress, input_name=calib.input_name,
                                               attention_mask=calib.attention_mask)
     config = rksp_config(opts, calib.n_tokens, d_model)
+    if config.rank is None and opts.sketch != "random":  # asked for, but it has nothing to act on: say so
+        logger.warning("sketch %r has no effect: this audit uses full DMD (rank %s resolved to full)",
+                       opts.sketch, opts.rank)
     method = method_record(opts, calib, config, streamed, path, loaded.source.init)
     summary = summarize(blocks)
     risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.family, d_model=d_model,
