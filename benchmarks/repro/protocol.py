@@ -193,6 +193,14 @@ class Protocol:
     regime_kss_lrs: tuple[float, ...] = ()
     regime_kss_methods: tuple[str, ...] = ("none", "clip_0.5", "clip_1.0", "alpha_0.10", "alpha_0.15", "alpha_0.20",
                                            "alpha_0.15_pod", "alpha_0.15_batch", "unstable_only", "near_unit_only")
+    #: issue 24, step 3: Table 5 in that regime (No-Norm + final norm; the regime groups' lrs are reused)
+    regime_maxlr_lrs: tuple[float, ...] = ()
+    regime_maxlr_methods: tuple[str, ...] = ("none", "alpha_0.15")
+    #: issue 24, step 5: a learning regime, the synthetic LM task where models learn before they diverge:
+    #: (norm, final_norm) -> lrs, each without and with KSS
+    learning_lrs: dict = field(default_factory=dict)
+    learning_methods: tuple[str, ...] = ("none", "alpha_0.15")
+    learning_seeds: tuple[int, ...] = SEEDS8
 
     def spec(self, **kw) -> RunSpec:
         return RunSpec(steps=self.steps, warmup=self.warmup, batch=self.batch, **kw)
@@ -233,6 +241,18 @@ class Protocol:
                 for m in (self.regime_kss_methods if method is None else (method,)) for lr in self.regime_kss_lrs
                 for s in self.regime_seeds]
 
+    def regime_maxlr(self, method: str | None = None) -> list[RunSpec]:
+        d, L = self.main
+        return [self.spec(norm="none", final_norm=True, d_model=d, n_layers=L, lr=lr, seed=s, method=m)
+                for m in self.regime_maxlr_methods if method in (None, m) for lr in self.regime_maxlr_lrs
+                for s in self.regime_seeds]
+
+    def learning(self) -> list[RunSpec]:
+        d, L = self.main
+        return [self.spec(task="lm", norm=n, final_norm=final, d_model=d, n_layers=L, lr=lr, seed=s, method=m, **LM)
+                for (n, final), lrs in self.learning_lrs.items() for lr in lrs for m in self.learning_methods
+                for s in self.learning_seeds]
+
     def paper_design_lr(self, norm: str, d: int) -> float | None:
         """Table 2 under the paper's design [ours, issue 24]: every normalization at the smallest lr of its
         Table 1 grid (stable at every size), No-Norm at the largest (where it diverges); None: not in the grid."""
@@ -250,7 +270,8 @@ class Protocol:
 
     def group(self, name: str) -> list[RunSpec]:
         return {"table1": self.table1, "kss": self.kss, "maxlr": self.maxlr, "lm": self.lm,
-                "regime": self.regime, "regime_kss": self.regime_kss, "table2_paper": self.table2_paper}[name]()
+                "regime": self.regime, "regime_kss": self.regime_kss, "table2_paper": self.table2_paper,
+                "regime_maxlr": self.regime_maxlr, "learning": self.learning}[name]()
 
     def no_control(self) -> list[RunSpec]:
         """Every no-control recall run of the protocol (the pooled population of the risk model)."""
@@ -283,6 +304,11 @@ PAPER_PROTOCOL = Protocol(
     # [ours] from the regime calibration (docs/results/paper_repro.md): at d 128, L 4 no control diverged 3/8,
     # 5/8 and 5/7 at these lrs while clip 1.0 diverged 6/8, 6/8 and 7/7 (first 45 runs)
     regime_kss_lrs=(7.5e-3, 8.5e-3, 1e-2),
+    # [ours] below the regime's lrs, down to where no pilot diverged (3e-3); 7.5e-3 and up are the regime's runs
+    regime_maxlr_lrs=(3e-3, 5e-3, 6e-3, 7.5e-3, 8.5e-3, 1e-2),
+    # [ours] from the LM pilots (pilot/runs.jsonl, 2 seeds): No-Norm + final norm learns at 3e-3 (acc 0.28-0.32)
+    # and diverges at 8.5e-3; Pre-LN learns at 0.03 (acc 0.28-0.32) and stalls at 0.1
+    learning_lrs={("none", True): (3e-3, 8.5e-3), ("pre", None): (0.03,)},
 )
 #: a pipeline check in seconds (tests/test_paper_repro.py): tiny models, 20 steps
 SMOKE_PROTOCOL = Protocol(
@@ -290,8 +316,9 @@ SMOKE_PROTOCOL = Protocol(
     table1_lrs={"pre": (1e-3,), "none": (0.3,)}, kss_lrs=(0.01,), kss_seeds=(42,),
     kss_methods=("none", "clip_1.0", "alpha_0.15"), maxlr_lrs={"none": (0.01,)}, maxlr_seeds=(42,),
     lm_norms=("none",), lm_lrs=(1e-3,), lm_seeds=(42,), regime_lrs=(0.01,), regime_seeds=(42,),
-    regime_kss_lrs=(0.01,), regime_kss_methods=("none", "alpha_0.15_pod"),
+    regime_kss_lrs=(0.01,), regime_kss_methods=("none", "alpha_0.15_pod"), regime_maxlr_lrs=(0.01,),
+    learning_lrs={("none", True): (0.01,)}, learning_seeds=(42,),
 )
 PROTOCOLS = {"paper": PAPER_PROTOCOL, "smoke": SMOKE_PROTOCOL}
-GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss", "table2_paper")
+GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss", "table2_paper", "regime_maxlr", "learning")
 ALL = ("kss", "maxlr", "table1")  # "all": the paper's tables (lm is optional)
