@@ -10,7 +10,7 @@ import numpy as np
 
 from hf_rksp.pipeline.risk import KAPPA_CAP, RiskModel, fit_logistic, transform
 
-from .protocol import (ALL_METHODS, GRAD_LIMIT, LOSS_LIMIT, METHODS, NORMS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS,
+from .protocol import (ALL_METHODS, GRAD_LIMIT, LM, LOSS_LIMIT, METHODS, NORMS, PAPER, PROFILE_TOKENS, SUMMARY_METHOD_KEYS,
                        Protocol)
 from .stats import auroc, bootstrap_ci, ece, fisher_exact, log_loss, wilson
 from .training import gradient_baselines, old_label
@@ -321,6 +321,21 @@ def _rate(rs: list[dict], which: str) -> dict:
     return {"n": len(rs), "diverged": int(k), "rate": k / len(rs) if rs else None}
 
 
+def _max_stable(per: dict, lrs, limit: float) -> dict:
+    """Table 5's reading of one method's per-lr rates (``per``: lr string -> ``_rate``): the largest lr whose
+    rate, and every smaller lr's, is below ``limit``."""
+    best, complete = None, True
+    for lr in sorted(lrs):  # ascending: stop at the first lr that fails or has no runs yet
+        r = per[f"{lr:g}"]
+        if r["n"] == 0:
+            complete = False
+            break
+        if r["rate"] >= limit:
+            break
+        best = lr
+    return {"by_lr": per, "max_stable_lr": best, "censored": best == max(lrs), "complete": complete}
+
+
 def maxlr_table(protocol: Protocol, runs: dict, which: str = "paper", limit: float = 0.2) -> dict:
     """Table 5: divergence rate per lr, without and with KSS; the largest lr whose rate, and every smaller
     lr's, is below ``limit`` (None: even the smallest lr fails; ``censored``: the largest lr tested passes;
@@ -329,21 +344,43 @@ def maxlr_table(protocol: Protocol, runs: dict, which: str = "paper", limit: flo
     for norm, lrs in protocol.maxlr_lrs.items():
         out[norm] = {}
         for m in ("none", protocol.maxlr_method):
-            per = {}
-            for lr in lrs:
-                rs = [runs[s.key] for s in protocol.maxlr(norm, m) if s.lr == lr and s.key in runs]
-                per[f"{lr:g}"] = _rate(rs, which)
-            best, complete = None, True
-            for lr in lrs:  # ascending: stop at the first lr that fails or has no runs yet
-                r = per[f"{lr:g}"]
-                if r["n"] == 0:
-                    complete = False
-                    break
-                if r["rate"] >= limit:
-                    break
-                best = lr
-            out[norm][m] = {"by_lr": per, "max_stable_lr": best, "censored": best == max(lrs),
-                            "complete": complete}
+            per = {f"{lr:g}": _rate([runs[s.key] for s in protocol.maxlr(norm, m) if s.lr == lr and s.key in runs],
+                                    which) for lr in lrs}
+            out[norm][m] = _max_stable(per, lrs, limit)
+    return out
+
+
+def regime_maxlr_table(protocol: Protocol, runs: dict, limit: float = 0.2) -> dict:
+    """Table 5 in the calibrated regime (No-Norm + final LayerNorm): per method, ``_max_stable`` over the
+    regime_maxlr lrs (runs shared with the regime groups are counted once: a run is its key)."""
+    lrs = protocol.regime_maxlr_lrs
+    return {m: _max_stable({f"{lr:g}": _rate([runs[s.key] for s in protocol.regime_maxlr(m)
+                                              if s.lr == lr and s.key in runs], "paper") for lr in lrs}, lrs, limit)
+            for m in protocol.regime_maxlr_methods} if lrs else {}
+
+
+def learning_table(protocol: Protocol, runs: dict) -> dict:
+    """Issue 24, step 5: per (norm, lr) setting of the learning group and method, ``_divergence``, next-token
+    accuracy (over the runs that did not diverge, and over all with 0 for a diverged run), and for KSS Fisher's p
+    against the same setting without it."""
+    out = {}
+    for (norm, final), lrs in protocol.learning_lrs.items():
+        for lr in lrs:
+            name = f"{norm}{' +final_norm' if final else ''} lr {lr:g}"
+            row = {}
+            for m in protocol.learning_methods:
+                rs = [runs[s.key] for s in protocol.learning() if s.key in runs and s.norm == norm and s.lr == lr
+                      and s.final_norm == final and s.method == m]
+                row[m] = {**_divergence(rs),
+                          "accuracy_converged": mean_sd(r["accuracy"] for r in rs if not label(r)),
+                          "accuracy_all": mean_sd((r["accuracy"] or 0.0) if not label(r) else 0.0 for r in rs),
+                          "final_loss_converged": mean_sd(r["final_loss"] for r in rs if not label(r))}
+            base = row.get("none", {})
+            for m, v in row.items():
+                v["fisher_p_vs_none"] = (fisher_exact(v["diverged"], v["n"] - v["diverged"], base["diverged"],
+                                                      base["n"] - base["diverged"])
+                                         if m != "none" and v["n"] and base.get("n") else None)
+            out[name] = row
     return out
 
 
@@ -493,6 +530,10 @@ def make_summary(protocol: Protocol, runs: dict, res: dict, model: RiskModel | N
         "sensitivity_old_label": res["sensitivity_old_label"],
         "sensitivity_loss_only": res["sensitivity_loss_only"],
         "regime": regime_summary(res.get("regime_kss") or {}),
+        "regime_max_stable_lr": {m: v["max_stable_lr"] for m, v in (res.get("regime_maxlr") or {}).items()},
+        "learning": {k: {m: {"rate": v["rate"], "n": v["n"],
+                             "accuracy_converged": (v["accuracy_converged"] or [None])[0]} for m, v in row.items()}
+                     for k, row in (res.get("learning") or {}).items()},
         "auroc_paper_design": (res.get("table2_paper") or {}).get("deepnorm_pre", {}).get("auroc"),
         "auroc_paper_design_ci95": (res.get("table2_paper") or {}).get("deepnorm_pre", {}).get("ci95"),
         "kss_diverged_on_kss_step": {SUMMARY_METHOD_KEYS[m]: v["diverged_on_kss_step"] for m, v in res["kss"].items()},
@@ -626,6 +667,31 @@ def tables_md(protocol: Protocol, res: dict, summary: dict) -> str:
         L += regime_md(protocol, res["regime"])
     if res.get("regime_kss") and any(v["n"] for v in res["regime_kss"].values()):
         L += regime_kss_md(protocol, res["regime_kss"])
+    if any(v["by_lr"][lr]["n"] for v in (res.get("regime_maxlr") or {}).values() for lr in v["by_lr"]):
+        t = res["regime_maxlr"]
+        L += ["", "## Table 5 in the calibrated regime (No-Norm + final LayerNorm, d {}, L {}; largest lr with < 20% "
+              "divergence there and at every smaller lr)".format(*protocol.main), "",
+              "| method | largest stable lr | divergence per lr |", "|---|---|---|"]
+        for m, v in t.items():
+            per = ", ".join(f"{lr}: {w['diverged']}/{w['n']}" for lr, w in v["by_lr"].items() if w["n"])
+            L.append(f"| {m} | {_lr(v)} | {per} |")
+    if any(v["n"] for row in (res.get("learning") or {}).values() for v in row.values()):
+        d, n_layers = protocol.main
+        L += ["", f"## A learning regime (issue 24: the synthetic LM, d {d}, L {n_layers}, vocabulary {LM['vocab']}, "
+              f"length {LM['seq_len']}; divergence % [Wilson 95% CI], next-token accuracy %)", "",
+              "| setting | method | n | div % [CI] | Fisher p vs none | how | median stop | acc % (converged) | "
+              "acc % (all, diverged = 0) |", "|---|---|---|---|---|---|---|---|---|"]
+        for k, row in res["learning"].items():
+            for m, v in row.items():
+                if not v["n"]:
+                    continue
+                acc, acc_all = v["accuracy_converged"], v["accuracy_all"]
+                L.append(f"| {k} | {m} | {v['n']} | {100 * v['rate']:.0f} {_ci(v['ci95'], 100, '.0f')} | "
+                         f"{_fmt(v['fisher_p_vs_none'], '.3g')} | "
+                         f"{', '.join(f'{r} {c}' for r, c in v['reasons'].items()) or '-'} | "
+                         f"{_fmt(v['diverged_step_median'], '.0f')} | "
+                         f"{_ms(None if acc is None else [100 * acc[0], 100 * acc[1]], '.1f')} | "
+                         f"{_ms(None if acc_all is None else [100 * acc_all[0], 100 * acc_all[1]], '.1f')} |")
     return "\n".join(L) + "\n"
 
 

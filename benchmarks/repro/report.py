@@ -15,8 +15,8 @@ import numpy as np
 
 from hf_rksp.utils import atomic
 
-from .analysis import (_clean, auroc_table, cv_table, fit_risk_model, kss_table, label, make_summary, maxlr_table,
-                       norm_table, paper_design_auroc, pilot_table, pilot_tables_md, regime_kss_table, regime_table,
+from .analysis import (_clean, auroc_table, cv_table, fit_risk_model, kss_table, label, learning_table, make_summary, maxlr_table,
+                       norm_table, paper_design_auroc, pilot_table, pilot_tables_md, regime_kss_table, regime_maxlr_table, regime_table,
                        shared_lr_auroc,
                        tables_md)
 from .plots import write_plots
@@ -55,6 +55,7 @@ def analyze(protocol: Protocol, out: Path, *, ship: bool = False, risk_path: Pat
            "kss": kss_table(protocol, runs), "maxlr": maxlr_table(protocol, runs),
            "regime": regime_table(protocol, runs), "regime_kss": regime_kss_table(protocol, runs),
            "table2_paper": paper_design_auroc(protocol, runs, n_boot),
+           "regime_maxlr": regime_maxlr_table(protocol, runs), "learning": learning_table(protocol, runs),
            "lm": {"by_norm": norm_table(lm), "by_norm_lr": norm_table(lm, by=("norm", "lr")),
                   "auroc": auroc_table(lm, n_boot=n_boot)} if lm else None}
     y1 = [label(r) for r in t1]
