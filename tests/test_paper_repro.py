@@ -322,8 +322,8 @@ def test_regime_maxlr_and_learning_groups_train_and_are_tabled(smoke, tmp_path):
     assert {s.method for s in specs} == {"none", "alpha_0.15"}
     out = tmp_path / "learning"
     shutil.copytree(smoke, out)
-    assert bench.main(["--protocol", "smoke", "--out", str(out), "run", "regime_maxlr", "learning", "--device",
-                       "cpu"]) == 0
+    assert bench.main(["--protocol", "smoke", "--out", str(out), "run", "regime_maxlr", "learning",
+                       "learning_variants", "--device", "cpu"]) == 0
     assert bench.main(["--protocol", "smoke", "--out", str(out), "analyze", "--bootstrap", "20"]) == 0
     res = json.loads((out / "analysis.json").read_text())
     for m in ("none", "alpha_0.15"):
@@ -332,12 +332,13 @@ def test_regime_maxlr_and_learning_groups_train_and_are_tabled(smoke, tmp_path):
         # one lr in the grid: stable there -> the (censored) largest lr, diverged -> none below the grid
         assert res["regime_maxlr"][m]["max_stable_lr"] == (None if per["diverged"] else 0.01)
     row = res["learning"]["none +final_norm lr 0.01"]
-    assert row["none"]["n"] == row["alpha_0.15"]["n"] == 1 and row["none"]["fisher_p_vs_none"] is None
+    assert row["none"]["n"] == row["alpha_0.15"]["n"] == row["alpha_0.15_2048"]["n"] == 1
+    assert row["none"]["fisher_p_vs_none"] is None
     assert 0.0 <= row["alpha_0.15"]["fisher_p_vs_none"] <= 1.0
     text = (out / "tables.md").read_text()
     assert "## Table 5 in the calibrated regime" in text and "## A learning regime" in text
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["learning"]["none +final_norm lr 0.01"]) == {"none", "alpha_0.15"}
+    assert set(summary["learning"]["none +final_norm lr 0.01"]) == {"none", "alpha_0.15", "alpha_0.15_2048"}
 
 
 def test_deepnorm_pre_placed_is_a_recorded_protocol_choice():

@@ -368,8 +368,9 @@ def learning_table(protocol: Protocol, runs: dict) -> dict:
         for lr in lrs:
             name = f"{norm}{' +final_norm' if final else ''} lr {lr:g}"
             row = {}
-            for m in protocol.learning_methods:
-                rs = [runs[s.key] for s in protocol.learning() if s.key in runs and s.norm == norm and s.lr == lr
+            variants = protocol.learning_variant_methods if (norm, final, lr) in protocol.learning_variants_at else ()
+            for m in (*protocol.learning_methods, *variants):
+                rs = [runs[s.key] for s in protocol.learning() + protocol.learning_variants() if s.key in runs and s.norm == norm and s.lr == lr
                       and s.final_norm == final and s.method == m]
                 row[m] = {**_divergence(rs),
                           "accuracy_converged": mean_sd(r["accuracy"] for r in rs if not label(r)),

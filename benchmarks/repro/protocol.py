@@ -80,6 +80,8 @@ PILOT_METHODS = {
     # state of the batch (16 x 64 = 1024) instead of 512
     "alpha_0.15_pod": Method(alpha=0.15, sketch="pod"),
     "alpha_0.15_batch": Method(alpha=0.15, snapshots=1024),
+    # the paper's N = 2048 token states per KSS step: the whole batch of the synthetic LM (16 x 128)
+    "alpha_0.15_2048": Method(alpha=0.15, snapshots=2048),
 }
 ALL_METHODS = {**METHODS, **PILOT_METHODS}
 PAPER = {  # the numbers to compare with (the paper's Tables 1-6 and Appendix H)
@@ -201,6 +203,9 @@ class Protocol:
     learning_lrs: dict = field(default_factory=dict)
     learning_methods: tuple[str, ...] = ("none", "alpha_0.15")
     learning_seeds: tuple[int, ...] = SEEDS8
+    #: the KSS variants (POD sketch, the paper's N = 2048) where the learning group diverges: (norm, final_norm, lr)
+    learning_variants_at: tuple = ()
+    learning_variant_methods: tuple[str, ...] = ("alpha_0.15_pod", "alpha_0.15_2048")
 
     def spec(self, **kw) -> RunSpec:
         return RunSpec(steps=self.steps, warmup=self.warmup, batch=self.batch, **kw)
@@ -253,6 +258,12 @@ class Protocol:
                 for (n, final), lrs in self.learning_lrs.items() for lr in lrs for m in self.learning_methods
                 for s in self.learning_seeds]
 
+    def learning_variants(self) -> list[RunSpec]:
+        d, L = self.main
+        return [self.spec(task="lm", norm=n, final_norm=final, d_model=d, n_layers=L, lr=lr, seed=s, method=m, **LM)
+                for n, final, lr in self.learning_variants_at for m in self.learning_variant_methods
+                for s in self.learning_seeds]
+
     def paper_design_lr(self, norm: str, d: int) -> float | None:
         """Table 2 under the paper's design [ours, issue 24]: every normalization at the smallest lr of its
         Table 1 grid (stable at every size), No-Norm at the largest (where it diverges); None: not in the grid."""
@@ -271,7 +282,8 @@ class Protocol:
     def group(self, name: str) -> list[RunSpec]:
         return {"table1": self.table1, "kss": self.kss, "maxlr": self.maxlr, "lm": self.lm,
                 "regime": self.regime, "regime_kss": self.regime_kss, "table2_paper": self.table2_paper,
-                "regime_maxlr": self.regime_maxlr, "learning": self.learning}[name]()
+                "regime_maxlr": self.regime_maxlr, "learning": self.learning,
+                "learning_variants": self.learning_variants}[name]()
 
     def no_control(self) -> list[RunSpec]:
         """Every no-control recall run of the protocol (the pooled population of the risk model)."""
@@ -309,6 +321,7 @@ PAPER_PROTOCOL = Protocol(
     # [ours] from the LM pilots (pilot/runs.jsonl, 2 seeds): No-Norm + final norm learns at 3e-3 (acc 0.28-0.32)
     # and diverges at 8.5e-3; Pre-LN learns at 0.03 (acc 0.28-0.32) and stalls at 0.1
     learning_lrs={("none", True): (3e-3, 8.5e-3), ("pre", None): (0.03,)},
+    learning_variants_at=(("none", True, 8.5e-3),),
 )
 #: a pipeline check in seconds (tests/test_paper_repro.py): tiny models, 20 steps
 SMOKE_PROTOCOL = Protocol(
@@ -317,8 +330,10 @@ SMOKE_PROTOCOL = Protocol(
     kss_methods=("none", "clip_1.0", "alpha_0.15"), maxlr_lrs={"none": (0.01,)}, maxlr_seeds=(42,),
     lm_norms=("none",), lm_lrs=(1e-3,), lm_seeds=(42,), regime_lrs=(0.01,), regime_seeds=(42,),
     regime_kss_lrs=(0.01,), regime_kss_methods=("none", "alpha_0.15_pod"), regime_maxlr_lrs=(0.01,),
-    learning_lrs={("none", True): (0.01,)}, learning_seeds=(42,),
+    learning_lrs={("none", True): (0.01,)}, learning_seeds=(42,), learning_variants_at=(("none", True, 0.01),),
+    learning_variant_methods=("alpha_0.15_2048",),
 )
 PROTOCOLS = {"paper": PAPER_PROTOCOL, "smoke": SMOKE_PROTOCOL}
-GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss", "table2_paper", "regime_maxlr", "learning")
+GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss", "table2_paper", "regime_maxlr", "learning",
+          "learning_variants")
 ALL = ("kss", "maxlr", "table1")  # "all": the paper's tables (lm is optional)
