@@ -43,10 +43,13 @@ def active_tokens() -> tuple[str, ...]:
     """
     found = {os.environ.get(k, "").strip() for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     with suppress(Exception):  # an unreadable login file holds no token to look for; a push reports it
-        from huggingface_hub import get_stored_tokens, get_token
+        from huggingface_hub import get_token
 
         if not os.environ.get("HF_OIDC_RESOURCE"):
             found.add((get_token() or "").strip())
+    with suppress(Exception):
+        from huggingface_hub.utils import get_stored_tokens
+
         found.update(t.strip() for t in get_stored_tokens().values() if isinstance(t, str))
     return tuple(sorted((t for t in found if len(t) >= MIN_ACTIVE), key=len, reverse=True))
 
