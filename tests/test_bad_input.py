@@ -162,6 +162,8 @@ CASES = [
          expect=(f"audits/{SLUG}/audit.json",)),
     Case("name-org-model", 7, audit("{tok}", *SMALL, "--name", "org/tiny-model"), 0, None, writes=True,
          expect=("audits/org__tiny-model/audit.json",)),
+    Case("out-dir-is-a-link", 7, ("audit", "--from-audit", "{good}", "--out-dir", "{outlink}"), 0, None, writes=True,
+         setup="link_out_dir", expect=(f"audits/{SLUG}/audit.json", f"model_cards/{SLUG}/README.md")),
     Case("new-out-dir-with-spaces", 7, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/new dir/ü"), 0, None,
          writes=True, expect=(f"new dir/ü/audits/{SLUG}/audit.json",)),
     # 8. bad input that must be refused (a dry run predicts the real push)
@@ -525,6 +527,11 @@ def _link(path: Path, target: Path) -> None:
     path.symlink_to(target, target_is_directory=target.is_dir())
 
 
+def _link_out_dir(fx, out, monkeypatch):
+    """``--out-dir`` itself is a link (to the output folder): the folder the user named, written through."""
+    (out.parent / "outlink").symlink_to(out, target_is_directory=True)
+
+
 def _link_slug(fx, out, monkeypatch):
     _link(out / "audits" / SLUG, _outside(out) / "someone-elses-audit")
 
@@ -570,7 +577,7 @@ SETUPS = {"low_memory": _low_memory, "card_rename_fails": _card_rename_fails, "s
           "legacy_token": _legacy_token, "token_in_audit": _token_in_audit, "token_in_card": _token_in_card,
           "link_slug": _link_slug, "link_card": _link_card, "link_audits": _link_audits, "link_file": _link_file,
           "link_partial": _link_partial, "link_partial_entry": _link_partial_entry, "link_journal": _link_journal,
-          "journal_outside": _journal_outside}
+          "journal_outside": _journal_outside, "link_out_dir": _link_out_dir}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -683,7 +690,8 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         SETUPS[case.setup](fx, out, monkeypatch)
     capfd.readouterr()
     active = os.environ["HF_TOKEN"]
-    paths = {k: str(v) for k, v in fx.items()} | {"out": str(out), "token": FAKE_TOKEN, "active": active}
+    paths = {k: str(v) for k, v in fx.items()} | {"out": str(out), "token": FAKE_TOKEN, "active": active,
+                                                   "outlink": str(tmp_path / "outlink")}
     argv = [a.format(**paths) for a in case.argv]
     before, tmp_before = tree_hash(out), sorted(os.listdir(tempfile.gettempdir()))
     outside_before, files_before = tree_hash(outside), file_digests(out)

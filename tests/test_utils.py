@@ -154,3 +154,17 @@ def test_cli_redacts_errors_and_the_debug_log(monkeypatch, tmp_path):
         record = logging.LogRecord("hf_rksp", logging.DEBUG, __file__, 1, "token %s", (token,), (type(e), e, None))
     line = fmt.format(record)
     assert "deep inside" in line and "ValueError" in line and token not in line
+
+
+def test_atomic_write_replaces_a_link_without_following_it(tmp_path):
+    from hf_rksp.utils import atomic
+
+    target = tmp_path / "outside.txt"
+    target.write_text("keep me\n")
+    link = tmp_path / "out" / "progress.json"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    atomic.write_json(link, {"a": 1})
+    assert not link.is_symlink() and link.read_text() == '{\n  "a": 1\n}\n'
+    assert target.read_text() == "keep me\n"
+    assert sorted(p.name for p in link.parent.iterdir()) == ["progress.json"]  # no temporary file left
