@@ -7,6 +7,7 @@ Our own bugs are not RKSPErrors: they keep their traceback (the CLI writes it to
 
     RKSPError                      anything the user can fix (the CLI prints one line, exits non-zero)
     ├── ConfigError                a method or audit parameter out of range
+    │   └── SecretError            a Hugging Face token where it would be printed, written or uploaded
     ├── SourceError                the model/checkpoint/config cannot be found or read
     │   └── HubError               the Hugging Face Hub refused or failed a download or an upload
     ├── SnapshotError              snapshots the method cannot use (too few tokens, constant stream)
@@ -40,6 +41,16 @@ class ConfigError(RKSPError, ValueError):
         elif param and message.startswith(param + " "):
             message = f"`{param}`{message[len(param):]}"  # eps must be > 0 -> `eps` must be > 0
         super().__init__(message)
+
+
+class SecretError(ConfigError):
+    """A Hugging Face token (token-shaped, or the one this machine uses) in a value or a file that would be
+    printed, written or uploaded.  ``param`` names the parameter, or ``path`` the file; the value is never
+    part of the message (``hf_rksp.utils.secrets``)."""
+
+    def __init__(self, message: str, *, param: str | None = None, path: str | None = None):
+        self.path = path
+        super().__init__(message, param=param)
 
 
 class SourceError(RKSPError):

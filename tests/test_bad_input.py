@@ -6,8 +6,14 @@ tree hash (every path, hidden ones included, and every byte) is taken before
 and after.  An error must leave it unchanged and put exactly one line on
 stderr.  Classes follow the issue: 1 memory, 2 publish, 3 streaming, 4 audit
 JSON, 5 option/config values, 6 failures that write, 7 legitimate input,
-8 bad input accepted, 9 one line.  The rows run in-process (main()); the
-kill-at-every-rename and resume-after-kill tests use real process boundaries.
+8 bad input accepted, 9 one line; and issue 28's 10: the Hub token and the
+output tree.  Every row runs with a fake token in ``HF_TOKEN`` (``hf_`` + 34
+random letters, made here) and the debug log on (``HF_RKSP_LOG``): neither
+that token nor any token-shaped string may appear in stdout, stderr, the
+debug log, a file the row wrote or changed under the output folder, or the
+folder outside it that the symlink rows point to, which must not change.
+The rows run in-process (main()); the kill-at-every-rename and
+resume-after-kill tests use real process boundaries.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +42,17 @@ from hf_rksp.cli.commands import main
 
 SMALL = ("--tokens", "128", "--seq-len", "64", "-q")
 SLUG = "tok"  # the slug of the checkpoint folder "tok"
+
+#: a fake Hub token of the real shape, made fresh for each test session (the rows' HF_TOKEN)
+FAKE_TOKEN = "hf_" + "".join(random.SystemRandom().choices(string.ascii_letters, k=34))
+#: the shape of a token, written here independently of hf_rksp.utils.secrets
+TOKEN_SHAPED = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+
+
+#: the one line of a refused token: the parameter as the CLI names it, never the value
+TOKEN_LINE = r"{flag}: looks like a Hugging Face access token .*refused"
+#: the one line of a refused symlink in the output tree
+SYMLINK_LINE = r"out/{path} is a symbolic link: hf-rksp writes only real folders and files inside --out-dir"
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,7 @@ class Case:
     prefill: bool = True  # an earlier audit of the same slug is in the output folder
     cwd: str | None = None  # run in this fixture folder
     expect: tuple[str, ...] = ()  # paths under the output folder that must exist afterwards
+    max_s: float | None = None  # the command (in-process: no interpreter start-up) fails within this many seconds
 
 
 def audit(*args: str) -> tuple[str, ...]:
@@ -141,6 +162,8 @@ CASES = [
          expect=(f"audits/{SLUG}/audit.json",)),
     Case("name-org-model", 7, audit("{tok}", *SMALL, "--name", "org/tiny-model"), 0, None, writes=True,
          expect=("audits/org__tiny-model/audit.json",)),
+    Case("out-dir-is-a-link", 7, ("audit", "--from-audit", "{good}", "--out-dir", "{outlink}"), 0, None, writes=True,
+         setup="link_out_dir", expect=(f"audits/{SLUG}/audit.json", f"model_cards/{SLUG}/README.md")),
     Case("new-out-dir-with-spaces", 7, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/new dir/ü"), 0, None,
          writes=True, expect=(f"new dir/ü/audits/{SLUG}/audit.json",)),
     # 8. bad input that must be refused (a dry run predicts the real push)
@@ -164,6 +187,54 @@ CASES = [
     Case("two-line-config-message", 9, audit("--config", "{bad_heads}", *SMALL), 2, r"^hf-rksp: error: invalid config"),
     Case("warning-then-error-not-quiet", 9, audit("{notok}", "--tokens", "512", "--seq-len", "512"), 2,
          r"--seq-len 512 exceeds the model's 256 positions"),
+    # 10. the token never leaves the machine by accident, outputs never leave the output folder (issue 28)
+    Case("push-repo-id-token", 10, ("push", SLUG, "--repo-id", "{token}/audits", "--dry-run", "--out-dir", "{out}"),
+         2, TOKEN_LINE.format(flag="--repo-id")),
+    Case("push-revision-token", 10, ("push", SLUG, "--repo-id", "a/b", "--revision", "{token}", "--dry-run",
+                                     "--out-dir", "{out}"), 2, TOKEN_LINE.format(flag="--revision")),
+    Case("push-model-pr-repo-token", 10, ("push", SLUG, "--to-model", "--repo-id", "org/x{token}", "--dry-run",
+                                          "--out-dir", "{out}"), 2, TOKEN_LINE.format(flag="--repo-id")),
+    Case("push-to-token-before-audit", 10, audit("{tok}", *SMALL, "--push-to", "{token}/x"), 2,
+         TOKEN_LINE.format(flag="--push-to"), max_s=5.0, setup="no_loading"),
+    Case("push-to-bad-repo-id-before-audit", 10, audit("{tok}", *SMALL, "--push-to", "a/b c"), 2,
+         r"--push-to: must be a Hub repo id", max_s=5.0, setup="no_loading"),
+    Case("push-to-no-user-before-audit", 10, audit("{tok}", *SMALL, "--push-to", "justname"), 2,
+         r"--push-to: must look like USER/NAME", max_s=5.0, setup="no_loading"),
+    Case("name-token", 10, audit("{tok}", *SMALL, "--name", "org/{token}"), 2, TOKEN_LINE.format(flag="--name"),
+         setup="no_loading"),
+    Case("name-is-active-token", 10, audit("{tok}", *SMALL, "--name", "org/{active}"), 2,
+         TOKEN_LINE.format(flag="--name"), setup="legacy_token"),
+    Case("source-path-token", 10, audit("{tok_token}", *SMALL), 2, TOKEN_LINE.format(flag="source"),
+         setup="no_loading"),
+    Case("text-path-token", 10, audit("{tok}", *SMALL, "--text", "{text_token}"), 2, TOKEN_LINE.format(flag="--text"),
+         setup="no_loading"),
+    Case("out-dir-token", 10, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/{token}"), 2,
+         TOKEN_LINE.format(flag="--out-dir"), setup="no_loading"),
+    Case("push-audit-source-id-token", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
+         r"audits/tok/audit\.json holds a Hugging Face access token.*nothing was uploaded", setup="token_in_audit"),
+    Case("push-card-token", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
+         r"model_cards/tok/README\.md holds a Hugging Face access token", setup="token_in_card"),
+    Case("push-to-model-source-id-token", 10, ("push", SLUG, "--to-model", "--dry-run", "--out-dir", "{out}"), 2,
+         r"audit\.json holds a Hugging Face access token", setup="token_in_audit"),
+    Case("from-audit-source-id-token", 10, audit("--from-audit", "{token_audit}"), 2,
+         r"audits/tok/audit\.json would hold a Hugging Face access token.*nothing was written"),
+    Case("slug-folder-symlink", 10, audit("{tok}", *SMALL), 2, SYMLINK_LINE.format(path="audits/tok"),
+         setup="link_slug"),
+    Case("card-folder-symlink", 10, audit("--from-audit", "{good}"), 2, SYMLINK_LINE.format(path="model_cards/tok"),
+         setup="link_card"),
+    Case("audits-symlink", 10, audit("{tok}", *SMALL), 2, SYMLINK_LINE.format(path="audits"), setup="link_audits"),
+    Case("file-in-slug-symlink", 10, audit("--from-audit", "{good}"), 2,
+         SYMLINK_LINE.format(path="audits/tok/spectrum.png"), setup="link_file"),
+    Case("push-file-symlink", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
+         r"audits/tok/spectrum\.png is a symbolic link: push sends only real files", setup="link_file"),
+    Case("partial-symlink", 10, audit("{tok}", *STREAM), 2, SYMLINK_LINE.format(path="audits/.partial"),
+         setup="link_partial"),
+    Case("partial-entry-symlink", 10, audit("{tok}", *STREAM), 2,
+         SYMLINK_LINE.format(path="audits/.partial/tok-0123456789abcdef"), setup="link_partial_entry"),
+    Case("journal-symlink", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
+         SYMLINK_LINE.format(path=r"audits/\.publish-tok\.json"), setup="link_journal"),
+    Case("journal-naming-outside", 10, audit("{tok}", *SMALL), 2,
+         r"publish-tok\.json names paths outside --out-dir's audits/ and model_cards/", setup="journal_outside"),
 ]
 
 
@@ -291,6 +362,10 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["smalltext"].write_text(sentence * 8)
     p["afile"] = root / "a-file"
     p["afile"].write_text("not a folder\n")
+    p["tok_token"] = root / f"ckpt-{FAKE_TOKEN}"  # a checkpoint whose path holds the token
+    p["tok_token"].symlink_to(good, target_is_directory=True)
+    p["text_token"] = root / f"notes-{FAKE_TOKEN}.txt"
+    p["text_token"].write_text(sentence * 8)
 
     # the good audit, and hostile versions of its JSON
     out = root / "made"
@@ -313,6 +388,7 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["no_eigs"] = _audit_variant(root, g, "no_eigs", lambda t: _with(data, "blocks.0.eigenvalues", []))
     p["huge_eta"] = _audit_variant(root, g, "huge_eta", lambda t: _with(data, "blocks.0.nonlinearity_ratio", 1e308))
     p["slug_dotdot"] = _audit_variant(root, g, "slug_dotdot", lambda t: _with(data, "slug", ".."))
+    p["token_audit"] = _audit_variant(root, g, "token_audit", lambda t: _with(data, "source.id", f"org/{FAKE_TOKEN}"))
     agg = "summary.features.resdmd_residual_max.mean"
     p["low"] = _audit_variant(root, g, "low", lambda t: _with(data, agg, -1.7e308))
     p["high"] = _audit_variant(root, g, "high", lambda t: _with(data, agg, 1.7e308))
@@ -405,9 +481,103 @@ def _count_offload_dirs(fx, out, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", None)
 
 
+def _no_loading(fx, out, monkeypatch):
+    """The row must fail before any model is looked up or loaded."""
+    from hf_rksp.pipeline import run
+
+    def never(*a, **k):
+        raise AssertionError("the model was looked up: the check came too late")
+
+    for name in ("resolve_source", "load_model", "load_for_streaming"):
+        monkeypatch.setattr(run, name, never)
+
+
+def _legacy_token(fx, out, monkeypatch):
+    """An active token that is not token-shaped (an old-style one): only equality can find it."""
+    monkeypatch.setenv("HF_TOKEN", "api_" + "".join(random.SystemRandom().choices(string.ascii_letters, k=30)))
+
+
+def _token_in_audit(fx, out, monkeypatch):
+    """An earlier audit whose source id holds the token (typed by mistake), as a hub id."""
+    f = out / "audits" / SLUG / "audit.json"
+    data = json.loads(f.read_text())
+    data["source"].update(id=f"org/{FAKE_TOKEN}", kind="hub")
+    f.write_text(json.dumps(data, indent=2))
+
+
+def _token_in_card(fx, out, monkeypatch):
+    with open(out / "model_cards" / SLUG / "README.md", "a") as f:
+        f.write(f"\nnote to self: {FAKE_TOKEN}\n")
+
+
+def _outside(out: Path) -> Path:
+    """The folder outside the output folder that the symlink rows point into (made by the test)."""
+    return out.parent / "outside"
+
+
+def _link(path: Path, target: Path) -> None:
+    """``path`` becomes a symlink to ``target``; what ``path`` held moves to ``target`` (when it is absent)."""
+    if path.exists() and not target.exists():
+        shutil.move(path, target)
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def _link_out_dir(fx, out, monkeypatch):
+    """``--out-dir`` itself is a link (to the output folder): the folder the user named, written through."""
+    (out.parent / "outlink").symlink_to(out, target_is_directory=True)
+
+
+def _link_slug(fx, out, monkeypatch):
+    _link(out / "audits" / SLUG, _outside(out) / "someone-elses-audit")
+
+
+def _link_card(fx, out, monkeypatch):
+    _link(out / "model_cards" / SLUG, _outside(out) / "someone-elses-card")
+
+
+def _link_audits(fx, out, monkeypatch):
+    _link(out / "audits", _outside(out) / "audits")
+
+
+def _link_file(fx, out, monkeypatch):
+    _link(out / "audits" / SLUG / "spectrum.png", _outside(out) / "notes.txt")
+
+
+def _link_partial(fx, out, monkeypatch):
+    (_outside(out) / "partial").mkdir()
+    _link(out / "audits" / ".partial", _outside(out) / "partial")
+
+
+def _link_partial_entry(fx, out, monkeypatch):
+    (_outside(out) / "partial").mkdir()
+    _link(out / "audits" / ".partial" / "tok-0123456789abcdef", _outside(out) / "partial")
+
+
+def _link_journal(fx, out, monkeypatch):
+    (_outside(out) / "journal.json").write_text('{"steps": []}')
+    _link(out / "audits" / ".publish-tok.json", _outside(out) / "journal.json")
+
+
+def _journal_outside(fx, out, monkeypatch):
+    """A journal whose renames name a folder outside the output folder."""
+    steps = [{"staged": "../outside/notes", "target": "audits/tok", "backup": "audits/.tok.old.1.ab",
+              "had_target": True}]
+    (_outside(out) / "notes").mkdir()
+    (out / "audits" / ".publish-tok.json").write_text(json.dumps({"steps": steps}))
+
+
 SETUPS = {"low_memory": _low_memory, "card_rename_fails": _card_rename_fails, "staging_enospc": _staging_enospc,
           "progress_enospc": _progress_enospc, "interrupt": _interrupt, "tampered_progress": _tampered_progress,
-          "killed_publish": _killed_publish, "count_offload_dirs": _count_offload_dirs}
+          "killed_publish": _killed_publish, "count_offload_dirs": _count_offload_dirs, "no_loading": _no_loading,
+          "legacy_token": _legacy_token, "token_in_audit": _token_in_audit, "token_in_card": _token_in_card,
+          "link_slug": _link_slug, "link_card": _link_card, "link_audits": _link_audits, "link_file": _link_file,
+          "link_partial": _link_partial, "link_partial_entry": _link_partial_entry, "link_journal": _link_journal,
+          "journal_outside": _journal_outside, "link_out_dir": _link_out_dir}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -426,6 +596,23 @@ def tree_hash(root: Path) -> str:
             f = Path(dirpath, n)
             h.update(b"f " + str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root`` (hidden ones too; links are not followed)."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            f = Path(dirpath, n)
+            if not f.is_symlink():
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def leaks(data: bytes | str, tokens: tuple[str, ...]) -> bool:
+    """Whether ``data`` holds one of ``tokens`` or a token-shaped string."""
+    data = data.encode() if isinstance(data, str) else data
+    return bool(TOKEN_SHAPED.search(data)) or any(t.encode() in data for t in tokens)
 
 
 def _newer(record):
@@ -477,7 +664,7 @@ def _run(argv: list[str], capfd) -> tuple[int, str, str]:
 
 
 def test_every_class_has_three_cases():
-    per_class = {c: sum(1 for case in CASES if case.cls == c) for c in range(1, 10)}
+    per_class = {c: sum(1 for case in CASES if case.cls == c) for c in range(1, 11)}
     assert all(n >= 3 for n in per_class.values()), per_class
     assert len({c.id for c in CASES}) == len(CASES)
 
@@ -488,18 +675,41 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    out = tmp_path / "out"
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)  # the user's token is set (a stored login is not looked at)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-login"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    debug_log = tmp_path / "debug.log"
+    monkeypatch.setenv("HF_RKSP_LOG", str(debug_log))
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("someone's notes, outside the output folder\n")
     if case.prefill:
         shutil.copytree(fx["good_out"], out)
     monkeypatch.chdir(fx[case.cwd] if case.cwd else tmp_path)
     if case.setup:
         SETUPS[case.setup](fx, out, monkeypatch)
     capfd.readouterr()
-    paths = {k: str(v) for k, v in fx.items()} | {"out": str(out)}
+    active = os.environ["HF_TOKEN"]
+    paths = {k: str(v) for k, v in fx.items()} | {"out": str(out), "token": FAKE_TOKEN, "active": active,
+                                                   "outlink": str(tmp_path / "outlink")}
     argv = [a.format(**paths) for a in case.argv]
     before, tmp_before = tree_hash(out), sorted(os.listdir(tempfile.gettempdir()))
+    outside_before, files_before = tree_hash(outside), file_digests(out)
 
+    t0 = time.perf_counter()
     rc, stdout, err = _run(argv, capfd)
+    elapsed = time.perf_counter() - t0
+
+    tokens = (FAKE_TOKEN, active)
+    assert not leaks(stdout, tokens), "a token on stdout"
+    assert not leaks(err, tokens), "a token on stderr"
+    assert not (debug_log.exists() and leaks(debug_log.read_bytes(), tokens)), "a token in the debug log"
+    written = [f for f, d in file_digests(out).items() if files_before.get(f) != d]
+    assert not [f for f in written if leaks(Path(f).read_bytes(), tokens)], "a token in a file written"
+    assert tree_hash(outside) == outside_before, "a folder outside the output folder changed"
+    assert not [f for f in file_digests(outside) if leaks(Path(f).read_bytes(), tokens)]
+    if case.max_s is not None:
+        assert elapsed < case.max_s, f"took {elapsed:.1f} s"
 
     assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -181,3 +181,57 @@ def test_invalid_audit_is_not_pushed(capsys, audited, online, tmp_path):
         rc, _, err = run(capsys, "push", "broken", "--repo-id", "alice/audits", "--out-dir", str(tmp_path))
     one_error(rc, err, "schema")
     assert hub.requests == []
+
+
+SHAPED = "hf_" + "Q" * 34  # a token-shaped string that is not the active token
+
+
+@pytest.mark.parametrize("where", ["card", "audit"])
+def test_a_token_in_the_files_refuses_the_push_and_the_dry_run(capsys, audited, online, tmp_path, where):
+    """The exact bytes to be sent are scanned: the active token or a token-shaped string in the card or the
+    audit refuses the dry run and the push with one line naming the file, never the value; nothing is sent."""
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(audited, out)
+    target = (out / "model_cards" / "gpt2__init" / "README.md" if where == "card"
+              else out / "audits" / "gpt2__init" / "audit.json")
+    if where == "card":
+        target.write_text(target.read_text() + f"\nnotes: {TOKEN} {SHAPED}\n")
+    else:
+        data = json.loads(target.read_text())
+        data["source"]["id"] = f"org/{SHAPED}"
+        target.write_text(json.dumps(data, indent=2))
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub)
+        for extra in (("--dry-run",), ()):
+            rc, stdout, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(out),
+                                  *extra)
+            one_error(rc, err, str(target), "holds a Hugging Face access token", "nothing was uploaded")
+            assert SHAPED not in err and SHAPED not in stdout and TOKEN not in stdout
+    assert hub.requests == []
+
+
+def test_push_sends_the_bytes_it_scanned(capsys, audited, online, tmp_path):
+    """A file changed between planning and pushing: the planned (scanned) bytes are what is sent, and a plan
+    changed by hand to hold a token is scanned again and refused."""
+    import dataclasses
+    import shutil
+
+    from hf_rksp.errors import SecretError
+    from hf_rksp.publish import hub as hubmod
+
+    out = tmp_path / "o"
+    shutil.copytree(audited, out)
+    plan = hubmod.plan_push("gpt2__init", "alice/audits", out_dir=out)
+    want = expected_files(out, "gpt2__init")
+    card = out / "model_cards" / "gpt2__init" / "README.md"
+    card.write_text(card.read_text() + f"\n{TOKEN}\n")  # after the scan
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub)
+        hubmod.push(plan)
+        assert hub.commits[0]["files"] == want
+        bad = dataclasses.replace(plan, contents={**plan.contents, "README.md": card.read_bytes()})
+        with pytest.raises(SecretError) as e:
+            hubmod.push(bad)
+    assert TOKEN not in str(e.value) and str(card) in str(e.value) and len(hub.commits) == 1

@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import fields
 
-from hf_rksp.cli.errors import fail, unexpected, worded
+from hf_rksp.cli.errors import RedactingFormatter, fail, say, unexpected, worded
 from hf_rksp.errors import RKSPError
 
 PUSH_HELP = """\
@@ -173,7 +173,7 @@ def print_summary(result) -> None:
     ]
     for name, path in result.paths.items():
         lines.append(f"  wrote {name:<9} {path}")
-    print("\n".join(lines))
+    say("\n".join(lines))
 
 
 def quiet_libraries() -> None:
@@ -213,7 +213,7 @@ def routed_logs():
     except OSError:  # an unwritable debug log must not cost the command
         debug = logging.NullHandler()
     debug.setLevel(logging.DEBUG)
-    debug.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    debug.setFormatter(RedactingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     notices = Notices()
     saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
              for lg in map(logging.getLogger, (*LIBRARY_LOGGERS, "hf_rksp"))]
@@ -240,7 +240,10 @@ def audit_options(args):
 
 def cmd_audit(args) -> int:
     from hf_rksp.pipeline.run import audit, rerender
+    from hf_rksp.pipeline.validation import check_inputs, check_push_to
 
+    check_push_to(args.push_to)  # before the audit: a bad repo id fails in a second, not after it
+    check_inputs(out_dir=args.out_dir, from_audit=args.from_audit)
     if args.quiet:
         quiet_libraries()
     if args.from_audit:
@@ -261,9 +264,9 @@ def cmd_audit(args) -> int:
 
 
 def print_push(res) -> None:
-    print(f"pushed {len(res.plan.files)} files to {res.plan.repo_id} in one commit: {res.commit_url}")
+    say(f"pushed {len(res.plan.files)} files to {res.plan.repo_id} in one commit: {res.commit_url}")
     if res.pr_url:
-        print(f"pull request: {res.pr_url}")
+        say(f"pull request: {res.pr_url}")
 
 
 def cmd_push(args) -> int:
@@ -272,7 +275,7 @@ def cmd_push(args) -> int:
     plan = hub.plan_push(args.audit, args.repo_id, mode="model-pr" if args.to_model else "own",
                          revision=args.revision, create_pr=args.create_pr, private=args.private, out_dir=args.out_dir)
     if args.dry_run:
-        print("dry run: nothing uploaded\n" + plan.describe())
+        say("dry run: nothing uploaded\n" + plan.describe())
         return 0
     print_push(hub.push(plan))
     return 0
@@ -289,22 +292,22 @@ def cmd_compare(args) -> int:
     if args.plot:
         atomic.write_bytes(args.plot, compare_png(a, b))
     if args.json:
-        print(json.dumps(res.to_dict(), indent=2, allow_nan=False))
+        say(json.dumps(res.to_dict(), indent=2, allow_nan=False))
         return 0
-    print(f"A: {res.a.slug}\nB: {res.b.slug}")
-    print(f"{'':<30}{'A':>10}{'B':>10}{'B-A':>10}")
+    say(f"A: {res.a.slug}\nB: {res.b.slug}")
+    say(f"{'':<30}{'A':>10}{'B':>10}{'B-A':>10}")
     for k, v in res.summary.items():
-        print(f"{k[:29]:<30}{_fmt(v.a, '.4f'):>10}{_fmt(v.b, '.4f'):>10}{_fmt(v.delta, '+.4f'):>10}")
+        say(f"{k[:29]:<30}{_fmt(v.a, '.4f'):>10}{_fmt(v.b, '.4f'):>10}{_fmt(v.delta, '+.4f'):>10}")
     if res.blocks:
         cols = ("near_unit_mass", "expansive_mass", "spectral_radius", "nonlinearity_ratio")
-        print(f"\n{'block':>5}" + "".join(f"{'d ' + c[:12]:>16}" for c in cols))
+        say(f"\n{'block':>5}" + "".join(f"{'d ' + c[:12]:>16}" for c in cols))
         for r in res.blocks:
-            print(f"{r.index:>5}" + "".join(f"{_fmt(r.delta(c), '+.4f'):>16}" for c in cols))
+            say(f"{r.index:>5}" + "".join(f"{_fmt(r.delta(c), '+.4f'):>16}" for c in cols))
     for w in res.warnings:
-        print(f"warning: {w}")
-    print("\n" + res.verdict)
+        say(f"warning: {w}")
+    say("\n" + res.verdict)
     if args.plot:
-        print(f"wrote plot {args.plot}")
+        say(f"wrote plot {args.plot}")
     return 0
 
 
@@ -333,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("hf_rksp").debug("error", exc_info=e)  # with its cause: the traceback behind it
             return fail(worded(e, parser))
         except KeyboardInterrupt as e:
-            print(f"hf-rksp: {str(e) or 'interrupted; nothing was written'}", file=sys.stderr)
+            say(f"hf-rksp: {str(e) or 'interrupted; nothing was written'}", file=sys.stderr)
             return 130
         except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
             return fail(unexpected(e))
         if not getattr(args, "quiet", False):
             for message in notices.messages:
-                print(f"hf-rksp: warning: {message}", file=sys.stderr)
+                say(f"hf-rksp: warning: {message}", file=sys.stderr)
         return rc
 
 

@@ -4,6 +4,10 @@ Library messages name parameters in backticks by their library name (```seq_len`
 flag that sets it (``--seq-len``), read from the option's metadata (``hf_rksp.utils.options``); a
 :class:`~hf_rksp.errors.ConfigError` always names its parameter.  Anything else that escapes is our bug or the
 system's: one line on stderr, the traceback in the debug log (``HF_RKSP_LOG=FILE``).
+
+Everything the command line prints or logs passes :func:`redacted` here: the active Hugging Face token and
+any token-shaped string become ``hf_***`` in the error line, the warnings, stdout (:func:`say`) and every
+line of the debug log (:class:`RedactingFormatter`), tracebacks included.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from hf_rksp.errors import RKSPError
 from hf_rksp.pipeline.options import AuditOptions
 from hf_rksp.utils.options import flag as option_flag
 from hf_rksp.utils.options import option_fields, switch
+from hf_rksp.utils.secrets import active_tokens, redact
 
 _NAMED = re.compile(r"`([a-z][a-z0-9_]*)`( [A-Za-z0-9:_.-]+)?")
 
@@ -72,8 +77,32 @@ def worded(e: RKSPError, parser: argparse.ArgumentParser | None = None) -> str:
     return text
 
 
+def redacted(text: str, tokens=None) -> str:
+    """``text`` without the active token or any token-shaped string (``hf_rksp.utils.secrets.redact``)."""
+    return redact(text, tokens)
+
+
+def say(text: str, *, file=None) -> None:
+    """Print ``text`` (stdout unless ``file``) as the command line prints anything: redacted."""
+    print(redacted(text), file=file or sys.stdout)
+
+
+class RedactingFormatter(logging.Formatter):
+    """The debug log's formatter: each whole record (message, arguments, traceback) redacted once formatted.
+
+    The active tokens are read when the log opens (``tokens``), so a record costs no file read."""
+
+    def __init__(self, fmt: str, tokens=None):
+        super().__init__(fmt)
+        self.tokens = tuple(active_tokens() if tokens is None else tokens)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redacted(super().format(record), self.tokens)
+
+
 def fail(message: str) -> int:
-    print(f"hf-rksp: error: {message.replace(chr(10), ' ')[:500]}", file=sys.stderr)
+    # redacted before the cut at 500 characters: a cut token would no longer be found
+    say(f"hf-rksp: error: {redacted(message).replace(chr(10), ' ')[:500]}", file=sys.stderr)
     return 2
 
 
@@ -84,6 +113,6 @@ def unexpected(e: Exception) -> str:
         return ("out of memory; use --dtype bfloat16, a smaller --tokens or --stream (a streamed audit resumes "
                 "from its last block when rerun)")
     if isinstance(e, OSError):
-        return f"{e.filename or 'file'}: {e.strerror or e}"
-    first = (str(e).splitlines() or [""])[0][:200]
+        return redacted(f"{e.filename or 'file'}: {e.strerror or e}")
+    first = redacted((str(e).splitlines() or [""])[0])[:200]
     return f"unexpected {type(e).__name__}: {first} (set HF_RKSP_LOG=FILE for the traceback, and please report it)"

@@ -29,8 +29,8 @@ from hf_rksp.models.placement import placement_kwargs, plan_for
 from hf_rksp.models.weights import CheckpointWeights, InitWeights
 from hf_rksp.pipeline.options import AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
-from hf_rksp.pipeline.validation import check_audit_options
-from hf_rksp.publish.local import check_out_dir, publish
+from hf_rksp.pipeline.validation import check_audit_options, check_inputs
+from hf_rksp.publish.local import check_out_dir, check_output_tree, publish
 from hf_rksp.record.records import (
     AuditRecord,
     InputsRecord,
@@ -280,6 +280,7 @@ def audit(
         raise TypeError(f"audit() got unknown options {unknown}")
     opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
     check_options(opts, init=init or config is not None)
+    check_inputs(source=source, config=config, out_dir=out_dir)  # no token in what names the audit or its files
     if out_dir is not None:
         check_out_dir(Path(out_dir))
     with torch_threads(opts.threads):
@@ -292,6 +293,8 @@ def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bo
     device = _device(opts.device)
     src = replace(resolve_source(source, init=init, config_path=config, revision=opts.revision,
                                  gguf_file=opts.gguf_file), name=opts.name)
+    if out_dir is not None:  # the slug is known: its folders are no links, before the audit rather than after
+        check_output_tree(out_dir, audit_slug(src, opts))
     if opts.low_disk and not opts.stream:
         opts = replace(opts, stream=True)  # --low-disk implies --stream
     plan = plan_for(src, opts)

@@ -19,11 +19,14 @@ from hf_rksp.utils.checks import (
     check_device,
     check_hub_id,
     check_int,
+    check_no_secret,
     check_positive_float,
+    check_repo_id,
     check_revision,
     parse_max_memory,
 )
 from hf_rksp.utils.options import option_fields
+from hf_rksp.utils.secrets import active_tokens
 
 
 def check_audit_options(opts, *, init: bool = False) -> None:
@@ -33,6 +36,9 @@ def check_audit_options(opts, *, init: bool = False) -> None:
     ``positive`` floats and ``choices``; the rest (combinations, files, devices) are written out here.
     """
     declared = option_fields(opts)
+    tokens = active_tokens()
+    for f, _ in declared:  # every string given ends up in the audit's JSON, its card or a message: no token
+        check_no_secret(getattr(opts, f.name), f.name, tokens)
     for f, meta in declared:  # tokens, seq_len, seed, batch_size, threads (None: the default)
         if meta.bounds is not None and not (getattr(opts, f.name) is None and f.default is None):
             check_int(f.name, getattr(opts, f.name), *meta.bounds)
@@ -69,6 +75,24 @@ def check_audit_options(opts, *, init: bool = False) -> None:
         raise ConfigError("`stream` reads one block at a time: it takes neither `prompts` nor `snapshots` "
                           "hidden-states (audit the model whole)", param="stream")
     _check_placement(opts, init)
+
+
+def check_inputs(**values: str | None) -> None:
+    """The strings given besides the options (``source``, ``config``, ``out_dir``, ``from_audit``, a
+    ``push_to`` repo...) hold no Hugging Face token; raises SecretError naming the parameter, never the value.
+
+    A source path or an output folder ends up in the audit's JSON, its card and the messages; so is refused
+    like ``name`` or ``repo_id`` (:func:`hf_rksp.utils.checks.check_no_secret`)."""
+    tokens = active_tokens()
+    for param, value in values.items():
+        check_no_secret(None if value is None else str(value), param, tokens)
+
+
+def check_push_to(repo_id: str | None) -> None:
+    """``push_to`` (audit, then push): the repo id a push would take, checked before the audit starts, so a
+    bad one fails in a second rather than after the audit (:func:`hf_rksp.utils.checks.check_repo_id`)."""
+    if repo_id is not None:
+        check_repo_id(repo_id, "push_to")
 
 
 def _check_placement(opts, init: bool) -> None:

@@ -6,7 +6,10 @@ Two destinations:
   ``rksp/``; the model's own README is never touched.
 
 The token comes from ``HF_TOKEN`` or the cached login and is scrubbed from
-every message this module raises.
+every message this module raises.  The plan holds the exact bytes to be
+sent, read once; they are scanned for the active token and token-shaped
+strings (``hf_rksp.utils.secrets``) before the plan exists, so a dry run
+refuses what the real push would refuse, naming the file, never the value.
 """
 
 from __future__ import annotations
@@ -15,10 +18,16 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_rksp.errors import ConfigError, RKSPError
+from hf_rksp.errors import OutputError, RKSPError, SecretError
 from hf_rksp.record.records import AuditRecord, read_audit
-from hf_rksp.utils.checks import check_hub_id, check_revision
+from hf_rksp.utils.checks import (
+    check_hub_id,
+    check_no_secret,
+    check_repo_id,
+    check_revision,
+)
 from hf_rksp.utils.hub_errors import hub_error
+from hf_rksp.utils.secrets import WHAT, active_tokens, has_secret, has_secret_bytes
 
 AUDIT_FILES = ("audit.json", "spectrum.png", "profile.png")
 
@@ -32,6 +41,11 @@ class PushPlan:
     private: bool
     files: dict[str, Path] = field(default_factory=dict)  # path in repo -> local file
     commit_message: str = ""
+    contents: dict[str, bytes] = field(default_factory=dict)  # path in repo -> the exact bytes sent (read once)
+
+    def data(self, path: str) -> bytes:
+        """The bytes that go to ``path`` in the repo: those read (and scanned) when planning."""
+        return self.contents[path] if path in self.contents else self.files[path].read_bytes()
 
     def describe(self) -> str:
         lines = [
@@ -41,7 +55,7 @@ class PushPlan:
             "files:",
         ]
         for path, local in self.files.items():
-            data = local.read_bytes()
+            data = self.data(path)
             lines.append(f"  {path:<22} {len(data):>9} bytes  sha256 {hashlib.sha256(data).hexdigest()[:16]}  <- {local}")
         return "\n".join(lines)
 
@@ -83,7 +97,14 @@ def plan_push(
     private: bool = False,
     out_dir: str | Path = ".",
 ) -> PushPlan:
-    """Everything a push would upload, after validating the audit JSON against the schema."""
+    """Everything a push would upload, after validating the audit JSON against the schema.
+
+    Every string given and every byte to be sent is checked for a Hugging Face token first
+    (:func:`refuse_secrets`): a hit is a SecretError naming the parameter or the file, never the value.
+    """
+    tokens = active_tokens()
+    check_no_secret(str(slug_or_dir), "slug_or_dir", tokens)
+    check_no_secret(str(out_dir), "out_dir", tokens)
     if repo_id is not None:
         check_hub_id(repo_id, "repo_id")
     check_revision(revision)
@@ -92,6 +113,9 @@ def plan_push(
         if repo_id is None:
             if audit.source.kind != "hub":
                 raise RKSPError("`to_model` needs `repo_id`: the audited model was not a hub id")
+            if has_secret(audit.source.id, tokens):
+                raise SecretError(f"{audit_dir / 'audit.json'} holds {WHAT} as its source id: refusing to push; "
+                                  "nothing was uploaded", path=str(audit_dir / "audit.json"))
             repo_id = audit.source.id
         prefix, create_pr = "rksp/", True
     elif mode == "own":
@@ -100,18 +124,40 @@ def plan_push(
         prefix = ""
     else:
         raise ValueError(f"unknown push mode {mode!r}")
-    check_hub_id(repo_id, "repo_id")
-    if repo_id.count("/") != 1:
-        raise ConfigError(f"must look like USER/NAME, got {repo_id!r}", param="repo_id")
+    check_repo_id(repo_id, "repo_id")
     files = {prefix + f: audit_dir / f for f in AUDIT_FILES}
     files[prefix + "README.md"] = card_dir / "README.md"
     what = audit.source.id + (" at init" if audit.source.init else "")
-    return PushPlan(repo_id=repo_id, mode=mode, revision=revision, create_pr=create_pr, private=private,
+    plan = PushPlan(repo_id=repo_id, mode=mode, revision=revision, create_pr=create_pr, private=private,
                     files=files, commit_message=f"RKSP audit of {what} (hf-rksp {audit.environment.hf_rksp})")
+    plan.contents = {path: _read(local) for path, local in files.items()}
+    refuse_secrets(plan, tokens)
+    return plan
 
 
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
+def _read(local: Path) -> bytes:
+    """A file to upload, not through a link (its bytes would come from outside the audit's folders)."""
+    if local.is_symlink() or local.parent.is_symlink():
+        link = local if local.is_symlink() else local.parent
+        raise OutputError(f"{link} is a symbolic link: push sends only real files of the audit's folders "
+                          "(replace the link by the file)")
+    return local.read_bytes()
+
+
+def refuse_secrets(plan: PushPlan, tokens=None) -> None:
+    """Scan everything ``plan`` sends (each file's bytes, the commit message, the repo id and revision) for
+    the active tokens (None: ``secrets.active_tokens()``) and token-shaped strings; a hit is a SecretError
+    naming the file, never the value (nothing is uploaded)."""
+    tokens = active_tokens() if tokens is None else tokens
+    for path, local in plan.files.items():
+        if has_secret_bytes(plan.data(path), tokens):
+            raise SecretError(f"{local} holds {WHAT}: refusing to push it; nothing was uploaded "
+                              "(remove it from the file, e.g. re-audit with another `name`)", path=str(local))
+    if has_secret(plan.commit_message, tokens):  # the audit's source id; audit.json holds it too
+        raise SecretError(f"the commit message (the source id of the audit) holds {WHAT}: refusing to push; "
+                          "nothing was uploaded", path="audit.json")
+    check_no_secret(plan.repo_id, "repo_id", tokens)
+    check_no_secret(plan.revision, "revision", tokens)
 
 
 def push(plan: PushPlan, *, token: str | None = None, endpoint: str | None = None) -> PushResult:
@@ -123,7 +169,8 @@ def push(plan: PushPlan, *, token: str | None = None, endpoint: str | None = Non
     if not token:
         raise RKSPError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     api = HfApi(endpoint=endpoint, token=token)
-    ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in plan.files.items()]
+    refuse_secrets(plan, (*active_tokens(), token))  # a plan built by hand, or changed since: scanned again
+    ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=plan.data(p)) for p in plan.files]
     try:
         if plan.mode == "own":
             api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)

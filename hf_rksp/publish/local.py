@@ -15,6 +15,13 @@ once all are done, then the backups.
 
 All of this runs under an exclusive ``flock`` on the output folder, so
 concurrent audits into one folder publish one after the other.
+
+Outputs stay inside the output folder: a symbolic link where hf-rksp would
+write, rename or delete (``audits/``, ``model_cards/``, a slug folder or a
+file in one, ``audits/.partial/`` and what it holds, a publish journal) is
+refused with one line before anything is written (:func:`check_output_tree`);
+the link and its target are left as they are.  A journal that names anything
+but entries of ``audits/`` and ``model_cards/`` is refused the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from hf_rksp.errors import OutputError
+from hf_rksp.errors import OutputError, SecretError
+from hf_rksp.utils.secrets import WHAT, active_tokens, has_secret_bytes
 
 PARENTS = ("audits", "model_cards")
 JOURNAL = ".publish-{slug}.json"
@@ -36,6 +44,7 @@ JOURNAL = ".publish-{slug}.json"
 
 def check_out_dir(out_dir: Path) -> None:
     """Fail before any work when results could not be written under ``out_dir``; writes nothing."""
+    check_output_tree(out_dir)
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
         raise OutputError(f"`out_dir` {out_dir} exists and is not a directory")
@@ -47,6 +56,69 @@ def check_out_dir(out_dir: Path) -> None:
             pass
     except OSError as e:
         raise OutputError(f"`out_dir` {out_dir}: cannot write in {existing}: {e.strerror or e}") from None
+
+
+def _entries(d: Path) -> list[Path]:
+    """The entries of folder ``d`` (none when it is absent, a link or not a folder)."""
+    if d.is_symlink() or not d.is_dir():
+        return []
+    return sorted(Path(e.path) for e in os.scandir(d))
+
+
+def check_output_tree(out_dir: str | Path, slug: str | None = None) -> None:
+    """Refuse (OutputError, one line) a symbolic link where hf-rksp writes, renames or deletes under
+    ``out_dir``: ``audits/``, ``model_cards/``, ``audits/.partial/``, its folders and their files, the
+    publish journals, and (given ``slug``) ``audits/<slug>/``, ``model_cards/<slug>/`` and their files.
+
+    Refusing, rather than replacing the link, is the documented choice: a link there was put by someone on
+    purpose, and neither it nor what it points to (outside the output folder, or not) is hf-rksp's to change.
+    ``out_dir`` itself may be a link: it is the folder the user named.  Reads links, follows none.
+    """
+    out_dir = Path(out_dir)
+    parents = [out_dir / p for p in PARENTS]
+    partial = out_dir / "audits" / ".partial"
+    paths = [*parents, partial, *_entries(partial)]
+    paths += [f for d in _entries(partial) for f in _entries(d)]
+    paths += [j for j in _entries(out_dir / "audits") if j.name.startswith(".publish-")]
+    if slug is not None:
+        for folder in (p / slug for p in parents):
+            paths += [folder, *_entries(folder)]
+    for p in paths:
+        if p.is_symlink():
+            raise OutputError(f"{p} is a symbolic link: hf-rksp writes only real folders and files inside "
+                              f"`out_dir` and never follows, moves or deletes a link there (remove the link, "
+                              f"or point `out_dir` at the folder it names)")
+
+
+def check_contents(slug: str, contents: dict[str, dict[str, bytes]]) -> None:
+    """No file about to be written holds a Hugging Face token (token-shaped or the active one): SecretError
+    naming the file, never the value; nothing is written."""
+    tokens = active_tokens()
+    for parent, files in contents.items():
+        for name, data in files.items():
+            if has_secret_bytes(data, tokens):
+                where = f"{parent}/{slug}/{name}"
+                raise SecretError(f"{where} would hold {WHAT}: refused, nothing was written (a source id, "
+                                  "`name` or path in the audit carries it)", path=where)
+
+
+def _check_steps(out_dir: Path, journal: Path, steps) -> None:
+    """A journal's renames name entries of ``audits/`` and ``model_cards/`` only (no link among them):
+    anything else is not a journal hf-rksp wrote, and is refused before any rename."""
+    def inside(rel) -> bool:
+        parts = Path(rel).parts if isinstance(rel, str) else ()
+        return (len(parts) == 2 and parts[0] in PARENTS and parts[1] not in (".", "..", ".partial")
+                and not Path(rel).is_absolute())
+
+    if not isinstance(steps, list) or not all(
+            isinstance(s, dict) and all(inside(s.get(k)) for k in ("staged", "target", "backup")) for s in steps):
+        raise OutputError(f"{journal} names paths outside `out_dir`'s audits/ and model_cards/: it is not a "
+                          "journal hf-rksp wrote; nothing was changed (inspect and remove it)")
+    for s in steps:
+        for k in ("staged", "target", "backup"):
+            if (out_dir / s[k]).is_symlink():
+                raise OutputError(f"{out_dir / s[k]} is a symbolic link: hf-rksp never follows, moves or "
+                                  "deletes a link inside `out_dir` (remove the link)")
 
 
 def _fsync_dir(d: Path) -> None:
@@ -130,6 +202,7 @@ def _finish(out_dir: Path, journal: Path, steps: list[dict]) -> None:
 def recover(out_dir: str | Path) -> None:
     """Complete what a killed publish left in ``out_dir`` (journals), and drop orphaned staging folders."""
     out_dir = Path(out_dir)
+    check_output_tree(out_dir)
     if not (out_dir / "audits").is_dir():
         return
     with locked(out_dir):
@@ -139,6 +212,7 @@ def recover(out_dir: str | Path) -> None:
             except (OSError, ValueError, KeyError, TypeError):
                 journal.unlink(missing_ok=True)  # written before any rename: nothing to complete
                 continue
+            _check_steps(out_dir, journal, steps)
             _roll_forward(out_dir, steps)
             _finish(out_dir, journal, steps)
         for tmp in (out_dir / "audits").glob(".publish-*.tmp"):
@@ -168,6 +242,8 @@ def publish(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]
     writing fails; see the module docstring for what a crash leaves and how the next run completes it.
     """
     out_dir = Path(out_dir)
+    check_output_tree(out_dir, slug)
+    check_contents(slug, contents)
     created = [d for d in (out_dir, *(out_dir / p for p in contents)) if not d.exists()]
     staged: list[Path] = []
     try:

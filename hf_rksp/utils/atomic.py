@@ -1,4 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+A symbolic link at the path is replaced by the new file (``os.replace`` renames over the link), never
+followed: what it pointed to is left as it was.  The folder is taken as given (an output folder's links are
+refused before writing: ``hf_rksp.publish.local.check_output_tree``).
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import re
 
-from hf_rksp.errors import ConfigError
+from hf_rksp.errors import ConfigError, SecretError
+from hf_rksp.utils import secrets
 
 #: the most calibration tokens an audit takes (2^24: 8 times a 7B model's hidden size squared in tokens
 #: would already be hours of forward passes on a CPU; the paper uses 2048)
@@ -52,8 +53,19 @@ def check_device(name: str) -> None:
         raise ConfigError(f"must be cpu, cuda, cuda:N, mps or auto, got {name!r}", param="device")
 
 
+def check_no_secret(value, param: str, tokens=None) -> None:
+    """``value`` (a string the user gave that ends up in a repo id, revision, name, title, path or file) holds
+    no Hugging Face token: token-shaped or an active one (``tokens``; None: ``secrets.active_tokens()``).
+    The refusal names ``param``, never the value."""
+    if isinstance(value, str) and secrets.has_secret(value, tokens):
+        raise SecretError(f"looks like {secrets.WHAT}: refused, so that it is never published or printed "
+                          "(give the token through HF_TOKEN or hf auth login only)", param=param)
+
+
 def check_hub_id(value: str, param: str) -> None:
-    """A Hub repo id (``name`` or ``org/name``): it names files and folders, so '..' or a newline is refused."""
+    """A Hub repo id (``name`` or ``org/name``): it names files and folders, so '..' or a newline is refused,
+    and so is a token (:func:`check_no_secret`)."""
+    check_no_secret(value, param)
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -63,10 +75,18 @@ def check_hub_id(value: str, param: str) -> None:
         raise ConfigError(f"must be a Hub repo id like org/name: {str(e).splitlines()[0][:200]}", param=param) from None
 
 
+def check_repo_id(value: str, param: str = "repo_id") -> None:
+    """A repo to push to: a Hub repo id of the form USER/NAME (and no token, :func:`check_hub_id`)."""
+    check_hub_id(value, param)
+    if value.count("/") != 1:
+        raise ConfigError(f"must look like USER/NAME, got {value!r}", param=param)
+
+
 def check_revision(value: str | None, param: str = "revision") -> None:
     """A branch, tag or commit the Hub can take (git's ref-name rules, as the real push applies them)."""
     if value is None:
         return
+    check_no_secret(value, param)
     if not value or len(value) > 255 or BAD_REF.search(value):
         raise ConfigError(f"is not a valid branch, tag or commit name: {value!r}", param=param)
 

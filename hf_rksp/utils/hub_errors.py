@@ -1,6 +1,7 @@
 """The one place a Hugging Face Hub failure (download or upload) becomes a :class:`~hf_rksp.errors.HubError`.
 
-One line per failure class, in library terms; the token, when given, never appears in it.  The original
+One line per failure class, in library terms; the token (given, or active) and any token-shaped string never
+appear in it (``hf_rksp.utils.secrets.redact``).  The original
 exception stays chained (``raise hub_error(...) from e``), so its traceback reaches the debug log.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 
 from hf_rksp.errors import HubError
+from hf_rksp.utils.secrets import active_tokens, redact
 
 INDEX = "model.safetensors.index.json"
 
@@ -67,6 +69,5 @@ def hub_error(e: Exception, *, repo_id: str, action: str, revision: str | None =
             where = "the local Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if offline() else
                                                       " or the Hub (no network?)")
             msg = f"could not load {repo_id!r} from {where}: {str(e).splitlines()[0]}"
-    if token:
-        msg = msg.replace(token, "***")
+    msg = redact(msg, (*active_tokens(), *((token,) if token else ())))
     return HubError(msg, repo_id=repo_id, filename=filename, revision=revision)
