@@ -81,8 +81,13 @@ def test_push_own_repo_one_commit(capsys, audited, online):
     assert "model-index" in card and "near_unit_mass" in card
     assert "1 commit" in out or "one commit" in out
     assert_no_token(hub, audited, out, err)
-    # the token travelled only in the Authorization header
+    # the token travelled only in the Authorization header, on every request of ours; huggingface_hub >= 2.4 may
+    # also fetch its AI-agent registry (/api/agent-harnesses, best-effort telemetry when an agent's environment
+    # variable is set), without the header: that request carries no token, which is what matters here
     for r in hub.requests:
+        if r["path"] == "/api/agent-harnesses":
+            assert "hf_" not in str(r["headers"]), r["path"]
+            continue
         auth = {k.lower(): v for k, v in r["headers"].items()}.get("authorization")
         assert auth == f"Bearer {TOKEN}", (r["path"], auth)
 
