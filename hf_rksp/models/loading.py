@@ -383,6 +383,35 @@ def checkpoint_dir(source: Source) -> Path:
                     "(drop `stream`)")
 
 
+def _file_identity(path: Path) -> dict:
+    """A weights file as a resume compares it: its name, size and modification time (of the file a link points to)."""
+    st = Path(path).resolve().stat()
+    return {"file": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def weights_identity(loaded: LoadedModel) -> dict:
+    """The identity of the weights a streamed audit reads, for its resume key (``hf_rksp.capture.streaming``).
+
+    A safetensors directory: its config, index and every shard (name, size, mtime); a GGUF file: the same
+    of the file; a Hub checkpoint: the repo and the commit it resolved to (and its cached index); at init:
+    nothing is read.  Progress saved with another identity is not resumed.
+    """
+    from hf_rksp.models.checkpoints.safetensors import SafetensorsCheckpoint
+
+    src, ckpt = loaded.source, loaded.checkpoint
+    if src.init:
+        return {"init": True}
+    if isinstance(ckpt, GGUFCheckpoint) or src.kind == "gguf":
+        return {"gguf": _file_identity(src.gguf_path), "revision": src.revision}
+    if isinstance(ckpt, HubCheckpoint):
+        return {"hub": ckpt.repo_id, "revision": src.revision or ckpt.revision,
+                "index": _file_identity(Path(ckpt.index_path))}
+    d = Path(ckpt)
+    names = sorted({p.name for p in SafetensorsCheckpoint(d).files.values()}
+                   | {n for n in ("config.json", "model.safetensors.index.json") if (d / n).is_file()})
+    return {"dir": str(d.resolve()), "revision": src.revision, "files": [_file_identity(d / n) for n in names]}
+
+
 def load_for_streaming(
     source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False,
     low_disk: bool = False,

@@ -24,6 +24,7 @@ from hf_rksp.models.loading import (
     load_for_streaming,
     load_model,
     resolve_source,
+    weights_identity,
 )
 from hf_rksp.models.placement import placement_kwargs, plan_for
 from hf_rksp.models.weights import CheckpointWeights, InitWeights
@@ -129,7 +130,7 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
         weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
     else:
         weights = CheckpointWeights(loaded.model, loaded.checkpoint, dtype, device)
-    resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
+    resume = ResumeState(resume_dir, resume_key, weights_identity(loaded)) if resume_dir is not None else None
     routers = RouterRecorder(find_routers(blocks))
 
     def profile_block(i, x, y):  # router statistics join each block's record, so they survive a resume
