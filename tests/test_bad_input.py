@@ -154,6 +154,12 @@ CASES = [
          r"--max-memory: size must be a number"),
     Case("name-newline", 8, audit("{tok}", *SMALL, "--name", "org/a\nb"), 2, r"--name: must be a Hub repo id"),
     Case("name-dotdot", 8, audit("{tok}", *SMALL, "--name", ".."), 2, r"--name: must be a Hub repo id"),
+    Case("corrupt-tokenizer", 8, audit("{bad_tok}", *SMALL), 2,
+         r"tokenizer of .*bad_tok \(tokenizer\.json, tokenizer_config\.json\) cannot be loaded"),
+    Case("empty-tokenizer-vocab", 8, audit("{empty_tok}", *SMALL), 2,
+         r"tokenizer of .*empty_tok \(tokenizer\.json.*\) loads with no usable vocabulary"),
+    Case("no-tokenizer-says-random-ids", 8, audit("{notok}", *SMALL[:-1]), 0, None, writes=True,
+         expect=("audits/notok/audit.json",)),
     # 9. one line on stderr, whatever the libraries say
     Case("usage-error-one-line", 9, audit("{tok}", "--tokens", "abc"), 2, r"argument --tokens: invalid int"),
     Case("choices-error-one-line", 9, audit("{tok}", "--device-map", "nope"), 2, r"argument --device-map"),
@@ -260,6 +266,10 @@ def fx(tmp_path_factory) -> dict[str, Path]:
         d, "h.1.attn.c_attn.weight", lambda t: torch.full_like(t, float("nan"))))
     p["extra_keys"] = _variant(root, good, "extra_keys", lambda d: _add_tensor(d, "h.0.unexpected.weight"))
     p["notok"] = save_checkpoint(root / "notok")
+    p["bad_tok"] = _variant(root, good, "bad_tok", lambda d: (d / "tokenizer.json").write_text('{"model": 1'))
+    p["empty_tok"] = _variant(root, good, "empty_tok", lambda d: (d / "tokenizer.json").write_text(json.dumps(
+        {**json.loads((d / "tokenizer.json").read_text()), "model": {"type": "WordLevel", "vocab": {"[UNK]": 0},
+                                                                      "unk_token": "[UNK]"}})))
 
     short = root / "short_max_len"
     shutil.copytree(good, short)
@@ -521,6 +531,12 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         _assert_pair(out, "new")
     if case.id == "interrupted-stream-keeps-progress":
         assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    if case.id == "no-tokenizer-says-random-ids":  # the one fallback to random ids: said on stderr and recorded
+        said = [ln for ln in lines if ln.startswith("hf-rksp: ")]  # (not -q: it hides warnings with the bars)
+        assert len(said) == 1 and re.search(r"warning: .*notok has no tokenizer .*random token ids", said[0]), err
+        inputs = json.loads((out / "audits" / "notok" / "audit.json").read_text())["inputs"]
+        assert inputs["origin"] == "random-token-ids" and inputs["reason"] == "the model has no tokenizer"
+        assert "random-token-ids" in (out / "model_cards" / "notok" / "README.md").read_text()
     if case.id == "compare-json-overflow":
         assert json.loads(stdout)["summary"]["resdmd_residual_max_mean"]["delta"] is None
     if case.writes and rc == 0:

@@ -16,9 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_rksp.errors import ConfigError, RKSPError, SourceError
+from hf_rksp.errors import ConfigError, RKSPError, SourceError, TokenizerError
 from hf_rksp.models.blocks import BLOCK_PATHS, find_blocks, supported_families
-from hf_rksp.models.checkpoints.gguf import GGUFCheckpoint, per_tensor, shared_reader
+from hf_rksp.models.checkpoints.gguf import (
+    GGUFCheckpoint,
+    open_reader,
+    per_tensor,
+    shared_reader,
+)
 from hf_rksp.models.checkpoints.hub import HubCheckpoint, fetch_gguf
 from hf_rksp.models.config import check_config
 from hf_rksp.models.init import seeded_init
@@ -242,8 +247,34 @@ def _from_pretrained(auto_cls, source: Source, local_files_only: bool, **kwargs)
     return auto_cls.from_pretrained(source.id, revision=source.revision, local_files_only=local_files_only, **kwargs)
 
 
+#: files that hold a tokenizer (or say there is one): any of them present, the model has a tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def tokenizer_files(source: Source) -> list[str]:
+    """The tokenizer files ``source`` has where the audit can see them (the directory, the GGUF file's
+    ``tokenizer.ggml.*`` metadata, the HF cache for a hub id); [] when it has no tokenizer."""
+    if source.kind == "config":
+        return []
+    if source.kind == "gguf":
+        reader = open_reader(source.gguf_path)
+        return ["tokenizer.ggml.tokens"] if "tokenizer.ggml.tokens" in reader.fields else []
+    if source.kind == "dir":
+        return [f for f in TOKENIZER_FILES if (Path(source.path) / f).is_file()]
+    from huggingface_hub import try_to_load_from_cache
+
+    return [f for f in TOKENIZER_FILES
+            if isinstance(try_to_load_from_cache(source.id, f, revision=source.revision), str)]
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
-    """The tokenizer next to the model, or None when there is none offline (random ids then)."""
+    """The tokenizer next to the model, or None when the model has none (the audit then runs on seeded
+    random token ids, and says so).
+
+    A tokenizer that is there (:func:`tokenizer_files`) but does not load, or loads with no usable
+    vocabulary, is a :class:`~hf_rksp.errors.TokenizerError`: never a silent fallback to random ids.
+    """
     from transformers import AutoTokenizer
 
     if source.kind == "config":
@@ -251,13 +282,24 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     try:
         tok = _from_pretrained(AutoTokenizer, source, local_files_only=source.init or _offline(), **kwargs)
-    except Exception:
+    except Exception as e:  # noqa: BLE001  transformers and tokenizers raise many types; the files decide
+        _no_tokenizer_or_raise(source, f"cannot be loaded: {(str(e).splitlines() or [type(e).__name__])[0][:300]}")
         return None
     # transformers builds an empty (or specials-only) tokenizer from a directory without vocab files
     ids = tok("The residual stream of a transformer.", add_special_tokens=False)["input_ids"]
     if len(tok) < 256 or not ids or all(i == tok.unk_token_id for i in ids):
+        _no_tokenizer_or_raise(source, f"loads with no usable vocabulary ({len(tok)} tokens; a plain sentence "
+                                       "reads as unknown or nothing)")
         return None
     return tok
+
+
+def _no_tokenizer_or_raise(source: Source, why: str) -> None:
+    """Return when ``source`` has no tokenizer files at all; else raise TokenizerError saying ``why``."""
+    found = tokenizer_files(source)
+    if found:
+        raise TokenizerError(f"the tokenizer of {source.id} ({', '.join(found)}) {why}; repair or replace it "
+                             "(only a model with no tokenizer is calibrated on random token ids)", files=found)
 
 
 def check_memory(config, dtype: torch.dtype, device: str) -> None:

@@ -108,9 +108,12 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
         return cal.from_file(opts.text, tok, opts.tokens, opts.seq_len)
     if tok is not None:
         return cal.from_embedded(tok, opts.tokens, opts.seq_len)
-    if not loaded.source.init:
-        logger.warning("no tokenizer found for %s: calibrating on seeded random token ids", loaded.source.id)
-    return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
+    calib = cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
+    if not loaded.source.init:  # a tokenizer that is there but does not load failed in load_tokenizer
+        logger.warning("%s has no tokenizer (none of its files): calibrating on seeded random token ids, "
+                       "recorded as inputs.origin random-token-ids", loaded.source.id)
+        calib.detail["reason"] = "the model has no tokenizer"
+    return calib
 
 
 def check_options(opts: AuditOptions, *, init: bool = False) -> None:
