@@ -581,6 +581,81 @@ def test_kill_at_every_rename_leaves_the_old_or_the_new_pair(fx, tmp_path):
     assert seen == {"2099", read_audit(fx["good"]).created[:4]}  # killed before and after the point of no return
 
 
+#: the system calls a publish makes, each a step Ctrl-C can land before
+PUBLISH_STEPS = ("open", "mkdir", "chmod", "fsync", "rename", "replace", "unlink", "rmdir")
+
+
+def _interrupt_at(monkeypatch, n: int) -> list[int]:
+    """Ctrl-C before the ``n``-th call of any of PUBLISH_STEPS (then they run as usual); returns the count."""
+    count = [0]
+
+    def wrapped(real):
+        def call(*a, **k):
+            count[0] += 1
+            if count[0] == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return call
+
+    for name in PUBLISH_STEPS:
+        monkeypatch.setattr(os, name, wrapped(getattr(os, name)))
+    return count
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["over-an-earlier-audit", "into-a-fresh-folder"])
+def test_ctrl_c_at_every_publish_step_says_the_folder_state(fx, tmp_path, monkeypatch, capfd, earlier):
+    """Ctrl-C before each system call of `audit --from-audit NEWER` in turn (recovery, staging, journal,
+    renames, clean-up): the one stderr line says exactly which audit the slug's folders hold, nothing hidden
+    is left, and the next command's recovery changes nothing (issue 29: it said "nothing was written" after
+    the new audit had replaced the earlier one)."""
+    from hf_rksp.publish.local import recover
+    from hf_rksp.record.records import read_audit
+    from hf_rksp.report import plots
+
+    png = (fx["good"] / "spectrum.png").read_bytes()
+    monkeypatch.setattr(plots, "drawn", lambda fn, audit: png)  # the PNGs are not what is tested: skip drawing
+    newer = tmp_path / "newer.json"
+    newer.write_text(_newer(read_audit(fx["good"])).to_json())
+
+    def run(n: int, out: Path) -> tuple[int, str]:
+        if earlier:
+            shutil.copytree(fx["good_out"], out)
+        with monkeypatch.context() as m:
+            count = _interrupt_at(m, n)
+            rc, _, err = _run(["audit", "--from-audit", str(newer), "--out-dir", str(out), "-q"], capfd)
+        return rc, err, count[0]
+
+    rc, _, n_steps = run(10**6, tmp_path / "probe")
+    assert rc == 0 and n_steps >= 20, n_steps
+    said = set()
+    for n in range(1, n_steps + 1):
+        out = tmp_path / f"o{n}" / "out"
+        out.parent.mkdir()
+        rc, err, _ = run(n, out)
+        lines = err.strip().splitlines()
+        assert rc == 130 and len(lines) == 1 and lines[0].startswith("hf-rksp: interrupted"), (n, err)
+        line = lines[0]
+        if not out.exists():
+            state = "absent"
+        else:
+            _assert_pair(out, "either")  # the same run's audit and card, nothing hidden left
+            state = "new" if json.loads((out / "audits" / SLUG / "audit.json").read_text())["created"].startswith(
+                "2099") else "earlier"
+        before = tree_hash(out)
+        recover(out) if out.exists() else None
+        assert tree_hash(out) == before, f"step {n}: a publish was left pending"
+        if "hold the new audit" in line:
+            assert state == "new", (n, line)
+            assert ("replaced the earlier one" in line) == earlier, (n, line)
+        elif "still hold the earlier audit, unchanged" in line or "wrote nothing" in line:
+            assert state == ("earlier" if earlier else "absent"), (n, line)
+        else:  # true of a fresh folder, and of one whose earlier audit is untouched
+            assert re.fullmatch(r"hf-rksp: interrupted; nothing was written", line), (n, line)
+            assert state == ("earlier" if earlier else "absent"), (n, line)
+        said.add(state)
+    assert said == {"new", "earlier" if earlier else "absent"}  # Ctrl-C landed before and after the switch
+
+
 def test_resume_after_sigkill(fx, tmp_path):
     """A streamed audit SIGKILLed after block 1's progress is saved resumes (a new process) to the same blocks."""
     out = tmp_path / "out"

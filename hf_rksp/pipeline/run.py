@@ -31,7 +31,7 @@ from hf_rksp.models.weights import CheckpointWeights, InitWeights
 from hf_rksp.pipeline.options import AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
 from hf_rksp.pipeline.validation import check_audit_options
-from hf_rksp.publish.local import check_out_dir, publish
+from hf_rksp.publish.local import check_out_dir, interrupted, publish
 from hf_rksp.record.records import (
     AuditRecord,
     InputsRecord,
@@ -341,10 +341,18 @@ def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     text = audit.to_json().encode("utf-8")
     spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)
     card = render_card(audit).encode("utf-8")
-    done = publish(out_dir, audit.slug, {
+    contents = {
         "audits": {"audit.json": text, "spectrum.png": spectrum, "profile.png": profile},
         "model_cards": {"README.md": card, "spectrum.png": spectrum, "profile.png": profile},
-    })
+    }
+    out = Path(out_dir)
+    created = [d for d in (out, *out.parents, out / "audits", out / "model_cards") if not d.exists()]
+    had_earlier = (out / "audits" / audit.slug).exists()
+    try:
+        done = publish(out_dir, audit.slug, contents)
+    except KeyboardInterrupt:  # Ctrl-C at any step: the message says exactly what the folder holds now
+        raise AuditInterrupted(interrupted(out_dir, audit.slug, contents, had_earlier=had_earlier,
+                                           created=created)) from None
     audit_dir, card_dir = done["audits"], done["model_cards"]
     return {
         "audit": str(audit_dir / "audit.json"),
