@@ -154,6 +154,14 @@ CASES = [
          r"--max-memory: size must be a number"),
     Case("name-newline", 8, audit("{tok}", *SMALL, "--name", "org/a\nb"), 2, r"--name: must be a Hub repo id"),
     Case("name-dotdot", 8, audit("{tok}", *SMALL, "--name", ".."), 2, r"--name: must be a Hub repo id"),
+    Case("output-name-232-bytes", 8, audit("{n232}", *SMALL), 2,
+         r"output name '" + "n" * 57 + r"\.\.\.' is 232 bytes; the names made from it reach 256 bytes, more than "
+         r"the 255 a file name may have \(at most 231 for the name itself\); choose the name with --name"),
+    Case("output-name-231-bytes", 7, audit("{n231}", *SMALL), 0, None, writes=True,
+         expect=("audits/" + "n" * 231 + "/audit.json",)),
+    Case("output-name-newline", 8, audit("{newline}", *SMALL), 2, r"output name 'tok\\nx' holds '\\n'"),
+    Case("output-name-hidden", 8, audit("{hidden}", *SMALL), 2, r"output name '\.tok' is empty or starts with"),
+    Case("output-name-init-suffix", 8, audit("{n228}", "--init", *SMALL), 2, r"is 234 bytes"),
     Case("corrupt-tokenizer", 8, audit("{bad_tok}", *SMALL), 2,
          r"tokenizer of .*bad_tok \(tokenizer\.json, tokenizer_config\.json\) cannot be loaded"),
     Case("empty-tokenizer-vocab", 8, audit("{empty_tok}", *SMALL), 2,
@@ -266,6 +274,10 @@ def fx(tmp_path_factory) -> dict[str, Path]:
         d, "h.1.attn.c_attn.weight", lambda t: torch.full_like(t, float("nan"))))
     p["extra_keys"] = _variant(root, good, "extra_keys", lambda d: _add_tensor(d, "h.0.unexpected.weight"))
     p["notok"] = save_checkpoint(root / "notok")
+    for n in (228, 231, 232):
+        p[f"n{n}"] = _variant(root, good, "n" * n, lambda d: None)
+    p["newline"] = _variant(root, good, "tok\nx", lambda d: None)
+    p["hidden"] = _variant(root, good, ".tok", lambda d: None)
     p["bad_tok"] = _variant(root, good, "bad_tok", lambda d: (d / "tokenizer.json").write_text('{"model": 1'))
     p["empty_tok"] = _variant(root, good, "empty_tok", lambda d: (d / "tokenizer.json").write_text(json.dumps(
         {**json.loads((d / "tokenizer.json").read_text()), "model": {"type": "WordLevel", "vocab": {"[UNK]": 0},
@@ -654,6 +666,24 @@ def test_ctrl_c_at_every_publish_step_says_the_folder_state(fx, tmp_path, monkey
             assert state == ("earlier" if earlier else "absent"), (n, line)
         said.add(state)
     assert said == {"new", "earlier" if earlier else "absent"}  # Ctrl-C landed before and after the switch
+
+
+def test_output_name_is_checked_before_the_model_loads(fx, tmp_path, monkeypatch, capfd):
+    """A name that cannot be written fails before any model is loaded or calibrated (issue 29: it failed only
+    after the whole audit had run)."""
+    from hf_rksp.pipeline import run
+
+    def never(*a, **k):
+        raise AssertionError("loaded too early")
+
+    monkeypatch.setattr(run, "load_model", never)
+    monkeypatch.setattr(run, "load_for_streaming", never)
+    monkeypatch.setattr(run, "plan_for", never)
+    for argv in ([str(fx["n232"])], [str(fx["n232"]), "--stream"], [str(fx["newline"])],
+                 [str(fx["n228"]), "--init"]):
+        rc, _, err = _run(["audit", *argv, *SMALL, "--out-dir", str(tmp_path / "out")], capfd)
+        assert rc == 2 and "error: the audit's output name" in err and "too early" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_after_sigkill(fx, tmp_path):

@@ -30,7 +30,7 @@ from hf_rksp.models.placement import placement_kwargs, plan_for
 from hf_rksp.models.weights import CheckpointWeights, InitWeights
 from hf_rksp.pipeline.options import AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
-from hf_rksp.pipeline.validation import check_audit_options
+from hf_rksp.pipeline.validation import check_audit_options, check_output_name
 from hf_rksp.publish.local import check_out_dir, interrupted, publish
 from hf_rksp.record.records import (
     AuditRecord,
@@ -296,6 +296,8 @@ def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bo
     device = _device(opts.device)
     src = replace(resolve_source(source, init=init, config_path=config, revision=opts.revision,
                                  gguf_file=opts.gguf_file), name=opts.name)
+    if out_dir is not None:
+        check_output_name(audit_slug(src, opts))  # before any model is loaded
     if opts.low_disk and not opts.stream:
         opts = replace(opts, stream=True)  # --low-disk implies --stream
     plan = plan_for(src, opts)
@@ -338,6 +340,7 @@ def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     failure at any point leaves the previous audit and card of this slug untouched.
     """
     audit.validate()
+    check_output_name(audit.slug)
     text = audit.to_json().encode("utf-8")
     spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)
     card = render_card(audit).encode("utf-8")

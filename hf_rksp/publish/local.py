@@ -211,6 +211,16 @@ def _switch(out_dir: Path, slug: str, pairs: list[tuple[Path, Path]]) -> None:
     _finish(out_dir, journal, steps)
 
 
+def working_names(slug: str) -> list[str]:
+    """Every name a publish of ``slug`` may give a file or folder, each at its longest: the slug's folders,
+    its staging folders and backups (a 7-digit process id, Linux's largest, and 8 random characters) and
+    its journal."""
+    pid, rand = "9" * 7, "x" * 8
+    journal = JOURNAL.format(slug=slug)
+    return [slug, f".{slug}.stage.{pid}.{rand}", f".{slug}.old.{pid}.{rand}", journal,
+            journal.removesuffix(".json") + ".tmp"]
+
+
 def interrupted(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]], *, had_earlier: bool,
                 created: list[Path]) -> str:
     """After Ctrl-C in :func:`publish` of ``contents``: tidy what it left and say what the folder now holds.
