@@ -227,6 +227,9 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
     except RKSPError:
         raise
     except Exception as e:
+        if "custom code" in str(e) and not trust_remote_code:  # transformers' ValueError, offline or not
+            raise SourceError(f"{source.id} holds custom code (its own model classes, named by its config's "
+                              "auto_map): read it, then pass `trust_remote_code` to run it") from e
         if source.kind == "hub":
             raise hub_error(e, repo_id=source.id, action="load", revision=source.revision) from e
         raise SourceError(f"could not read a model config from {source.id}: {str(e).splitlines()[0]}") from e
@@ -302,12 +305,12 @@ def _no_tokenizer_or_raise(source: Source, why: str) -> None:
                              "(only a model with no tokenizer is calibrated on random token ids)", files=found)
 
 
-def check_memory(config, dtype: torch.dtype, device: str) -> None:
+def check_memory(config, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> None:
     """Fail before building a model that cannot fit in RAM whole (the memory planner, without streaming)."""
     if not str(device).startswith("cpu"):
         return
 
-    plan_memory(ModelSizes.of(config, dtype), tokens=0, dtype=str(dtype).replace("torch.", ""), stream=False,
+    plan_memory(ModelSizes.of(config, dtype, trust_remote_code=trust_remote_code), tokens=0, dtype=str(dtype).replace("torch.", ""), stream=False,
                 can_stream=False)
 
 
@@ -335,7 +338,7 @@ def load_model(
     config = load_config(source, trust_remote_code, any_family)
     try:
         if not placement:
-            check_memory(config, torch_dtype, device)
+            check_memory(config, torch_dtype, device, trust_remote_code)
     except RKSPError:
         raise
     except Exception as e:  # the config parses but transformers cannot build it
@@ -475,7 +478,7 @@ def load_for_streaming(
         ckpt = checkpoint_dir(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
-        model = build_meta_model(config, torch_dtype)
+        model = build_meta_model(config, torch_dtype, trust_remote_code)
     except Exception as e:
         raise SourceError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from e
     if source.kind == "gguf" and not source.init:
