@@ -104,6 +104,9 @@ CASES = [
     Case("deep-nesting", 4, ("compare", "{deep}", "{good}"), 2, r"not a valid JSON audit"),
     Case("not-utf8", 4, ("push", "{latin1}", "--repo-id", "a/b", "--dry-run"), 2, r"not a valid UTF-8"),
     Case("huge-list", 4, audit("--from-audit", "{huge_list}"), 2, r"^.{0,600}$"),
+    Case("sparse-390-mb", 4, audit("--from-audit", "{sparse}"), 2,
+         r"is 408944640 bytes, more than an audit file may be \(67108864 bytes, 64 MiB\): refused before reading"),
+    Case("sparse-at-the-cap", 4, ("compare", "{at_cap}", "{good}"), 2, r"at_cap/audit\.json is not a valid JSON audit"),
     Case("eigenvalues-missing", 4, audit("--from-audit", "{no_eigs}"), 2, r"block 0 has m = \d+ but 0 eigenvalues"),
     Case("value-beyond-any-axis", 4, audit("--from-audit", "{huge_eta}"), 0, None, writes=True),
     Case("slug-dotdot", 4, audit("--from-audit", "{slug_dotdot}"), 2, r"does not match schema .* at slug"),
@@ -332,6 +335,11 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["latin1"] = _audit_variant(root, g, "latin1", lambda t: t.replace('"slug"', '"sl\xe9g"').encode("latin-1",
                                                                                                       "replace"))
     p["huge_list"] = _audit_variant(root, g, "huge_list", lambda t: _with(data, "blocks", [1] * 2_000_000))
+    for name, size in (("sparse", 390 * 2**20), ("at_cap", 64 * 2**20)):  # holes: no disk, no time to write
+        p[name] = root / "audits" / name
+        p[name].mkdir()
+        with open(p[name] / "audit.json", "wb") as f:
+            f.truncate(size)
     p["no_eigs"] = _audit_variant(root, g, "no_eigs", lambda t: _with(data, "blocks.0.eigenvalues", []))
     p["huge_eta"] = _audit_variant(root, g, "huge_eta", lambda t: _with(data, "blocks.0.nonlinearity_ratio", 1e308))
     p["slug_dotdot"] = _audit_variant(root, g, "slug_dotdot", lambda t: _with(data, "slug", ".."))

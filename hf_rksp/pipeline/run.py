@@ -33,6 +33,7 @@ from hf_rksp.pipeline.risk import assess_summary
 from hf_rksp.pipeline.validation import check_audit_options, check_output_name
 from hf_rksp.publish.local import check_out_dir, interrupted, publish
 from hf_rksp.record.records import (
+    MAX_BYTES,
     AuditRecord,
     InputsRecord,
     MethodRecord,
@@ -342,6 +343,9 @@ def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     audit.validate()
     check_output_name(audit.slug)
     text = audit.to_json().encode("utf-8")
+    if len(text) > MAX_BYTES:  # written all the same (hours of work), but said: the readers refuse it
+        logger.warning("audit.json is %d bytes, more than the %d that --from-audit, compare and push read",
+                       len(text), MAX_BYTES)
     spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)
     card = render_card(audit).encode("utf-8")
     contents = {
