@@ -93,6 +93,8 @@ CASES = [
     Case("disk-full-saving-progress", 3, audit("{tok}", *STREAM), 2, r"could not save the progress.*No space",
          setup="progress_enospc"),
     Case("tampered-progress", 3, audit("{tok}", *STREAM), 0, None, writes=True, setup="tampered_progress"),
+    Case("progress-of-other-weights", 3, audit("{reweighted}", *STREAM), 0, None, writes=True,
+         setup="weights_changed_after_interrupt", expect=("audits/reweighted/audit.json",)),
     # 4. an audit.json that passes the schema (or nearly) must not crash any reader
     Case("nan", 4, audit("--from-audit", "{nan}"), 2, r"NaN, which JSON does not allow"),
     Case("infinity", 4, ("compare", "{good}", "{inf}"), 2, r"Infinity, which JSON does not allow"),
@@ -169,7 +171,7 @@ CASES = [
          r"tokenizer of .*bad_tok \(tokenizer\.json, tokenizer_config\.json\) cannot be loaded"),
     Case("empty-tokenizer-vocab", 8, audit("{empty_tok}", *SMALL), 2,
          r"tokenizer of .*empty_tok \(tokenizer\.json.*\) loads with no usable vocabulary"),
-    Case("no-tokenizer-says-random-ids", 8, audit("{notok}", *SMALL[:-1]), 0, None, writes=True,
+    Case("no-tokenizer-says-random-ids", 8, audit("{notok}", *SMALL), 0, None, writes=True,
          expect=("audits/notok/audit.json",)),
     # 9. one line on stderr, whatever the libraries say
     Case("usage-error-one-line", 9, audit("{tok}", "--tokens", "abc"), 2, r"argument --tokens: invalid int"),
@@ -277,6 +279,7 @@ def fx(tmp_path_factory) -> dict[str, Path]:
         d, "h.1.attn.c_attn.weight", lambda t: torch.full_like(t, float("nan"))))
     p["extra_keys"] = _variant(root, good, "extra_keys", lambda d: _add_tensor(d, "h.0.unexpected.weight"))
     p["notok"] = save_checkpoint(root / "notok")
+    p["reweighted"] = _variant(root, good, "reweighted", lambda d: None)  # its block 0 changes in its row
     for n in (228, 231, 232):
         p[f"n{n}"] = _variant(root, good, "n" * n, lambda d: None)
     p["newline"] = _variant(root, good, "tok\nx", lambda d: None)
@@ -410,6 +413,15 @@ def _interrupt(fx, out, monkeypatch):
     interrupt_block(monkeypatch, 2)
 
 
+def _weights_changed_after_interrupt(fx, out, monkeypatch):
+    """Ctrl-C at block 2 of a streamed audit, then block 0's shard rewritten with other values."""
+    with monkeypatch.context() as m:
+        _interrupt(fx, out, m)
+        assert main(["audit", str(fx["reweighted"]), *STREAM, "--out-dir", str(out)]) == 130
+    assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    _rewrite(fx["reweighted"], "h.0.attn.c_attn.weight", lambda t: torch.flip(t, dims=[0]).contiguous())
+
+
 def _tampered_progress(fx, out, monkeypatch):
     with monkeypatch.context() as m:
         _interrupt(fx, out, m)
@@ -437,6 +449,7 @@ def _count_offload_dirs(fx, out, monkeypatch):
 
 SETUPS = {"low_memory": _low_memory, "card_rename_fails": _card_rename_fails, "staging_enospc": _staging_enospc,
           "progress_enospc": _progress_enospc, "interrupt": _interrupt, "tampered_progress": _tampered_progress,
+          "weights_changed_after_interrupt": _weights_changed_after_interrupt,
           "killed_publish": _killed_publish, "count_offload_dirs": _count_offload_dirs}
 
 
@@ -551,8 +564,17 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         _assert_pair(out, "new")
     if case.id == "interrupted-stream-keeps-progress":
         assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    if case.id == "progress-of-other-weights":  # started over, said why, and equals a fresh audit
+        from hf_rksp import audit as run_audit
+
+        got = json.loads((out / "audits" / "reweighted" / "audit.json").read_text())
+        fresh = run_audit(str(fx["reweighted"]), out_dir=None, stream=True, tokens=128, seq_len=64, progress=False)
+        assert "resumed_at_block" not in got["timings"] and got["blocks"] == fresh.data["blocks"]
+        said = [ln for ln in lines if "other weights" in ln]
+        assert len(said) == 1 and re.search(r"warning: .*\(model-0000\d-of-0000\d\.safetensors changed: its "
+                                            r"modification time differs\): starting over", said[0]), err
     if case.id == "no-tokenizer-says-random-ids":  # the one fallback to random ids: said on stderr and recorded
-        said = [ln for ln in lines if ln.startswith("hf-rksp: ")]  # (not -q: it hides warnings with the bars)
+        said = [ln for ln in lines if ln.startswith("hf-rksp: ")]  # -q hides progress bars, not this
         assert len(said) == 1 and re.search(r"warning: .*notok has no tokenizer .*random token ids", said[0]), err
         inputs = json.loads((out / "audits" / "notok" / "audit.json").read_text())["inputs"]
         assert inputs["origin"] == "random-token-ids" and inputs["reason"] == "the model has no tokenizer"

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_option(group, f, meta)
     r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
     r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars (hf-rksp's own warnings still print)")
     r.add_argument("--from-audit", metavar="AUDIT_JSON",
                    help="re-render plots and card from an existing audit.json (no model needed)")
     r.add_argument("--push-to", metavar="USER/NAME", help="after writing, push the audit to this Hub repo")
@@ -365,9 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
             return fail(unexpected(e))
-        if not getattr(args, "quiet", False):
-            for message in notices.messages:
-                print(f"hf-rksp: warning: {message}", file=sys.stderr)
+        for message in notices.messages:  # -q hides progress bars, not these (a resume started over, random ids)
+            print(f"hf-rksp: warning: {message}", file=sys.stderr)
         return rc
 
 
