@@ -129,4 +129,3 @@ def check_output_name(slug: str) -> None:
                           f"bytes; the names made from it reach {size} bytes, more than the {NAME_MAX} a file "
                           f"name may have (at most {NAME_MAX - size + len(slug.encode('utf-8', 'surrogateescape'))}"
                           f" for the name itself){fix}")
-

@@ -264,4 +264,3 @@ def interrupted(out_dir: str | Path, slug: str, contents: dict[str, dict[str, by
     words = {"new": "the new audit", "earlier": "an earlier audit", "absent": "nothing"}
     return (f"interrupted while publishing: {a} holds {words[state['audits']]}, {c} "
             f"{words[state['model_cards']]}; rerun the command{why}")
-
