@@ -438,7 +438,8 @@ def weights_identity(loaded: LoadedModel) -> dict:
     """The identity of the weights a streamed audit reads, for its resume key (``hf_rksp.capture.streaming``).
 
     A safetensors directory: its config, index and every shard (name, size, mtime); a GGUF file: the same
-    of the file; a Hub checkpoint: the repo and the commit it resolved to (and its cached index); at init:
+    of the file; a Hub checkpoint: the repo, the commit its shards are read from (the one its index
+    resolved to) and its config's, and its cached index; at init:
     nothing is read.  Progress saved with another identity is not resumed.
     """
     from hf_rksp.models.checkpoints.safetensors import SafetensorsCheckpoint
@@ -449,7 +450,7 @@ def weights_identity(loaded: LoadedModel) -> dict:
     if isinstance(ckpt, GGUFCheckpoint) or src.kind == "gguf":
         return {"gguf": _file_identity(src.gguf_path), "revision": src.revision}
     if isinstance(ckpt, HubCheckpoint):
-        return {"hub": ckpt.repo_id, "revision": src.revision or ckpt.revision,
+        return {"hub": ckpt.repo_id, "revision": ckpt.revision, "config_revision": src.revision,
                 "index": _file_identity(Path(ckpt.index_path))}
     d = Path(ckpt)
     names = sorted({p.name for p in SafetensorsCheckpoint(d).files.values()}
