@@ -9,7 +9,8 @@ Our own bugs are not RKSPErrors: they keep their traceback (the CLI writes it to
     ├── ConfigError                a method or audit parameter out of range
     │   └── SecretError            a Hugging Face token where it would be printed, written or uploaded
     ├── SourceError                the model/checkpoint/config cannot be found or read
-    │   └── HubError               the Hugging Face Hub refused or failed a download or an upload
+    │   ├── HubError               the Hugging Face Hub refused or failed a download or an upload
+    │   └── TokenizerError         the model has a tokenizer, but it cannot be loaded
     ├── SnapshotError              snapshots the method cannot use (too few tokens, constant stream)
     │   └── NonFiniteActivationError
     ├── AuditFileError             an audit.json that cannot be read, is invalid, or is of another method version
@@ -62,6 +63,17 @@ class HubError(SourceError):
 
     def __init__(self, message: str, *, repo_id: str, filename: str | None = None, revision: str | None = None):
         self.repo_id, self.filename, self.revision = repo_id, filename, revision
+        super().__init__(message)
+
+
+class TokenizerError(SourceError):
+    """A model's tokenizer files are there but do not load (or load empty); ``files`` names them.
+
+    Never a fallback to random token ids: those are for models with no tokenizer at all.
+    """
+
+    def __init__(self, message: str, *, files: list[str]):
+        self.files = files
         super().__init__(message)
 
 

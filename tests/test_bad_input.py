@@ -114,6 +114,8 @@ CASES = [
     Case("disk-full-saving-progress", 3, audit("{tok}", *STREAM), 2, r"could not save the progress.*No space",
          setup="progress_enospc"),
     Case("tampered-progress", 3, audit("{tok}", *STREAM), 0, None, writes=True, setup="tampered_progress"),
+    Case("progress-of-other-weights", 3, audit("{reweighted}", *STREAM), 0, None, writes=True,
+         setup="weights_changed_after_interrupt", expect=("audits/reweighted/audit.json",)),
     # 4. an audit.json that passes the schema (or nearly) must not crash any reader
     Case("nan", 4, audit("--from-audit", "{nan}"), 2, r"NaN, which JSON does not allow"),
     Case("infinity", 4, ("compare", "{good}", "{inf}"), 2, r"Infinity, which JSON does not allow"),
@@ -125,6 +127,9 @@ CASES = [
     Case("deep-nesting", 4, ("compare", "{deep}", "{good}"), 2, r"not a valid JSON audit"),
     Case("not-utf8", 4, ("push", "{latin1}", "--repo-id", "a/b", "--dry-run"), 2, r"not a valid UTF-8"),
     Case("huge-list", 4, audit("--from-audit", "{huge_list}"), 2, r"^.{0,600}$"),
+    Case("sparse-390-mb", 4, audit("--from-audit", "{sparse}"), 2,
+         r"is 408944640 bytes, more than an audit file may be \(67108864 bytes, 64 MiB\): refused before reading"),
+    Case("sparse-at-the-cap", 4, ("compare", "{at_cap}", "{good}"), 2, r"at_cap/audit\.json is not a valid JSON audit"),
     Case("eigenvalues-missing", 4, audit("--from-audit", "{no_eigs}"), 2, r"block 0 has m = \d+ but 0 eigenvalues"),
     Case("value-beyond-any-axis", 4, audit("--from-audit", "{huge_eta}"), 0, None, writes=True),
     Case("slug-dotdot", 4, audit("--from-audit", "{slug_dotdot}"), 2, r"does not match schema .* at slug"),
@@ -177,6 +182,20 @@ CASES = [
          r"--max-memory: size must be a number"),
     Case("name-newline", 8, audit("{tok}", *SMALL, "--name", "org/a\nb"), 2, r"--name: must be a Hub repo id"),
     Case("name-dotdot", 8, audit("{tok}", *SMALL, "--name", ".."), 2, r"--name: must be a Hub repo id"),
+    Case("output-name-232-bytes", 8, audit("{n232}", *SMALL), 2,
+         r"output name '" + "n" * 57 + r"\.\.\.' is 232 bytes; the names made from it reach 256 bytes, more than "
+         r"the 255 a file name may have \(at most 231 for the name itself\); choose the name with --name"),
+    Case("output-name-231-bytes", 7, audit("{n231}", *SMALL), 0, None, writes=True,
+         expect=("audits/" + "n" * 231 + "/audit.json",)),
+    Case("output-name-newline", 8, audit("{newline}", *SMALL), 2, r"output name 'tok\\nx' holds '\\n'"),
+    Case("output-name-hidden", 8, audit("{hidden}", *SMALL), 2, r"output name '\.tok' is empty or starts with"),
+    Case("output-name-init-suffix", 8, audit("{n228}", "--init", *SMALL), 2, r"is 234 bytes"),
+    Case("corrupt-tokenizer", 8, audit("{bad_tok}", *SMALL), 2,
+         r"tokenizer of .*bad_tok \(tokenizer\.json, tokenizer_config\.json\) cannot be loaded"),
+    Case("empty-tokenizer-vocab", 8, audit("{empty_tok}", *SMALL), 2,
+         r"tokenizer of .*empty_tok \(tokenizer\.json.*\) loads with no usable vocabulary"),
+    Case("no-tokenizer-says-random-ids", 8, audit("{notok}", *SMALL), 0, None, writes=True,
+         expect=("audits/notok/audit.json",)),
     # 9. one line on stderr, whatever the libraries say
     Case("usage-error-one-line", 9, audit("{tok}", "--tokens", "abc"), 2, r"argument --tokens: invalid int"),
     Case("choices-error-one-line", 9, audit("{tok}", "--device-map", "nope"), 2, r"argument --device-map"),
@@ -331,6 +350,15 @@ def fx(tmp_path_factory) -> dict[str, Path]:
         d, "h.1.attn.c_attn.weight", lambda t: torch.full_like(t, float("nan"))))
     p["extra_keys"] = _variant(root, good, "extra_keys", lambda d: _add_tensor(d, "h.0.unexpected.weight"))
     p["notok"] = save_checkpoint(root / "notok")
+    p["reweighted"] = _variant(root, good, "reweighted", lambda d: None)  # its block 0 changes in its row
+    for n in (228, 231, 232):
+        p[f"n{n}"] = _variant(root, good, "n" * n, lambda d: None)
+    p["newline"] = _variant(root, good, "tok\nx", lambda d: None)
+    p["hidden"] = _variant(root, good, ".tok", lambda d: None)
+    p["bad_tok"] = _variant(root, good, "bad_tok", lambda d: (d / "tokenizer.json").write_text('{"model": 1'))
+    p["empty_tok"] = _variant(root, good, "empty_tok", lambda d: (d / "tokenizer.json").write_text(json.dumps(
+        {**json.loads((d / "tokenizer.json").read_text()), "model": {"type": "WordLevel", "vocab": {"[UNK]": 0},
+                                                                      "unk_token": "[UNK]"}})))
 
     short = root / "short_max_len"
     shutil.copytree(good, short)
@@ -385,6 +413,11 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["latin1"] = _audit_variant(root, g, "latin1", lambda t: t.replace('"slug"', '"sl\xe9g"').encode("latin-1",
                                                                                                       "replace"))
     p["huge_list"] = _audit_variant(root, g, "huge_list", lambda t: _with(data, "blocks", [1] * 2_000_000))
+    for name, size in (("sparse", 390 * 2**20), ("at_cap", 64 * 2**20)):  # holes: no disk, no time to write
+        p[name] = root / "audits" / name
+        p[name].mkdir()
+        with open(p[name] / "audit.json", "wb") as f:
+            f.truncate(size)
     p["no_eigs"] = _audit_variant(root, g, "no_eigs", lambda t: _with(data, "blocks.0.eigenvalues", []))
     p["huge_eta"] = _audit_variant(root, g, "huge_eta", lambda t: _with(data, "blocks.0.nonlinearity_ratio", 1e308))
     p["slug_dotdot"] = _audit_variant(root, g, "slug_dotdot", lambda t: _with(data, "slug", ".."))
@@ -454,6 +487,15 @@ def _progress_enospc(fx, out, monkeypatch):
 
 def _interrupt(fx, out, monkeypatch):
     interrupt_block(monkeypatch, 2)
+
+
+def _weights_changed_after_interrupt(fx, out, monkeypatch):
+    """Ctrl-C at block 2 of a streamed audit, then block 0's shard rewritten with other values."""
+    with monkeypatch.context() as m:
+        _interrupt(fx, out, m)
+        assert main(["audit", str(fx["reweighted"]), *STREAM, "--out-dir", str(out)]) == 130
+    assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    _rewrite(fx["reweighted"], "h.0.attn.c_attn.weight", lambda t: torch.flip(t, dims=[0]).contiguous())
 
 
 def _tampered_progress(fx, out, monkeypatch):
@@ -573,6 +615,7 @@ def _journal_outside(fx, out, monkeypatch):
 
 SETUPS = {"low_memory": _low_memory, "card_rename_fails": _card_rename_fails, "staging_enospc": _staging_enospc,
           "progress_enospc": _progress_enospc, "interrupt": _interrupt, "tampered_progress": _tampered_progress,
+          "weights_changed_after_interrupt": _weights_changed_after_interrupt,
           "killed_publish": _killed_publish, "count_offload_dirs": _count_offload_dirs, "no_loading": _no_loading,
           "legacy_token": _legacy_token, "token_in_audit": _token_in_audit, "token_in_card": _token_in_card,
           "link_slug": _link_slug, "link_card": _link_card, "link_audits": _link_audits, "link_file": _link_file,
@@ -731,6 +774,21 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         _assert_pair(out, "new")
     if case.id == "interrupted-stream-keeps-progress":
         assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    if case.id == "progress-of-other-weights":  # started over, said why, and equals a fresh audit
+        from hf_rksp import audit as run_audit
+
+        got = json.loads((out / "audits" / "reweighted" / "audit.json").read_text())
+        fresh = run_audit(str(fx["reweighted"]), out_dir=None, stream=True, tokens=128, seq_len=64, progress=False)
+        assert "resumed_at_block" not in got["timings"] and got["blocks"] == fresh.data["blocks"]
+        said = [ln for ln in lines if "other weights" in ln]
+        assert len(said) == 1 and re.search(r"warning: .*\(model-0000\d-of-0000\d\.safetensors changed: its "
+                                            r"modification time differs\): starting over", said[0]), err
+    if case.id == "no-tokenizer-says-random-ids":  # the one fallback to random ids: said on stderr and recorded
+        said = [ln for ln in lines if ln.startswith("hf-rksp: ")]  # -q hides progress bars, not this
+        assert len(said) == 1 and re.search(r"warning: .*notok has no tokenizer .*random token ids", said[0]), err
+        inputs = json.loads((out / "audits" / "notok" / "audit.json").read_text())["inputs"]
+        assert inputs["origin"] == "random-token-ids" and inputs["reason"] == "the model has no tokenizer"
+        assert "random-token-ids" in (out / "model_cards" / "notok" / "README.md").read_text()
     if case.id == "compare-json-overflow":
         assert json.loads(stdout)["summary"]["resdmd_residual_max_mean"]["delta"] is None
     if case.writes and rc == 0:
@@ -773,6 +831,99 @@ def test_kill_at_every_rename_leaves_the_old_or_the_new_pair(fx, tmp_path):
         _assert_pair(out, "either")
         seen.add(json.loads((out / "audits" / SLUG / "audit.json").read_text())["created"][:4])
     assert seen == {"2099", read_audit(fx["good"]).created[:4]}  # killed before and after the point of no return
+
+
+#: the system calls a publish makes, each a step Ctrl-C can land before
+PUBLISH_STEPS = ("open", "mkdir", "chmod", "fsync", "rename", "replace", "unlink", "rmdir")
+
+
+def _interrupt_at(monkeypatch, n: int) -> list[int]:
+    """Ctrl-C before the ``n``-th call of any of PUBLISH_STEPS (then they run as usual); returns the count."""
+    count = [0]
+
+    def wrapped(real):
+        def call(*a, **k):
+            count[0] += 1
+            if count[0] == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return call
+
+    for name in PUBLISH_STEPS:
+        monkeypatch.setattr(os, name, wrapped(getattr(os, name)))
+    return count
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["over-an-earlier-audit", "into-a-fresh-folder"])
+def test_ctrl_c_at_every_publish_step_says_the_folder_state(fx, tmp_path, monkeypatch, capfd, earlier):
+    """Ctrl-C before each system call of `audit --from-audit NEWER` in turn (recovery, staging, journal,
+    renames, clean-up): the one stderr line says exactly which audit the slug's folders hold, nothing hidden
+    is left, and the next command's recovery changes nothing (issue 29: it said "nothing was written" after
+    the new audit had replaced the earlier one)."""
+    from hf_rksp.publish.local import recover
+    from hf_rksp.record.records import read_audit
+    from hf_rksp.report import plots
+
+    png = (fx["good"] / "spectrum.png").read_bytes()
+    monkeypatch.setattr(plots, "drawn", lambda fn, audit: png)  # the PNGs are not what is tested: skip drawing
+    newer = tmp_path / "newer.json"
+    newer.write_text(_newer(read_audit(fx["good"])).to_json())
+
+    def run(n: int, out: Path) -> tuple[int, str]:
+        if earlier:
+            shutil.copytree(fx["good_out"], out)
+        with monkeypatch.context() as m:
+            count = _interrupt_at(m, n)
+            rc, _, err = _run(["audit", "--from-audit", str(newer), "--out-dir", str(out), "-q"], capfd)
+        return rc, err, count[0]
+
+    rc, _, n_steps = run(10**6, tmp_path / "probe")
+    assert rc == 0 and n_steps >= 20, n_steps
+    said = set()
+    for n in range(1, n_steps + 1):
+        out = tmp_path / f"o{n}" / "out"
+        out.parent.mkdir()
+        rc, err, _ = run(n, out)
+        lines = err.strip().splitlines()
+        assert rc == 130 and len(lines) == 1 and lines[0].startswith("hf-rksp: interrupted"), (n, err)
+        line = lines[0]
+        if not out.exists():
+            state = "absent"
+        else:
+            _assert_pair(out, "either")  # the same run's audit and card, nothing hidden left
+            state = "new" if json.loads((out / "audits" / SLUG / "audit.json").read_text())["created"].startswith(
+                "2099") else "earlier"
+        before = tree_hash(out)
+        recover(out) if out.exists() else None
+        assert tree_hash(out) == before, f"step {n}: a publish was left pending"
+        if "hold the new audit" in line:
+            assert state == "new", (n, line)
+            assert ("replaced the earlier one" in line) == earlier, (n, line)
+        elif "still hold the earlier audit, unchanged" in line or "wrote nothing" in line:
+            assert state == ("earlier" if earlier else "absent"), (n, line)
+        else:  # true of a fresh folder, and of one whose earlier audit is untouched
+            assert re.fullmatch(r"hf-rksp: interrupted; nothing was written", line), (n, line)
+            assert state == ("earlier" if earlier else "absent"), (n, line)
+        said.add(state)
+    assert said == {"new", "earlier" if earlier else "absent"}  # Ctrl-C landed before and after the switch
+
+
+def test_output_name_is_checked_before_the_model_loads(fx, tmp_path, monkeypatch, capfd):
+    """A name that cannot be written fails before any model is loaded or calibrated (issue 29: it failed only
+    after the whole audit had run)."""
+    from hf_rksp.pipeline import run
+
+    def never(*a, **k):
+        raise AssertionError("loaded too early")
+
+    monkeypatch.setattr(run, "load_model", never)
+    monkeypatch.setattr(run, "load_for_streaming", never)
+    monkeypatch.setattr(run, "plan_for", never)
+    for argv in ([str(fx["n232"])], [str(fx["n232"]), "--stream"], [str(fx["newline"])],
+                 [str(fx["n228"]), "--init"]):
+        rc, _, err = _run(["audit", *argv, *SMALL, "--out-dir", str(tmp_path / "out")], capfd)
+        assert rc == 2 and "error: the audit's output name" in err and "too early" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_after_sigkill(fx, tmp_path):

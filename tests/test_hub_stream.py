@@ -157,3 +157,33 @@ def test_gguf_file_of_a_hub_repo_downloads_that_file_only(tmp_path, hub_env):
     assert by_option.data["blocks"] == local.data["blocks"] == by_path.data["blocks"]
     assert "--gguf-file tiny.Q8_0.gguf" in by_option.data["command"]
     assert not any("other.Q4_0" in r["path"] for r in hub.requests)
+
+
+def test_resume_from_the_hub_refuses_progress_of_another_commit(checkpoint, hub_env, monkeypatch, tmp_path,
+                                                                 caplog):
+    """A streamed hub audit interrupted at block 2; the repo then gets a new commit whose block-0 shard
+    differs: the rerun starts over (one warning naming the revision) and equals a fresh audit of the new
+    weights (issue 29: it resumed the old commit's progress)."""
+    import shutil
+
+    import fakehub
+    from conftest import interrupt_block
+    from test_streaming import _change_block0
+
+    hub, _ = hub_env({REPO: repo_files(checkpoint)})
+    out = tmp_path / "out"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        interrupt_block(m, 2)
+        audit(REPO, out_dir=str(out), stream=True, **SMALL)
+    assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint, changed)
+    _change_block0(changed)
+    hub.files = {REPO: repo_files(changed)}
+    monkeypatch.setattr(fakehub, "COMMIT", "beef" + "1" * 36)
+    caplog.clear()
+    rerun = audit(REPO, out_dir=str(out), stream=True, **SMALL)
+    assert "resumed_at_block" not in rerun.data["timings"]
+    assert rerun.data["blocks"] == audit(str(changed), out_dir=None, stream=True, **SMALL).data["blocks"]
+    said = [r.getMessage() for r in caplog.records if "other weights" in r.getMessage()]
+    assert len(said) == 1 and "revision was 'c0ffee" in said[0] and "beef" in said[0], said

@@ -133,6 +133,60 @@ def test_interrupted_stream_resumes_to_the_same_json(kind, tmp_path, monkeypatch
     assert on_disk["blocks"] == reference.data["blocks"]
 
 
+def _change_block0(ckpt):
+    """Rewrite the file holding block 0's attention weights with other values (same names, shapes, size)."""
+    from safetensors.torch import load_file, save_file
+
+    if ckpt.suffix == ".gguf":
+        from gguf_fixtures import tiny_llama_gguf
+        from transformers import AutoModel
+
+        torch.manual_seed(7)
+        tiny_llama_gguf(ckpt, AutoModel.from_config(tiny_config("llama")))
+        return ckpt.name
+    key = "model.layers.0.self_attn.q_proj.weight"
+    shard = ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][key]
+    sd = load_file(str(shard))
+    sd[key] = torch.flip(sd[key], dims=[0]).contiguous()
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    return shard.name
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_resume_refuses_progress_of_other_weights(kind, tmp_path, monkeypatch, caplog):
+    """Interrupted at block 2, then one shard (the GGUF file) changes: the rerun starts over, says why in one
+    warning, and writes exactly what a fresh audit of the changed weights writes (issue 29)."""
+    ckpt = _checkpoint_of_kind(kind, tmp_path)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        interrupt_block(m, 2)
+        audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
+    assert list((out / "audits" / ".partial").glob("*/progress.json"))
+    changed = _change_block0(ckpt)
+    fresh = audit(str(ckpt), out_dir=None, stream=True, **SMALL)
+    caplog.clear()
+    rerun = audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
+    assert "resumed_at_block" not in rerun.data["timings"]
+    assert rerun.data["blocks"] == fresh.data["blocks"]
+    said = [r.getMessage() for r in caplog.records if "other weights" in r.getMessage()]
+    assert len(said) == 1 and changed in said[0] and "starting over" in said[0], said
+    assert not (out / "audits" / ".partial").exists()
+
+
+def test_resume_of_unchanged_weights_is_silent(tmp_path, monkeypatch, caplog):
+    """The same weights (files untouched) resume with no warning: the identity is stable across processes'
+    reads (stat of the files, not of anything the audit writes)."""
+    ckpt = _checkpoint_of_kind("safetensors", tmp_path)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        interrupt_block(m, 1)
+        audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
+    caplog.clear()
+    resumed = audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
+    assert resumed.data["timings"]["resumed_at_block"] == 1
+    assert not [r for r in caplog.records if "other weights" in r.getMessage()]
+
+
 @pytest.fixture(scope="module")
 def smollm2_safetensors(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct (real weights) rewritten as a sharded safetensors checkpoint + tokenizer."""

@@ -38,14 +38,17 @@ class ResumeState:
     """Per-block progress of a streamed audit: results so far and the residual stream entering the next block.
 
     Saved atomically after every block under ``directory``; ``key`` (a hash of
-    everything that changes the numbers) guards against resuming a different
-    audit.  Removed when the audit completes.  ``progress.json`` holds the
+    the command, options and calibration tokens) guards against resuming a different
+    audit, and ``weights`` (the identity of the weights read: files, sizes, mtimes,
+    revision; ``hf_rksp.models.loading.weights_identity``) against resuming it on
+    other weights: progress saved with other weights is removed, with one warning
+    saying what changed.  Removed when the audit completes.  ``progress.json`` holds the
     blocks done as their audit-JSON objects (``BlockRecord.to_dict()``, the
     schema's block items), read back with ``BlockRecord.from_dict``.
     """
 
-    def __init__(self, directory: Path, key: str):
-        self.dir, self.key = Path(directory), key
+    def __init__(self, directory: Path, key: str, weights: dict | None = None):
+        self.dir, self.key, self.weights = Path(directory), key, weights
         self.made: list[Path] = []  # the folders the first save created (an --out-dir too), deepest first
 
     def load(self, n_blocks: int, n_chunks: int) -> tuple[int, list[BlockRecord], list[torch.Tensor]] | None:
@@ -57,6 +60,11 @@ class ResumeState:
         try:
             m = json.loads(meta.read_text(encoding="utf-8"))
             if not isinstance(m, dict) or m.get("key") != self.key:
+                return None
+            if m.get("weights") != self.weights:
+                logger.warning("the saved progress in %s was made with other weights (%s): starting over",
+                               self.dir, weights_change(m.get("weights"), self.weights))
+                self.clear()
                 return None
             nxt, results = m.get("next_block"), m.get("results")
             if isinstance(nxt, int) and not isinstance(nxt, bool) and 0 < nxt < n_blocks \
@@ -79,7 +87,8 @@ class ResumeState:
             tmp = self.dir / "activations.pt.tmp"
             torch.save([h.cpu() for h in hidden], tmp)
             tmp.replace(self.dir / "activations.pt")
-            atomic.write_json(self.dir / "progress.json", {"key": self.key, "next_block": next_block,
+            atomic.write_json(self.dir / "progress.json", {"key": self.key, "weights": self.weights,
+                                                           "next_block": next_block,
                                                            "activations_sha": _tensors_sha(hidden),
                                                            "results": [r.to_dict() for r in results]})
         except OSError as e:
@@ -99,6 +108,31 @@ class ResumeState:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def weights_change(saved, now) -> str:
+    """What differs between two weights identities, in a few words (the first difference found)."""
+    if not isinstance(saved, dict):
+        return "the progress does not record its weights"
+    for k in sorted(set(saved) | set(now or {})):
+        a, b = saved.get(k), (now or {}).get(k)
+        if a == b:
+            continue
+        if k == "files" and isinstance(a, list) and isinstance(b, list):
+            old = {f.get("file"): f for f in a if isinstance(f, dict)}
+            for f in b:
+                if f["file"] not in old:
+                    return f"{f['file']} is new"
+                if old[f["file"]] != f:
+                    what = "size" if old[f["file"]].get("size") != f["size"] else "modification time"
+                    return f"{f['file']} changed: its {what} differs"
+            gone = sorted(set(old) - {f["file"] for f in b}, key=str)
+            return f"{gone[0]} is gone" if gone else "the file list differs"
+        if isinstance(a, dict) and isinstance(b, dict) and "file" in b:
+            what = "size" if a.get("size") != b.get("size") else "modification time"
+            return f"{b['file']} changed: its {what} differs"
+        return f"{k} was {a!r}, is now {b!r}"
+    return "unknown"
 
 
 def _valid_results(results, n: int) -> bool:

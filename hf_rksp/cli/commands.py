@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 
 from hf_rksp.cli.errors import RedactingFormatter, fail, say, unexpected, worded
-from hf_rksp.errors import RKSPError
+from hf_rksp.errors import AuditInterrupted, RKSPError
 
 PUSH_HELP = """\
 Publish an audit to the Hugging Face Hub in a single commit (or none).
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_option(group, f, meta)
     r.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default: current directory)")
     r.add_argument("--no-write", action="store_true", help="print the summary only, write nothing")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars (hf-rksp's own warnings still print)")
     r.add_argument("--from-audit", metavar="AUDIT_JSON",
                    help="re-render plots and card from an existing audit.json (no model needed)")
     r.add_argument("--push-to", metavar="USER/NAME", help="after writing, push the audit to this Hub repo")
@@ -254,13 +254,29 @@ def cmd_audit(args) -> int:
             raise RKSPError("--push-to needs the files: drop --no-write")
         result = audit(args.model, init=args.init, config=args.config, options=opts,
                        out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
-    print_summary(result)
-    if args.push_to:
-        from hf_rksp.publish import hub
+    pushing = False
+    try:
+        print_summary(result)
+        if args.push_to:
+            from hf_rksp.publish import hub
 
-        plan = hub.plan_push(result.record.slug, args.push_to, out_dir=args.out_dir)
-        print_push(hub.push(plan))
+            plan = hub.plan_push(result.record.slug, args.push_to, out_dir=args.out_dir)
+            pushing = True
+            print_push(hub.push(plan))
+    except KeyboardInterrupt:  # after the files were written: say so, not "nothing was written"
+        raise AuditInterrupted(_written(result) + (_push_unknown(args.push_to) if pushing else "")) from None
     return 0
+
+
+def _written(result) -> str:
+    """What an audit that completed wrote, for a Ctrl-C after it."""
+    if not result.paths:
+        return "interrupted; nothing was written"
+    return f"interrupted after the audit was written: {result.paths['audit']} and {result.paths['card']}"
+
+
+def _push_unknown(repo_id: str) -> str:
+    return f"; whether the push to {repo_id} went through is not known (a push is one commit: check the repo)"
 
 
 def print_push(res) -> None:
@@ -277,7 +293,11 @@ def cmd_push(args) -> int:
     if args.dry_run:
         say("dry run: nothing uploaded\n" + plan.describe())
         return 0
-    print_push(hub.push(plan))
+    try:
+        res = hub.push(plan)
+    except KeyboardInterrupt:
+        raise AuditInterrupted("interrupted; nothing was written locally" + _push_unknown(plan.repo_id)) from None
+    print_push(res)
     return 0
 
 
@@ -330,7 +350,15 @@ def main(argv: list[str] | None = None) -> int:
             from hf_rksp.publish.local import recover
 
             if args.command == "push" or (args.command == "audit" and not args.no_write):
-                recover(args.out_dir)  # completes a publish a killed run left half done; compare only reads
+                try:
+                    recover(args.out_dir)  # completes a publish a killed run left half done; compare only reads
+                except KeyboardInterrupt:
+                    from pathlib import Path
+
+                    pending = list(Path(args.out_dir, "audits").glob(".publish-*.json"))
+                    raise AuditInterrupted((f"interrupted while completing an earlier publish in {args.out_dir}: "
+                                            "this command wrote nothing; the next hf-rksp command on that folder "
+                                            "completes it") if pending else "interrupted; nothing was written") from None
             rc = COMMANDS[args.command](args)
         except RKSPError as e:
             logging.getLogger("hf_rksp").debug("error", exc_info=e)  # with its cause: the traceback behind it
@@ -340,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
             return fail(unexpected(e))
-        if not getattr(args, "quiet", False):
-            for message in notices.messages:
-                say(f"hf-rksp: warning: {message}", file=sys.stderr)
+        for message in notices.messages:  # -q hides progress bars, not these (a resume started over, random ids)
+            say(f"hf-rksp: warning: {message}", file=sys.stderr)
         return rc
 
 

@@ -16,9 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_rksp.errors import ConfigError, RKSPError, SourceError
+from hf_rksp.errors import ConfigError, RKSPError, SourceError, TokenizerError
 from hf_rksp.models.blocks import BLOCK_PATHS, find_blocks, supported_families
-from hf_rksp.models.checkpoints.gguf import GGUFCheckpoint, per_tensor, shared_reader
+from hf_rksp.models.checkpoints.gguf import (
+    GGUFCheckpoint,
+    open_reader,
+    per_tensor,
+    shared_reader,
+)
 from hf_rksp.models.checkpoints.hub import HubCheckpoint, fetch_gguf
 from hf_rksp.models.config import check_config
 from hf_rksp.models.init import seeded_init
@@ -222,6 +227,9 @@ def load_config(source: Source, trust_remote_code: bool = False, any_family: boo
     except RKSPError:
         raise
     except Exception as e:
+        if "custom code" in str(e) and not trust_remote_code:  # transformers' ValueError, offline or not
+            raise SourceError(f"{source.id} holds custom code (its own model classes, named by its config's "
+                              "auto_map): read it, then pass `trust_remote_code` to run it") from e
         if source.kind == "hub":
             raise hub_error(e, repo_id=source.id, action="load", revision=source.revision) from e
         raise SourceError(f"could not read a model config from {source.id}: {str(e).splitlines()[0]}") from e
@@ -242,8 +250,34 @@ def _from_pretrained(auto_cls, source: Source, local_files_only: bool, **kwargs)
     return auto_cls.from_pretrained(source.id, revision=source.revision, local_files_only=local_files_only, **kwargs)
 
 
+#: files that hold a tokenizer (or say there is one): any of them present, the model has a tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def tokenizer_files(source: Source) -> list[str]:
+    """The tokenizer files ``source`` has where the audit can see them (the directory, the GGUF file's
+    ``tokenizer.ggml.*`` metadata, the HF cache for a hub id); [] when it has no tokenizer."""
+    if source.kind == "config":
+        return []
+    if source.kind == "gguf":
+        reader = open_reader(source.gguf_path)
+        return ["tokenizer.ggml.tokens"] if "tokenizer.ggml.tokens" in reader.fields else []
+    if source.kind == "dir":
+        return [f for f in TOKENIZER_FILES if (Path(source.path) / f).is_file()]
+    from huggingface_hub import try_to_load_from_cache
+
+    return [f for f in TOKENIZER_FILES
+            if isinstance(try_to_load_from_cache(source.id, f, revision=source.revision), str)]
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
-    """The tokenizer next to the model, or None when there is none offline (random ids then)."""
+    """The tokenizer next to the model, or None when the model has none (the audit then runs on seeded
+    random token ids, and says so).
+
+    A tokenizer that is there (:func:`tokenizer_files`) but does not load, or loads with no usable
+    vocabulary, is a :class:`~hf_rksp.errors.TokenizerError`: never a silent fallback to random ids.
+    """
     from transformers import AutoTokenizer
 
     if source.kind == "config":
@@ -251,21 +285,32 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     try:
         tok = _from_pretrained(AutoTokenizer, source, local_files_only=source.init or _offline(), **kwargs)
-    except Exception:
+    except Exception as e:  # noqa: BLE001  transformers and tokenizers raise many types; the files decide
+        _no_tokenizer_or_raise(source, f"cannot be loaded: {(str(e).splitlines() or [type(e).__name__])[0][:300]}")
         return None
     # transformers builds an empty (or specials-only) tokenizer from a directory without vocab files
     ids = tok("The residual stream of a transformer.", add_special_tokens=False)["input_ids"]
     if len(tok) < 256 or not ids or all(i == tok.unk_token_id for i in ids):
+        _no_tokenizer_or_raise(source, f"loads with no usable vocabulary ({len(tok)} tokens; a plain sentence "
+                                       "reads as unknown or nothing)")
         return None
     return tok
 
 
-def check_memory(config, dtype: torch.dtype, device: str) -> None:
+def _no_tokenizer_or_raise(source: Source, why: str) -> None:
+    """Return when ``source`` has no tokenizer files at all; else raise TokenizerError saying ``why``."""
+    found = tokenizer_files(source)
+    if found:
+        raise TokenizerError(f"the tokenizer of {source.id} ({', '.join(found)}) {why}; repair or replace it "
+                             "(only a model with no tokenizer is calibrated on random token ids)", files=found)
+
+
+def check_memory(config, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> None:
     """Fail before building a model that cannot fit in RAM whole (the memory planner, without streaming)."""
     if not str(device).startswith("cpu"):
         return
 
-    plan_memory(ModelSizes.of(config, dtype), tokens=0, dtype=str(dtype).replace("torch.", ""), stream=False,
+    plan_memory(ModelSizes.of(config, dtype, trust_remote_code=trust_remote_code), tokens=0, dtype=str(dtype).replace("torch.", ""), stream=False,
                 can_stream=False)
 
 
@@ -293,7 +338,7 @@ def load_model(
     config = load_config(source, trust_remote_code, any_family)
     try:
         if not placement:
-            check_memory(config, torch_dtype, device)
+            check_memory(config, torch_dtype, device, trust_remote_code)
     except RKSPError:
         raise
     except Exception as e:  # the config parses but transformers cannot build it
@@ -383,6 +428,36 @@ def checkpoint_dir(source: Source) -> Path:
                     "(drop `stream`)")
 
 
+def _file_identity(path: Path) -> dict:
+    """A weights file as a resume compares it: its name, size and modification time (of the file a link points to)."""
+    st = Path(path).resolve().stat()
+    return {"file": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def weights_identity(loaded: LoadedModel) -> dict:
+    """The identity of the weights a streamed audit reads, for its resume key (``hf_rksp.capture.streaming``).
+
+    A safetensors directory: its config, index and every shard (name, size, mtime); a GGUF file: the same
+    of the file; a Hub checkpoint: the repo, the commit its shards are read from (the one its index
+    resolved to) and its config's, and its cached index; at init:
+    nothing is read.  Progress saved with another identity is not resumed.
+    """
+    from hf_rksp.models.checkpoints.safetensors import SafetensorsCheckpoint
+
+    src, ckpt = loaded.source, loaded.checkpoint
+    if src.init:
+        return {"init": True}
+    if isinstance(ckpt, GGUFCheckpoint) or src.kind == "gguf":
+        return {"gguf": _file_identity(src.gguf_path), "revision": src.revision}
+    if isinstance(ckpt, HubCheckpoint):
+        return {"hub": ckpt.repo_id, "revision": ckpt.revision, "config_revision": src.revision,
+                "index": _file_identity(Path(ckpt.index_path))}
+    d = Path(ckpt)
+    names = sorted({p.name for p in SafetensorsCheckpoint(d).files.values()}
+                   | {n for n in ("config.json", "model.safetensors.index.json") if (d / n).is_file()})
+    return {"dir": str(d.resolve()), "revision": src.revision, "files": [_file_identity(d / n) for n in names]}
+
+
 def load_for_streaming(
     source: Source, *, dtype: str = "float32", trust_remote_code: bool = False, any_family: bool = False,
     low_disk: bool = False,
@@ -404,7 +479,7 @@ def load_for_streaming(
         ckpt = checkpoint_dir(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     try:
-        model = build_meta_model(config, torch_dtype)
+        model = build_meta_model(config, torch_dtype, trust_remote_code)
     except Exception as e:
         raise SourceError(f"invalid config for {source.id}: {str(e).splitlines()[0]}") from e
     if source.kind == "gguf" and not source.init:

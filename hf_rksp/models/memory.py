@@ -61,14 +61,18 @@ class ModelSizes:
     d_model: int
 
     @classmethod
-    def of(cls, config, dtype: torch.dtype, blocks_path: str | None = None, origin: str = "") -> ModelSizes:
-        """Sizes of ``config``'s base model; a config transformers cannot build is an invalid config of ``origin``."""
+    def of(cls, config, dtype: torch.dtype, blocks_path: str | None = None, origin: str = "",
+           trust_remote_code: bool = False) -> ModelSizes:
+        """Sizes of ``config``'s base model; a config transformers cannot build is an invalid config of ``origin``.
+
+        ``trust_remote_code``: a custom-code model's classes may run (its config came with the same consent).
+        """
         from transformers import AutoModel
 
 
         try:
             with torch.device("meta"):  # every tensor born on meta: a 270 GB block allocates nothing
-                model = AutoModel.from_config(config, dtype=dtype)
+                model = AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         except RKSPError:
             raise
         except Exception as e:  # the config parses but transformers cannot build it

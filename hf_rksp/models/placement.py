@@ -28,7 +28,8 @@ def plan_for(src: Source, opts) -> MemoryPlan | None:
     if opts.device_map is not None or opts.quantize is not None:
         return None
     config = load_config(src, opts.trust_remote_code, opts.blocks is not None)
-    sizes = ModelSizes.of(config, parse_dtype(opts.dtype), opts.blocks, origin=Path(src.config_origin or src.id).name)
+    sizes = ModelSizes.of(config, parse_dtype(opts.dtype), opts.blocks, origin=Path(src.config_origin or src.id).name,
+                          trust_remote_code=opts.trust_remote_code)
     return plan_memory(sizes, tokens=opts.tokens, dtype=opts.dtype, stream=opts.stream, can_stream=can_stream(src))
 
 

@@ -96,11 +96,12 @@ def release(model, names: list[str]) -> None:
         set_module_tensor_to_device(model, n, "meta")
 
 
-def build_meta_model(config, dtype: torch.dtype):
+def build_meta_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """``config``'s base model on the meta device (``trust_remote_code``: a custom-code model's classes may run)."""
     from accelerate import init_empty_weights
     from transformers import AutoModel
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModel.from_config(config, dtype=dtype)
+        model = AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 

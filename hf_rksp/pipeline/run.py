@@ -24,14 +24,16 @@ from hf_rksp.models.loading import (
     load_for_streaming,
     load_model,
     resolve_source,
+    weights_identity,
 )
 from hf_rksp.models.placement import placement_kwargs, plan_for
 from hf_rksp.models.weights import CheckpointWeights, InitWeights
 from hf_rksp.pipeline.options import AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
-from hf_rksp.pipeline.validation import check_audit_options, check_inputs
-from hf_rksp.publish.local import check_out_dir, check_output_tree, publish
+from hf_rksp.pipeline.validation import check_audit_options, check_inputs, check_output_name
+from hf_rksp.publish.local import check_out_dir, check_output_tree, interrupted, publish
 from hf_rksp.record.records import (
+    MAX_BYTES,
     AuditRecord,
     InputsRecord,
     MethodRecord,
@@ -107,9 +109,12 @@ def calibration_for(loaded: LoadedModel, opts: AuditOptions) -> cal.Calibration:
         return cal.from_file(opts.text, tok, opts.tokens, opts.seq_len)
     if tok is not None:
         return cal.from_embedded(tok, opts.tokens, opts.seq_len)
-    if not loaded.source.init:
-        logger.warning("no tokenizer found for %s: calibrating on seeded random token ids", loaded.source.id)
-    return cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
+    calib = cal.random_ids(loaded.config.vocab_size, opts.tokens, opts.seq_len, opts.seed)
+    if not loaded.source.init:  # a tokenizer that is there but does not load failed in load_tokenizer
+        logger.warning("%s has no tokenizer (none of its files): calibrating on seeded random token ids, "
+                       "recorded as inputs.origin random-token-ids", loaded.source.id)
+        calib.detail["reason"] = "the model has no tokenizer"
+    return calib
 
 
 def check_options(opts: AuditOptions, *, init: bool = False) -> None:
@@ -129,7 +134,7 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
         weights = InitWeights(loaded.model, blocks, opts.seed, dtype, device)
     else:
         weights = CheckpointWeights(loaded.model, loaded.checkpoint, dtype, device)
-    resume = ResumeState(resume_dir, resume_key) if resume_dir is not None else None
+    resume = ResumeState(resume_dir, resume_key, weights_identity(loaded)) if resume_dir is not None else None
     routers = RouterRecorder(find_routers(blocks))
 
     def profile_block(i, x, y):  # router statistics join each block's record, so they survive a resume
@@ -293,7 +298,8 @@ def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bo
     device = _device(opts.device)
     src = replace(resolve_source(source, init=init, config_path=config, revision=opts.revision,
                                  gguf_file=opts.gguf_file), name=opts.name)
-    if out_dir is not None:  # the slug is known: its folders are no links, before the audit rather than after
+    if out_dir is not None:  # the slug is known: checked, and its folders are no links, before any model is loaded
+        check_output_name(audit_slug(src, opts))
         check_output_tree(out_dir, audit_slug(src, opts))
     if opts.low_disk and not opts.stream:
         opts = replace(opts, stream=True)  # --low-disk implies --stream
@@ -337,13 +343,25 @@ def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     failure at any point leaves the previous audit and card of this slug untouched.
     """
     audit.validate()
+    check_output_name(audit.slug)
     text = audit.to_json().encode("utf-8")
+    if len(text) > MAX_BYTES:  # written all the same (hours of work), but said: the readers refuse it
+        logger.warning("audit.json is %d bytes, more than the %d that --from-audit, compare and push read",
+                       len(text), MAX_BYTES)
     spectrum, profile = plots.drawn(plots.spectrum_png, audit), plots.drawn(plots.profile_png, audit)
     card = render_card(audit).encode("utf-8")
-    done = publish(out_dir, audit.slug, {
+    contents = {
         "audits": {"audit.json": text, "spectrum.png": spectrum, "profile.png": profile},
         "model_cards": {"README.md": card, "spectrum.png": spectrum, "profile.png": profile},
-    })
+    }
+    out = Path(out_dir)
+    created = [d for d in (out, *out.parents, out / "audits", out / "model_cards") if not d.exists()]
+    had_earlier = (out / "audits" / audit.slug).exists()
+    try:
+        done = publish(out_dir, audit.slug, contents)
+    except KeyboardInterrupt:  # Ctrl-C at any step: the message says exactly what the folder holds now
+        raise AuditInterrupted(interrupted(out_dir, audit.slug, contents, had_earlier=had_earlier,
+                                           created=created)) from None
     audit_dir, card_dir = done["audits"], done["model_cards"]
     return {
         "audit": str(audit_dir / "audit.json"),

@@ -125,3 +125,31 @@ def _check_placement(opts, init: bool) -> None:
                           param=param)
 
 
+#: the longest name most file systems take for one file or folder, in bytes
+NAME_MAX = 255
+
+
+def check_output_name(slug: str) -> None:
+    """The audit's folder name (``slug``) and every name made from it (the publish's staging folders,
+    backups and journal, a streamed audit's ``.partial/<slug>-<key>/``) can be created: at most NAME_MAX
+    bytes each in UTF-8, no control character (a newline), no path separator, not hidden (a leading '.'
+    is the publish's own working names) nor empty.  Raises OutputError before any work."""
+    from hf_rksp.errors import OutputError
+    from hf_rksp.publish.local import working_names
+
+    shown = repr(slug) if len(slug) <= 60 else repr(slug[:57] + "...")
+    fix = "; choose the name with `name` (a Hub id such as org/model)"
+    if not slug or slug in (".", "..") or slug.startswith("."):
+        raise OutputError(f"the audit's output name {shown} is empty or starts with '.', which marks hf-rksp's "
+                          f"own working files{fix}")
+    bad = next((ch for ch in slug if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127), None)
+    if bad is not None:
+        raise OutputError(f"the audit's output name {shown} holds {bad!r}, which a file name cannot{fix}")
+    names = [*working_names(slug), f"{slug}-{'0' * 16}"]  # the last: a streamed audit's progress folder
+    longest = max(names, key=lambda n: len(n.encode("utf-8", "surrogateescape")))
+    size = len(longest.encode("utf-8", "surrogateescape"))
+    if size > NAME_MAX:
+        raise OutputError(f"the audit's output name {shown} is {len(slug.encode('utf-8', 'surrogateescape'))} "
+                          f"bytes; the names made from it reach {size} bytes, more than the {NAME_MAX} a file "
+                          f"name may have (at most {NAME_MAX - size + len(slug.encode('utf-8', 'surrogateescape'))}"
+                          f" for the name itself){fix}")

@@ -285,3 +285,58 @@ def _switch(out_dir: Path, slug: str, pairs: list[tuple[Path, Path]]) -> None:
         journal.unlink(missing_ok=True)
         raise
     _finish(out_dir, journal, steps)
+
+
+def working_names(slug: str) -> list[str]:
+    """Every name a publish of ``slug`` may give a file or folder, each at its longest: the slug's folders,
+    its staging folders and backups (a 7-digit process id, Linux's largest, and 8 random characters) and
+    its journal."""
+    pid, rand = "9" * 7, "x" * 8
+    journal = JOURNAL.format(slug=slug)
+    return [slug, f".{slug}.stage.{pid}.{rand}", f".{slug}.old.{pid}.{rand}", journal,
+            journal.removesuffix(".json") + ".tmp"]
+
+
+def interrupted(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]], *, had_earlier: bool,
+                created: list[Path]) -> str:
+    """After Ctrl-C in :func:`publish` of ``contents``: tidy what it left and say what the folder now holds.
+
+    A journal left behind (Ctrl-C after it was written) is completed, as the next command would
+    (:func:`recover`); this process's staging folders, backups and half-written journal are removed, and so
+    are the folders this publish created (``created``), if empty.  Then the slug's audit.json and card are
+    compared byte for byte with ``contents``: the message says which audit each holds, exactly.
+    """
+    out_dir = Path(out_dir)
+    try:
+        recover(out_dir)
+        mine = (f".{slug}.stage.{os.getpid()}.", f".{slug}.old.{os.getpid()}.")
+        for parent in PARENTS:
+            for d in (out_dir / parent).iterdir() if (out_dir / parent).is_dir() else ():
+                if d.name.startswith(mine):
+                    shutil.rmtree(d, ignore_errors=True)
+        (out_dir / "audits" / JOURNAL.format(slug=slug)).with_suffix(".tmp").unlink(missing_ok=True)
+        for d in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    except OSError as e:  # the tidying failed: the state is still read and said below
+        why = f" (tidying up failed: {e.strerror or e})"
+    else:
+        why = ""
+    files = {parent: out_dir / parent / slug / name for parent, name in (("audits", "audit.json"),
+                                                                          ("model_cards", "README.md"))}
+    state = {parent: ("absent" if not f.is_file() else
+                      "new" if f.read_bytes() == contents[parent][f.name] else "earlier")
+             for parent, f in files.items()}
+    a, c = (files[p].parent for p in PARENTS)
+    if state["audits"] == state["model_cards"] == "new":
+        return (f"interrupted after publishing: {a} and {c} hold the new audit"
+                + (", which replaced the earlier one" if had_earlier else "") + why)
+    if state["audits"] == state["model_cards"] == "absent":
+        return f"interrupted; nothing was written{why}"
+    if state["audits"] == state["model_cards"] == "earlier":
+        return f"interrupted; nothing was written: {a} and {c} still hold the earlier audit, unchanged{why}"
+    words = {"new": "the new audit", "earlier": "an earlier audit", "absent": "nothing"}
+    return (f"interrupted while publishing: {a} holds {words[state['audits']]}, {c} "
+            f"{words[state['model_cards']]}; rerun the command{why}")

@@ -31,7 +31,12 @@ THIRDS = ("early", "middle", "late")
 
 SCHEMA_VERSION = "2.0"
 SCHEMA_FILE = "schema/audit.schema.json"
-MAX_BYTES = 512 * 2**20  # an audit of a 100-block model with 2048 eigenvalues each is ~10 MB
+#: the largest audit file read_audit takes, refused by its size before a byte is read.  An eigenvalue takes
+#: ~82 bytes of audit.json (SmolLM2-135M's 30 blocks x 576: 1.4 MB), so 64 MiB holds ~800k of them: 128
+#: blocks of 6,000, where `rank` auto keeps at most 1,024 per block (a 405B model's 126 blocks: 10.6 MB).
+#: Reading costs ~0.5 s and ~3 bytes of memory per byte (the schema check of every eigenvalue, measured on a
+#: 2-core EPYC, 1 thread), so a hostile file near the cap is refused in about half a minute.
+MAX_BYTES = 64 * 2**20
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}
@@ -510,8 +515,10 @@ def read_audit(path: str | Path) -> AuditRecord:
         p = p / "audit.json"
     if not p.is_file():
         raise AuditFileError(f"audit file not found: {p}")
-    if p.stat().st_size > MAX_BYTES:
-        raise AuditFileError(f"{p} is {p.stat().st_size} bytes, more than any audit ({MAX_BYTES})")
+    size = p.stat().st_size
+    if size > MAX_BYTES:
+        raise AuditFileError(f"{p} is {size} bytes, more than an audit file may be ({MAX_BYTES} bytes, 64 MiB): "
+                             "refused before reading it")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -36,7 +36,11 @@ class HubCheckpoint:
 
     def __init__(self, repo_id: str, revision: str | None, *, low_disk: bool = False, local_only: bool = False):
         self.repo_id, self.revision, self.low_disk, self.local_only = repo_id, revision, low_disk, local_only
-        index = json.loads(Path(self._download(INDEX)).read_text())
+        self.index_path = self._download(INDEX)
+        snapshot = Path(self.index_path).parent  # the HF cache's snapshots/<commit>/: the commit the index is of
+        if snapshot.parent.name == "snapshots" and len(snapshot.name) == 40:
+            self.revision = snapshot.name  # every shard from that commit, however the branch moves meanwhile
+        index = json.loads(Path(self.index_path).read_text())
         self.files: dict[str, str] = index["weight_map"]
         self.shapes: dict[str, tuple[int, ...]] = {}  # shard headers are read with the shards: checked on read
         self.shards = sorted(set(self.files.values()))
