@@ -173,6 +173,8 @@ def print_summary(result) -> None:
     ]
     for name, path in result.paths.items():
         lines.append(f"  wrote {name:<9} {path}")
+    if result.replaced:
+        lines.append("  (replaced the earlier audit of the same source, method and inputs in this folder)")
     print("\n".join(lines))
 
 
@@ -200,6 +202,17 @@ class Notices(logging.Handler):
         self.messages.append(record.getMessage().replace("\n", " "))
 
 
+def _configure_library_loggers() -> None:
+    """Let transformers and huggingface_hub set up their loggers now (their public verbosity API does it
+    on first use), so the stderr handlers they add are among those :func:`routed_logs` sets aside, not
+    added behind its back during a load."""
+    import huggingface_hub.utils.logging as hub_logging
+    import transformers.utils.logging as tf_logging
+
+    tf_logging.get_verbosity()
+    hub_logging.get_verbosity()
+
+
 @contextmanager
 def routed_logs():
     """Library logs and Python warnings go to the debug log; hf-rksp's warnings to :class:`Notices`.
@@ -215,6 +228,7 @@ def routed_logs():
     debug.setLevel(logging.DEBUG)
     debug.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     notices = Notices()
+    _configure_library_loggers()
     saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
              for lg in map(logging.getLogger, (*LIBRARY_LOGGERS, "hf_rksp"))]
     for lg, _, _, _ in saved:
@@ -243,21 +257,43 @@ def cmd_audit(args) -> int:
 
     if args.quiet:
         quiet_libraries()
+    opts = audit_options(args)
     if args.from_audit:
-        result = rerender(args.from_audit, out_dir=args.out_dir)
-    else:
-        opts = audit_options(args)
-        if args.push_to and args.no_write:
+        result = rerender(args.from_audit, out_dir=args.out_dir, overwrite=opts.overwrite)
+    elif args.push_to:
+        if args.no_write:
             raise RKSPError("--push-to needs the files: drop --no-write")
+        result, pushed = audit_and_push(args, opts)
+        print_summary(result)
+        print_push(pushed)
+        return 0
+    else:
         result = audit(args.model, init=args.init, config=args.config, options=opts,
                        out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
     print_summary(result)
-    if args.push_to:
-        from hf_rksp.publish import hub
-
-        plan = hub.plan_push(result.record.slug, args.push_to, out_dir=args.out_dir)
-        print_push(hub.push(plan))
     return 0
+
+
+def audit_and_push(args, opts):
+    """--push-to: audit, push from a staging folder, and only then write the local files, so a failed push
+    leaves the earlier local audit as it was."""
+    import tempfile
+
+    from hf_rksp.pipeline import slugs
+    from hf_rksp.pipeline.run import audit, write_outputs
+    from hf_rksp.publish import hub
+    from hf_rksp.publish.local import check_out_dir
+
+    check_out_dir(args.out_dir)
+    result = audit(args.model, init=args.init, config=args.config, options=opts, out_dir=None,
+                   progress=not args.quiet)
+    slugs.guard(args.out_dir, result.record, opts.overwrite)  # refused here, before anything is uploaded
+    with tempfile.TemporaryDirectory(prefix="hf-rksp-push-") as staging:
+        write_outputs(result.record, staging)
+        pushed = hub.push(hub.plan_push(result.record.slug, args.push_to, out_dir=staging))
+    result.paths, result.replaced = write_outputs(result.record, args.out_dir, overwrite=opts.overwrite,
+                                                  report_replaced=True)
+    return result, pushed
 
 
 def print_push(res) -> None:
@@ -337,9 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
             return fail(unexpected(e))
-        if not getattr(args, "quiet", False):
-            for message in notices.messages:
-                print(f"hf-rksp: warning: {message}", file=sys.stderr)
+        for message in notices.messages:  # -q means no progress bars, not none of our warnings
+            print(f"hf-rksp: warning: {message}", file=sys.stderr)
         return rc
 
 

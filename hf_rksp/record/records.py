@@ -29,6 +29,10 @@ from hf_rksp.spectral import FEATURE_NAMES, FEATURES, METHOD_VERSION
 #: the thirds of depth every feature's aggregate has a mean of (``hf_rksp.record.summary``)
 THIRDS = ("early", "middle", "late")
 
+#: why an audit's numbers are not a measurement (``SummaryRecord.degenerate``): ``exact_fit``, N <= d + 1
+#: calibration tokens, so each block's DMD operator reproduces its snapshots exactly (η_nl = 0)
+DEGENERATE = ("exact_fit",)
+
 SCHEMA_VERSION = "2.0"
 SCHEMA_FILE = "schema/audit.schema.json"
 MAX_BYTES = 512 * 2**20  # an audit of a 100-block model with 2048 eigenvalues each is ~10 MB
@@ -56,6 +60,7 @@ def _summary_schema() -> dict:
             "flagged_blocks": {"type": "object", "additionalProperties": {"type": "array",
                                                                          "items": {"type": "integer"}}},
             "verdict": {"type": "string"},
+            "degenerate": {"type": "array", "items": {"enum": list(DEGENERATE)}},
         },
     }
 
@@ -326,6 +331,7 @@ class SummaryRecord(_Record):
     flagged_blocks: dict[str, list[int]]
     stacks: dict[str, SummaryRecord] | None = None  # encoder-decoder models
     verdict: str | None = None
+    degenerate: list[str] | None = None  # why the numbers are not a measurement (DEGENERATE); absent: they are
 
     def feature(self, name: str) -> Aggregate:
         return self.features[name]
