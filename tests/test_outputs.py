@@ -206,7 +206,7 @@ def test_relative_path_inside_the_working_directory(tmp_path, runs, monkeypatch)
 
 def test_exact_fit_is_flagged_and_gets_no_risk(capsys, tmp_path):
     out = tmp_path / "out"
-    rc, stdout, err = run(capsys, "audit", "gpt2", "--init", "--tokens", "10", "--seq-len", "10",
+    rc, _, err = run(capsys, "audit", "gpt2", "--init", "--tokens", "10", "--seq-len", "10",
                           "--out-dir", str(out), "-q")
     assert rc == 0, err
     assert "exact fit" in err and err.startswith("hf-rksp: warning: degenerate audit")  # -q keeps our warnings

@@ -264,7 +264,8 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
     if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
         raise ConfigError(f"`seq_len` {calib.seq_len} exceeds the model's {max_pos} positions", param="seq_len")
     if streamed:
-        key = hashlib.sha256(f"{command}\n{loaded.source.path}\n{calib.sha256}\n{replace(opts, overwrite=False)!r}".encode()).hexdigest()
+        material = f"{command}\n{loaded.source.path}\n{calib.sha256}\n{replace(opts, overwrite=False)!r}"
+        key = hashlib.sha256(material.encode()).hexdigest()
         rdir = resume_root / f"{loaded.source.slug}-{key[:16]}" if resume_root is not None else None
         blocks, path, timings = stream_profile(loaded, calib.input_ids, opts, progress,
                                                resume_dir=rdir, resume_key=key)
