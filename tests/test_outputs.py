@@ -61,7 +61,7 @@ def test_hub_ids_and_defaults_keep_their_readable_slugs():
     assert slug_of("gpt2", "--init") == "gpt2__init"
     assert slug_of("meta-llama/Llama-2-7b-hf", "--init") == "meta-llama__Llama-2-7b-hf__init"
     assert slug_of("gpt2", "--init", "--tokens", "2048", "--device", "cpu", "--batch-size", "4",
-                   "--stream") == "gpt2__init"  # defaults, and what does not change the numbers
+                   "--threads", "1") == "gpt2__init"  # defaults, and what does not change the numbers
     src = resolve_source("gpt2", init=True)
     assert audit_slug(src, AuditOptions(prompts="shipped", snapshots="hidden-states")) == \
         "gpt2__init__prompts__hidden-states"
@@ -72,7 +72,8 @@ def test_every_number_changing_option_changes_the_slug(tmp_path):
     assert slug_of("gpt2", "--init", "--tokens", "10") == f"gpt2__init__{want}"
     variants = [(), ("--tokens", "4096"), ("--seq-len", "256"), ("--rank", "32"), ("--rank", "full"),
                 ("--seed", "1"), ("--dtype", "bfloat16"), ("--eps", "1e-4"), ("--lr", "1e-3"),
-                ("--no-kreiss",), ("--rank", "32", "--sketch", "pod"), ("--snapshots", "hidden-states")]
+                ("--no-kreiss",), ("--rank", "32", "--sketch", "pod"), ("--snapshots", "hidden-states"),
+                ("--stream",)]
     seen = [slug_of("gpt2", "--init", *v) for v in variants]
     assert len(set(seen)) == len(seen), seen
 
@@ -109,18 +110,42 @@ def test_another_audit_in_the_folder_is_refused_the_same_one_refreshed(capsys, t
     rc, _, err = run(capsys, "audit", ckpt, *SMALL, "--out-dir", str(out), "-q")
     assert rc == 0, err
     before = snapshot(out)
-    # --stream is not in the slug: the same folder, but another command (the method records streaming)
-    rc, _, err = run(capsys, "audit", ckpt, *SMALL, "--stream", "--out-dir", str(out), "-q")
+    # an audit made by another command in the folder (an older rule's, or edited): refused before any work
+    slug = slug_of(ckpt, *SMALL)
+    audit_json = out / "audits" / slug / "audit.json"
+    data = json.loads(audit_json.read_text())
+    audit_json.write_text(json.dumps({**data, "command": data["command"] + " --no-kreiss"}, indent=2))
+    before = snapshot(out)
+    rc, _, err = run(capsys, "audit", ckpt, *SMALL, "--out-dir", str(out), "-q")
     assert rc == 2
     one_error(err, "holds another audit", "--overwrite")
     assert snapshot(out) == before
+    rc, _, err = run(capsys, "audit", ckpt, *SMALL, "--overwrite", "--out-dir", str(out), "-q")
+    assert rc == 0, err
+    assert "--overwrite" not in json.loads(audit_json.read_text())["command"]
     rc, stdout, err = run(capsys, "audit", ckpt, *SMALL, "--out-dir", str(out), "-q")  # the identical audit
     assert rc == 0, err
     assert "replaced the earlier audit of the same source, method and inputs" in stdout
-    rc, _, err = run(capsys, "audit", ckpt, *SMALL, "--stream", "--overwrite", "--out-dir", str(out), "-q")
-    assert rc == 0, err
-    data = json.loads((out / "audits" / slug_of(ckpt, *SMALL) / "audit.json").read_text())
-    assert data["method"]["streamed"] is True and "--overwrite" not in data["command"]
+
+
+def test_the_publish_lock_check_refuses_another_audit(tmp_path, runs):
+    """Two audits of one slug whose commands agree but whose numbers' identity differs (here: the method's
+    band edited in the folder's audit): refused under the lock, the folder unchanged."""
+    from hf_rksp import audit
+
+    out, ckpt = tmp_path / "out", str(runs / "a" / "ckpt")
+    first = audit(ckpt, tokens=128, seq_len=64, out_dir=str(out), progress=False)
+    audit_json = Path(first.paths["audit"])
+    data = json.loads(audit_json.read_text())
+    data["method"]["band_upper"] = 1.5
+    audit_json.write_text(json.dumps(data, indent=2))
+    before = snapshot(out)
+    from hf_rksp.pipeline.slugs import AuditExistsError
+
+    with pytest.raises(AuditExistsError, match="method band_upper"):
+        audit(ckpt, tokens=128, seq_len=64, out_dir=str(out), progress=False)
+    assert snapshot(out) == before
+    assert audit(ckpt, tokens=128, seq_len=64, out_dir=str(out), progress=False, overwrite=True).replaced is False
 
 
 def test_other_inputs_go_to_another_folder(capsys, tmp_path, runs):
@@ -235,3 +260,40 @@ def test_transformers_config_warnings_stay_off_stderr(capsys, tmp_path):
     rc, _, err = run(capsys, "audit", "--config", str(cfg), "--tokens", "100", "--seq-len", "100", "--no-write")
     assert rc == 2
     one_error(err, "--seq-len 100")  # transformers' bos/eos_token_id warnings went to the debug log
+
+
+def test_no_network_fails_fast_with_advice():
+    """A hub id, online mode, an unreachable Hub: one line naming HF_HUB_OFFLINE=1 and --init (gpt2's config
+    ships), in seconds rather than after huggingface_hub's ~30 s of retries (timed inside the process: the
+    import of torch is not the probe's)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, time\nfrom hf_rksp.cli import main\nt = time.perf_counter()\n"
+              "rc = main(['audit', 'gpt2', '--no-write', '-q'])\n"
+              "print(f'{rc} {time.perf_counter() - t:.2f}')\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(Path(__file__).parents[1]))  # refused at once
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    rc, seconds = p.stdout.split()
+    assert rc == "2" and float(seconds) < 5, (p.stdout, p.stderr)
+    one_error(p.stderr, "cannot reach the Hugging Face Hub", "HF_HUB_OFFLINE=1", "--init")
+
+
+def test_full_disk_while_saving_progress_is_one_typed_line(capsys, tmp_path, runs, monkeypatch):
+    """A real ENOSPC (the progress file is /dev/full) while a streamed audit saves its progress: one worded
+    line, not torch's 'enforce fail at inline_container.cc'."""
+    from conftest import interrupt_block
+
+    out, ckpt = tmp_path / "out", str(runs / "a" / "ckpt")
+    argv = ("audit", ckpt, *SMALL, "--stream", "--out-dir", str(out), "-q")
+    with monkeypatch.context() as m:
+        interrupt_block(m, 1)  # progress of block 0 kept; the rerun saves block 1's (of 3)
+        rc, _, err = run(capsys, *argv)
+    assert rc == 130, err
+    (progress,) = (out / "audits" / ".partial").glob("*/progress.json")
+    (progress.parent / "activations.pt.tmp").symlink_to("/dev/full")
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2
+    one_error(err, "could not save the progress", "No space left on device")

@@ -149,6 +149,7 @@ def test_summarize_on_block_records_is_the_stored_summary(path):
     assert isinstance(s, SummaryRecord) and s.verdict is None
     stored = r.summary.to_dict()
     del stored["verdict"]  # written by the report from the numbers
+    stored.pop("degenerate", None)  # written by the pipeline from the method (N <= d + 1): not a block aggregate
     _close(stored, s.to_dict())
     assert s.features["near_unit_mass"].mean == s.score
 

@@ -337,6 +337,7 @@ def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bo
     device = _device(opts.device)
     src = replace(resolve_source(source, init=init, config_path=config, revision=opts.revision,
                                  gguf_file=opts.gguf_file), name=opts.name)
+    check_hub_reachable(src)
     if opts.low_disk and not opts.stream:
         opts = replace(opts, stream=True)  # --low-disk implies --stream
     plan = plan_for(src, opts)
@@ -365,6 +366,33 @@ def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bo
         result.paths, result.replaced = write_outputs(result.record, out_dir, overwrite=opts.overwrite,
                                                       report_replaced=True)
     return result
+
+
+#: seconds the one reachability probe of the Hub may take (huggingface_hub would retry for ~30 s)
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def check_hub_reachable(src) -> None:
+    """A hub id, online mode, and no network: fail in seconds with what works offline, rather than after
+    huggingface_hub's retries.  One HEAD request for the config (``get_hf_file_metadata``, which does not
+    retry); any HTTP answer (404, 401...) means the Hub is reachable and the load words it."""
+    from hf_rksp.models.loading import shipped_config
+    from hf_rksp.utils.hub_errors import offline
+
+    if src.kind != "hub" or offline() or (src.init and shipped_config(src.id) is not None):
+        return
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(src.id, "config.json", revision=src.revision), timeout=HUB_PROBE_TIMEOUT)
+    except HfHubHTTPError:
+        return
+    except Exception as e:  # noqa: BLE001  connection refused, DNS, timeout, proxy: the client's own types
+        logger.debug("hub probe failed", exc_info=e)
+        init = " or `init` (its config ships with hf-rksp)" if shipped_config(src.id) is not None else ""
+        raise SourceError(f"cannot reach the Hugging Face Hub for {src.id!r} ({type(e).__name__}); set "
+                          f"HF_HUB_OFFLINE=1 to use the local cache{init}") from e
 
 
 def rerender(audit_json: str, out_dir: str = ".", *, overwrite: bool = False) -> AuditResult:

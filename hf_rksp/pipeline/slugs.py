@@ -15,8 +15,9 @@ An audit is written to ``audits/<slug>/`` and ``model_cards/<slug>/``.  The slug
   (:data:`hf_rksp.pipeline.options.COMMAND_OPTIONS`) that differs from its default -- ``tokens``, ``rank``,
   ``sketch``, ``seed``, ``text`` (by the file's content), ``lr``... -- so an audit with other inputs or
   another method never lands in the folder of the default one.  Absent when every such option is at its
-  default.  Options that name the source (``name``, ``revision``, ``gguf_file``) are in ``<source>``;
-  ``stream`` is how the audit ran, not what it measured.
+  default.  Options that name the source (``name``, ``revision``, ``gguf_file``) are in ``<source>``.
+  ``stream`` is in the hash too: a streamed audit records another method (``method.streamed``), and an
+  audit streamed because the model would not fit records ``--stream`` in its command as well.
 
 Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``-``, and each part is cut to 60
 characters, so a slug is always a valid folder name.
@@ -41,7 +42,7 @@ from hf_rksp.pipeline.options import AuditOptions, audit_option_fields
 from hf_rksp.record.records import AuditRecord
 
 #: options the <choices> hash leaves out: named by <source> or a readable suffix, or how the audit ran
-NOT_IN_CHOICES = ("name", "revision", "gguf_file", "prompts", "snapshots", "stream")
+NOT_IN_CHOICES = ("name", "revision", "gguf_file", "prompts", "snapshots")
 PART_MAX = 60
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
