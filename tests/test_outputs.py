@@ -297,3 +297,43 @@ def test_full_disk_while_saving_progress_is_one_typed_line(capsys, tmp_path, run
     rc, _, err = run(capsys, *argv)
     assert rc == 2
     one_error(err, "could not save the progress", "No space left on device")
+
+
+# ----------------------------------------------------------------------------- a model in memory
+
+
+def test_audit_of_a_model_in_memory_is_the_audit_of_its_checkpoint(tmp_path):
+    """hf_rksp.audit(model) gives the same numbers as the audit of the same weights saved to a folder (both
+    calibrated on the same seeded random ids), leaves the model's mode and weights alone, and writes under
+    <name>__in-memory with no reproducing CLI command claimed."""
+    import torch
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    from hf_rksp import audit
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("gpt2"))
+    model.save_pretrained(tmp_path / "saved")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mem = audit(model, tokens=128, seq_len=64, out_dir=str(tmp_path / "out"), progress=False, name="org/tiny")
+    disk = audit(str(tmp_path / "saved"), tokens=128, seq_len=64, out_dir=None, progress=False)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert mem.record.inputs.sha256 == disk.record.inputs.sha256
+    for a, b in zip(mem.record.blocks, disk.record.blocks):
+        assert a.eigenvalues == b.eigenvalues and a.values == b.values
+    assert mem.record.source.kind == "module" and mem.record.slug.startswith("org__tiny__in-memory")
+    assert mem.record.command.startswith("hf_rksp.audit(model") and Path(mem.paths["card"]).is_file()
+
+
+def test_audit_of_a_module_that_is_not_a_transformer_is_refused():
+    import torch
+
+    from hf_rksp import audit
+    from hf_rksp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="without a transformers config"):
+        audit(torch.nn.Linear(4, 4), out_dir=None)
+    with pytest.raises(ConfigError, match="`tokenizer` is for a model in memory"):
+        audit("gpt2", init=True, tokenizer=object(), out_dir=None)

@@ -50,6 +50,22 @@ examples:
 """
 
 
+COMPARE_HELP = """\
+Compare two RKSP audits of the same method version (a base model and its
+fine-tune, init vs trained, two seeds...): every feature's mean over blocks in
+A and B with the number of blocks it counts (n: fewer than the blocks where a
+block has no value, e.g. the means over kept modes), the difference B - A,
+the per-block differences of the main features when the depths agree, and a
+warning for each method parameter or calibration input that differs (the
+numbers are then not comparable).
+
+examples:
+  hf-rksp compare gpt2__init ./trained/audits/my-model
+  hf-rksp compare a/audit.json b/audit.json --plot both.png
+  hf-rksp compare A B --json          # the same, as JSON
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block), like every other error."""
 
@@ -139,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dry-run", action="store_true", help="print exactly what would be uploaded, upload nothing")
     u.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default .)")
 
-    c = sub.add_parser("compare", help="compare two audits block by block")
+    c = sub.add_parser("compare", help="compare two audits block by block", description=COMPARE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("a", help="audit A: path to audit.json, audit directory, or slug")
     c.add_argument("b", help="audit B")
     c.add_argument("--out-dir", default=".", help="where slugs are looked up (default .)")
@@ -150,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fmt(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _num(v, sign: str = "") -> str:
+    """A number for a table: 4 decimals, or 4 significant digits where it is large or tiny."""
+    if v is None:
+        return "-"
+    return format(v, sign + (".4f" if v == 0 or 1e-3 <= abs(v) < 1e5 else ".4g"))
+
+
+def columns(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: each column as wide as its widest cell, two spaces between columns (so numbers
+    never run together), the first column left-aligned and the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([fmt(header), *map(fmt, rows)])
 
 
 def print_summary(result) -> None:
@@ -169,6 +204,7 @@ def print_summary(result) -> None:
           for f in FEATURES],
         f"  score M (mean near-unit mass)       {s.score:.4f}",
         "  risk                  " + risk_line(r),
+        *[f"  risk warning          {w}" for w in (r.risk.warnings if r.risk is not None else [])],
         f"  time                  {_fmt(r.timings.get('total_s'), '.1f')} s",
     ]
     for name, path in result.paths.items():
@@ -327,15 +363,15 @@ def cmd_compare(args) -> int:
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, allow_nan=False))
         return 0
-    print(f"A: {res.a.slug}\nB: {res.b.slug}")
-    print(f"{'':<30}{'A':>10}{'B':>10}{'B-A':>10}")
-    for k, v in res.summary.items():
-        print(f"{k[:29]:<30}{_fmt(v.a, '.4f'):>10}{_fmt(v.b, '.4f'):>10}{_fmt(v.delta, '+.4f'):>10}")
+    print(f"A: {res.a.slug} ({res.a.id})\nB: {res.b.slug} ({res.b.id})\n")
+    print(columns(["", "A", "n A", "B", "n B", "B - A"],
+                  [[k, _num(v.a), str(v.n_a), _num(v.b), str(v.n_b), _num(v.delta, "+")]
+                   for k, v in res.summary.items()]))
     if res.blocks:
         cols = ("near_unit_mass", "expansive_mass", "spectral_radius", "nonlinearity_ratio")
-        print(f"\n{'block':>5}" + "".join(f"{'d ' + c[:12]:>16}" for c in cols))
-        for r in res.blocks:
-            print(f"{r.index:>5}" + "".join(f"{_fmt(r.delta(c), '+.4f'):>16}" for c in cols))
+        print("\nper block, B - A:")
+        print(columns(["block", *cols], [[str(r.index), *(_num(r.delta(c), "+") for c in cols)]
+                                          for r in res.blocks]))
     for w in res.warnings:
         print(f"warning: {w}")
     print("\n" + res.verdict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -28,7 +29,7 @@ from hf_rksp.models.loading import (
 from hf_rksp.models.placement import placement_kwargs, plan_for
 from hf_rksp.models.weights import CheckpointWeights, InitWeights
 from hf_rksp.pipeline import slugs
-from hf_rksp.pipeline.options import AuditOptions, command_line
+from hf_rksp.pipeline.options import COMMAND_OPTIONS, AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
 from hf_rksp.pipeline.validation import check_audit_options
 from hf_rksp.publish.local import check_out_dir, publish
@@ -194,7 +195,7 @@ def source_record(loaded: LoadedModel, n_blocks: int) -> SourceRecord:
     local = _is_local(src)
     given = slugs.portable_path(src.id) if local else src.id  # never an absolute local path (it is published)
     origin = src.config_origin if src.kind != "config" else slugs.portable_path(src.config_origin)
-    return SourceRecord(id=src.name or given, path=given if src.name else None, kind=src.kind, init=src.init,
+    return SourceRecord(id=src.name or given, path=given if src.name and src.kind != "module" else None, kind=src.kind, init=src.init,
                         revision=src.revision, config_origin=origin, gguf_file=src.gguf_file,
                         family=loaded.family, model_class=loaded.model_class, n_blocks=n_blocks,
                         d_model=int(loaded.config.hidden_size), n_params=loaded.n_params)
@@ -305,8 +306,9 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
 
 
 def audit(
-    source: str | None = None,
+    source: str | torch.nn.Module | None = None,
     *,
+    tokenizer=None,
     init: bool = False,
     config: str | None = None,
     options: AuditOptions | None = None,
@@ -319,11 +321,26 @@ def audit(
     ``source`` is a hub id (from the local cache when offline), a checkpoint
     directory or a .gguf file; ``init=True`` or ``config=PATH`` audits the
     architecture at random init.  Keyword arguments override ``options``.
+
+    ``source`` may also be a transformers model already in memory (an ``nn.Module`` with a ``config``; a
+    PEFT model is audited through ``get_base_model()``), calibrated with ``tokenizer`` when given (else
+    on seeded random token ids), in the dtype and on the device it is in; it is left in the training
+    mode it was in.  Its slug is ``name`` (or its config's ``_name_or_path``) plus ``__in-memory``.
     """
     unknown = sorted(set(kwargs) - {f.name for f in fields(AuditOptions)})
     if unknown:
         raise TypeError(f"audit() got unknown options {unknown}")
     opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
+    if isinstance(source, torch.nn.Module):
+        if init or config is not None:
+            raise ConfigError("`init`/`config` build a model; a model in memory is audited as it is", param="init")
+        check_options(opts)
+        if out_dir is not None:
+            check_out_dir(Path(out_dir))
+        with torch_threads(opts.threads):
+            return _audit_module(source, tokenizer, opts, out_dir, progress)
+    if tokenizer is not None:
+        raise ConfigError("`tokenizer` is for a model in memory; a model by name brings its own", param="tokenizer")
     check_options(opts, init=init or config is not None)
     if out_dir is not None:
         check_out_dir(Path(out_dir))
@@ -388,11 +405,62 @@ def check_hub_reachable(src) -> None:
         get_hf_file_metadata(hf_hub_url(src.id, "config.json", revision=src.revision), timeout=HUB_PROBE_TIMEOUT)
     except HfHubHTTPError:
         return
-    except Exception as e:  # noqa: BLE001  connection refused, DNS, timeout, proxy: the client's own types
+    except Exception as e:  # connection refused, DNS, timeout, proxy: the client's own exception types
         logger.debug("hub probe failed", exc_info=e)
         init = " or `init` (its config ships with hf-rksp)" if shipped_config(src.id) is not None else ""
         raise SourceError(f"cannot reach the Hugging Face Hub for {src.id!r} ({type(e).__name__}); set "
                           f"HF_HUB_OFFLINE=1 to use the local cache{init}") from e
+
+
+#: torch dtypes as AuditOptions.dtype names them
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.float64: "float64"}
+
+
+def in_memory(model: torch.nn.Module, tokenizer, name: str | None) -> LoadedModel:
+    """A transformers model already in memory as the LoadedModel the audit reads."""
+    from hf_rksp.models.loading import Source
+
+    if callable(getattr(model, "get_base_model", None)):  # a PEFT model: the transformers model it wraps
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    if config is None or not isinstance(getattr(config, "hidden_size", None), int):
+        raise ConfigError(f"`source` is a {type(model).__name__} without a transformers config (hidden_size): "
+                          "audit a transformers model, or profile blocks with hf_rksp.profile_block", param="source")
+    params = list(model.parameters())
+    if not params:
+        raise ConfigError("`source` has no parameters", param="source")
+    given = name or getattr(config, "_name_or_path", None) or config.model_type
+    if os.path.isabs(given) or os.path.exists(given):
+        given = slugs.portable_path(given)  # a local folder it was loaded from: never the absolute path
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer,
+                       source=Source(id=given, kind="module", init=False, name=name),
+                       family=config.model_type, model_class=type(model).__name__,
+                       n_params=sum(p.numel() for p in params))
+
+
+def _audit_module(model: torch.nn.Module, tokenizer, opts: AuditOptions, out_dir, progress: bool) -> AuditResult:
+    """:func:`audit` of a model in memory (options checked)."""
+    t0 = time.perf_counter()
+    loaded = in_memory(model, tokenizer, opts.name)
+    dtype = next(loaded.model.parameters()).dtype
+    opts = replace(opts, dtype=DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")))
+    recorded = {f.name: getattr(opts, f.name) for f in fields(AuditOptions)
+                if f.name in COMMAND_OPTIONS and getattr(opts, f.name) != f.default}
+    command = "hf_rksp.audit(model" + "".join(f", {k}={v!r}" for k, v in recorded.items()) + \
+        f")  # {loaded.model_class} in memory"
+    if out_dir is not None:
+        slugs.guard_early(out_dir, audit_slug(loaded.source, opts), command, opts.overwrite)
+    was_training = loaded.model.training
+    try:
+        record = _audit_loaded(loaded, opts, command=command, progress=progress, resume_root=None)
+    finally:
+        loaded.model.train(was_training)
+    result = AuditResult(record=replace(record, timings={**record.timings, "total_s": time.perf_counter() - t0}))
+    if out_dir is not None:
+        result.paths, result.replaced = write_outputs(result.record, out_dir, overwrite=opts.overwrite,
+                                                      report_replaced=True)
+    return result
 
 
 def rerender(audit_json: str, out_dir: str = ".", *, overwrite: bool = False) -> AuditResult:

@@ -75,7 +75,9 @@ def _is_local(given: str) -> bool:
 
 def source_part(src) -> str:
     """The ``<source>`` part of the slug of a :class:`hf_rksp.models.loading.Source`."""
-    if src.name:
+    if src.kind == "module":  # a model in memory: what it is called, and that it was in memory
+        base = _hub_part(src.name or src.id) + "__in-memory"
+    elif src.name:
         base = _hub_part(src.name)
     elif src.kind == "hub":
         base = _hub_part(src.id)
@@ -143,8 +145,8 @@ def check_slug(record: AuditRecord) -> None:
     match the record's init, inputs and snapshots; what may follow is only the 8-hex ``<choices>``.
     """
     src, slug = record.source, record.slug
-    heads = [re.escape(_hub_part(src.id))]
-    if src.kind != "hub" and src.path is None:  # a local path (no --name), or one GGUF file of a hub repo
+    heads = [re.escape(_hub_part(src.id) + ("__in-memory" if src.kind == "module" else ""))]
+    if src.kind not in ("hub", "module") and src.path is None:  # a local path (no --name), or one GGUF file of a hub repo
         stem = Path(src.id).stem if src.id.lower().endswith((".gguf", ".json")) else Path(src.id).name
         heads += [re.escape(_hub_part(src.id.removesuffix(".gguf"))) + r"(?:__[A-Za-z0-9._-]+)?",
                   r"(?:[A-Za-z0-9._-]+__)?" + re.escape(_safe(stem)) + r"-[0-9a-f]{6}"]

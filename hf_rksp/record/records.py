@@ -131,7 +131,7 @@ def audit_schema() -> dict:
                 "required": ["id", "kind", "init", "revision", "family", "n_blocks", "d_model", "n_params"],
                 "properties": {
                     "id": {"type": "string"}, "path": {"type": ["string", "null"]},
-                    "kind": {"enum": ["hub", "dir", "gguf", "config"]}, "init": {"type": "boolean"},
+                    "kind": {"enum": ["hub", "dir", "gguf", "config", "module"]}, "init": {"type": "boolean"},
                     "revision": {"type": ["string", "null"]}, "family": {"type": "string"},
                     "model_class": {"type": "string"}, "n_blocks": {"type": "integer", "minimum": 1},
                     "d_model": {"type": "integer", "minimum": 1}, "n_params": {"type": "integer", "minimum": 1},
@@ -276,7 +276,7 @@ class SourceRecord(_Record):
 
     id: str
     path: str | None = None  # the local copy ``id`` stands for (``--name``)
-    kind: str  # hub | dir | gguf | config
+    kind: str  # hub | dir | gguf | config | module (a model audited in memory)
     init: bool
     revision: str | None = None
     config_origin: str | None = None
@@ -495,6 +495,24 @@ class AuditRecord(_Record):
     def validate(self) -> None:
         """Raise AuditFileError naming the first violation of the schema."""
         validate_audit(self.to_dict())
+
+    def to_pandas(self):
+        """One row per block, indexed by block: every registry feature (NaN where a value is None), then
+        ``m``, ``rank``, ``flags`` (comma-separated) and, for multi-stack models, ``stack``/``stack_index``.
+        Needs pandas (an optional dependency)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("AuditRecord.to_pandas() needs pandas, which hf-rksp does not install: "
+                              "pip install pandas") from None
+        rows = []
+        for b in self.blocks:
+            row = {"block": b.index, **{k: (float("nan") if v is None else v) for k, v in b.values.items()},
+                   "m": b.m, "rank": b.rank, "flags": ",".join(b.flags)}
+            if b.stack is not None:
+                row.update(stack=b.stack, stack_index=b.stack_index)
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("block")
 
 
 def _finite_float(text: str) -> float:
