@@ -337,3 +337,30 @@ def test_audit_of_a_module_that_is_not_a_transformer_is_refused():
         audit(torch.nn.Linear(4, 4), out_dir=None)
     with pytest.raises(ConfigError, match="`tokenizer` is for a model in memory"):
         audit("gpt2", init=True, tokenizer=object(), out_dir=None)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+@pytest.mark.parametrize("slug", ["gpt2__init", "sentence-transformers__all-MiniLM-L6-v2"])
+def test_profile_plot_is_readable(slug):
+    """Rendered for a shipped audit: both legends lie right of the axes (they hide no bar), M is a line of
+    its own at the score, and the κ(V) axis shows at least two labelled ticks."""
+    from hf_rksp.record.records import read_audit
+    from hf_rksp.report.plots import profile_figure
+
+    record = read_audit(Path(__file__).parents[1] / "audits" / slug)
+    fig = profile_figure(record)
+    fig.canvas.draw()
+    mass, kappa = fig.axes[0], fig.axes[1]
+    for ax in (mass, kappa):
+        legend = ax.get_legend()
+        assert legend is not None
+        assert legend.get_window_extent().x0 >= mass.get_window_extent().x1
+    m_lines = [ln for ln in mass.get_lines() if ln.get_label().startswith("mean near-unit mass M")]
+    assert len(m_lines) == 1 and m_lines[0].get_ydata()[0] == pytest.approx(record.summary.score)
+    lo, hi = kappa.get_ylim()
+    labelled = [t for t in kappa.yaxis.get_ticklocs() if lo <= t <= hi]
+    labelled += [t for t in kappa.yaxis.get_ticklocs(minor=True) if lo <= t <= hi
+                 and any(lab.get_text() for lab in kappa.yaxis.get_minorticklabels())]
+    assert len(labelled) >= 2, labelled
