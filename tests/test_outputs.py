@@ -253,13 +253,23 @@ def test_enough_tokens_is_not_flagged(capsys):
 # ----------------------------------------------------------------------------- a quiet stderr
 
 
-def test_transformers_config_warnings_stay_off_stderr(capsys, tmp_path):
+def test_transformers_config_warnings_stay_off_stderr(tmp_path):
+    """In a fresh process (transformers adds its stderr handler on first use, which in-process tests may
+    have done long before): its bos/eos_token_id warnings go to the debug log, not before our line."""
+    import subprocess
+    import sys
+
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100,
                                "bos_token_id": 5000, "eos_token_id": 5000, "n_positions": 64}))
-    rc, _, err = run(capsys, "audit", "--config", str(cfg), "--tokens", "100", "--seq-len", "100", "--no-write")
-    assert rc == 2
-    one_error(err, "--seq-len 100")  # transformers' bos/eos_token_id warnings went to the debug log
+    log = tmp_path / "debug.log"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), HF_RKSP_LOG=str(log))
+    p = subprocess.run([sys.executable, "-m", "hf_rksp", "audit", "--config", str(cfg), "--tokens", "100",
+                        "--seq-len", "100", "--no-write"], env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert p.returncode == 2
+    one_error(p.stderr, "--seq-len 100")
+    assert "bos_token_id must be" in log.read_text()  # said, to the debug log
 
 
 def test_no_network_fails_fast_with_advice():
