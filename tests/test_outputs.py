@@ -140,7 +140,7 @@ def test_the_publish_lock_check_refuses_another_audit(tmp_path, runs):
     data["method"]["band_upper"] = 1.5
     audit_json.write_text(json.dumps(data, indent=2))
     before = snapshot(out)
-    from hf_rksp.pipeline.slugs import AuditExistsError
+    from hf_rksp.errors import AuditExistsError
 
     with pytest.raises(AuditExistsError, match="method band_upper"):
         audit(ckpt, tokens=128, seq_len=64, out_dir=str(out), progress=False)

@@ -37,7 +37,7 @@ import os
 import re
 from pathlib import Path
 
-from hf_rksp.errors import AuditFileError, OutputError
+from hf_rksp.errors import AuditExistsError, AuditFileError
 from hf_rksp.pipeline.options import AuditOptions, audit_option_fields
 from hf_rksp.record.records import AuditRecord
 
@@ -173,12 +173,6 @@ def differences(old: AuditRecord, new: AuditRecord) -> list[str]:
     if old.risk is not None and new.risk is not None and old.risk.lr != new.risk.lr:
         out.append("risk lr")
     return out
-
-
-class AuditExistsError(OutputError):
-    """The output folder holds another audit; ``overwrite`` replaces it."""
-
-    resumable = False
 
 
 def existing(folder: Path) -> AuditRecord | None | str:
