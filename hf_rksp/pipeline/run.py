@@ -203,7 +203,7 @@ def source_record(loaded: LoadedModel, n_blocks: int) -> SourceRecord:
 
 def _is_local(src) -> bool:
     """A source named by a local path (what the record and the command write relative or as its last part)."""
-    return src.kind in ("dir", "config") or (src.kind == "gguf" and slugs._is_local(src.id))
+    return src.kind in ("dir", "config") or (src.kind == "gguf" and slugs.is_local_path(src.id))
 
 
 def recorded_command(source: str | None, init: bool, config: str | None, opts: AuditOptions, src) -> str:

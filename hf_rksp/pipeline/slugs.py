@@ -41,7 +41,7 @@ from hf_rksp.errors import AuditExistsError, AuditFileError
 from hf_rksp.pipeline.options import AuditOptions, audit_option_fields
 from hf_rksp.record.records import AuditRecord
 
-#: options the <choices> hash leaves out: named by <source> or a readable suffix, or how the audit ran
+#: options the <choices> hash leaves out: they are named by <source> or by a readable suffix
 NOT_IN_CHOICES = ("name", "revision", "gguf_file", "prompts", "snapshots")
 PART_MAX = 60
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -69,7 +69,8 @@ def local_part(path: str | Path) -> str:
     return "__".join(_safe(x) for x in parts) + "-" + digest
 
 
-def _is_local(given: str) -> bool:
+def is_local_path(given: str) -> bool:
+    """Whether a source as the user gave it names a local path (resolve_source's own test), not a hub id."""
     return given.startswith((".", "/", "~")) or Path(given).expanduser().exists()
 
 
@@ -81,7 +82,7 @@ def source_part(src) -> str:
         base = _hub_part(src.name)
     elif src.kind == "hub":
         base = _hub_part(src.id)
-    elif src.kind == "gguf" and not _is_local(src.id):  # one GGUF file of a hub repo, fetched
+    elif src.kind == "gguf" and not is_local_path(src.id):  # one GGUF file of a hub repo, fetched
         base = _hub_part(src.id.removesuffix(".gguf")) if src.id.endswith(".gguf") else \
             _hub_part(src.id) + "__" + _safe(Path(src.gguf_file).stem)
     elif src.kind == "gguf":
