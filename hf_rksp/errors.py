@@ -15,6 +15,7 @@ Our own bugs are not RKSPErrors: they keep their traceback (the CLI writes it to
     │   └── NonFiniteActivationError
     ├── AuditFileError             an audit.json that cannot be read, is invalid, or is of another method version
     ├── OutputError                results cannot be written
+    │   └── AuditExistsError       the output folder holds another audit (``overwrite`` replaces it)
     └── MemoryPlanError            the model (or one block of it) cannot fit in the memory available
 """
 
@@ -101,6 +102,12 @@ class OutputError(RKSPError):
     """Results cannot be written (unwritable or full output directory)."""
 
     resumable = True
+
+
+class AuditExistsError(OutputError):
+    """The audit's output folder holds another audit (other source, method or inputs); ``overwrite`` replaces it."""
+
+    resumable = False
 
 
 class AuditInterrupted(KeyboardInterrupt):

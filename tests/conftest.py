@@ -165,3 +165,18 @@ def pytest_sessionfinish(session, exitstatus):
             cells.append("—" if v is None else ("✅" if v else "❌"))
         rows.append(f"| {family} | {getattr(cls, '__name__', '?')} | " + " | ".join(cells) + " |")
     Path(path).write_text("\n".join(rows) + "\n")
+
+
+def slug_of(*argv: str) -> str:
+    """The slug `hf-rksp audit *argv` writes to, by the one rule (hf_rksp.pipeline.slugs)."""
+    from dataclasses import replace
+
+    from hf_rksp.cli.commands import audit_options, build_parser
+    from hf_rksp.models.loading import resolve_source
+    from hf_rksp.pipeline.slugs import audit_slug
+
+    args = build_parser().parse_args(["audit", *argv])
+    opts = audit_options(args)
+    src = resolve_source(args.model, init=args.init, config_path=args.config, revision=opts.revision,
+                         gguf_file=opts.gguf_file)
+    return audit_slug(replace(src, name=opts.name), opts)

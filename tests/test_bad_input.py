@@ -36,12 +36,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import interrupt_block, tiny_config, tiny_tokenizer
+from conftest import interrupt_block, slug_of, tiny_config, tiny_tokenizer
 
 from hf_rksp.cli.commands import main
 
 SMALL = ("--tokens", "128", "--seq-len", "64", "-q")
-SLUG = "tok"  # the slug of the checkpoint folder "tok"
+SLUG = "{slug}"  # the slug of the good audit of the checkpoint folder "tok" (fx["slug"]), formatted in each row
 
 #: a fake Hub token of the real shape, made fresh for each test session (the rows' HF_TOKEN)
 FAKE_TOKEN = "hf_" + "".join(random.SystemRandom().choices(string.ascii_letters, k=34))
@@ -90,7 +90,7 @@ CASES = [
     Case("activations-of-many-tokens", 1, audit("gpt2", "--init", "--tokens", "8000000", "--seq-len", "1000", "-q"),
          2, r"activations of 8000000 tokens need [\d.]+ GiB.*smaller --tokens", setup="low_memory"),
     Case("big-text-few-tokens", 1, audit("{tok}", "--text", "{bigtext}", *SMALL), 0, None, writes=True,
-         expect=(f"audits/{SLUG}/audit.json",)),
+         expect=("audits/{slug_text}/audit.json",)),
     # 2. publishing is all-or-nothing, and the next run completes a killed one
     Case("rename-fails-on-card", 2, audit("{tok}", *SMALL, "--seed", "3"), 2, r"Permission denied.*unchanged",
          setup="card_rename_fails"),
@@ -131,7 +131,7 @@ CASES = [
          r"is 408944640 bytes, more than an audit file may be \(67108864 bytes, 64 MiB\): refused before reading"),
     Case("sparse-at-the-cap", 4, ("compare", "{at_cap}", "{good}"), 2, r"at_cap/audit\.json is not a valid JSON audit"),
     Case("eigenvalues-missing", 4, audit("--from-audit", "{no_eigs}"), 2, r"block 0 has m = \d+ but 0 eigenvalues"),
-    Case("value-beyond-any-axis", 4, audit("--from-audit", "{huge_eta}"), 0, None, writes=True),
+    Case("value-beyond-any-axis", 4, audit("--from-audit", "{huge_eta}", "--overwrite"), 0, None, writes=True),
     Case("slug-dotdot", 4, audit("--from-audit", "{slug_dotdot}"), 2, r"does not match schema .* at slug"),
     Case("compare-json-overflow", 4, ("compare", "{low}", "{high}", "--json"), 0, None),
     Case("compare-plot-to-a-dir", 4, ("compare", "{good}", "{good}", "--plot", "{out}"), 2, r"Is a directory"),
@@ -166,7 +166,7 @@ CASES = [
     Case("trailing-slash", 7, audit("./tok/", *SMALL), 0, None, writes=True, cwd="root",
          expect=(f"audits/{SLUG}/audit.json",)),
     Case("name-org-model", 7, audit("{tok}", *SMALL, "--name", "org/tiny-model"), 0, None, writes=True,
-         expect=("audits/org__tiny-model/audit.json",)),
+         expect=("audits/{slug_name}/audit.json",)),
     Case("out-dir-is-a-link", 7, ("audit", "--from-audit", "{good}", "--out-dir", "{outlink}"), 0, None, writes=True,
          setup="link_out_dir", expect=(f"audits/{SLUG}/audit.json", f"model_cards/{SLUG}/README.md")),
     Case("new-out-dir-with-spaces", 7, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/new dir/ü"), 0, None,
@@ -397,9 +397,12 @@ def fx(tmp_path_factory) -> dict[str, Path]:
 
     # the good audit, and hostile versions of its JSON
     out = root / "made"
-    run_audit(str(good), out_dir=str(out), tokens=128, seq_len=64, progress=False)
+    p["slug"] = run_audit(str(good), out_dir=str(out), tokens=128, seq_len=64, progress=False).record.slug
+    p["slug_text"] = slug_of(str(good), "--text", str(p["bigtext"]), *SMALL)
+    p["slug_name"] = slug_of(str(good), *SMALL, "--name", "org/tiny-model")
+    assert p["slug_name"].startswith("org__tiny-model__")
     p["good_out"] = out
-    p["good"] = out / "audits" / SLUG
+    p["good"] = out / "audits" / p["slug"]
     data = json.loads((p["good"] / "audit.json").read_text())
     g = p["good"]
     p["nan"] = _audit_variant(root, g, "nan", lambda t: _with(data, "blocks.0.spectral_radius", 1.0).replace(
@@ -512,7 +515,7 @@ def _killed_publish(fx, out, monkeypatch):
     """A publish of a newer audit killed between its renames (the card not switched yet)."""
     from hf_rksp.record.records import read_audit
 
-    new = _newer(read_audit(out / "audits" / SLUG))
+    new = _newer(read_audit(out / "audits" / fx["slug"]))
     assert kill_at_rename(new, out, 4) == -signal.SIGKILL
     assert list((out / "audits").glob(".publish-*.json")), "the killed publish left no journal"
 
@@ -541,14 +544,14 @@ def _legacy_token(fx, out, monkeypatch):
 
 def _token_in_audit(fx, out, monkeypatch):
     """An earlier audit whose source id holds the token (typed by mistake), as a hub id."""
-    f = out / "audits" / SLUG / "audit.json"
+    f = out / "audits" / fx["slug"] / "audit.json"
     data = json.loads(f.read_text())
     data["source"].update(id=f"org/{FAKE_TOKEN}", kind="hub")
     f.write_text(json.dumps(data, indent=2))
 
 
 def _token_in_card(fx, out, monkeypatch):
-    with open(out / "model_cards" / SLUG / "README.md", "a") as f:
+    with open(out / "model_cards" / fx["slug"] / "README.md", "a") as f:
         f.write(f"\nnote to self: {FAKE_TOKEN}\n")
 
 
@@ -575,11 +578,11 @@ def _link_out_dir(fx, out, monkeypatch):
 
 
 def _link_slug(fx, out, monkeypatch):
-    _link(out / "audits" / SLUG, _outside(out) / "someone-elses-audit")
+    _link(out / "audits" / fx["slug"], _outside(out) / "someone-elses-audit")
 
 
 def _link_card(fx, out, monkeypatch):
-    _link(out / "model_cards" / SLUG, _outside(out) / "someone-elses-card")
+    _link(out / "model_cards" / fx["slug"], _outside(out) / "someone-elses-card")
 
 
 def _link_audits(fx, out, monkeypatch):
@@ -587,7 +590,7 @@ def _link_audits(fx, out, monkeypatch):
 
 
 def _link_file(fx, out, monkeypatch):
-    _link(out / "audits" / SLUG / "spectrum.png", _outside(out) / "notes.txt")
+    _link(out / "audits" / fx["slug"] / "spectrum.png", _outside(out) / "notes.txt")
 
 
 def _link_partial(fx, out, monkeypatch):
@@ -656,6 +659,12 @@ def leaks(data: bytes | str, tokens: tuple[str, ...]) -> bool:
     """Whether ``data`` holds one of ``tokens`` or a token-shaped string."""
     data = data.encode() if isinstance(data, str) else data
     return bool(TOKEN_SHAPED.search(data)) or any(t.encode() in data for t in tokens)
+
+
+def _slug(out: Path) -> str:
+    """The slug of the one audit under ``out``."""
+    (d,) = [p for p in (out / "audits").iterdir() if not p.name.startswith(".")]
+    return d.name
 
 
 def _newer(record):
@@ -767,7 +776,7 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
     if not case.writes:
         assert tree_hash(out) == before, "the output folder changed"
     for rel in case.expect:
-        assert (out / rel).is_file(), f"{rel} missing under the output folder"
+        assert (out / rel.format(**paths)).is_file(), f"{rel} missing under the output folder"
     if case.setup == "count_offload_dirs":
         assert sorted(os.listdir(tempfile.gettempdir())) == tmp_before, "a temporary folder was left behind"
     if case.id == "killed-publish-completed":
@@ -797,8 +806,9 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
 
 def _assert_pair(out: Path, which: str) -> None:
     """audit.json and the card of the slug come from the same run: the old one, or the newer (2099) one."""
-    audit = json.loads((out / "audits" / SLUG / "audit.json").read_text())
-    card = (out / "model_cards" / SLUG / "README.md").read_text()
+    slug = _slug(out)
+    audit = json.loads((out / "audits" / slug / "audit.json").read_text())
+    card = (out / "model_cards" / slug / "README.md").read_text()
     is_new = audit["created"].startswith("2099")
     assert ("--seed 9" in card) == is_new, "audit.json and the card come from different runs"
     if which != "either":
@@ -829,7 +839,7 @@ def test_kill_at_every_rename_leaves_the_old_or_the_new_pair(fx, tmp_path):
         assert kill_at_rename(new, out, n) == -signal.SIGKILL
         recover(out)
         _assert_pair(out, "either")
-        seen.add(json.loads((out / "audits" / SLUG / "audit.json").read_text())["created"][:4])
+        seen.add(json.loads((out / "audits" / fx["slug"] / "audit.json").read_text())["created"][:4])
     assert seen == {"2099", read_audit(fx["good"]).created[:4]}  # killed before and after the point of no return
 
 
@@ -891,7 +901,7 @@ def test_ctrl_c_at_every_publish_step_says_the_folder_state(fx, tmp_path, monkey
             state = "absent"
         else:
             _assert_pair(out, "either")  # the same run's audit and card, nothing hidden left
-            state = "new" if json.loads((out / "audits" / SLUG / "audit.json").read_text())["created"].startswith(
+            state = "new" if json.loads((out / "audits" / fx["slug"] / "audit.json").read_text())["created"].startswith(
                 "2099") else "earlier"
         before = tree_hash(out)
         recover(out) if out.exists() else None
@@ -947,10 +957,11 @@ def test_resume_after_sigkill(fx, tmp_path):
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert list((out / "audits" / ".partial").glob("*/progress.json"))
-    assert not (out / "audits" / SLUG).exists()
+    slug = _slug(reference)
+    assert not (out / "audits" / slug).exists()
     assert main(argv) == 0
-    got = json.loads((out / "audits" / SLUG / "audit.json").read_text())
-    want = json.loads((reference / "audits" / SLUG / "audit.json").read_text())
+    got = json.loads((out / "audits" / slug / "audit.json").read_text())
+    want = json.loads((reference / "audits" / slug / "audit.json").read_text())
     assert got["timings"]["resumed_at_block"] == 2
     assert got["blocks"] == want["blocks"]
     assert not (out / "audits" / ".partial").exists()
@@ -977,7 +988,7 @@ def test_every_optional_key_may_be_absent(fx, tmp_path, capfd):
     for i, path in enumerate(paths):
         f = tmp_path / f"{i}.json"
         f.write_text(_with(data, ".".join(path), KeyError))
-        for argv in (["audit", "--from-audit", str(f), "--out-dir", str(tmp_path / "o")],
+        for argv in (["audit", "--from-audit", str(f), "--out-dir", str(tmp_path / f"o{i}")],  # each its own
                      ["compare", str(f), str(fx["good"]), "--json"]):
             rc, _, err = _run(argv, capfd)
             assert rc == 0, f"without {'.'.join(path)}: {argv[0]} exits {rc}: {err}"

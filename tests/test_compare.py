@@ -48,7 +48,8 @@ def _old_compare_dict(a, b) -> dict:
     summary = {}
     for name, agg in SUMMARY_ROWS:
         xa, xb = getattr(a.summary.features[name], agg), getattr(b.summary.features[name], agg)
-        summary[f"{name}_{agg}"] = {"a": xa, "b": xb, "delta": _delta(xa, xb)}
+        summary[f"{name}_{agg}"] = {"a": xa, "b": xb, "delta": _delta(xa, xb),  # + the blocks each counts
+                                    "n_a": a.summary.features[name].n, "n_b": b.summary.features[name].n}
     return {"a": {"slug": a.slug, "id": a.source.id, "init": a.source.init},
             "b": {"slug": b.slug, "id": b.source.id, "init": b.source.init},
             "summary": summary, "blocks": blocks}
@@ -139,3 +140,24 @@ def test_reader_rejects_nan_and_non_utf8(two, tmp_path):
     raw.write_bytes(b'{"slug": "\xff"}')
     with pytest.raises(AuditFileError, match="UTF-8"):
         read_audit(raw)
+
+
+def test_compare_table_keeps_columns_apart_and_lists_n(two, capsys):
+    """Every row has as many whitespace-separated cells as the header says (no numbers run together), the
+    per-block header names each feature in full, and each mean comes with the blocks it counts."""
+    _, a, b = two
+    assert main(["compare", a.paths["audit"], b.paths["audit"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split() == ["A", "n", "A", "B", "n", "B", "B", "-", "A"])
+    for ln in lines[head + 1:head + 17]:
+        name, va, na, vb, nb, d = ln.split()
+        assert int(na) <= len(a.record.blocks) and int(nb) <= len(b.record.blocks)
+        assert va == "-" or float(va) == pytest.approx(a.record.summary.features[name.rsplit("_", 1)[0]].mean,
+                                                        abs=1e-4, rel=1e-3) or name == "spectral_radius_max"
+    assert "block  near_unit_mass  expansive_mass  spectral_radius  nonlinearity_ratio" in lines
+
+
+def test_compare_help_describes_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "Compare two RKSP audits" in capsys.readouterr().out

@@ -80,7 +80,8 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     readme = (REPO / "README.md").read_text()
     before_first_section = readme.split("\n## ", 1)[0]
     blocks = re.findall(r"^```bash\n(.*?)\n```", before_first_section, re.DOTALL | re.MULTILINE)
-    assert blocks[:1] == ["pip install torch==2.13.0 -e . && hf-rksp audit gpt2 --init"]
+    # the first command writes outside the tracked audits/ (it is run inside a clone)
+    assert blocks[:1] == ["pip install torch==2.13.0 -e . && hf-rksp audit gpt2 --init --out-dir my-audits"]
     assert len(blocks) == 2
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert blocks[1] == ci

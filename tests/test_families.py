@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import slug_of
 
 from hf_rksp import audit
 from hf_rksp.capture.hooks import capture_snapshots
@@ -109,7 +110,8 @@ def test_unknown_family_needs_blocks_flag(tmp_path, capsys):
     rc = main(["audit", "--config", cfg, "--blocks", "layers", "--tokens", "128", "--seq-len", "64",
                "--out-dir", str(out), "-q"])
     assert rc == 0, capsys.readouterr().err
-    data = json.loads((out / "audits" / "stablelm__init" / "audit.json").read_text())
+    data = json.loads((out / "audits" / slug_of("--config", cfg, "--blocks", "layers", "--tokens", "128",
+                                                "--seq-len", "64") / "audit.json").read_text())
     assert len(data["blocks"]) == 2 and "--blocks layers" in data["command"]
     rc = main(["audit", "--config", cfg, "--blocks", "model.layers", "--tokens", "128", "--seq-len", "64",
                "--no-write", "-q"])  # the base-model prefix is accepted too

@@ -8,6 +8,7 @@ from pathlib import Path
 import huggingface_hub.constants as hub_constants
 import pytest
 import torch
+from conftest import slug_of
 from fakehub import FakeHub
 from test_streaming import SMALL, sharded_checkpoint
 
@@ -111,7 +112,8 @@ def test_low_disk_keeps_one_shard_in_the_cache(checkpoint, hub_env, monkeypatch,
     assert rc == 0, err
     assert len(peaks) == len(shards) + 1 and max(peaks) <= limit, (peaks, limit)
     assert not list(cache.rglob("*.safetensors"))  # every shard deleted after its last block
-    written = json.loads((tmp_path / "out" / "audits" / "someorg__tiny-llama" / "audit.json").read_text())
+    slug = slug_of(REPO, "--stream", "--tokens", "256", "--seq-len", "128")  # --low-disk implies --stream
+    written = json.loads((tmp_path / "out" / "audits" / slug / "audit.json").read_text())
     assert written["blocks"] == local.data["blocks"] and "--stream" in written["command"]
     for text in (out, err, json.dumps(written)):
         assert TOKEN not in text
@@ -139,7 +141,8 @@ def test_missing_shard_and_full_disk_give_one_line(checkpoint, hub_env, monkeypa
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("hf-rksp: error:") and len(err.strip().splitlines()) == 1, (case, err)
         assert all(w in err for w in words), (case, err)
-        assert TOKEN not in err and not (out / "audits" / "someorg__tiny-llama").exists(), case
+        slug = slug_of(REPO, "--stream", "--tokens", "256", "--seq-len", "128")
+        assert TOKEN not in err and not (out / "audits" / slug).exists(), case
 
 
 def test_gguf_file_of_a_hub_repo_downloads_that_file_only(tmp_path, hub_env):

@@ -13,13 +13,17 @@ from fakehub import FakeHub
 from hf_rksp import audit
 from hf_rksp.cli.commands import main
 
+SLUG = ""  # the slug of the audit the `audited` fixture writes
+
 TOKEN = "hf_testtoken_3f9a7c1e5b"
 
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, tiny_dirs) -> Path:
     out = tmp_path_factory.mktemp("pushable")
-    audit(str(tiny_dirs["gpt2"]), init=True, tokens=256, seq_len=128, out_dir=str(out), progress=False)
+    global SLUG
+    SLUG = audit(str(tiny_dirs["gpt2"]), init=True, tokens=256, seq_len=128, out_dir=str(out),
+                 progress=False).record.slug
     return out
 
 
@@ -69,14 +73,13 @@ def assert_no_token(hub: FakeHub, out: Path, *texts: str):
 def test_push_own_repo_one_commit(capsys, audited, online):
     with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
         online(hub)
-        # the tiny checkpoint directory is named "gpt2", so its slug is gpt2__init
-        rc, out, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+        rc, out, err = run(capsys, "push", SLUG, "--repo-id", "alice/audits", "--out-dir", str(audited))
     assert rc == 0, err
     assert "alice/audits" in hub.repos
     assert len(hub.commits) == 1
     commit = hub.commits[0]
     assert commit["repo"] == "alice/audits" and commit["revision"] == "main" and not commit["create_pr"]
-    assert commit["files"] == expected_files(audited, "gpt2__init")
+    assert commit["files"] == expected_files(audited, SLUG)
     card = commit["files"]["README.md"].decode()
     assert "model-index" in card and "near_unit_mass" in card
     assert "1 commit" in out or "one commit" in out
@@ -95,13 +98,13 @@ def test_push_own_repo_one_commit(capsys, audited, online):
 def test_push_as_pr_to_model_repo(capsys, audited, online):
     with FakeHub(tokens={TOKEN: {"alice"}}, repos={"someorg/tiny-model"}) as hub:
         online(hub)
-        rc, out, err = run(capsys, "push", str(audited / "audits" / "gpt2__init"), "--to-model",
+        rc, out, err = run(capsys, "push", str(audited / "audits" / SLUG), "--to-model",
                            "--repo-id", "someorg/tiny-model")
     assert rc == 0, err
     assert len(hub.commits) == 1
     commit = hub.commits[0]
     assert commit["create_pr"] and commit["repo"] == "someorg/tiny-model"
-    assert commit["files"] == expected_files(audited, "gpt2__init", prefix="rksp/")
+    assert commit["files"] == expected_files(audited, SLUG, prefix="rksp/")
     assert "README.md" not in commit["files"]  # the model's own card is untouched
     assert "pull request" in out
     assert_no_token(hub, audited, out, err)
@@ -110,7 +113,7 @@ def test_push_as_pr_to_model_repo(capsys, audited, online):
 def test_dry_run_uploads_nothing(capsys, audited, online):
     with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
         online(hub)
-        rc, out, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--dry-run",
+        rc, out, err = run(capsys, "push", SLUG, "--repo-id", "alice/audits", "--dry-run",
                            "--out-dir", str(audited))
     assert rc == 0, err
     assert hub.requests == []
@@ -131,7 +134,7 @@ def one_error(rc, err, *words):
 def test_error_no_token(capsys, audited, online):
     with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
         online(hub, token=None)
-        rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+        rc, _, err = run(capsys, "push", SLUG, "--repo-id", "alice/audits", "--out-dir", str(audited))
     one_error(rc, err, "token")
     assert hub.commits == []
 
@@ -139,7 +142,7 @@ def test_error_no_token(capsys, audited, online):
 def test_error_repo_not_found(capsys, audited, online):
     with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
         online(hub)
-        rc, _, err = run(capsys, "push", "gpt2__init", "--to-model", "--repo-id", "ghost/missing",
+        rc, _, err = run(capsys, "push", SLUG, "--to-model", "--repo-id", "ghost/missing",
                          "--out-dir", str(audited))
     one_error(rc, err, "ghost/missing", "not found")
     assert hub.commits == []
@@ -148,7 +151,7 @@ def test_error_repo_not_found(capsys, audited, online):
 def test_error_no_write_access(capsys, audited, online):
     with FakeHub(tokens={TOKEN: {"alice"}}, repos={"bob/audits"}) as hub:
         online(hub)
-        rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "bob/audits", "--out-dir", str(audited))
+        rc, _, err = run(capsys, "push", SLUG, "--repo-id", "bob/audits", "--out-dir", str(audited))
     one_error(rc, err, "bob/audits", "write access")
     assert hub.commits == []
 
@@ -157,7 +160,7 @@ def test_error_rate_limited(capsys, audited, online):
     with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
         hub.fail_status["commit"] = 429
         online(hub)
-        rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+        rc, _, err = run(capsys, "push", SLUG, "--repo-id", "alice/audits", "--out-dir", str(audited))
     one_error(rc, err, "rate limit")
     assert hub.commits == []
 
@@ -168,7 +171,7 @@ def test_error_network_unreachable(capsys, audited, online):
     port = s.getsockname()[1]
     s.close()  # nothing listens there any more
     online(None, endpoint=f"http://127.0.0.1:{port}")
-    rc, _, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(audited))
+    rc, _, err = run(capsys, "push", SLUG, "--repo-id", "alice/audits", "--out-dir", str(audited))
     one_error(rc, err, "cannot reach the Hub")
 
 
@@ -176,8 +179,8 @@ def test_invalid_audit_is_not_pushed(capsys, audited, online, tmp_path):
     import shutil
 
     bad = tmp_path / "audits" / "broken"
-    shutil.copytree(audited / "audits" / "gpt2__init", bad)
-    shutil.copytree(audited / "model_cards" / "gpt2__init", tmp_path / "model_cards" / "broken")
+    shutil.copytree(audited / "audits" / SLUG, bad)
+    shutil.copytree(audited / "model_cards" / SLUG, tmp_path / "model_cards" / "broken")
     data = json.loads((bad / "audit.json").read_text())
     data["blocks"][0]["near_unit_mass"] = 1.5  # violates the schema
     (bad / "audit.json").write_text(json.dumps(data))

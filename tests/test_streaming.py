@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import interrupt_block, tiny_config
+from conftest import interrupt_block, slug_of, tiny_config
 
 from hf_rksp import audit
 from hf_rksp.cli.commands import main
@@ -54,8 +54,9 @@ def test_stream_cli_writes_same_blocks(tmp_path, capsys):
         rc = main(["audit", str(ckpt), "--tokens", "256", "--seq-len", "128", "--out-dir", str(tmp_path / sub),
                    "-q", *extra])
         assert rc == 0, capsys.readouterr().err
-    a = json.loads((tmp_path / "a" / "audits" / "ll" / "audit.json").read_text())
-    b = json.loads((tmp_path / "b" / "audits" / "ll" / "audit.json").read_text())
+    args = (str(ckpt), "--tokens", "256", "--seq-len", "128")
+    a = json.loads((tmp_path / "a" / "audits" / slug_of(*args) / "audit.json").read_text())
+    b = json.loads((tmp_path / "b" / "audits" / slug_of(*args, "--stream") / "audit.json").read_text())
     assert "--stream" in b["command"] and "--stream" not in a["command"]
     assert [x["near_unit_mass"] for x in a["blocks"]] == [x["near_unit_mass"] for x in b["blocks"]]
 
@@ -124,12 +125,12 @@ def test_interrupted_stream_resumes_to_the_same_json(kind, tmp_path, monkeypatch
         audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
     partial = list((out / "audits" / ".partial").iterdir())
     assert len(partial) == 1 and json.loads((partial[0] / "progress.json").read_text())["next_block"] == 2
-    assert not (out / "audits" / "ckpt").exists()  # nothing published by the interrupted run
+    assert [p.name for p in (out / "audits").iterdir()] == [".partial"]  # nothing published by the interrupted run
     resumed = audit(str(ckpt), out_dir=str(out), stream=True, **SMALL)
     assert resumed.data["timings"]["resumed_at_block"] == 2
     assert resumed.data["blocks"] == reference.data["blocks"]
     assert not (out / "audits" / ".partial").exists()  # progress removed once complete, and its empty folder
-    on_disk = json.loads((out / "audits" / "ckpt" / "audit.json").read_text())
+    on_disk = json.loads((out / "audits" / resumed.record.slug / "audit.json").read_text())
     assert on_disk["blocks"] == reference.data["blocks"]
 
 

@@ -12,6 +12,7 @@ Each weight is read once; peak memory is about one block plus activations.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
@@ -85,7 +86,9 @@ class ResumeState:
                 self.made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
                 self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self.dir / "activations.pt.tmp"
-            torch.save([h.cpu() for h in hidden], tmp)
+            buf = io.BytesIO()  # serialized first, then one plain write: a full disk is then an OSError here,
+            torch.save([h.cpu() for h in hidden], buf)  # not torch's "enforce fail at inline_container.cc"
+            tmp.write_bytes(buf.getbuffer())
             tmp.replace(self.dir / "activations.pt")
             atomic.write_json(self.dir / "progress.json", {"key": self.key, "weights": self.weights,
                                                            "next_block": next_block,

@@ -50,6 +50,22 @@ examples:
 """
 
 
+COMPARE_HELP = """\
+Compare two RKSP audits of the same method version (a base model and its
+fine-tune, init vs trained, two seeds...): every feature's mean over blocks in
+A and B with the number of blocks it counts (n: fewer than the blocks where a
+block has no value, e.g. the means over kept modes), the difference B - A,
+the per-block differences of the main features when the depths agree, and a
+warning for each method parameter or calibration input that differs (the
+numbers are then not comparable).
+
+examples:
+  hf-rksp compare gpt2__init ./trained/audits/my-model
+  hf-rksp compare a/audit.json b/audit.json --plot both.png
+  hf-rksp compare A B --json          # the same, as JSON
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block), like every other error."""
 
@@ -139,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dry-run", action="store_true", help="print exactly what would be uploaded, upload nothing")
     u.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default .)")
 
-    c = sub.add_parser("compare", help="compare two audits block by block")
+    c = sub.add_parser("compare", help="compare two audits block by block", description=COMPARE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("a", help="audit A: path to audit.json, audit directory, or slug")
     c.add_argument("b", help="audit B")
     c.add_argument("--out-dir", default=".", help="where slugs are looked up (default .)")
@@ -150,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fmt(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _num(v, sign: str = "") -> str:
+    """A number for a table: 4 decimals, or 4 significant digits where it is large or tiny."""
+    if v is None:
+        return "-"
+    return format(v, sign + (".4f" if v == 0 or 1e-3 <= abs(v) < 1e5 else ".4g"))
+
+
+def columns(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: each column as wide as its widest cell, two spaces between columns (so numbers
+    never run together), the first column left-aligned and the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([fmt(header), *map(fmt, rows)])
 
 
 def print_summary(result) -> None:
@@ -169,10 +204,13 @@ def print_summary(result) -> None:
           for f in FEATURES],
         f"  score M (mean near-unit mass)       {s.score:.4f}",
         "  risk                  " + risk_line(r),
+        *[f"  risk warning          {w}" for w in (r.risk.warnings if r.risk is not None else [])],
         f"  time                  {_fmt(r.timings.get('total_s'), '.1f')} s",
     ]
     for name, path in result.paths.items():
         lines.append(f"  wrote {name:<9} {path}")
+    if result.replaced:
+        lines.append("  (replaced the earlier audit of the same source, method and inputs in this folder)")
     say("\n".join(lines))
 
 
@@ -200,6 +238,17 @@ class Notices(logging.Handler):
         self.messages.append(record.getMessage().replace("\n", " "))
 
 
+def _configure_library_loggers() -> None:
+    """Let transformers and huggingface_hub set up their loggers now (their public verbosity API does it
+    on first use), so the stderr handlers they add are among those :func:`routed_logs` sets aside, not
+    added behind its back during a load."""
+    import huggingface_hub.utils.logging as hub_logging
+    import transformers.utils.logging as tf_logging
+
+    tf_logging.get_verbosity()
+    hub_logging.get_verbosity()
+
+
 @contextmanager
 def routed_logs():
     """Library logs and Python warnings go to the debug log; hf-rksp's warnings to :class:`Notices`.
@@ -215,6 +264,7 @@ def routed_logs():
     debug.setLevel(logging.DEBUG)
     debug.setFormatter(RedactingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     notices = Notices()
+    _configure_library_loggers()
     saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
              for lg in map(logging.getLogger, (*LIBRARY_LOGGERS, "hf_rksp"))]
     for lg, _, _, _ in saved:
@@ -246,25 +296,26 @@ def cmd_audit(args) -> int:
     check_inputs(out_dir=args.out_dir, from_audit=args.from_audit)
     if args.quiet:
         quiet_libraries()
+    opts = audit_options(args)
     if args.from_audit:
-        result = rerender(args.from_audit, out_dir=args.out_dir)
-    else:
-        opts = audit_options(args)
-        if args.push_to and args.no_write:
+        result = rerender(args.from_audit, out_dir=args.out_dir, overwrite=opts.overwrite)
+    elif args.push_to:
+        if args.no_write:
             raise RKSPError("--push-to needs the files: drop --no-write")
+        result, pushed = audit_and_push(args, opts)
+        try:
+            print_summary(result)
+            print_push(pushed)
+        except KeyboardInterrupt:  # after the push and the local files: say so
+            raise AuditInterrupted(_written(result) + f"; pushed to {args.push_to}") from None
+        return 0
+    else:
         result = audit(args.model, init=args.init, config=args.config, options=opts,
                        out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
-    pushing = False
     try:
         print_summary(result)
-        if args.push_to:
-            from hf_rksp.publish import hub
-
-            plan = hub.plan_push(result.record.slug, args.push_to, out_dir=args.out_dir)
-            pushing = True
-            print_push(hub.push(plan))
     except KeyboardInterrupt:  # after the files were written: say so, not "nothing was written"
-        raise AuditInterrupted(_written(result) + (_push_unknown(args.push_to) if pushing else "")) from None
+        raise AuditInterrupted(_written(result)) from None
     return 0
 
 
@@ -277,6 +328,34 @@ def _written(result) -> str:
 
 def _push_unknown(repo_id: str) -> str:
     return f"; whether the push to {repo_id} went through is not known (a push is one commit: check the repo)"
+
+
+def audit_and_push(args, opts):
+    """--push-to: audit, push from a staging folder, and only then write the local files, so a failed push
+    leaves the earlier local audit as it was."""
+    import tempfile
+
+    from hf_rksp.pipeline import slugs
+    from hf_rksp.pipeline.run import audit, write_outputs
+    from hf_rksp.publish import hub
+    from hf_rksp.publish.local import check_out_dir
+
+    check_out_dir(args.out_dir)
+    result = audit(args.model, init=args.init, config=args.config, options=opts, out_dir=None,
+                   progress=not args.quiet)
+    slugs.guard(args.out_dir, result.record, opts.overwrite)  # refused here, before anything is uploaded
+    with tempfile.TemporaryDirectory(prefix="hf-rksp-push-") as staging:
+        write_outputs(result.record, staging)
+        try:
+            pushed = hub.push(hub.plan_push(result.record.slug, args.push_to, out_dir=staging))
+        except KeyboardInterrupt:
+            raise AuditInterrupted("interrupted; nothing was written locally" + _push_unknown(args.push_to)) from None
+    try:
+        result.paths, result.replaced = write_outputs(result.record, args.out_dir, overwrite=opts.overwrite,
+                                                      report_replaced=True)
+    except AuditInterrupted as e:  # the local state is in the message; the push is done
+        raise AuditInterrupted(f"{e}; the push to {args.push_to} went through: {pushed.commit_url}") from None
+    return result, pushed
 
 
 def print_push(res) -> None:
@@ -314,15 +393,15 @@ def cmd_compare(args) -> int:
     if args.json:
         say(json.dumps(res.to_dict(), indent=2, allow_nan=False))
         return 0
-    say(f"A: {res.a.slug}\nB: {res.b.slug}")
-    say(f"{'':<30}{'A':>10}{'B':>10}{'B-A':>10}")
-    for k, v in res.summary.items():
-        say(f"{k[:29]:<30}{_fmt(v.a, '.4f'):>10}{_fmt(v.b, '.4f'):>10}{_fmt(v.delta, '+.4f'):>10}")
+    say(f"A: {res.a.slug} ({res.a.id})\nB: {res.b.slug} ({res.b.id})\n")
+    say(columns(["", "A", "n A", "B", "n B", "B - A"],
+                  [[k, _num(v.a), str(v.n_a), _num(v.b), str(v.n_b), _num(v.delta, "+")]
+                   for k, v in res.summary.items()]))
     if res.blocks:
         cols = ("near_unit_mass", "expansive_mass", "spectral_radius", "nonlinearity_ratio")
-        say(f"\n{'block':>5}" + "".join(f"{'d ' + c[:12]:>16}" for c in cols))
-        for r in res.blocks:
-            say(f"{r.index:>5}" + "".join(f"{_fmt(r.delta(c), '+.4f'):>16}" for c in cols))
+        say("\nper block, B - A:")
+        say(columns(["block", *cols], [[str(r.index), *(_num(r.delta(c), "+") for c in cols)]
+                                          for r in res.blocks]))
     for w in res.warnings:
         say(f"warning: {w}")
     say("\n" + res.verdict)

@@ -85,6 +85,10 @@ class AuditOptions(ProfileOptions):
                                  default_help="torch's own setting",
                                  help="torch intra-op threads for this audit (restored after it); on a loaded "
                                       "machine fewer threads than cores can be much faster")
+    overwrite: bool = option(False, group="runtime", recorded="never",
+                             help="replace the audit in this audit's output folder even when it is of another "
+                                  "source, method or inputs (an audit of the same source, method and inputs "
+                                  "is refreshed in place without it)")
     quantize: str | None = option(None, group="runtime", switches={
         "8bit": ("--load-in-8bit", "bitsandbytes 8-bit weights (needs CUDA)"),
         "4bit": ("--load-in-4bit", "bitsandbytes 4-bit NF4 weights (needs CUDA)"),

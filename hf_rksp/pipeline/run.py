@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -28,7 +29,8 @@ from hf_rksp.models.loading import (
 )
 from hf_rksp.models.placement import placement_kwargs, plan_for
 from hf_rksp.models.weights import CheckpointWeights, InitWeights
-from hf_rksp.pipeline.options import AuditOptions, command_line
+from hf_rksp.pipeline import slugs
+from hf_rksp.pipeline.options import COMMAND_OPTIONS, AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
 from hf_rksp.pipeline.validation import check_audit_options, check_inputs, check_output_name
 from hf_rksp.publish.local import check_out_dir, check_output_tree, interrupted, publish
@@ -58,6 +60,7 @@ class AuditResult:
 
     record: AuditRecord
     paths: dict[str, str] = field(default_factory=dict)
+    replaced: bool = False  # the files replaced an earlier audit of the same source, method and inputs
 
     @property
     def near_unit_mass(self) -> float:
@@ -162,11 +165,8 @@ def stream_profile(loaded: LoadedModel, input_ids: torch.Tensor, opts: AuditOpti
 
 
 def audit_slug(source, opts: AuditOptions) -> str:
-    """The audit's folder name: the source's slug, plus a suffix for each protocol choice that makes a
-    different audit of the same model (``__prompts``, ``__hidden-states``), so the two never replace
-    each other."""
-    return (source.slug + ("__prompts" if opts.prompts is not None else "")
-            + ("__hidden-states" if opts.snapshots == "hidden-states" else ""))
+    """The audit's folder name: one rule for every source and option (:mod:`hf_rksp.pipeline.slugs`)."""
+    return slugs.audit_slug(source, opts)
 
 
 def method_record(opts: AuditOptions, calib, config: RKSPConfig, streamed: bool, path: str,
@@ -197,10 +197,29 @@ def method_record(opts: AuditOptions, calib, config: RKSPConfig, streamed: bool,
 def source_record(loaded: LoadedModel, n_blocks: int) -> SourceRecord:
     """What was audited, and how it was found."""
     src = loaded.source
-    return SourceRecord(id=src.display_id, path=src.id if src.name else None, kind=src.kind, init=src.init,
-                        revision=src.revision, config_origin=src.config_origin, gguf_file=src.gguf_file,
+    local = _is_local(src)
+    given = slugs.portable_path(src.id) if local else src.id  # never an absolute local path (it is published)
+    origin = src.config_origin if src.kind != "config" else slugs.portable_path(src.config_origin)
+    return SourceRecord(id=src.name or given, path=given if src.name and src.kind != "module" else None, kind=src.kind, init=src.init,
+                        revision=src.revision, config_origin=origin, gguf_file=src.gguf_file,
                         family=loaded.family, model_class=loaded.model_class, n_blocks=n_blocks,
                         d_model=int(loaded.config.hidden_size), n_params=loaded.n_params)
+
+
+def _is_local(src) -> bool:
+    """A source named by a local path (what the record and the command write relative or as its last part)."""
+    return src.kind in ("dir", "config") or (src.kind == "gguf" and slugs.is_local_path(src.id))
+
+
+def recorded_command(source: str | None, init: bool, config: str | None, opts: AuditOptions, src) -> str:
+    """:func:`command_line` with local paths as :func:`hf_rksp.pipeline.slugs.portable_path` writes them."""
+    if source is not None and _is_local(src) and not (config and source == config):
+        source = slugs.portable_path(source)
+    if config is not None:
+        same = source == config
+        config = slugs.portable_path(config)
+        source = config if same else source
+    return command_line(source, init, config, opts)
 
 
 def inputs_record(calib: cal.Calibration) -> InputsRecord:
@@ -219,6 +238,27 @@ def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progre
     return _audit_loaded(loaded, opts, command=command, progress=progress, resume_root=resume_root)
 
 
+def exact_fit(n_tokens: int, d_model: int, rank: int | None) -> bool:
+    """N snapshots in as many dimensions as the operator has: it reproduces them exactly (full DMD with
+    N <= d + 1, or rank-r DMD with r >= N - 1)."""
+    return n_tokens <= d_model + 1 if rank is None else rank >= n_tokens - 1
+
+
+def exact_fit_reason(n_tokens: int, d_model: int) -> str:
+    return (f"exact fit: N = {n_tokens} calibration tokens <= d + 1 = {d_model + 1}, so every block's operator "
+            f"reproduces its snapshots exactly (η_nl ~ 0) and the mass partition measures nothing; use `tokens` "
+            f"> {d_model + 1}")
+
+
+def flag_degenerate(record: AuditRecord) -> AuditRecord:
+    """An audit read back, with the exact-fit flag (and no risk) where its own numbers make it one."""
+    rank = None if record.method.rank == "full" else int(record.method.rank)
+    if not exact_fit(record.inputs.n_tokens, record.source.d_model, rank) or record.summary.degenerate:
+        return record
+    return replace(record, summary=replace(record.summary, degenerate=["exact_fit"]), risk=None,
+                   risk_unavailable_reason=exact_fit_reason(record.inputs.n_tokens, record.source.d_model))
+
+
 def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool,
                   resume_root: Path | None) -> AuditRecord:
     """audit_model, for options already checked (:func:`audit` checks them before loading)."""
@@ -230,7 +270,8 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
     if calib.input_name == "input_ids" and max_pos is not None and calib.seq_len > max_pos:
         raise ConfigError(f"`seq_len` {calib.seq_len} exceeds the model's {max_pos} positions", param="seq_len")
     if streamed:
-        key = hashlib.sha256(f"{command}\n{calib.sha256}\n{opts!r}".encode()).hexdigest()
+        material = f"{command}\n{loaded.source.path}\n{calib.sha256}\n{replace(opts, overwrite=False)!r}"
+        key = hashlib.sha256(material.encode()).hexdigest()
         rdir = resume_root / f"{loaded.source.slug}-{key[:16]}" if resume_root is not None else None
         blocks, path, timings = stream_profile(loaded, calib.input_ids, opts, progress,
                                                resume_dir=rdir, resume_key=key)
@@ -244,9 +285,14 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
                        opts.sketch, opts.rank)
     method = method_record(opts, calib, config, streamed, path, loaded.source.init)
     summary = summarize(blocks)
-    risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.family, d_model=d_model,
-                                       n_layers=len(blocks), init=loaded.source.init,
-                                       method=method.to_dict())
+    if exact_fit(calib.n_tokens, d_model, config.rank):  # flagged in the record, the card, on stderr; no risk
+        summary = replace(summary, degenerate=["exact_fit"])
+        risk, risk_reason = None, exact_fit_reason(calib.n_tokens, d_model)
+        logger.warning("degenerate audit: %s", risk_reason)
+    else:
+        risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.family, d_model=d_model,
+                                           n_layers=len(blocks), init=loaded.source.init,
+                                           method=method.to_dict())
     record = AuditRecord(
         slug=audit_slug(loaded.source, opts),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -265,8 +311,9 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
 
 
 def audit(
-    source: str | None = None,
+    source: str | torch.nn.Module | None = None,
     *,
+    tokenizer=None,
     init: bool = False,
     config: str | None = None,
     options: AuditOptions | None = None,
@@ -279,11 +326,26 @@ def audit(
     ``source`` is a hub id (from the local cache when offline), a checkpoint
     directory or a .gguf file; ``init=True`` or ``config=PATH`` audits the
     architecture at random init.  Keyword arguments override ``options``.
+
+    ``source`` may also be a transformers model already in memory (an ``nn.Module`` with a ``config``; a
+    PEFT model is audited through ``get_base_model()``), calibrated with ``tokenizer`` when given (else
+    on seeded random token ids), in the dtype and on the device it is in; it is left in the training
+    mode it was in.  Its slug is ``name`` (or its config's ``_name_or_path``) plus ``__in-memory``.
     """
     unknown = sorted(set(kwargs) - {f.name for f in fields(AuditOptions)})
     if unknown:
         raise TypeError(f"audit() got unknown options {unknown}")
     opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
+    if isinstance(source, torch.nn.Module):
+        if init or config is not None:
+            raise ConfigError("`init`/`config` build a model; a model in memory is audited as it is", param="init")
+        check_options(opts)
+        if out_dir is not None:
+            check_out_dir(Path(out_dir))
+        with torch_threads(opts.threads):
+            return _audit_module(source, tokenizer, opts, out_dir, progress)
+    if tokenizer is not None:
+        raise ConfigError("`tokenizer` is for a model in memory; a model by name brings its own", param="tokenizer")
     check_options(opts, init=init or config is not None)
     check_inputs(source=source, config=config, out_dir=out_dir)  # no token in what names the audit or its files
     if out_dir is not None:
@@ -301,12 +363,16 @@ def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bo
     if out_dir is not None:  # the slug is known: checked, and its folders are no links, before any model is loaded
         check_output_name(audit_slug(src, opts))
         check_output_tree(out_dir, audit_slug(src, opts))
+    check_hub_reachable(src)
     if opts.low_disk and not opts.stream:
         opts = replace(opts, stream=True)  # --low-disk implies --stream
     plan = plan_for(src, opts)
     if plan is not None and plan.stream and not opts.stream:
         logger.warning("%s would take more than half the available memory: streaming it block by block", src.id)
         opts = replace(opts, stream=True)
+    command = recorded_command(source, init, config, opts, src)
+    if out_dir is not None:  # another audit in this audit's folder: refused before any work
+        slugs.guard_early(out_dir, audit_slug(src, opts), command, opts.overwrite)
     # --device-map disk offloads to a folder of this audit's own, removed however the audit ends
     with tempfile.TemporaryDirectory(prefix="hf-rksp-offload-") if opts.device_map == "disk" else nullcontext() \
             as offload:
@@ -319,28 +385,117 @@ def _audit(source, init: bool, config, opts: AuditOptions, out_dir, progress: bo
                                 placement=placement_kwargs(opts, offload), blocks=opts.blocks)
         t_load = time.perf_counter()
         resume_root = Path(out_dir) / "audits" / ".partial" if out_dir is not None else None
-        record = _audit_loaded(loaded, opts, command=command_line(source, init, config, opts), progress=progress,
-                               resume_root=resume_root)
+        record = _audit_loaded(loaded, opts, command=command, progress=progress, resume_root=resume_root)
     timings = {"load_s": t_load - t0, **record.timings, "total_s": time.perf_counter() - t0}
     result = AuditResult(record=replace(record, timings=timings))
     if out_dir is not None:
-        result.paths = write_outputs(result.record, out_dir)
+        result.paths, result.replaced = write_outputs(result.record, out_dir, overwrite=opts.overwrite,
+                                                      report_replaced=True)
     return result
 
 
-def rerender(audit_json: str, out_dir: str = ".") -> AuditResult:
-    """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed."""
-    result = AuditResult(record=report.with_verdict(read_audit(audit_json)))
-    result.paths = write_outputs(result.record, out_dir)
+#: seconds the one reachability probe of the Hub may take (huggingface_hub would retry for ~30 s)
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def check_hub_reachable(src) -> None:
+    """A hub id, online mode, and no network: fail in seconds with what works offline, rather than after
+    huggingface_hub's retries.  One HEAD request for the config (``get_hf_file_metadata``, which does not
+    retry); any HTTP answer (404, 401...) means the Hub is reachable and the load words it."""
+    from hf_rksp.models.loading import shipped_config
+    from hf_rksp.utils.hub_errors import offline
+
+    if src.kind != "hub" or offline() or (src.init and shipped_config(src.id) is not None):
+        return
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(src.id, "config.json", revision=src.revision), timeout=HUB_PROBE_TIMEOUT)
+    except HfHubHTTPError:
+        return
+    except Exception as e:  # connection refused, DNS, timeout, proxy: the client's own exception types
+        logger.debug("hub probe failed", exc_info=e)
+        init = " or `init` (its config ships with hf-rksp)" if shipped_config(src.id) is not None else ""
+        raise SourceError(f"cannot reach the Hugging Face Hub for {src.id!r} ({type(e).__name__}); set "
+                          f"HF_HUB_OFFLINE=1 to use the local cache{init}") from e
+
+
+#: torch dtypes as AuditOptions.dtype names them
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.float64: "float64"}
+
+
+def in_memory(model: torch.nn.Module, tokenizer, name: str | None) -> LoadedModel:
+    """A transformers model already in memory as the LoadedModel the audit reads."""
+    from hf_rksp.models.loading import Source
+
+    if callable(getattr(model, "get_base_model", None)):  # a PEFT model: the transformers model it wraps
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    if config is None or not isinstance(getattr(config, "hidden_size", None), int):
+        raise ConfigError(f"`source` is a {type(model).__name__} without a transformers config (hidden_size): "
+                          "audit a transformers model, or profile blocks with hf_rksp.profile_block", param="source")
+    params = list(model.parameters())
+    if not params:
+        raise ConfigError("`source` has no parameters", param="source")
+    given = name or getattr(config, "_name_or_path", None) or config.model_type
+    if os.path.isabs(given) or os.path.exists(given):
+        given = slugs.portable_path(given)  # a local folder it was loaded from: never the absolute path
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer,
+                       source=Source(id=given, kind="module", init=False, name=name),
+                       family=config.model_type, model_class=type(model).__name__,
+                       n_params=sum(p.numel() for p in params))
+
+
+def _audit_module(model: torch.nn.Module, tokenizer, opts: AuditOptions, out_dir, progress: bool) -> AuditResult:
+    """:func:`audit` of a model in memory (options checked)."""
+    t0 = time.perf_counter()
+    loaded = in_memory(model, tokenizer, opts.name)
+    dtype = next(loaded.model.parameters()).dtype
+    opts = replace(opts, dtype=DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")))
+    recorded = {f.name: getattr(opts, f.name) for f in fields(AuditOptions)
+                if f.name in COMMAND_OPTIONS and getattr(opts, f.name) != f.default}
+    command = "hf_rksp.audit(model" + "".join(f", {k}={v!r}" for k, v in recorded.items()) + \
+        f")  # {loaded.model_class} in memory"
+    if out_dir is not None:
+        slugs.guard_early(out_dir, audit_slug(loaded.source, opts), command, opts.overwrite)
+    was_training = loaded.model.training
+    try:
+        record = _audit_loaded(loaded, opts, command=command, progress=progress, resume_root=None)
+    finally:
+        loaded.model.train(was_training)
+    result = AuditResult(record=replace(record, timings={**record.timings, "total_s": time.perf_counter() - t0}))
+    if out_dir is not None:
+        result.paths, result.replaced = write_outputs(result.record, out_dir, overwrite=opts.overwrite,
+                                                      report_replaced=True)
     return result
 
 
-def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
+def rerender(audit_json: str, out_dir: str = ".", *, overwrite: bool = False) -> AuditResult:
+    """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed.
+
+    The slug inside the file is checked against the file's own source and method
+    (:func:`hf_rksp.pipeline.slugs.check_slug`), and the folder it names may only hold the same audit
+    (same source, method and inputs) unless ``overwrite``.
+    """
+    result = AuditResult(record=report.with_verdict(flag_degenerate(read_audit(audit_json))))
+    slugs.check_slug(result.record)
+    result.paths, result.replaced = write_outputs(result.record, out_dir, overwrite=overwrite,
+                                                  report_replaced=True, same_numbers=True)
+    return result
+
+
+def write_outputs(audit: AuditRecord, out_dir: str | Path, *, overwrite: bool = False,
+                  report_replaced: bool = False, same_numbers: bool = False):
     """Write audit.json, the plots and the card; all files appear together or not at all.
 
     Everything is rendered in memory first, then :func:`hf_rksp.publish.local.publish`
     switches the audit and card folders in together (crash-safe), so a
     failure at any point leaves the previous audit and card of this slug untouched.
+    An audit of another source, method or inputs in that folder is refused (checked under the
+    publish lock) unless ``overwrite``.  Returns the paths written (and, with ``report_replaced``,
+    whether they replaced the same audit).
     """
     audit.validate()
     check_output_name(audit.slug)
@@ -357,16 +512,19 @@ def write_outputs(audit: AuditRecord, out_dir: str | Path) -> dict[str, str]:
     out = Path(out_dir)
     created = [d for d in (out, *out.parents, out / "audits", out / "model_cards") if not d.exists()]
     had_earlier = (out / "audits" / audit.slug).exists()
+    replaced = []
     try:
-        done = publish(out_dir, audit.slug, contents)
+        done = publish(out_dir, audit.slug, contents,
+                       check=lambda: replaced.append(slugs.guard(out_dir, audit, overwrite, same_numbers)))
     except KeyboardInterrupt:  # Ctrl-C at any step: the message says exactly what the folder holds now
         raise AuditInterrupted(interrupted(out_dir, audit.slug, contents, had_earlier=had_earlier,
                                            created=created)) from None
     audit_dir, card_dir = done["audits"], done["model_cards"]
-    return {
+    paths = {
         "audit": str(audit_dir / "audit.json"),
         "spectrum": str(audit_dir / "spectrum.png"),
         "profile": str(audit_dir / "profile.png"),
         "card": str(card_dir / "README.md"),
     }
+    return (paths, bool(replaced and replaced[0])) if report_replaced else paths
 

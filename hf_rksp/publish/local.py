@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -235,11 +236,13 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def publish(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]]) -> dict[str, Path]:
+def publish(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]],
+            check: Callable[[], None] | None = None) -> dict[str, Path]:
     """Write ``contents`` ({"audits": {file: bytes}, "model_cards": {...}}) as ``<parent>/<slug>/`` folders.
 
     Returns the published folders.  Raises OutputError (earlier results untouched, nothing new left) when
     writing fails; see the module docstring for what a crash leaves and how the next run completes it.
+    ``check`` runs under the lock just before the switch: what it raises leaves everything as it was.
     """
     out_dir = Path(out_dir)
     check_output_tree(out_dir, slug)
@@ -253,6 +256,7 @@ def publish(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]
         for parent, files in contents.items():
             staged.append(_stage(out_dir / parent, slug, files))
         with locked(out_dir):
+            _checked(check, staged)
             _switch(out_dir, slug, [(s, out_dir / parent / slug) for s, parent in zip(staged, contents)])
     except OSError as e:
         for s in staged:
@@ -266,6 +270,18 @@ def publish(out_dir: str | Path, slug: str, contents: dict[str, dict[str, bytes]
         raise OutputError(f"could not write the audit under {out_dir}: {why} ({e.filename or out_dir}); "
                           "earlier outputs are unchanged") from None
     return {parent: out_dir / parent / slug for parent in contents}
+
+
+def _checked(check: Callable[[], None] | None, staged: list[Path]) -> None:
+    """Run ``check``; when it refuses, the staged folders go and its error goes on."""
+    if check is None:
+        return
+    try:
+        check()
+    except Exception:
+        for s in staged:
+            shutil.rmtree(s, ignore_errors=True)
+        raise
 
 
 def _switch(out_dir: Path, slug: str, pairs: list[tuple[Path, Path]]) -> None:

@@ -29,6 +29,10 @@ from hf_rksp.spectral import FEATURE_NAMES, FEATURES, METHOD_VERSION
 #: the thirds of depth every feature's aggregate has a mean of (``hf_rksp.record.summary``)
 THIRDS = ("early", "middle", "late")
 
+#: why an audit's numbers are not a measurement (``SummaryRecord.degenerate``): ``exact_fit``, N <= d + 1
+#: calibration tokens, so each block's DMD operator reproduces its snapshots exactly (η_nl = 0)
+DEGENERATE = ("exact_fit",)
+
 SCHEMA_VERSION = "2.0"
 SCHEMA_FILE = "schema/audit.schema.json"
 #: the largest audit file read_audit takes, refused by its size before a byte is read.  An eigenvalue takes
@@ -61,6 +65,7 @@ def _summary_schema() -> dict:
             "flagged_blocks": {"type": "object", "additionalProperties": {"type": "array",
                                                                          "items": {"type": "integer"}}},
             "verdict": {"type": "string"},
+            "degenerate": {"type": "array", "items": {"enum": list(DEGENERATE)}},
         },
     }
 
@@ -131,7 +136,7 @@ def audit_schema() -> dict:
                 "required": ["id", "kind", "init", "revision", "family", "n_blocks", "d_model", "n_params"],
                 "properties": {
                     "id": {"type": "string"}, "path": {"type": ["string", "null"]},
-                    "kind": {"enum": ["hub", "dir", "gguf", "config"]}, "init": {"type": "boolean"},
+                    "kind": {"enum": ["hub", "dir", "gguf", "config", "module"]}, "init": {"type": "boolean"},
                     "revision": {"type": ["string", "null"]}, "family": {"type": "string"},
                     "model_class": {"type": "string"}, "n_blocks": {"type": "integer", "minimum": 1},
                     "d_model": {"type": "integer", "minimum": 1}, "n_params": {"type": "integer", "minimum": 1},
@@ -276,7 +281,7 @@ class SourceRecord(_Record):
 
     id: str
     path: str | None = None  # the local copy ``id`` stands for (``--name``)
-    kind: str  # hub | dir | gguf | config
+    kind: str  # hub | dir | gguf | config | module (a model audited in memory)
     init: bool
     revision: str | None = None
     config_origin: str | None = None
@@ -331,6 +336,7 @@ class SummaryRecord(_Record):
     flagged_blocks: dict[str, list[int]]
     stacks: dict[str, SummaryRecord] | None = None  # encoder-decoder models
     verdict: str | None = None
+    degenerate: list[str] | None = None  # why the numbers are not a measurement (DEGENERATE); absent: they are
 
     def feature(self, name: str) -> Aggregate:
         return self.features[name]
@@ -494,6 +500,24 @@ class AuditRecord(_Record):
     def validate(self) -> None:
         """Raise AuditFileError naming the first violation of the schema."""
         validate_audit(self.to_dict())
+
+    def to_pandas(self):
+        """One row per block, indexed by block: every registry feature (NaN where a value is None), then
+        ``m``, ``rank``, ``flags`` (comma-separated) and, for multi-stack models, ``stack``/``stack_index``.
+        Needs pandas (an optional dependency)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("AuditRecord.to_pandas() needs pandas, which hf-rksp does not install: "
+                              "pip install pandas") from None
+        rows = []
+        for b in self.blocks:
+            row = {"block": b.index, **{k: (float("nan") if v is None else v) for k, v in b.values.items()},
+                   "m": b.m, "rank": b.rank, "flags": ",".join(b.flags)}
+            if b.stack is not None:
+                row.update(stack=b.stack, stack_index=b.stack_index)
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("block")
 
 
 def _finite_float(text: str) -> float:

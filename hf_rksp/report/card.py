@@ -53,6 +53,9 @@ def verdict(audit: AuditRecord) -> str:
                  "unreliable (zero-init / ReZero-like).")
     if flagged.get("rank_deficient"):
         text += f" Blocks {flagged['rank_deficient']} see rank-deficient inputs: fewer eigenvalues than d."
+    if s.degenerate:
+        text += (" DEGENERATE AUDIT (" + ", ".join(s.degenerate) + "): these numbers are not a measurement of "
+                 "the model.")
     if audit.risk is None:
         text += (" No calibrated probability of divergence is given: "
                  + (audit.risk_unavailable_reason or "no fitted risk model") + ".")

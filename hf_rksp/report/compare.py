@@ -52,14 +52,18 @@ class ComparedAudit:
 
 @dataclass(frozen=True)
 class SummaryDelta:
-    """One model-level number in both audits, and b - a (None where either is missing or it overflows)."""
+    """One model-level number in both audits, and b - a (None where either is missing or it overflows);
+    ``n_a``/``n_b``: how many blocks each aggregate counts (fewer than the blocks where a block has no
+    value, e.g. the means over kept modes of blocks that kept none)."""
 
     a: float | None
     b: float | None
     delta: float | None
+    n_a: int | None = None
+    n_b: int | None = None
 
     def to_dict(self) -> dict:
-        return {"a": self.a, "b": self.b, "delta": self.delta}
+        return {"a": self.a, "b": self.b, "delta": self.delta, "n_a": self.n_a, "n_b": self.n_b}
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ def compare(a: AuditRecord, b: AuditRecord) -> Comparison:
     summary = {}
     for name, agg in SUMMARY_ROWS:
         xa, xb = getattr(fa[name], agg), getattr(fb[name], agg)
-        summary[f"{name}_{agg}"] = SummaryDelta(a=xa, b=xb, delta=_delta(xa, xb))
+        summary[f"{name}_{agg}"] = SummaryDelta(a=xa, b=xb, delta=_delta(xa, xb), n_a=fa[name].n, n_b=fb[name].n)
     warnings = []
     for field in METHOD_FIELDS:
         xa, xb = getattr(a.method, field), getattr(b.method, field)

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
 from hf_rksp.record.records import AuditRecord
 
@@ -89,10 +90,16 @@ MASS_STACK = (("contractive_mass", "contractive |λ| < {contractive:g}", "C0"),
 
 def profile_png(audit: AuditRecord) -> bytes:
     """Per block: the stacked mass partition, then kappa(V) and eta_nl."""
+    return to_png(profile_figure(audit))
+
+
+def profile_figure(audit: AuditRecord) -> Figure:
+    """:func:`profile_png`'s figure: legends outside the axes, M and each block's near-unit share as lines
+    over the stacked bars, κ(V) on a log axis with a tick per decade."""
     blocks = audit.blocks
     m = audit.method
     idx = np.array([b.index for b in blocks])
-    fig, (a1, a2) = subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (a1, a2) = subplots(2, 1, figsize=(9, 6), sharex=True)
     bottom = np.zeros(len(blocks))
     bands = dict(contractive=m.contractive, band_lower=m.band_lower, band_upper=m.band_upper)
     for name, label, color in MASS_STACK:
@@ -100,22 +107,31 @@ def profile_png(audit: AuditRecord) -> bytes:
         a1.bar(idx, vals, bottom=bottom, color=color, label=label.format(**bands), width=0.85)
         bottom += vals
     score = audit.summary.score
-    a1.axhline(score, color="k", ls="--", lw=0.8, label=f"mean near-unit mass M = {score:.3f}")
+    # the near-unit share per block as its own line over the stack, and M as a labelled white-edged line:
+    # both readable against the segments
+    a1.plot(idx, [b.value("near_unit_mass") for b in blocks], color="k", marker="o", ms=3, lw=1.2,
+            label="near-unit share of the block")
+    a1.axhline(score, color="w", lw=3.0, zorder=3)
+    a1.axhline(score, color="k", ls="--", lw=1.2, zorder=4, label=f"mean near-unit mass M = {score:.3f}")
     a1.set_ylabel("share of eigenvalues")
     a1.set_ylim(0, 1.0)
-    a1.legend(fontsize=7, loc="upper right", ncol=2)
+    a1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # outside the bars
     kappa = [np.nan if b.eigvec_condition is None else b.eigvec_condition for b in blocks]
     a2.plot(idx, kappa, marker="o", ms=3, color="C4", label="κ(V)")
     a2.set_yscale("log")
+    a2.yaxis.set_major_locator(LogLocator(base=10, numticks=12))  # a tick per decade, even within one
+    a2.yaxis.set_minor_locator(LogLocator(base=10, subs=(2, 5), numticks=12))
+    a2.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     a2.set_ylabel("κ(V)  (log)")
     a3 = a2.twinx()
     a3.plot(idx, [b.nonlinearity_ratio for b in blocks], marker="s", ms=3, color="C1", label="η_nl")
     a3.set_ylabel("η_nl")
     lines = a2.get_lines() + a3.get_lines()
-    a2.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
+    a2.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left", bbox_to_anchor=(1.12, 1.0),
+              borderaxespad=0.0)
     a2.set_xlabel("block")
     a1.set_title(f"RKSP v{m.version} profile — {title(audit)}")
-    return to_png(fig)
+    return fig
 
 
 def drawn(render, audit: AuditRecord) -> bytes:
