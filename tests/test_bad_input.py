@@ -115,7 +115,7 @@ CASES = [
          setup="progress_enospc"),
     Case("tampered-progress", 3, audit("{tok}", *STREAM), 0, None, writes=True, setup="tampered_progress"),
     Case("progress-of-other-weights", 3, audit("{reweighted}", *STREAM), 0, None, writes=True,
-         setup="weights_changed_after_interrupt", expect=("audits/reweighted/audit.json",)),
+         setup="weights_changed_after_interrupt", expect=("audits/{slug_reweighted}/audit.json",)),
     # 4. an audit.json that passes the schema (or nearly) must not crash any reader
     Case("nan", 4, audit("--from-audit", "{nan}"), 2, r"NaN, which JSON does not allow"),
     Case("infinity", 4, ("compare", "{good}", "{inf}"), 2, r"Infinity, which JSON does not allow"),
@@ -400,6 +400,7 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["slug"] = run_audit(str(good), out_dir=str(out), tokens=128, seq_len=64, progress=False).record.slug
     p["slug_text"] = slug_of(str(good), "--text", str(p["bigtext"]), *SMALL)
     p["slug_name"] = slug_of(str(good), *SMALL, "--name", "org/tiny-model")
+    p["slug_reweighted"] = slug_of(str(p["reweighted"]), *STREAM)
     assert p["slug_name"].startswith("org__tiny-model__")
     p["good_out"] = out
     p["good"] = out / "audits" / p["slug"]
@@ -786,7 +787,7 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
     if case.id == "progress-of-other-weights":  # started over, said why, and equals a fresh audit
         from hf_rksp import audit as run_audit
 
-        got = json.loads((out / "audits" / "reweighted" / "audit.json").read_text())
+        got = json.loads((out / "audits" / fx["slug_reweighted"] / "audit.json").read_text())
         fresh = run_audit(str(fx["reweighted"]), out_dir=None, stream=True, tokens=128, seq_len=64, progress=False)
         assert "resumed_at_block" not in got["timings"] and got["blocks"] == fresh.data["blocks"]
         said = [ln for ln in lines if "other weights" in ln]
