@@ -20,7 +20,10 @@ What is trained (docs/method.md; [ours] marks our choices, that page says why):
 Groups (``Protocol``): ``table1`` (six norms x d {128, 256} x L {4, 6} x seeds 42/123/456 x an lr grid per
 norm), ``kss`` (No-Norm at d 128, L 4, 24 trials per method: no control, clip 0.5 / 1.0, KSS alpha
 0.10 / 0.15 / 0.20, unstable only, near-unit only), ``maxlr`` (Pre-LN, RMSNorm, No-Norm, 8 seeds per lr,
-without and with KSS alpha 0.15), ``lm`` (optional).  A run is keyed by its full settings, so a run two
+without and with KSS alpha 0.15), ``lm`` (optional); issue 24's runs in the paper's regime (No-Norm blocks
+under a final LayerNorm): ``regime`` (the lr calibration, no control and clip 1.0), ``regime_kss`` (Tables 3/6
+there), ``regime_maxlr`` (Table 5 there), ``table2_paper`` (pre-placed DeepNorm for Table 2's design),
+``learning`` and ``learning_variants`` (the synthetic LM, where models learn before they diverge, KSS off/on).  A run is keyed by its full settings, so a run two
 groups ask for is trained once, and finished runs are skipped.
 
     python -m benchmarks.paper_repro plan all                        # runs per group, done, time estimate
