@@ -37,8 +37,8 @@ UNAVAILABLE = ("the shipped risk model was fitted on RKSP v1 features and does n
                "a v2 model comes with the reproduction of the paper's sweep")
 #: the audit gives a probability only from a model whose held-out (grouped-CV) AUROC is at least this
 MIN_AUROC = 0.8
-PREFLIGHT_HINT = ("`hf-rksp preflight` (or `hf_rksp.preflight`) gives one for planned training settings "
-                  "from a short probe of the run")
+PREFLIGHT_HINT = ("`hf-rksp preflight` (or `hf_rksp.preflight`) probes the planned training run and gives one "
+                  "where its fitted model covers the model and settings")
 FORMAT = 2
 CEILING_P = 0.1  # the learning-rate ceiling is the largest lr with P(divergence) below this
 BANDS = ((0.1, "low"), (0.5, "medium"), (1.01, "high"))
