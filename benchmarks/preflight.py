@@ -1,0 +1,415 @@
+"""The pre-flight check, measured: does a 5% probe of a planned run predict whether the run diverges?
+
+Population: the reproduction's runs without KSS (``benchmarks/results/paper_repro/runs.jsonl``; methods none,
+clip 0.5, clip 1.0; the paper's label: loss > 50 or gradient norm > 500 within 500 steps), seeds 42 and 123
+(the probes' cost: ~2.5-12 s a run at 1 thread).  For each run, ``hf_rksp.pipeline.preflight.run_probe``
+replays the run's first K = 25 steps (5% of 500) from the same init and data with the probe's accelerated
+warm-up (the lr reaches the planned peak at step 12) and the run's clipping and weight decay; its probe is
+cached in ``benchmarks/results/preflight/probes.jsonl`` by run key, so the script is re-runnable on a larger
+runs file (only new runs are probed).
+
+HELD-OUT configurations (declared before any model was fitted; no fitting or tuning sees them):
+every run at d 256, L 6 (another width and depth), and every run at lr 3.5e-3, 8.5e-3 or 0.2 (the inner
+points of the three fine lr grids: No-Norm's, the No-Norm + final-norm regime's, Pre-LN/RMSNorm's max-lr).
+
+Fitting: logistic regression (``hf_rksp.pipeline.risk.fit_logistic``) on candidate feature sets; the set
+shipped is the one with the lowest leave-one-group-out log-loss, groups (normalization, d, L), on the
+fitting runs alone.  The held-out figures are from that model fitted once on all fitting runs.
+
+    python -m benchmarks.preflight --json          # probe what is missing, fit, print one JSON line
+    python -m benchmarks.preflight --json --no-probe   # from the cached probes only
+
+Writes hf_rksp/data/preflight_model.json, benchmarks/results/preflight/result.json and
+docs/results/preflight.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.harness import machine, set_threads
+from benchmarks.repro.protocol import (
+    ALL_METHODS,
+    HELDOUT_PROFILE,
+    PROFILE_TOKENS,
+    RESULTS,
+    ROOT,
+    RunSpec,
+)
+from benchmarks.repro.stats import auroc, ece, log_loss
+from hf_rksp.pipeline.preflight import (
+    FORMAT,
+    PROBE_FRACTION,
+    PreflightModel,
+    ProbeTrace,
+    probe_features,
+    probe_steps,
+    run_probe,
+)
+from hf_rksp.pipeline.risk import fit_logistic
+from hf_rksp.utils import atomic
+
+RUNS = RESULTS / "runs.jsonl"
+OUT = ROOT / "benchmarks" / "results" / "preflight"
+PROBES = OUT / "probes.jsonl"
+MODEL = ROOT / "hf_rksp" / "data" / "preflight_model.json"
+DOC = ROOT / "docs" / "results" / "preflight.md"
+SEEDS = (42, 123)
+HELDOUT_SIZES = {(256, 6)}
+HELDOUT_LRS = {3.5e-3, 8.5e-3, 0.2}
+GROUPS = ("norm", "d_model", "n_layers")
+CEILING_P = 0.5  # lr_ceiling: the lr where P(divergence) = 0.5, as "largest stable lr" below (majority stable)
+K_RECORDED = 25  # the recorded traces' first 25 steps: the probe at the *planned* warm-up, no new training
+CANDIDATES = {  # feature sets compared by grouped CV on the fitting runs
+    "lr": ("log10_lr",),
+    "lr + clip": ("log10_lr", "clipped"),
+    "grad": ("log10_lr", "clipped", "grad_growth", "grad_max", "loss_rise"),
+    "spectral": ("log10_lr", "clipped", "rho_growth", "rho_end"),
+    "grad + spectral": ("log10_lr", "clipped", "grad_growth", "grad_max", "loss_rise", "rho_growth", "rho_end"),
+    "rho_end": ("log10_lr", "clipped", "rho_end"),
+    "rho_growth": ("log10_lr", "clipped", "rho_growth"),
+    "rho_end + loss": ("log10_lr", "clipped", "rho_end", "loss_rise"),
+}
+
+
+def spec_of(r: dict) -> RunSpec:
+    return RunSpec(**r["spec"])
+
+
+def in_population(r: dict) -> bool:
+    s = r["spec"]
+    return not ALL_METHODS[s["method"]].kss and s["seed"] in SEEDS and s.get("stop_at_label", True)
+
+
+def heldout(r: dict) -> bool:
+    s = r["spec"]
+    return (s["d_model"], s["n_layers"]) in HELDOUT_SIZES or any(math.isclose(s["lr"], v) for v in HELDOUT_LRS)
+
+
+def config(r: dict) -> tuple:
+    s = r["spec"]
+    return (s["task"], s["norm"], s.get("final_norm"), s.get("deepnorm"), s["d_model"], s["n_layers"], s["method"])
+
+
+# --- probing ----------------------------------------------------------------------------------------------------
+
+def probe_run(r: dict) -> dict:
+    """The probe of one run's planned settings, from the run's own init and data."""
+    from benchmarks.repro.training import build_model, task_batch, train_data
+
+    spec = spec_of(r)
+    model = build_model(spec)
+    ids, _ = task_batch(spec, max(1, PROFILE_TOKENS // spec.seq_len), spec.seed + HELDOUT_PROFILE)
+    ds = train_data(spec)
+    k = probe_steps(spec.steps)
+    batches = [{key: torch.stack([ds[i][key] for i in range(j * spec.batch, (j + 1) * spec.batch)])
+                for key in ("input_ids", "labels")} for j in range(k)]
+    tr = run_probe(model, batches, ids, lr=spec.lr, total_steps=spec.steps, max_grad_norm=ALL_METHODS[spec.method].clip,
+                   weight_decay=spec.weight_decay, blocks="gpt.blocks", seed=spec.seed)
+    return {"key": r["key"], "loss": tr.loss, "grad_norm": tr.grad_norm, "rho_before": tr.rho_before,
+            "rho_after": tr.rho_after, "steps": tr.steps, "seconds": tr.seconds, "diverged": tr.diverged}
+
+
+def load_probes() -> dict:
+    if not PROBES.exists():
+        return {}
+    return {p["key"]: p for p in map(json.loads, PROBES.read_text().splitlines())}
+
+
+def probe_missing(runs: list[dict], limit_s: float | None) -> None:
+    have = load_probes()
+    todo = [r for r in runs if r["key"] not in have]
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, r in enumerate(todo):
+        if limit_s is not None and time.perf_counter() - t0 > limit_s:
+            print(f"probe: time limit, {len(todo) - i} runs left", file=sys.stderr)
+            break
+        p = probe_run(r)
+        with open(PROBES, "a") as f:
+            f.write(json.dumps(p) + "\n")
+        print(f"probe {i + 1}/{len(todo)} {spec_of(r).label} {p['seconds']:.1f}s", file=sys.stderr, flush=True)
+
+
+# --- features ---------------------------------------------------------------------------------------------------
+
+def features(r: dict, p: dict) -> dict:
+    s = r["spec"]
+    tr = ProbeTrace(loss=[math.inf if v is None else v for v in p["loss"]],
+                    grad_norm=[math.inf if v is None else v for v in p["grad_norm"]],
+                    rho_before=p["rho_before"], rho_after=p["rho_after"], steps=p["steps"], seconds=p["seconds"],
+                    diverged=p["diverged"])
+    return probe_features(tr, lr=s["lr"], max_grad_norm=ALL_METHODS[s["method"]].clip)
+
+
+def recorded_features(r: dict) -> dict:
+    """The same gradient features from the run's recorded first K steps (the planned warm-up, lr <= 25% of peak)."""
+    s = r["spec"]
+    tr = ProbeTrace(loss=[math.inf if v is None else v for v in r["trace"]["loss"][:K_RECORDED]],
+                    grad_norm=[math.inf if v is None else v for v in r["trace"]["grad_norm"][:K_RECORDED]],
+                    rho_before=[], rho_after=[], steps=K_RECORDED, seconds=0.0, diverged=False)
+    f = probe_features(tr, lr=s["lr"], max_grad_norm=ALL_METHODS[s["method"]].clip)
+    g = tr.grad_norm
+    f["grad_var"] = float(np.log10(np.var(g, ddof=1) + 1e-12))
+    return f
+
+
+def matrix(rows: list[dict], cols: tuple[str, ...], norms: tuple[str, ...] = ()) -> np.ndarray:
+    out = []
+    for f in rows:
+        row = []
+        for c in cols:
+            if c == "norm":
+                row += [float(f["norm"] == n) for n in norms[1:]]
+            else:
+                row.append(f[c])
+        out.append(row)
+    return np.asarray(out, dtype=float).reshape(len(rows), -1)
+
+
+def grouped_oof(rows: list[dict], y: np.ndarray, cols: tuple[str, ...], norms: tuple[str, ...]) -> np.ndarray:
+    x = matrix(rows, cols, norms)
+    groups = [tuple(f[k] for k in GROUPS) for f in rows]
+    p = np.empty(len(y))
+    for g in sorted(set(groups), key=str):
+        test = np.array([gg == g for gg in groups])
+        ytr = y[~test]
+        p[test] = (ytr.sum() + 0.5) / (len(ytr) + 1) if ytr.min() == ytr.max() else \
+            fit_logistic(x[~test], ytr).predict(x[test])
+    return p
+
+
+def scores(p: np.ndarray, y: np.ndarray, norms_of: list[str]) -> dict:
+    within = {n: auroc(p[[m == n for m in norms_of]], y[[m == n for m in norms_of]].astype(bool))
+              for n in sorted(set(norms_of))}
+    defined = [v for v in within.values() if v is not None]
+    return {"auroc_pooled": auroc(p, y.astype(bool)), "auroc_within_norm": within,
+            "auroc_within_norm_min": min(defined) if defined else None, "ece": ece(p, y),
+            "log_loss": log_loss(p, y), "n": len(y), "n_diverged": int(y.sum())}
+
+
+def largest_stable(rs: list[dict]) -> float | None:
+    """The largest lr of a configuration's grid at which fewer than half its runs diverged, every larger lr
+    diverging in half or more; None when the grid has no stable lr or no unstable one above it."""
+    by = defaultdict(list)
+    for r in rs:
+        by[r["spec"]["lr"]].append(r["diverged"])
+    lrs = sorted(by)
+    rate = {lr: sum(v) / len(v) for lr, v in by.items()}
+    stable = [lr for lr in lrs if rate[lr] < 0.5]
+    if not stable or not any(rate[lr] >= 0.5 for lr in lrs if lr > stable[-1]):
+        return None
+    best = stable[-1]
+    return best if all(rate[lr] >= 0.5 for lr in lrs if lr > best) else None
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
+    probes = load_probes()
+    pop = [r for r in all_runs if in_population(r) and r["key"] in probes]
+    fit_runs = [r for r in pop if not heldout(r)]
+    ho_runs = [r for r in pop if heldout(r)]
+    norms = tuple(sorted({r["spec"]["norm"] for r in pop}))
+
+    def rows(rs, rec=False):
+        out = []
+        for r in rs:
+            f = recorded_features(r) if rec else features(r, probes[r["key"]])
+            f.update({k: r["spec"][k] for k in GROUPS})
+            f["M"] = r["init"]["near_unit_mass"]
+            out.append(f)
+        return out
+
+    xf, xh = rows(fit_runs), rows(ho_runs)
+    yf = np.array([r["diverged"] for r in fit_runs], dtype=float)
+    yh = np.array([r["diverged"] for r in ho_runs], dtype=float)
+    nh = [r["spec"]["norm"] for r in ho_runs]
+    cv = {}
+    for name, cols in CANDIDATES.items():
+        p = grouped_oof(xf, yf, cols, norms)
+        cv[name] = {"features": list(cols), **scores(p, yf, [f["norm"] for f in xf])}
+    best = min(cv, key=lambda k: cv[k]["log_loss"])
+    cols = CANDIDATES[best]
+    fit = fit_logistic(matrix(xf, cols), yf)
+    ph = fit.predict(matrix(xh, cols))
+    held = scores(ph, yh, nh)
+
+    def heldout_of(cols_, xs_f, xs_h):
+        m = fit_logistic(matrix(xs_f, cols_, norms), yf)
+        return scores(m.predict(matrix(xs_h, cols_, norms)), yh, nh)
+
+    rf, rh = rows(fit_runs, rec=True), rows(ho_runs, rec=True)
+    baselines = {  # each fitted on the fitting runs, scored on the held-out runs
+        "M_init": heldout_of(("M",), xf, xh),
+        "norm + lr": heldout_of(("norm", "log10_lr"), xf, xh),
+        "lr + clip": heldout_of(("log10_lr", "clipped"), xf, xh),
+        "probe gradient (grad growth, max, loss rise)": heldout_of(CANDIDATES["grad"], xf, xh),
+        "probe spectral (rho growth, rho end)": heldout_of(CANDIDATES["spectral"], xf, xh),
+        "planned warm-up, recorded first 25 steps: grad norm, variance, loss rise":
+            heldout_of(("log10_lr", "clipped", "grad_growth", "grad_max", "grad_var", "loss_rise"), rf, rh),
+    }
+    raw = {name: auroc([f[name] for f in xh], yh.astype(bool)) for name in
+           ("grad_growth", "grad_max", "loss_rise", "rho_growth", "rho_end")}
+    raw["recorded grad_var (planned warm-up)"] = auroc([f["grad_var"] for f in rh], yh.astype(bool))
+    raw["recorded loss_rise (planned warm-up)"] = auroc([f["loss_rise"] for f in rh], yh.astype(bool))
+
+    # lr ceiling per held-out configuration: median over its held-out runs' probes
+    model = PreflightModel(features=tuple(cols), fit=fit, ceiling_probability=CEILING_P, valid={}, heldout={},
+                           cv={}, provenance={})
+    ceil_rows = []
+    by_cfg = defaultdict(list)
+    for r in pop:
+        by_cfg[config(r)].append(r)
+    ho_cfgs = sorted({config(r) for r in ho_runs}, key=str)
+    for c in ho_cfgs:
+        truth = largest_stable(by_cfg[c])
+        if truth is None:
+            continue
+        cs = [model.lr_ceiling(f) for r, f in zip(ho_runs, xh) if config(r) == c]
+        cs = [v for v in cs if v is not None]
+        if not cs:
+            continue
+        pred = float(np.median(cs))
+        ceil_rows.append({"config": " ".join(str(v) for v in c), "largest_stable_lr": truth, "lr_ceiling": pred,
+                          "ratio": pred / truth, "within_1_5x": bool(1 / 1.5 <= pred / truth <= 1.5)})
+    within = (sum(r["within_1_5x"] for r in ceil_rows) / len(ceil_rows)) if ceil_rows else None
+    probe_s = [probes[r["key"]]["seconds"] for r in pop]
+    run_s = [r["train_s"] + r["profile_s"] for r in pop if not r["diverged"]]
+    k = probe_steps(500)
+    result = {
+        "heldout_auroc_within_norm_min": held["auroc_within_norm_min"],
+        "heldout_auroc_pooled": held["auroc_pooled"],
+        "heldout_ece": held["ece"],
+        "probe_cost_fraction": k / 500,
+        "lr_ceiling_within_1_5x": within,
+        "lr_ceiling_configs": len(ceil_rows),
+        "monitor_median_lead_steps": None,
+        "monitor_false_alarm_rate": None,
+        "model_features": list(cols),
+        "selected_by": "lowest grouped-CV log-loss on the fitting runs, groups (norm, d_model, n_layers)",
+        "heldout": held, "cv": cv, "baselines_heldout": baselines, "raw_feature_auroc_heldout": raw,
+        "lr_ceiling": ceil_rows,
+        "probe_seconds_median": float(np.median(probe_s)), "stable_run_seconds_median": float(np.median(run_s)),
+        "n_fit": len(fit_runs), "n_fit_diverged": int(yf.sum()), "n_heldout": len(ho_runs),
+        "n_heldout_diverged": int(yh.sum()), "runs_sha256": sha, "machine": machine(),
+    }
+    if write:
+        feats = np.vstack([matrix(xf, cols), matrix(xh, cols)])
+        valid = {"d_model": [min(r["spec"]["d_model"] for r in fit_runs), max(r["spec"]["d_model"] for r in fit_runs)],
+                 "n_layers": [min(r["spec"]["n_layers"] for r in fit_runs),
+                              max(r["spec"]["n_layers"] for r in fit_runs)],
+                 "warmup_fraction": [0.2, 0.2],
+                 **{c: [float(feats[:, i].min()), float(feats[:, i].max())] for i, c in enumerate(cols)}}
+        shipped = PreflightModel(
+            features=tuple(cols), fit=fit, ceiling_probability=CEILING_P, valid=valid,
+            heldout={"heldout_auroc": held["auroc_pooled"], "heldout_auroc_within_norm_min":
+                     held["auroc_within_norm_min"], "heldout_ece": held["ece"], "heldout_n": len(ho_runs),
+                     "heldout_configurations": "d 256 L 6, and lr 3.5e-3, 8.5e-3, 0.2",
+                     "lr_ceiling_within_1_5x": within},
+            cv={"groups": list(GROUPS), **{k2: v for k2, v in cv[best].items() if k2 != "features"}},
+            provenance={"runs_sha256": sha, "n_runs": len(fit_runs), "n_diverged": int(yf.sum()),
+                        "divergence_definition": "loss > 50 or gradient norm > 500 (or non-finite) within 500 steps",
+                        "sweep": "benchmarks/paper_repro.py: GPT-2-style d 128/256, L 4/6, recall and synthetic "
+                                 "LM, six normalizations, AdamW, batch 16, 500 steps, 100 warm-up, wd 0.01",
+                        "probe": f"{k} steps ({PROBE_FRACTION:.0%}), lr ramp to peak over {k // 2}, then peak",
+                        "script": "benchmarks/preflight.py", "format": FORMAT})
+        atomic.write_bytes(MODEL, (json.dumps(shipped.to_json(), indent=1) + "\n").encode())
+        OUT.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(OUT / "result.json", (json.dumps(result, indent=1) + "\n").encode())
+        atomic.write_bytes(DOC, doc(result).encode())
+    return result
+
+
+def _f(v, f=".3f"):
+    return "—" if v is None else format(v, f)
+
+
+def doc(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        "# Pre-flight check: measured",
+        "",
+        ("Written by `python -m benchmarks.preflight --json` (do not edit by hand). Machine: "
+         f"{m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} thread(s), no GPU."),
+        "",
+        (f"Population: the reproduction's runs without KSS, seeds {', '.join(map(str, SEEDS))} "
+         f"({res['n_fit']} fitting runs, {res['n_fit_diverged']} diverged; {res['n_heldout']} held-out runs, "
+         f"{res['n_heldout_diverged']} diverged). Held out from all fitting and selection: d 256 L 6, and every run "
+         "at lr 3.5e-3, 8.5e-3 or 0.2. Probe: 25 steps (5% of the 500-step run) with the lr ramped to the planned "
+         f"peak over 12 steps; median probe {res['probe_seconds_median']:.1f} s at 1 thread vs "
+         f"{res['stable_run_seconds_median']:.0f} s for a full stable run (with the blocks' spectra before and after)."),
+        "",
+        f"Shipped features: `{', '.join(res['model_features'])}` ({res['selected_by']}).",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| held-out AUROC, pooled | {_f(res['heldout_auroc_pooled'])} | ≥ 0.95 |",
+        f"| held-out AUROC, worst normalization | {_f(res['heldout_auroc_within_norm_min'])} | ≥ 0.95 |",
+        f"| held-out ECE | {_f(res['heldout_ece'])} | ≤ 0.05 |",
+        f"| probe cost (share of the run's steps) | {_f(res['probe_cost_fraction'], '.2f')} | ≤ 0.05 |",
+        (f"| lr_ceiling within 1.5x of the largest stable lr ({res['lr_ceiling_configs']} held-out configurations) | "
+         f"{_f(res['lr_ceiling_within_1_5x'], '.2f')} | ≥ 0.80 |"),
+        "",
+        "Held-out AUROC within each normalization: " + ", ".join(
+            f"{n} {_f(v)}" for n, v in res["heldout"]["auroc_within_norm"].items()) + " (— : one class only).",
+        "",
+        "## Baselines and ablation (each fitted on the fitting runs, scored on the held-out runs)",
+        "",
+        "| predictor | pooled AUROC | worst-norm AUROC | ECE |",
+        "|---|---|---|---|",
+    ]
+    for name, s in res["baselines_heldout"].items():
+        lines.append(f"| {name} | {_f(s['auroc_pooled'])} | {_f(s['auroc_within_norm_min'])} | {_f(s['ece'])} |")
+    lines += ["", "Single features as raw scores on the held-out runs (AUROC): " + ", ".join(
+        f"{k} {_f(v)}" for k, v in res["raw_feature_auroc_heldout"].items()) + ".", "",
+        "## Grouped cross-validation on the fitting runs (leave one (norm, d, L) out)", "",
+        "| feature set | AUROC | worst-norm AUROC | ECE | log-loss |", "|---|---|---|---|---|"]
+    for name, s in res["cv"].items():
+        lines.append(f"| {name} | {_f(s['auroc_pooled'])} | {_f(s['auroc_within_norm_min'])} | {_f(s['ece'])} | "
+                     f"{_f(s['log_loss'])} |")
+    lines += ["", "## lr_ceiling on the held-out configurations (P = 0.5, median over the configuration's probes)", "",
+              "| configuration | largest stable lr (grid) | lr_ceiling | ratio |", "|---|---|---|---|"]
+    for r in res["lr_ceiling"]:
+        lines.append(f"| {r['config']} | {r['largest_stable_lr']:g} | {r['lr_ceiling']:.3g} | {r['ratio']:.2f} |")
+    lines += ["", ("The largest stable lr is read off each configuration's grid (fewer than half its runs diverged, "
+                   "every larger grid lr half or more); the grids are coarse (x10 steps at d 256 L 6), so the true "
+                   "edge lies anywhere up to the next grid lr."), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default=str(RUNS))
+    ap.add_argument("--json", action="store_true", help="print one JSON line of the headline figures")
+    ap.add_argument("--no-probe", action="store_true", help="use the cached probes only")
+    ap.add_argument("--probe-limit-s", type=float, default=None, help="stop probing after this many seconds")
+    ap.add_argument("--no-write", action="store_true", help="do not write the model, result and doc files")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    set_threads(a.threads)
+    raw = Path(a.runs).read_bytes()
+    runs = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    if not a.no_probe:
+        probe_missing([r for r in runs if in_population(r)], a.probe_limit_s)
+    res = analyze(runs, hashlib.sha256(raw).hexdigest(), write=not a.no_write)
+    keys = ("heldout_auroc_within_norm_min", "heldout_auroc_pooled", "heldout_ece", "probe_cost_fraction",
+            "lr_ceiling_within_1_5x", "monitor_median_lead_steps", "monitor_false_alarm_rate", "model_features")
+    head = {k: res[k] for k in keys}
+    head["baselines_heldout_auroc_pooled"] = {k: v["auroc_pooled"] for k, v in res["baselines_heldout"].items()}
+    print(json.dumps(head) if a.json else json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
