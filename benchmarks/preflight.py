@@ -123,18 +123,28 @@ def probe_run(r: dict) -> dict:
 def load_probes() -> dict:
     if not PROBES.exists():
         return {}
-    return {p["key"]: p for p in map(json.loads, PROBES.read_text().splitlines())}
+    out = {}
+    for line in PROBES.read_text().splitlines():
+        try:
+            p = json.loads(line)
+        except ValueError:  # a line another process is still writing
+            continue
+        out[p["key"]] = p
+    return out
 
 
-def probe_missing(runs: list[dict], limit_s: float | None) -> None:
+def probe_missing(runs: list[dict], limit_s: float | None, reverse: bool = False) -> None:
+    """Probe every run not in the cache (``reverse``: from the end, so that two processes can share the work)."""
     have = load_probes()
-    todo = [r for r in runs if r["key"] not in have]
+    todo = [r for r in runs if r["key"] not in have][::-1 if reverse else 1]
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for i, r in enumerate(todo):
         if limit_s is not None and time.perf_counter() - t0 > limit_s:
             print(f"probe: time limit, {len(todo) - i} runs left", file=sys.stderr)
             break
+        if r["key"] in load_probes():  # probed by another process meanwhile
+            continue
         p = probe_run(r)
         with open(PROBES, "a") as f:
             f.write(json.dumps(p) + "\n")
@@ -213,6 +223,28 @@ def largest_stable(rs: list[dict]) -> float | None:
     return best if all(rate[lr] >= 0.5 for lr in lrs if lr > best) else None
 
 
+def lr_response(runs: list[dict], rows: list[dict], cols: tuple[str, ...]) -> dict:
+    """feature -> pooled within-configuration least-squares slope of the feature on log10 lr (configurations
+    with 2+ lrs; each demeaned by its own means)."""
+    by = defaultdict(list)
+    for r, f in zip(runs, rows):
+        by[config(r)].append(f)
+    out = {}
+    for c in cols:
+        if c in ("log10_lr", "clipped"):
+            continue
+        num = den = 0.0
+        for fs in by.values():
+            x = np.array([f["log10_lr"] for f in fs])
+            if np.ptp(x) == 0:
+                continue
+            v = np.array([f[c] for f in fs])
+            num += float(((x - x.mean()) * (v - v.mean())).sum())
+            den += float(((x - x.mean()) ** 2).sum())
+        out[c] = num / den if den > 0 else 0.0
+    return out
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
@@ -265,8 +297,9 @@ def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
     raw["recorded loss_rise (planned warm-up)"] = auroc([f["loss_rise"] for f in rh], yh.astype(bool))
 
     # lr ceiling per held-out configuration: median over its held-out runs' probes
+    response = lr_response(fit_runs, xf, cols)
     model = PreflightModel(features=tuple(cols), fit=fit, ceiling_probability=CEILING_P, valid={}, heldout={},
-                           cv={}, provenance={})
+                           cv={}, provenance={}, lr_response=response)
     ceil_rows = []
     by_cfg = defaultdict(list)
     for r in pop:
@@ -318,6 +351,7 @@ def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
                      "heldout_configurations": "d 256 L 6, and lr 3.5e-3, 8.5e-3, 0.2",
                      "lr_ceiling_within_1_5x": within},
             cv={"groups": list(GROUPS), **{k2: v for k2, v in cv[best].items() if k2 != "features"}},
+            lr_response=response,
             provenance={"runs_sha256": sha, "n_runs": len(fit_runs), "n_diverged": int(yf.sum()),
                         "divergence_definition": "loss > 50 or gradient norm > 500 (or non-finite) within 500 steps",
                         "sweep": "benchmarks/paper_repro.py: GPT-2-style d 128/256, L 4/6, recall and synthetic "
@@ -328,7 +362,24 @@ def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
         OUT.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(OUT / "result.json", (json.dumps(result, indent=1) + "\n").encode())
         atomic.write_bytes(DOC, doc(result).encode())
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        a, b = "<!-- preflight:start -->\n", "<!-- preflight:end -->"
+        if a in text and b in text:
+            head, rest = text.split(a, 1)
+            atomic.write_bytes(readme, (head + a + readme_lines(result) + rest[rest.index(b):]).encode())
     return result
+
+
+def readme_lines(res: dict) -> str:
+    m = res["machine"]
+    return (f"Measured on configurations held out from all fitting ({res['n_heldout']} runs: d 256 L 6, and lrs "
+            f"3.5e-3, 8.5e-3, 0.2): AUROC {_f(res['heldout_auroc_pooled'], '.2f')} pooled, "
+            f"{_f(res['heldout_auroc_within_norm_min'], '.2f')} in the worst normalization, ECE "
+            f"{_f(res['heldout_ece'], '.3f')}; lr_ceiling within 1.5x of the largest stable lr on "
+            f"{_f(res['lr_ceiling_within_1_5x'], '.2f')} of {res['lr_ceiling_configs']} held-out configurations; "
+            f"probe {res['probe_cost_fraction']:.0%} of the steps ({m['processor']}, {m['torch_threads']} thread; "
+            "[details and baselines](docs/results/preflight.md)).\n")
 
 
 def _f(v, f=".3f"):
@@ -395,13 +446,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-probe", action="store_true", help="use the cached probes only")
     ap.add_argument("--probe-limit-s", type=float, default=None, help="stop probing after this many seconds")
     ap.add_argument("--no-write", action="store_true", help="do not write the model, result and doc files")
+    ap.add_argument("--probe-reverse", action="store_true", help="probe the missing runs from the last one")
+    ap.add_argument("--probe-only", action="store_true", help="probe, then stop (no fit)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     set_threads(a.threads)
     raw = Path(a.runs).read_bytes()
     runs = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
     if not a.no_probe:
-        probe_missing([r for r in runs if in_population(r)], a.probe_limit_s)
+        probe_missing([r for r in runs if in_population(r)], a.probe_limit_s, a.probe_reverse)
+    if a.probe_only:
+        return 0
     res = analyze(runs, hashlib.sha256(raw).hexdigest(), write=not a.no_write)
     keys = ("heldout_auroc_within_norm_min", "heldout_auroc_pooled", "heldout_ece", "probe_cost_fraction",
             "lr_ceiling_within_1_5x", "monitor_median_lead_steps", "monitor_false_alarm_rate", "model_features")

@@ -27,18 +27,24 @@ def test_probability_and_lr_ceiling_match_a_float64_reference():
     m = _model()
     feats = {"log10_lr": -2.5, "clipped": 1.0, "rho_end": 0.7}
 
-    def p_ref(log_lr):  # written out: sigmoid(b0 + sum coef_i (x_i - mean_i) / std_i), float64
-        x = [log_lr, 1.0, 0.7]
+    def p_ref(log_lr, r=0.0):  # written out: sigmoid(b0 + sum coef_i (x_i - mean_i) / std_i), float64, with
+        x = [log_lr, 1.0, 0.7 + r * (log_lr + 2.5)]  # rho_end moving by r per unit log10 lr from the probe's
         z = -0.4 + sum(c * (v - mu) / sd for c, v, mu, sd in zip((2.5, -0.7, 1.2), x, (-2.0, 0.5, 0.3),
                                                                   (0.8, 0.5, 0.4)))
         return 1 / (1 + math.exp(-z))
 
+    def bisect(r):  # log10 lr where p_ref = 0.5 (p_ref grows with lr for the r used)
+        lo, hi = -10.0, 10.0
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if p_ref(mid, r) < 0.5 else (lo, mid)
+        return lo
+
     assert m.probability(feats) == pytest.approx(p_ref(-2.5), rel=1e-12)  # same formula, float64 both
-    lo, hi = -10.0, 10.0  # bisection for P = 0.5 (P grows with lr: slope 2.5 / 0.8 > 0)
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if p_ref(mid) < 0.5 else (lo, mid)
-    assert math.log10(m.lr_ceiling(feats)) == pytest.approx(lo, abs=1e-9)  # bisection to 2^-200 of the bracket
+    # the logit is linear in log10 lr along the line, so the first-order ceiling is exact: to the bisection's 1e-9
+    assert math.log10(m.lr_ceiling(feats)) == pytest.approx(bisect(0.0), abs=1e-9)
+    moving = pf.PreflightModel(**{**m.__dict__, "lr_response": {"rho_end": 0.8}})
+    assert math.log10(moving.lr_ceiling(feats)) == pytest.approx(bisect(0.8), abs=1e-9)
     flat = pf.PreflightModel(**{**m.__dict__, "fit": LogisticFit((-2.0, 0.5, 0.3), (0.8, 0.5, 0.4), -0.4,
                                                                   (-1.0, -0.7, 1.2), 0.01)})
     assert flat.lr_ceiling(feats) is None  # P falls with lr: no ceiling

@@ -19,7 +19,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib.resources import files
 from itertools import cycle, islice
@@ -182,11 +182,13 @@ class PreflightModel:
 
     features: tuple[str, ...]
     fit: LogisticFit
-    ceiling_probability: float  # lr_ceiling: the lr where P(divergence) reaches this, the probe's features held
+    ceiling_probability: float  # lr_ceiling: the lr where P(divergence) reaches this
     valid: dict  # name -> [lo, hi]: d_model, n_layers, warmup_fraction, and every feature
     heldout: dict  # the held-out figures: heldout_auroc, heldout_ece, ... and which configurations
     cv: dict  # grouped CV on the fitting runs
     provenance: dict  # runs file sha256, n_runs, n_diverged, divergence definition, script, sweep description
+    #: feature -> d feature / d log10 lr within a configuration (pooled least squares on the fitting runs)
+    lr_response: dict = field(default_factory=dict)
     format: int = FORMAT
 
     def to_json(self) -> dict:
@@ -210,7 +212,7 @@ class PreflightModel:
             float(d["heldout"]["heldout_auroc"])
             return cls(features=names, fit=fit, ceiling_probability=float(d["ceiling_probability"]),
                        valid=dict(d["valid"]), heldout=dict(d["heldout"]), cv=dict(d["cv"]),
-                       provenance=dict(d["provenance"]))
+                       provenance=dict(d["provenance"]), lr_response=dict(d.get("lr_response", {})))
         except (KeyError, TypeError, ValueError) as e:
             raise PreflightModelError(f"invalid pre-flight model: {e}") from None
 
@@ -221,17 +223,19 @@ class PreflightModel:
         return float(self.fit.predict(self.vector(feats))[0])
 
     def lr_ceiling(self, feats: dict) -> float | None:
-        """The lr where P(divergence) = ceiling_probability with the probe's other features held; None when
-        the model has no lr term or P does not grow with lr."""
+        """The lr where P(divergence) = ceiling_probability, to first order in log10 lr: the logit's total
+        slope in log10 lr is the lr term's plus each probe feature's coefficient times how that feature moves
+        with log10 lr within a configuration (``lr_response``, fitted on the same runs). None when the model
+        has no lr term or P does not grow with lr."""
         if "log10_lr" not in self.features:
             return None
-        i = self.features.index("log10_lr")
-        slope = self.fit.coef[i] / self.fit.std[i]
+        slope = sum(c / sd * (1.0 if f == "log10_lr" else float(self.lr_response.get(f, 0.0)))
+                    for f, c, sd in zip(self.features, self.fit.coef, self.fit.std))
         if slope <= 0:
             return None
-        rest = float(self.fit.logit(self.vector({**feats, "log10_lr": 0.0}))[0])
         p = self.ceiling_probability
-        return float(10 ** ((math.log(p / (1 - p)) - rest) / slope))
+        logit = float(self.fit.logit(self.vector(feats))[0])
+        return float(10 ** (feats["log10_lr"] + (math.log(p / (1 - p)) - logit) / slope))
 
     def warnings(self, feats: dict, *, d_model: int | None, n_layers: int | None,
                  warmup_fraction: float | None) -> list[str]:
