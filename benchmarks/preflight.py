@@ -338,7 +338,7 @@ def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
         "n_heldout_diverged": int(yh.sum()), "runs_sha256": sha, "machine": machine(),
     }
     if write:
-        feats = np.vstack([matrix(xf, cols), matrix(xh, cols)])
+        feats = matrix(xf, cols)  # the fitting runs only: the held-out ones stay out of everything fitted
         valid = {"d_model": [min(r["spec"]["d_model"] for r in fit_runs), max(r["spec"]["d_model"] for r in fit_runs)],
                  "n_layers": [min(r["spec"]["n_layers"] for r in fit_runs),
                               max(r["spec"]["n_layers"] for r in fit_runs)],
@@ -377,9 +377,12 @@ def readme_lines(res: dict) -> str:
             f"3.5e-3, 8.5e-3, 0.2): AUROC {_f(res['heldout_auroc_pooled'], '.2f')} pooled, "
             f"{_f(res['heldout_auroc_within_norm_min'], '.2f')} in the worst normalization, ECE "
             f"{_f(res['heldout_ece'], '.3f')}; lr_ceiling within 1.5x of the largest stable lr on "
-            f"{_f(res['lr_ceiling_within_1_5x'], '.2f')} of {res['lr_ceiling_configs']} held-out configurations; "
-            f"probe {res['probe_cost_fraction']:.0%} of the steps ({m['processor']}, {m['torch_threads']} thread; "
-            "[details and baselines](docs/results/preflight.md)).\n")
+            f"{_f(res['lr_ceiling_within_1_5x'], '.2f')} of {res['lr_ceiling_configs']} held-out configurations "
+            f"(below 0.8: `lr_ceiling` is withheld); probe {res['probe_cost_fraction']:.0%} of the steps. The "
+            f"normalization's identity plus the lr alone scores AUROC "
+            f"{_f(res['baselines_heldout']['norm + lr']['auroc_pooled'], '.2f')} pooled (needs the normalization "
+            f"named, and a grid of it), M_~1 at init {_f(res['baselines_heldout']['M_init']['auroc_pooled'], '.2f')}"
+            f" ({m['processor']}, {m['torch_threads']} thread; [details and baselines](docs/results/preflight.md)).\n")
 
 
 def _f(v, f=".3f"):

@@ -15,12 +15,12 @@ from hf_rksp.pipeline.risk import LogisticFit
 from hf_rksp.record.records import PreflightResult
 
 
-def _model(auroc: float = 0.9, valid: dict | None = None) -> pf.PreflightModel:
+def _model(auroc: float = 0.9, valid: dict | None = None, ceiling_share: float = 0.9) -> pf.PreflightModel:
     feats = ("log10_lr", "clipped", "rho_end")
     return pf.PreflightModel(
         features=feats, fit=LogisticFit((-2.0, 0.5, 0.3), (0.8, 0.5, 0.4), -0.4, (2.5, -0.7, 1.2), 0.01),
         ceiling_probability=0.5, valid=valid if valid is not None else {f: [-1e9, 1e9] for f in feats},
-        heldout={"heldout_auroc": auroc}, cv={}, provenance={"runs_sha256": "0" * 64})
+        heldout={"heldout_auroc": auroc, "lr_ceiling_within_1_5x": ceiling_share}, cv={}, provenance={"runs_sha256": "0" * 64})
 
 
 def test_probability_and_lr_ceiling_match_a_float64_reference():
@@ -150,6 +150,11 @@ def test_preflight_end_to_end_on_a_tiny_model(tiny_lm):
     # a model that covers these settings gives a probability with its held-out AUROC; a weak one does not
     good = pf.preflight(model, batches, lr=1e-3, warmup_steps=10, total_steps=80, batch_size=4, model_file=_model())
     assert 0 < good.probability < 1 and good.model["heldout_auroc"] == 0.9 and good.lr_ceiling > 0
+    # a ceiling that failed its held-out check is withheld, and the result says so
+    no_ceiling = pf.preflight(model, batches, lr=1e-3, warmup_steps=10, total_steps=80, batch_size=4,
+                              model_file=_model(ceiling_share=0.1))
+    assert no_ceiling.probability is not None and no_ceiling.lr_ceiling is None
+    assert any("lr_ceiling withheld" in w and "10%" in w for w in no_ceiling.warnings)
     weak = pf.preflight(model, batches, lr=1e-3, warmup_steps=10, total_steps=80, batch_size=4,
                         model_file=_model(auroc=0.6))
     assert weak.probability is None and "held-out AUROC is 0.60" in weak.unavailable_reason

@@ -34,6 +34,9 @@ from hf_rksp.utils.options import option
 
 PROBE_FRACTION = 0.05  # the probe's steps: at most this share of the planned run's
 MIN_AUROC = 0.8  # a model whose held-out AUROC is below this gives no probability
+#: lr_ceiling is given only by a model whose ceiling fell within 1.5x of the measured largest stable lr on at
+#: least this share of the held-out configurations
+MIN_CEILING_SHARE = 0.8
 FORMAT = 1
 FEATURE_CAP = 6.0  # a non-finite or runaway log-ratio feature reads as this (1e6 x)
 #: feature name -> what it is (all computed by ``probe_features`` from a ``ProbeTrace``)
@@ -160,6 +163,10 @@ def probe_features(trace: ProbeTrace, *, lr: float, max_grad_norm: float) -> dic
         "rho_growth": rho_growth,
         "rho_end": rho_end,
     }
+
+
+def _pct(v) -> str:
+    return "an unmeasured share" if v is None else f"{v:.0%}"
 
 
 def driving_blocks(trace: ProbeTrace, top: int = 1) -> list[int]:
@@ -423,7 +430,13 @@ def preflight(model: torch.nn.Module, data, *, lr: float, warmup_steps: int, tot
             reason = "these settings are outside what the pre-flight model was fitted on: " + "; ".join(warnings)
         else:
             prob = 1.0 if trace.diverged else pm.probability(feats)
-            ceiling = pm.lr_ceiling(feats)
+            share = pm.heldout.get("lr_ceiling_within_1_5x")
+            if share is not None and share >= MIN_CEILING_SHARE:
+                ceiling = pm.lr_ceiling(feats)
+            else:  # measured and not good enough: withheld, not guessed
+                warnings = [*warnings, ("lr_ceiling withheld: on held-out configurations the model's ceiling fell "
+                            f"within 1.5x of the measured largest stable lr for {_pct(share)} of them "
+                            f"(needs {MIN_CEILING_SHARE:.0%})")]
     return PreflightResult(
         probability=prob, band=None if prob is None else band(prob), unavailable_reason=reason,
         lr=float(lr), lr_ceiling=ceiling,
