@@ -196,6 +196,9 @@ class PreflightModel:
     provenance: dict  # runs file sha256, n_runs, n_diverged, divergence definition, script, sweep description
     #: feature -> d feature / d log10 lr within a configuration (pooled least squares on the fitting runs)
     lr_response: dict = field(default_factory=dict)
+    #: the ceiling's measured bias divided out: the median of (largest stable lr / first-order ceiling) over
+    #: the fitting configurations
+    ceiling_scale: float = 1.0
     format: int = FORMAT
 
     def to_json(self) -> dict:
@@ -219,7 +222,8 @@ class PreflightModel:
             float(d["heldout"]["heldout_auroc"])
             return cls(features=names, fit=fit, ceiling_probability=float(d["ceiling_probability"]),
                        valid=dict(d["valid"]), heldout=dict(d["heldout"]), cv=dict(d["cv"]),
-                       provenance=dict(d["provenance"]), lr_response=dict(d.get("lr_response", {})))
+                       provenance=dict(d["provenance"]), lr_response=dict(d.get("lr_response", {})),
+                       ceiling_scale=float(d.get("ceiling_scale", 1.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise PreflightModelError(f"invalid pre-flight model: {e}") from None
 
@@ -230,7 +234,7 @@ class PreflightModel:
         return float(self.fit.predict(self.vector(feats))[0])
 
     def lr_ceiling(self, feats: dict) -> float | None:
-        """The lr where P(divergence) = ceiling_probability, to first order in log10 lr: the logit's total
+        """The lr where P(divergence) = ceiling_probability (times ``ceiling_scale``), to first order in log10 lr: the logit's total
         slope in log10 lr is the lr term's plus each probe feature's coefficient times how that feature moves
         with log10 lr within a configuration (``lr_response``, fitted on the same runs). None when the model
         has no lr term or P does not grow with lr."""
@@ -242,7 +246,7 @@ class PreflightModel:
             return None
         p = self.ceiling_probability
         logit = float(self.fit.logit(self.vector(feats))[0])
-        return float(10 ** (feats["log10_lr"] + (math.log(p / (1 - p)) - logit) / slope))
+        return float(self.ceiling_scale * 10 ** (feats["log10_lr"] + (math.log(p / (1 - p)) - logit) / slope))
 
     def warnings(self, feats: dict, *, d_model: int | None, n_layers: int | None,
                  warmup_fraction: float | None) -> list[str]:
