@@ -177,3 +177,26 @@ def test_cli_preflight(tmp_path, capsys):
     assert out["probe_steps"] == 4 and out["settings"]["lr"] == 1e-3 and len(out["rho_before"]) == 3
     assert main(["preflight", str(path), "--total-steps", "80"]) == 2
     assert "--lr" in capsys.readouterr().err
+
+
+def test_api_reproduces_the_benchmark_probe_and_gives_a_probability_in_range():
+    """On a run of the reproduction (in the shipped model's range): the API's probe gives the features the
+    benchmark cached for that run (same code, same init, data and seed), and a probability with provenance."""
+    from benchmarks import preflight as bp
+    from benchmarks.repro.protocol import HELDOUT_PROFILE, PROFILE_TOKENS, RunSpec
+    from benchmarks.repro.training import build_model, task_batch, train_data
+
+    spec = RunSpec(norm="pre", d_model=128, n_layers=4, lr=0.1, seed=42)
+    cached = bp.load_probes()[spec.key]
+    ds = train_data(spec)
+    batches = [{k: torch.stack([ds[i][k] for i in range(j * 16, (j + 1) * 16)]) for k in ("input_ids", "labels")}
+               for j in range(25)]
+    ids, _ = task_batch(spec, PROFILE_TOKENS // spec.seq_len, spec.seed + HELDOUT_PROFILE)
+    res = pf.preflight(build_model(spec), batches, lr=0.1, warmup_steps=100, total_steps=500, max_grad_norm=0.0,
+                       weight_decay=0.01, batch_size=16, blocks="gpt.blocks", profile_ids=ids, seed=42)
+    # float32 training on another machine's BLAS drifts a little over 25 steps: 1e-3 relative on the log features
+    assert res.rho_before == pytest.approx(cached["rho_before"], rel=1e-4)
+    assert res.features["rho_end"] == pytest.approx(max(math.log10(v) for v in cached["rho_after"]), rel=1e-3)
+    assert res.probability is not None and res.band in ("low", "medium", "high")
+    assert res.model["heldout_auroc"] >= pf.MIN_AUROC and len(res.model["runs_sha256"]) == 64
+    assert res.driving_blocks and res.probe_steps == 25

@@ -382,7 +382,7 @@ def _batches(data, batch_size: int) -> list:
 
 
 def _dims(model) -> tuple[int | None, int | None]:
-    cfg = getattr(model, "config", None)
+    cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
     d = getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
     L = getattr(cfg, "n_layers", None) or getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     if d is None and hasattr(model, "gpt"):  # the reproduction's models keep their config one level down
@@ -421,6 +421,8 @@ def preflight(model: torch.nn.Module, data, *, lr: float, warmup_steps: int, tot
     feats = probe_features(trace, lr=lr, max_grad_norm=max_grad_norm)
     pm = model_file if model_file is not None else load_preflight_model()
     d, L = _dims(model)
+    if L is None and trace.rho_before:  # the blocks the probe found
+        L = len(trace.rho_before)
     prob, ceiling, warnings, reason, provenance = None, None, [], None, None
     if pm is None:
         reason = "this build ships no pre-flight model (hf_rksp/data/preflight_model.json)"
