@@ -200,3 +200,20 @@ def test_api_reproduces_the_benchmark_probe_and_gives_a_probability_in_range():
     assert res.probability is not None and res.band in ("low", "medium", "high")
     assert res.model["heldout_auroc"] >= pf.MIN_AUROC and len(res.model["runs_sha256"]) == 64
     assert res.driving_blocks and res.probe_steps == 25
+
+
+def test_benchmark_prints_its_json_line_from_the_cached_probes(capsys):
+    from benchmarks import preflight as bp
+
+    assert bp.main(["--json", "--no-probe", "--no-write"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1
+    head = json.loads(line[0])
+    for k in ("heldout_auroc_within_norm_min", "heldout_auroc_pooled", "heldout_ece", "probe_cost_fraction",
+              "lr_ceiling_within_1_5x", "monitor_median_lead_steps", "monitor_false_alarm_rate"):
+        assert k in head
+    assert head["probe_cost_fraction"] <= 0.05
+    # the shipped model is the one this fit writes
+    shipped = pf.load_preflight_model()
+    assert list(shipped.features) == head["model_features"]
+    assert shipped.heldout["heldout_auroc"] == pytest.approx(head["heldout_auroc_pooled"])
