@@ -363,6 +363,7 @@ SECTIONS = {
     "cli-audit": lambda: _help("audit"),
     "cli-push": lambda: _help("push"),
     "cli-compare": lambda: _help("compare"),
+    "cli-preflight": lambda: _help("preflight"),
     "audit-options": audit_options,
     "audit-fields": audit_fields,
     "features": features,

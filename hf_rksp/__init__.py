@@ -3,9 +3,16 @@
 from hf_rksp import _moved
 from hf_rksp.errors import RKSPError
 from hf_rksp.pipeline.options import AuditOptions
+from hf_rksp.pipeline.preflight import PreflightOptions, preflight
 from hf_rksp.pipeline.run import AuditResult, audit
-from hf_rksp.record import AuditRecord, read_audit
-from hf_rksp.spectral import FEATURES, BlockFeatures, RKSPConfig, kss_penalty, profile_block
+from hf_rksp.record import AuditRecord, PreflightResult, read_audit
+from hf_rksp.spectral import (
+    FEATURES,
+    BlockFeatures,
+    RKSPConfig,
+    kss_penalty,
+    profile_block,
+)
 from hf_rksp.version import __version__
 
 _moved.install()
@@ -14,6 +21,9 @@ __all__ = [
     "__version__",
     "audit",
     "AuditOptions",
+    "preflight",
+    "PreflightOptions",
+    "PreflightResult",
     "AuditResult",
     "AuditRecord",
     "read_audit",

@@ -98,11 +98,11 @@ def test_json_contents_and_reproducibility(tiny_dirs, tmp_path):
         assert da["risk"] is None and da["risk_unavailable_reason"]
         assert "No calibrated probability" in da["summary"]["verdict"]
     else:
-        r = da["risk"]
-        assert 0 <= r["probability"] <= 1 and r["band"] in ("low", "medium", "high")
-        assert r["model"]["sweep_data_sha256"] == shipped.sweep_data_sha256
-        assert r["in_range"] is False and r["warnings"]
-        assert "Risk of divergence" in da["summary"]["verdict"]
+        # no hollow band: a tiny llama is outside the sweep's ranges (and the shipped model's held-out AUROC is
+        # below 0.8), so there is no probability, and the reason says which command gives one
+        assert da["risk"] is None and "no informative estimate" in da["risk_unavailable_reason"]
+        assert "hf-rksp preflight" in da["risk_unavailable_reason"]
+        assert "No calibrated probability" in da["summary"]["verdict"]
     assert "--seed 3" in da["command"] and "--init" in da["command"]
     # same seed: same numbers; other seed: other weights and ids
     assert da["blocks"] == b.data["blocks"]

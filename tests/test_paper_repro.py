@@ -9,6 +9,7 @@ risk model that ``hf_rksp.risk`` reads back.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -228,13 +229,17 @@ def test_audit_fills_risk_from_a_shipped_model(smoke, tmp_path, monkeypatch):
     from hf_rksp.report.card import render_card
 
     model = risk.RiskModel.from_json(json.loads((smoke / "risk_model.json").read_text()))
+    # the smoke sweep's fit predicts nothing (5 runs): as if it had been measured informative on a sweep that
+    # covers this tiny model, so that the audit gives its probability
+    wide = {name: [-1e300, 1e300] for name in ("lr", "d_model", "n_layers", *model.features)}
+    model = dataclasses.replace(model, cv={**model.cv, "auroc": 0.9}, valid=wide, rksp={})
     monkeypatch.setattr(risk, "load_risk_model", lambda: model)
     res = audit(str(save_tiny("gpt2", tmp_path / "gpt2")), init=True, out_dir=None, tokens=256, seq_len=128,
                 lr=2e-3, progress=False)
     r = res.record.risk
     assert r is not None and res.record.risk_unavailable_reason is None
     assert 0 <= r.probability <= 1 and r.lr == 2e-3 and r.lr_source == "given"
-    assert r.model["sweep_data_sha256"] == model.sweep_data_sha256
+    assert r.model["sweep_data_sha256"] == model.sweep_data_sha256 and r.model["heldout_auroc"] == 0.9
     res.record.validate()
     card = render_card(res.record)
     assert "Probability of divergence: " in card and "not available" not in card

@@ -207,9 +207,18 @@ def test_risk_model_fills_a_risk_entry():
                       n_runs=10, n_diverged=3, divergence_definition="loss > 10", sweep_data_sha256="0" * 64,
                       valid={"lr": [1e-4, 1e-2], "near_unit_mass": [0, 1]}, cv={"ece": 0.1, "auroc": 0.9}, rksp={})
     summary = read_audit(SMALL).summary
-    entry, reason = assess_summary(summary, lr=1e-3, family="bert", init=False, model=model)
-    assert reason is None and isinstance(entry, RiskEntry) and entry.lr_source == "given" and entry.in_range is False
-    assert entry == assess_summary(summary.to_dict(), lr=1e-3, family="bert", init=False, model=model)[0]  # a dict
+    entry, reason = assess_summary(summary, lr=1e-3, family="bert", init=True, model=model)
+    assert reason is None and isinstance(entry, RiskEntry) and entry.lr_source == "given" and entry.in_range is True
+    assert entry.model["heldout_auroc"] == 0.9  # a probability always carries the covering model's held-out AUROC
+    assert entry == assess_summary(summary.to_dict(), lr=1e-3, family="bert", init=True, model=model)[0]  # a dict
+    # settings the model does not cover (trained weights, an lr outside its range): no probability, and why
+    for kw in ({"init": False, "lr": 1e-3}, {"init": True, "lr": 0.5}):
+        none, why = assess_summary(summary, family="bert", model=model, **kw)
+        assert none is None and "no informative estimate" in why and "hf-rksp preflight" in why
+    # a model that does not predict (held-out AUROC < 0.8) gives no probability anywhere, and says its AUROC
+    weak = dataclasses.replace(model, cv={"ece": 0.1, "auroc": 0.49})
+    none, why = assess_summary(summary, lr=1e-3, family="bert", init=True, model=weak)
+    assert none is None and "held-out AUROC 0.49" in why and "hf-rksp preflight" in why
     assert list(entry.to_dict()) == ["probability", "band", "lr", "lr_source", "lr_ceiling", "lr_ceiling_probability",
                                      "in_range", "warnings", "model"]
 

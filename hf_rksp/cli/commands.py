@@ -65,6 +65,21 @@ examples:
   hf-rksp compare A B --json          # the same, as JSON
 """
 
+PREFLIGHT_HELP = """\
+Will this planned training run diverge, and what learning rate is safe?
+
+Trains a copy of the model for 5% of --total-steps with AdamW at the planned
+settings, ramping the lr to its peak over the first half of the probe, and
+reads the loss, the gradient norm and every block's whitened spectral radius
+into the shipped pre-flight model (fitted on hf-rksp's reproduction of the
+paper's sweep; its held-out AUROC and validity range come with the result).
+Outside that range the result says so and gives no probability.
+
+examples:
+  hf-rksp preflight gpt2 --init --lr 3e-4 --warmup-steps 100 --total-steps 2000
+  hf-rksp preflight ./my-checkpoint --text train.txt --lr 1e-4 --total-steps 1000 --json
+"""
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block), like every other error."""
@@ -154,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--private", action="store_true", help="create the audit repo as private")
     u.add_argument("--dry-run", action="store_true", help="print exactly what would be uploaded, upload nothing")
     u.add_argument("--out-dir", default=".", help="directory holding audits/ and model_cards/ (default .)")
+
+    f = sub.add_parser("preflight", help="will a planned training run diverge? a 5%% probe on a copy",
+                       description=PREFLIGHT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("model", nargs="?", help="hub id (local HF cache), checkpoint directory; with --init its "
+                                            "architecture at random init")
+    from hf_rksp.pipeline.preflight import PLAN_GROUPS, PreflightOptions
+    from hf_rksp.utils.options import option_fields
+
+    fgroups = {key: f.add_argument_group(title) for key, title in PLAN_GROUPS.items()}
+    fgroups["source"].add_argument("--init", action="store_true", help="the architecture at random init")
+    fgroups["source"].add_argument("--config", metavar="PATH", help="a config.json to build at random init")
+    for fl, meta in option_fields(PreflightOptions):  # defined once, in pipeline/preflight.py
+        _add_option(fgroups[meta.group], fl, meta)
+    f.add_argument("--json", action="store_true", help="print the result as JSON")
 
     c = sub.add_parser("compare", help="compare two audits block by block", description=COMPARE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -410,7 +439,50 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"audit": cmd_audit, "push": cmd_push, "compare": cmd_compare}
+def preflight_options(args):
+    from hf_rksp.pipeline.preflight import PreflightOptions
+
+    return PreflightOptions(**{f.name: getattr(args, f.name) for f in fields(PreflightOptions)
+                               if hasattr(args, f.name)})
+
+
+def cmd_preflight(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from hf_rksp.errors import ConfigError
+    from hf_rksp.pipeline.preflight import load_for_preflight, preflight
+
+    opts = preflight_options(args)
+    for name in ("lr", "total_steps"):
+        if getattr(opts, name) is None:
+            raise ConfigError("is required", param=name)
+    model, batches = load_for_preflight(args.model, init=args.init, config=args.config, options=opts)
+    kw = {k: v for k, v in asdict(opts).items() if k not in ("seq_len", "text")}
+    res = preflight(model, batches, **kw)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    print(preflight_lines(res))
+    return 0
+
+
+def preflight_lines(res) -> str:
+    p = ("no informative estimate: " + (res.unavailable_reason or "")) if res.probability is None else \
+        f"{res.probability:.3f} ({res.band}); the model's held-out AUROC {res.model['heldout_auroc']:.2f}"
+    ceiling = "-" if res.lr_ceiling is None else f"{res.lr_ceiling:.3g} (P = {res.lr_ceiling_probability:g})"
+    blocks = ", ".join(f"{i} (rho {res.rho_before[i]:.3g} -> {res.rho_after[i]:.3g})" for i in res.driving_blocks) \
+        or "-"
+    return "\n".join([
+        f"P(divergence)    {p}",
+        f"lr               {res.lr:.3g}; lr_ceiling {ceiling}",
+        f"driving block(s) {blocks}",
+        f"probe            {res.probe_steps} steps ({100 * res.probe_fraction:.1f}% of the run), "
+        f"{res.probe_seconds:.1f} s" + ("; it ran away (non-finite loss or gradient)" if res.probe_diverged else ""),
+        *[f"warning: {w}" for w in res.warnings]])
+
+
+COMMANDS = {"audit": cmd_audit, "push": cmd_push, "compare": cmd_compare, "preflight": cmd_preflight}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,8 @@ from hf_rksp.utils.options import (
 GROUPS = {
     "source": "what to audit",
     "method": "method (RKSP v2; defaults are the paper's)",
-    "risk": "risk (from the shipped v2 risk model when this build has one; otherwise null, with the reason)",
+    "risk": "risk (a probability only from a model with held-out AUROC >= 0.8 that covers these settings; "
+            "otherwise null, with the reason)",
     "calibration": "calibration input (default: the English text embedded in the package)",
     "runtime": "runtime",
 }

@@ -7,9 +7,12 @@ help under grouped cross-validation), fitted by ``benchmarks/paper_repro.py
 analyze --ship`` on the runs of that sweep and shipped as
 ``hf_rksp/data/risk_model.json`` with the sweep data's sha256, its grouped-CV
 calibration and the ranges it was fitted on.  Outside those ranges the
-probability is still computed, with ``in_range: false`` and the reasons under
-``warnings``.  Until that file exists, every audit has ``risk: null`` and
-``UNAVAILABLE`` as the reason.
+audit gives no probability: ``risk: null`` with ``risk_unavailable_reason``
+naming what is out of range.  Nor does it give one from a model whose held-out
+(grouped-CV) AUROC is below ``MIN_AUROC`` (the shipped model's is 0.49: M_~1 at
+init does not see the learning rate); the reason then gives the measured AUROC
+and points to ``hf-rksp preflight``, which predicts from the planned settings.
+Until a model file exists, every audit has ``risk: null`` and ``UNAVAILABLE``.
 
 The logistic fit (Newton steps with a ridge on standardized features, the
 intercept unpenalized) lives here so that the sweep analysis and the audit
@@ -32,6 +35,10 @@ from hf_rksp.record.records import RiskEntry, SummaryRecord
 
 UNAVAILABLE = ("the shipped risk model was fitted on RKSP v1 features and does not apply to v2; "
                "a v2 model comes with the reproduction of the paper's sweep")
+#: the audit gives a probability only from a model whose held-out (grouped-CV) AUROC is at least this
+MIN_AUROC = 0.8
+PREFLIGHT_HINT = ("`hf-rksp preflight` (or `hf_rksp.preflight`) probes the planned training run and gives one "
+                  "where its fitted model covers the model and settings")
 FORMAT = 2
 CEILING_P = 0.1  # the learning-rate ceiling is the largest lr with P(divergence) below this
 BANDS = ((0.1, "low"), (0.5, "medium"), (1.01, "high"))
@@ -215,8 +222,19 @@ class RiskModel:
             warnings=warnings,
             model={"sweep_data_sha256": self.sweep_data_sha256, "n_runs": self.n_runs,
                    "features": list(self.features), "divergence_definition": self.divergence_definition,
-                   "cv_ece": self.cv.get("ece"), "cv_auroc": self.cv.get("auroc")},
+                   "cv_ece": self.cv.get("ece"), "cv_auroc": self.cv.get("auroc"),
+                   "heldout_auroc": self.heldout_auroc},
         )
+
+    @property
+    def heldout_auroc(self) -> float | None:
+        """The AUROC measured on runs the fit did not see: the grouped cross-validation's (one (norm, d, L)
+        group left out at a time)."""
+        v = self.cv.get("auroc")
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def informative(self) -> bool:
+        return self.heldout_auroc is not None and self.heldout_auroc >= MIN_AUROC
 
 
 def model_path():
@@ -241,14 +259,26 @@ def assess_summary(summary: SummaryRecord | dict, *, lr: float | None, family: s
                    method: dict | None = None, model: RiskModel | None = None) -> tuple[RiskEntry | None, str | None]:
     """(risk entry, None) from an audit's summary (``SummaryRecord`` or its dict), or (None, reason).
 
+    A probability comes only where it means something: from a model whose held-out AUROC is at least
+    ``MIN_AUROC`` and whose fitted ranges cover this model and these settings (no warning); otherwise the
+    reason says there is no informative estimate, why (the model's measured held-out AUROC, or what is out
+    of range), and which command gives one.
     ``lr`` None: the family's default learning rate (DEFAULT_LR), said so in ``lr_source``.
     """
     model = model if model is not None else load_risk_model()
     if model is None:
         return None, UNAVAILABLE
+    if not model.informative():
+        auc = "unmeasured" if model.heldout_auroc is None else f"{model.heldout_auroc:.2f}"
+        return None, (f"no informative estimate: the shipped risk model (RKSP at init) has held-out AUROC {auc} "
+                      f"(grouped cross-validation on {model.n_runs} runs of the reproduction's sweep; a probability "
+                      f"needs >= {MIN_AUROC:g}); {PREFLIGHT_HINT}")
     s = SummaryRecord.from_dict(summary) if isinstance(summary, dict) else summary
     lr_source = "given" if lr is not None else f"default for family {family!r}"
     lr = float(lr) if lr is not None else default_lr(family)
     entry = model.assess(near_unit_mass=s.score, eigvec_condition=s.features["eigvec_condition"].mean,
                          lr=lr, lr_source=lr_source, d_model=d_model, n_layers=n_layers, init=init, method=method)
+    if not entry.in_range:
+        return None, (f"no informative estimate: the risk model (held-out AUROC {model.heldout_auroc:.2f}) does not "
+                      f"cover this model and these settings ({'; '.join(entry.warnings)}); {PREFLIGHT_HINT}")
     return entry, None

@@ -436,6 +436,35 @@ class RiskEntry(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PreflightResult(_Record):
+    """A pre-flight check of a planned training run (filled by ``hf_rksp.pipeline.preflight``).
+
+    ``probability`` is None, with ``unavailable_reason``, where no model with a held-out AUROC of at least
+    0.8 covers these settings.
+    """
+
+    probability: float | None  # P(the planned run diverges)
+    band: str | None  # low | medium | high
+    unavailable_reason: str | None
+    lr: float  # the planned peak learning rate
+    lr_ceiling: float | None  # the lr where P reaches lr_ceiling_probability, the probe's features held
+    lr_ceiling_probability: float | None
+    driving_blocks: list[int]  # the block(s) whose whitened spectral radius grew most over the probe
+    rho_before: list[float]  # per block, whitened DMD spectral radius before the probe
+    rho_after: list[float]  # ... and after it (empty when the probe ran away)
+    features: dict[str, float]
+    probe_steps: int
+    probe_seconds: float
+    probe_fraction: float  # probe_steps / total_steps
+    probe_diverged: bool  # a non-finite loss or gradient stopped the probe
+    settings: dict  # the planned run, as given
+    warnings: list[str]
+    model: dict | None = None  # the fitted model's provenance and held-out figures (heldout_auroc, ...)
+
+    _NULLABLE = ("probability", "band", "unavailable_reason", "lr_ceiling", "lr_ceiling_probability", "model")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuditRecord(_Record):
     """One RKSP audit: the typed form of audit.json (schema 2.0).
 

@@ -76,8 +76,8 @@ def _risk_note(audit: AuditRecord) -> str:
     model = audit.risk.model or {}
     cv = ""
     if model.get("cv_auroc") is not None and model.get("cv_ece") is not None:
-        cv = (f" Under grouped cross-validation on that sweep it has AUROC {model['cv_auroc']:.2f} and ECE "
-              f"{model['cv_ece']:.2f}: read a probability near the sweep's base rate as \"no information\".")
+        cv = (f" On runs it did not see (grouped cross-validation on that sweep) it has AUROC "
+              f"{model.get('heldout_auroc', model['cv_auroc']):.2f} and ECE {model['cv_ece']:.2f}.")
     return ("The probability of divergence comes from hf-rksp's logistic model fitted on its reproduction of the "
             "paper's sweep (small GPT-2-style models at random init); outside that setting it is a rough guide."
             + cv)
@@ -90,8 +90,10 @@ def risk_line(audit: AuditRecord) -> str:
         return "not available: " + (audit.risk_unavailable_reason or "no fitted risk model")
     ceiling = (f"lr ceiling (P < {r.lr_ceiling_probability:g}) {r.lr_ceiling:.3g}"
                if r.lr_ceiling is not None else "no lr ceiling (risk does not grow with lr in the fit)")
+    auc = (r.model or {}).get("heldout_auroc")
     return (f"P(divergence) = {r.probability:.3f} ({r.band}) at lr {r.lr:.3g} ({r.lr_source}); "
-            f"{ceiling}" + ("" if r.in_range else f"; OUTSIDE the fitted range ({len(r.warnings)} warning(s))"))
+            f"{ceiling}" + ("" if auc is None else f"; the model's held-out AUROC {auc:.2f}")
+            + ("" if r.in_range else f"; OUTSIDE the fitted range ({len(r.warnings)} warning(s))"))
 
 
 CARD_TEMPLATE = """---
