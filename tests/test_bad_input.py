@@ -182,20 +182,36 @@ CASES = [
          r"--max-memory: size must be a number"),
     Case("name-newline", 8, audit("{tok}", *SMALL, "--name", "org/a\nb"), 2, r"--name: must be a Hub repo id"),
     Case("name-dotdot", 8, audit("{tok}", *SMALL, "--name", ".."), 2, r"--name: must be a Hub repo id"),
-    Case("output-name-232-bytes", 8, audit("{n232}", *SMALL), 2,
+    # a folder name that is no valid file name (232 bytes, a newline, a leading '.') still gives a valid slug
+    # (issue 27's rule cuts each part to 60 characters and replaces unsafe ones): the audit is written there
+    Case("folder-name-232-bytes", 7, audit("{n232}", *SMALL), 0, None, writes=True,
+         expect=("audits/{slug_n232}/audit.json", "model_cards/{slug_n232}/README.md")),
+    Case("folder-name-newline", 7, audit("{newline}", *SMALL), 0, None, writes=True,
+         expect=("audits/{slug_newline}/audit.json",)),
+    Case("folder-name-hidden", 7, audit("{hidden}", *SMALL), 0, None, writes=True,
+         expect=("audits/{slug_hidden}/audit.json",)),
+    # a slug that cannot be a file name is refused before the model is loaded: a hub GGUF file of long names
+    # at a long revision (the fixture's HF cache), with the suffixes counted ...
+    Case("output-name-hub-gguf-235-bytes", 8, audit("{long_gguf}", "--revision", "{long_rev}", *SMALL), 2,
+         r"output name '" + "o" * 35 + "__" + "r" * 20 + r"\.\.\.' is 235 bytes; the names made from it reach 259 "
+         r"bytes, more than the 255 a file name may have \(at most 231 for the name itself\); choose the name with "
+         r"--name", setup="hub_cache"),
+    Case("output-name-init-suffix", 8, audit("{long_gguf}", "--revision", "{long_rev}", "--init", *SMALL), 2,
+         r"is 241 bytes", setup="hub_cache"),
+    # ... and an audit file's slug, at the 231-byte boundary, or hidden
+    Case("from-audit-slug-232-bytes", 8, audit("--from-audit", "{slug232_audit}"), 2,
          r"output name '" + "n" * 57 + r"\.\.\.' is 232 bytes; the names made from it reach 256 bytes, more than "
          r"the 255 a file name may have \(at most 231 for the name itself\); choose the name with --name"),
-    Case("output-name-231-bytes", 7, audit("{n231}", *SMALL), 0, None, writes=True,
-         expect=("audits/" + "n" * 231 + "/audit.json",)),
-    Case("output-name-newline", 8, audit("{newline}", *SMALL), 2, r"output name 'tok\\nx' holds '\\n'"),
-    Case("output-name-hidden", 8, audit("{hidden}", *SMALL), 2, r"output name '\.tok' is empty or starts with"),
-    Case("output-name-init-suffix", 8, audit("{n228}", "--init", *SMALL), 2, r"is 234 bytes"),
+    Case("from-audit-slug-231-bytes", 7, audit("--from-audit", "{slug231_audit}"), 0, None, writes=True,
+         expect=("audits/{slug231}/audit.json", "model_cards/{slug231}/README.md")),
+    Case("from-audit-slug-hidden", 8, audit("--from-audit", "{slug_hidden_audit}"), 2,
+         r"output name '\.[^']*__tok-[0-9a-f]{6}[^']*' is empty or starts with '\.'"),
     Case("corrupt-tokenizer", 8, audit("{bad_tok}", *SMALL), 2,
          r"tokenizer of .*bad_tok \(tokenizer\.json, tokenizer_config\.json\) cannot be loaded"),
     Case("empty-tokenizer-vocab", 8, audit("{empty_tok}", *SMALL), 2,
          r"tokenizer of .*empty_tok \(tokenizer\.json.*\) loads with no usable vocabulary"),
     Case("no-tokenizer-says-random-ids", 8, audit("{notok}", *SMALL), 0, None, writes=True,
-         expect=("audits/notok/audit.json",)),
+         expect=("audits/{slug_notok}/audit.json",)),
     # 9. one line on stderr, whatever the libraries say
     Case("usage-error-one-line", 9, audit("{tok}", "--tokens", "abc"), 2, r"argument --tokens: invalid int"),
     Case("choices-error-one-line", 9, audit("{tok}", "--device-map", "nope"), 2, r"argument --device-map"),
@@ -230,30 +246,31 @@ CASES = [
     Case("out-dir-token", 10, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/{token}"), 2,
          TOKEN_LINE.format(flag="--out-dir"), setup="no_loading"),
     Case("push-audit-source-id-token", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
-         r"audits/tok/audit\.json holds a Hugging Face access token.*nothing was uploaded", setup="token_in_audit"),
+         r"audits/" + SLUG + r"/audit\.json holds a Hugging Face access token.*nothing was uploaded",
+         setup="token_in_audit"),
     Case("push-card-token", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
-         r"model_cards/tok/README\.md holds a Hugging Face access token", setup="token_in_card"),
+         r"model_cards/" + SLUG + r"/README\.md holds a Hugging Face access token", setup="token_in_card"),
     Case("push-to-model-source-id-token", 10, ("push", SLUG, "--to-model", "--dry-run", "--out-dir", "{out}"), 2,
          r"audit\.json holds a Hugging Face access token", setup="token_in_audit"),
     Case("from-audit-source-id-token", 10, audit("--from-audit", "{token_audit}"), 2,
-         r"audits/tok/audit\.json would hold a Hugging Face access token.*nothing was written"),
-    Case("slug-folder-symlink", 10, audit("{tok}", *SMALL), 2, SYMLINK_LINE.format(path="audits/tok"),
+         r"audits/" + SLUG + r"/audit\.json would hold a Hugging Face access token.*nothing was written"),
+    Case("slug-folder-symlink", 10, audit("{tok}", *SMALL), 2, SYMLINK_LINE.format(path="audits/" + SLUG),
          setup="link_slug"),
-    Case("card-folder-symlink", 10, audit("--from-audit", "{good}"), 2, SYMLINK_LINE.format(path="model_cards/tok"),
+    Case("card-folder-symlink", 10, audit("--from-audit", "{good}"), 2, SYMLINK_LINE.format(path="model_cards/" + SLUG),
          setup="link_card"),
     Case("audits-symlink", 10, audit("{tok}", *SMALL), 2, SYMLINK_LINE.format(path="audits"), setup="link_audits"),
     Case("file-in-slug-symlink", 10, audit("--from-audit", "{good}"), 2,
-         SYMLINK_LINE.format(path="audits/tok/spectrum.png"), setup="link_file"),
+         SYMLINK_LINE.format(path="audits/" + SLUG + "/spectrum.png"), setup="link_file"),
     Case("push-file-symlink", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
-         r"audits/tok/spectrum\.png is a symbolic link: push sends only real files", setup="link_file"),
+         r"audits/" + SLUG + r"/spectrum\.png is a symbolic link: push sends only real files", setup="link_file"),
     Case("partial-symlink", 10, audit("{tok}", *STREAM), 2, SYMLINK_LINE.format(path="audits/.partial"),
          setup="link_partial"),
     Case("partial-entry-symlink", 10, audit("{tok}", *STREAM), 2,
-         SYMLINK_LINE.format(path="audits/.partial/tok-0123456789abcdef"), setup="link_partial_entry"),
+         SYMLINK_LINE.format(path="audits/.partial/" + SLUG + "-0123456789abcdef"), setup="link_partial_entry"),
     Case("journal-symlink", 10, ("push", SLUG, "--repo-id", "a/b", "--dry-run", "--out-dir", "{out}"), 2,
-         SYMLINK_LINE.format(path=r"audits/\.publish-tok\.json"), setup="link_journal"),
+         SYMLINK_LINE.format(path=r"audits/\.publish-" + SLUG + r"\.json"), setup="link_journal"),
     Case("journal-naming-outside", 10, audit("{tok}", *SMALL), 2,
-         r"publish-tok\.json names paths outside --out-dir's audits/ and model_cards/", setup="journal_outside"),
+         r"publish-" + SLUG + r"\.json names paths outside --out-dir's audits/ and model_cards/", setup="journal_outside"),
 ]
 
 
@@ -351,8 +368,7 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["extra_keys"] = _variant(root, good, "extra_keys", lambda d: _add_tensor(d, "h.0.unexpected.weight"))
     p["notok"] = save_checkpoint(root / "notok")
     p["reweighted"] = _variant(root, good, "reweighted", lambda d: None)  # its block 0 changes in its row
-    for n in (228, 231, 232):
-        p[f"n{n}"] = _variant(root, good, "n" * n, lambda d: None)
+    p["n232"] = _variant(root, good, "n" * 232, lambda d: None)
     p["newline"] = _variant(root, good, "tok\nx", lambda d: None)
     p["hidden"] = _variant(root, good, ".tok", lambda d: None)
     p["bad_tok"] = _variant(root, good, "bad_tok", lambda d: (d / "tokenizer.json").write_text('{"model": 1'))
@@ -401,6 +417,18 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["slug_text"] = slug_of(str(good), "--text", str(p["bigtext"]), *SMALL)
     p["slug_name"] = slug_of(str(good), *SMALL, "--name", "org/tiny-model")
     p["slug_reweighted"] = slug_of(str(p["reweighted"]), *STREAM)
+    p["slug_notok"] = slug_of(str(p["notok"]), *SMALL)
+    for k in ("n232", "newline", "hidden"):  # folder names that are no file names give valid slugs
+        p[f"slug_{k}"] = slug = slug_of(str(p[k]), *SMALL)
+        assert len(slug.encode()) <= 231 and not slug.startswith(".") and "\n" not in slug, slug
+    # a hub GGUF file in an HF cache of this test's own: 35 + 60 + 60 characters of names at a 60-character
+    # revision, so its slug (hub part, file, revision, and the 8-hex options) is 235 bytes
+    p["hub_cache"], p["long_gguf"], p["long_rev"] = root / "hub-cache", f"{'o' * 35}/{'r' * 60}/{'f' * 60}.gguf", "v" * 60
+    repo, commit = p["hub_cache"] / f"models--{'o' * 35}--{'r' * 60}", "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / p["long_rev"]).write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / f"{'f' * 60}.gguf").write_bytes(b"GGUF")  # never read: refused before loading
     assert p["slug_name"].startswith("org__tiny-model__")
     p["good_out"] = out
     p["good"] = out / "audits" / p["slug"]
@@ -426,6 +454,11 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     p["huge_eta"] = _audit_variant(root, g, "huge_eta", lambda t: _with(data, "blocks.0.nonlinearity_ratio", 1e308))
     p["slug_dotdot"] = _audit_variant(root, g, "slug_dotdot", lambda t: _with(data, "slug", ".."))
     p["token_audit"] = _audit_variant(root, g, "token_audit", lambda t: _with(data, "source.id", f"org/{FAKE_TOKEN}"))
+    tail = p["slug"][p["slug"].index("__"):]  # the good slug with its folder part replaced: still follows
+    p["slug231"] = "n" * (231 - len(tail)) + tail
+    for name, slug in (("slug232", "n" * (232 - len(tail)) + tail), ("slug231", p["slug231"]),
+                       ("slug_hidden", "." + p["slug"])):
+        p[f"{name}_audit"] = _audit_variant(root, g, name, lambda t, s=slug: _with(data, "slug", s))
     agg = "summary.features.resdmd_residual_max.mean"
     p["low"] = _audit_variant(root, g, "low", lambda t: _with(data, agg, -1.7e308))
     p["high"] = _audit_variant(root, g, "high", lambda t: _with(data, agg, 1.7e308))
@@ -538,6 +571,21 @@ def _no_loading(fx, out, monkeypatch):
         monkeypatch.setattr(run, name, never)
 
 
+def _hub_cache(fx, out, monkeypatch):
+    """The fixture's HF cache (a hub GGUF file at a revision) is the cache; no model may be loaded."""
+    import huggingface_hub.constants
+
+    from hf_rksp.pipeline import run
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fx["hub_cache"]))
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded: the check came too late")
+
+    for name in ("load_model", "load_for_streaming", "plan_for"):
+        monkeypatch.setattr(run, name, never)
+
+
 def _legacy_token(fx, out, monkeypatch):
     """An active token that is not token-shaped (an old-style one): only equality can find it."""
     monkeypatch.setenv("HF_TOKEN", "api_" + "".join(random.SystemRandom().choices(string.ascii_letters, k=30)))
@@ -601,26 +649,27 @@ def _link_partial(fx, out, monkeypatch):
 
 def _link_partial_entry(fx, out, monkeypatch):
     (_outside(out) / "partial").mkdir()
-    _link(out / "audits" / ".partial" / "tok-0123456789abcdef", _outside(out) / "partial")
+    _link(out / "audits" / ".partial" / f"{fx['slug']}-0123456789abcdef", _outside(out) / "partial")
 
 
 def _link_journal(fx, out, monkeypatch):
     (_outside(out) / "journal.json").write_text('{"steps": []}')
-    _link(out / "audits" / ".publish-tok.json", _outside(out) / "journal.json")
+    _link(out / "audits" / f".publish-{fx['slug']}.json", _outside(out) / "journal.json")
 
 
 def _journal_outside(fx, out, monkeypatch):
     """A journal whose renames name a folder outside the output folder."""
-    steps = [{"staged": "../outside/notes", "target": "audits/tok", "backup": "audits/.tok.old.1.ab",
+    slug = fx["slug"]
+    steps = [{"staged": "../outside/notes", "target": f"audits/{slug}", "backup": f"audits/.{slug}.old.1.ab",
               "had_target": True}]
     (_outside(out) / "notes").mkdir()
-    (out / "audits" / ".publish-tok.json").write_text(json.dumps({"steps": steps}))
+    (out / "audits" / f".publish-{slug}.json").write_text(json.dumps({"steps": steps}))
 
 
 SETUPS = {"low_memory": _low_memory, "card_rename_fails": _card_rename_fails, "staging_enospc": _staging_enospc,
           "progress_enospc": _progress_enospc, "interrupt": _interrupt, "tampered_progress": _tampered_progress,
           "weights_changed_after_interrupt": _weights_changed_after_interrupt,
-          "killed_publish": _killed_publish, "count_offload_dirs": _count_offload_dirs, "no_loading": _no_loading,
+          "killed_publish": _killed_publish, "count_offload_dirs": _count_offload_dirs, "no_loading": _no_loading, "hub_cache": _hub_cache,
           "legacy_token": _legacy_token, "token_in_audit": _token_in_audit, "token_in_card": _token_in_card,
           "link_slug": _link_slug, "link_card": _link_card, "link_audits": _link_audits, "link_file": _link_file,
           "link_partial": _link_partial, "link_partial_entry": _link_partial_entry, "link_journal": _link_journal,
@@ -773,7 +822,8 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         assert rc == case.code, f"expected exit {case.code}, got {rc}:\n{err}"
         assert len(lines) == 1, f"stderr should be exactly one line, got {len(lines)}:\n{err[:3000]}"
         assert lines[0].startswith("hf-rksp: "), lines[0]
-        assert re.search(case.line, lines[0]), f"{case.line!r} not in {lines[0]!r}"
+        pattern = case.line.replace(SLUG, re.escape(fx["slug"]))  # the good audit's slug, where a row names it
+        assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
     if not case.writes:
         assert tree_hash(out) == before, "the output folder changed"
     for rel in case.expect:
@@ -796,9 +846,9 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
     if case.id == "no-tokenizer-says-random-ids":  # the one fallback to random ids: said on stderr and recorded
         said = [ln for ln in lines if ln.startswith("hf-rksp: ")]  # -q hides progress bars, not this
         assert len(said) == 1 and re.search(r"warning: .*notok has no tokenizer .*random token ids", said[0]), err
-        inputs = json.loads((out / "audits" / "notok" / "audit.json").read_text())["inputs"]
+        inputs = json.loads((out / "audits" / fx["slug_notok"] / "audit.json").read_text())["inputs"]
         assert inputs["origin"] == "random-token-ids" and inputs["reason"] == "the model has no tokenizer"
-        assert "random-token-ids" in (out / "model_cards" / "notok" / "README.md").read_text()
+        assert "random-token-ids" in (out / "model_cards" / fx["slug_notok"] / "README.md").read_text()
     if case.id == "compare-json-overflow":
         assert json.loads(stdout)["summary"]["resdmd_residual_max_mean"]["delta"] is None
     if case.writes and rc == 0:
@@ -921,19 +971,14 @@ def test_ctrl_c_at_every_publish_step_says_the_folder_state(fx, tmp_path, monkey
 
 def test_output_name_is_checked_before_the_model_loads(fx, tmp_path, monkeypatch, capfd):
     """A name that cannot be written fails before any model is loaded or calibrated (issue 29: it failed only
-    after the whole audit had run)."""
-    from hf_rksp.pipeline import run
-
-    def never(*a, **k):
-        raise AssertionError("loaded too early")
-
-    monkeypatch.setattr(run, "load_model", never)
-    monkeypatch.setattr(run, "load_for_streaming", never)
-    monkeypatch.setattr(run, "plan_for", never)
-    for argv in ([str(fx["n232"])], [str(fx["n232"]), "--stream"], [str(fx["newline"])],
-                 [str(fx["n228"]), "--init"]):
+    after the whole audit had run).  Under issue 27's slug rule a local folder always gives a valid name, so
+    the names here are a hub GGUF file's (from the fixture's HF cache) at a long revision."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_cache(fx, tmp_path / "out", monkeypatch)
+    gguf = [fx["long_gguf"], "--revision", fx["long_rev"]]
+    for argv in (gguf, [*gguf, "--stream"], [*gguf, "--init"], [*gguf, "--low-disk"]):
         rc, _, err = _run(["audit", *argv, *SMALL, "--out-dir", str(tmp_path / "out")], capfd)
-        assert rc == 2 and "error: the audit's output name" in err and "too early" not in err, err
+        assert rc == 2 and "error: the audit's output name" in err and "too late" not in err, err
     assert not (tmp_path / "out").exists()
 
 

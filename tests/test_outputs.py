@@ -292,8 +292,9 @@ def test_no_network_fails_fast_with_advice():
 
 
 def test_full_disk_while_saving_progress_is_one_typed_line(capsys, tmp_path, runs, monkeypatch):
-    """A real ENOSPC (the progress file is /dev/full) while a streamed audit saves its progress: one worded
-    line, not torch's 'enforce fail at inline_container.cc'."""
+    """A real ENOSPC (the progress file's bytes go to /dev/full) while a streamed audit saves its progress: one
+    worded line, not torch's 'enforce fail at inline_container.cc'.  The write is redirected in the process,
+    not by a link in the output folder: a link there is refused before any work (issue 28)."""
     from conftest import interrupt_block
 
     out, ckpt = tmp_path / "out", str(runs / "a" / "ckpt")
@@ -303,10 +304,17 @@ def test_full_disk_while_saving_progress_is_one_typed_line(capsys, tmp_path, run
         rc, _, err = run(capsys, *argv)
     assert rc == 130, err
     (progress,) = (out / "audits" / ".partial").glob("*/progress.json")
-    (progress.parent / "activations.pt.tmp").symlink_to("/dev/full")
+    real, written = Path.write_bytes, []
+
+    def to_full(self, data):  # the kernel's own ENOSPC, from the device that is always full
+        written.append(self.name)
+        return real(Path("/dev/full") if self.name == "activations.pt.tmp" else self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", to_full)
     rc, _, err = run(capsys, *argv)
-    assert rc == 2
+    assert rc == 2 and "activations.pt.tmp" in written, err
     one_error(err, "could not save the progress", "No space left on device")
+    assert progress.is_file(), "the progress saved before was lost"
 
 
 # ----------------------------------------------------------------------------- a model in memory

@@ -202,8 +202,8 @@ def test_a_token_in_the_files_refuses_the_push_and_the_dry_run(capsys, audited, 
 
     out = tmp_path / "o"
     shutil.copytree(audited, out)
-    target = (out / "model_cards" / "gpt2__init" / "README.md" if where == "card"
-              else out / "audits" / "gpt2__init" / "audit.json")
+    target = (out / "model_cards" / SLUG / "README.md" if where == "card"
+              else out / "audits" / SLUG / "audit.json")
     if where == "card":
         target.write_text(target.read_text() + f"\nnotes: {TOKEN} {SHAPED}\n")
     else:
@@ -213,7 +213,7 @@ def test_a_token_in_the_files_refuses_the_push_and_the_dry_run(capsys, audited, 
     with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
         online(hub)
         for extra in (("--dry-run",), ()):
-            rc, stdout, err = run(capsys, "push", "gpt2__init", "--repo-id", "alice/audits", "--out-dir", str(out),
+            rc, stdout, err = run(capsys, "push", SLUG, "--repo-id", "alice/audits", "--out-dir", str(out),
                                   *extra)
             one_error(rc, err, str(target), "holds a Hugging Face access token", "nothing was uploaded")
             assert SHAPED not in err and SHAPED not in stdout and TOKEN not in stdout
@@ -231,9 +231,9 @@ def test_push_sends_the_bytes_it_scanned(capsys, audited, online, tmp_path):
 
     out = tmp_path / "o"
     shutil.copytree(audited, out)
-    plan = hubmod.plan_push("gpt2__init", "alice/audits", out_dir=out)
-    want = expected_files(out, "gpt2__init")
-    card = out / "model_cards" / "gpt2__init" / "README.md"
+    plan = hubmod.plan_push(SLUG, "alice/audits", out_dir=out)
+    want = expected_files(out, SLUG)
+    card = out / "model_cards" / SLUG / "README.md"
     card.write_text(card.read_text() + f"\n{TOKEN}\n")  # after the scan
     with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
         online(hub)

@@ -32,8 +32,18 @@ from hf_rksp.models.weights import CheckpointWeights, InitWeights
 from hf_rksp.pipeline import slugs
 from hf_rksp.pipeline.options import COMMAND_OPTIONS, AuditOptions, command_line
 from hf_rksp.pipeline.risk import assess_summary
-from hf_rksp.pipeline.validation import check_audit_options, check_inputs, check_output_name
-from hf_rksp.publish.local import check_out_dir, check_output_tree, interrupted, publish
+from hf_rksp.pipeline.validation import (
+    check_audit_options,
+    check_inputs,
+    check_output_name,
+)
+from hf_rksp.publish.local import (
+    check_contents,
+    check_out_dir,
+    check_output_tree,
+    interrupted,
+    publish,
+)
 from hf_rksp.record.records import (
     MAX_BYTES,
     AuditRecord,
@@ -475,11 +485,13 @@ def _audit_module(model: torch.nn.Module, tokenizer, opts: AuditOptions, out_dir
 def rerender(audit_json: str, out_dir: str = ".", *, overwrite: bool = False) -> AuditResult:
     """Re-render plots and card (and rewrite the JSON) from an existing audit.json; no model needed.
 
-    The slug inside the file is checked against the file's own source and method
-    (:func:`hf_rksp.pipeline.slugs.check_slug`), and the folder it names may only hold the same audit
-    (same source, method and inputs) unless ``overwrite``.
+    A token in the file is refused first (the user must learn of it, whatever else is wrong with the file;
+    the message names the file, never the value).  Then the slug inside the file is checked against the
+    file's own source and method (:func:`hf_rksp.pipeline.slugs.check_slug`), and the folder it names may
+    only hold the same audit (same source, method and inputs) unless ``overwrite``.
     """
     result = AuditResult(record=report.with_verdict(flag_degenerate(read_audit(audit_json))))
+    check_contents(result.record.slug, {"audits": {"audit.json": result.record.to_json().encode("utf-8")}})
     slugs.check_slug(result.record)
     result.paths, result.replaced = write_outputs(result.record, out_dir, overwrite=overwrite,
                                                   report_replaced=True, same_numbers=True)
