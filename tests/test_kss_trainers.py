@@ -1,0 +1,261 @@
+"""KSS in the trainers users fine-tune with: TRL's SFTTrainer (KSSMixin), PEFT/LoRA, DDP with mode="auto",
+and the logs that keep the task loss apart from the KSS term.  KSS is never silently inert."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_rksp.errors import ConfigError, InertKSSError
+from hf_rksp.models.blocks import find_blocks
+from hf_rksp.training.kss import KSSConfig, KSSStep
+from tests.test_kss import VOCAB, Tokens, targs, tiny_lm
+
+trl = pytest.importorskip("trl", reason="the test extra installs trl")
+peft = pytest.importorskip("peft", reason="the test extra installs peft")
+
+
+def _block_grad_norms(model, loss) -> list[float]:
+    """Norm of d loss / d (trainable parameters of each residual block)."""
+    _, blocks = find_blocks(model)
+    per_block = [[p for p in b.parameters() if p.requires_grad] for b in blocks]
+    flat = [p for ps in per_block for p in ps]
+    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    out, i = [], 0
+    for ps in per_block:
+        gs = grads[i:i + len(ps)]
+        i += len(ps)
+        out.append(math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs if g is not None)))
+    return out
+
+
+# -- TRL -----------------------------------------------------------------------------------------
+
+def _sft_data():
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_dict({"input_ids": torch.randint(1, VOCAB, (24, 64), generator=g).tolist()})
+
+
+def _tokenizer():
+    from tests.conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def _sft_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=4, max_steps=3,
+                logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, learning_rate=1e-3, max_length=64)
+    base.update(kw)
+    return trl.SFTConfig(**base)
+
+
+def test_sft_trainer_with_kss_mixin_adds_a_live_term(tmp_path):
+    """kss_trainer(SFTTrainer) (= class KSSSFTTrainer(KSSMixin, SFTTrainer)) runs KSS on every step: the
+    term is logged non-zero, no drawn block lost its gradient, and the logged loss is the task loss plus the
+    term.  Before the fix every layer was counted as skipped and the loss equalled plain SFT's."""
+    from hf_rksp.training.trainer import KSSMixin, kss_trainer
+
+    cls = kss_trainer(trl.SFTTrainer)
+    assert issubclass(cls, KSSMixin) and kss_trainer(trl.SFTTrainer) is cls
+    tr = cls(model=tiny_lm("llama"), args=_sft_args(tmp_path), train_dataset=_sft_data(),
+             processing_class=_tokenizer(), kss_config=KSSConfig(alpha=1.0, every_n_steps=1))
+    tr.train()
+    st = tr.kss_state
+    assert st.kss_steps == 3 and st.layers_evaluated == 3 and st.layers_no_grad == 0 and st.layers_skipped == 0
+    logs = [h for h in tr.state.log_history if "kss/term" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert h["kss/term"] > 0 and h["kss/task_loss"] > 0
+        # loss is float32 on device, term float64: 1e-5 relative covers the float32 sum
+        assert h["loss"] == pytest.approx(h["kss/task_loss"] + h["kss/term"], rel=1e-5)
+
+
+@pytest.mark.parametrize("path", ["return_outputs", "compute_loss_func"])
+def test_kss_term_reaches_the_blocks_through_trl_extra_no_grad_forward(tmp_path, path):
+    """TRL's SFTTrainer.compute_loss runs a second forward without grad (for return_outputs=True, and after
+    a compute_loss_func); the hooks keep the first forward's snapshots, the one with grad.  The KSS term of
+    one step, taken around TRL's own compute_loss, has a non-zero gradient at every drawn block."""
+    kw = {}
+    if path == "compute_loss_func":
+        kw["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: \
+            torch.nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    model = tiny_lm("llama")
+    tr = trl.SFTTrainer(model=model, args=_sft_args(tmp_path), train_dataset=_sft_data(),
+                        processing_class=_tokenizer(), **kw)
+    inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+    model.train()
+    _, blocks = find_blocks(model)
+    cfg = KSSConfig(layer_fraction=1.0)
+    with KSSStep(list(blocks), cfg, step=0) as k:
+        got = tr.compute_loss(model, inputs, return_outputs=path == "return_outputs")
+    assert k.sampler.forwards_with_grad == 1 and k.sampler.forwards_without_grad == 1  # TRL's two forwards
+    loss = got[0] if isinstance(got, tuple) else got
+    out = k.result(loss, 1.0)
+    assert out.term is not None and out.term.requires_grad and float(out.term.detach()) > 0
+    assert all(g > 0 for g in _block_grad_norms(model, out.term))
+
+
+def test_mixin_after_the_trainer_is_refused_where_the_class_is_defined():
+    """class Bad(SFTTrainer, KSSMixin): SFTTrainer.compute_loss would shadow KSS's, and KSS would never run."""
+    from hf_rksp.training.trainer import KSSMixin
+
+    with pytest.raises(TypeError, match="put KSSMixin first"):
+        class Bad(trl.SFTTrainer, KSSMixin):
+            pass
+
+    class Good(KSSMixin, trl.SFTTrainer):  # a subclass with its own compute_loss, calling super(), is fine
+        def compute_loss(self, *args, **kwargs):
+            return super().compute_loss(*args, **kwargs)
+
+
+# -- never silently inert -------------------------------------------------------------------------
+
+def test_kss_step_without_gradient_raises_with_the_reason():
+    """A KSS step whose forward ran without grad, or whose blocks (and everything upstream) are frozen,
+    raises InertKSSError saying which; it is never a silent zero."""
+    model = tiny_lm("gpt2").train()
+    _, blocks = find_blocks(model)
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    with KSSStep(list(blocks), KSSConfig(), step=0) as k, torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    with pytest.raises(InertKSSError, match="ran without grad") as e:
+        k.result(loss, 0.15)
+    assert e.value.reason == "no_grad_forward"
+
+    for p in model.transformer.parameters():
+        p.requires_grad_(False)  # only lm_head trains: nothing at or upstream of any block
+    with KSSStep(list(blocks), KSSConfig(), step=0) as k:
+        loss = model(input_ids=ids, labels=ids).loss
+    with pytest.raises(InertKSSError, match="`blocks`") as e:
+        k.result(loss, 0.15)
+    assert e.value.reason == "nothing_trains"
+
+
+# -- PEFT --------------------------------------------------------------------------------------------
+
+def _lora(model):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return peft.get_peft_model(model, cfg)
+
+
+def test_lora_training_with_kss_and_the_monitor(tmp_path):
+    """KSSTrainer and RKSPMonitorCallback on a LoRA-wrapped model find the blocks through the PeftModel (no
+    block_path); the KSS term is live (non-zero, no block without gradient), it reaches the LoRA weights of
+    every block, and the monitor logs its baseline and its profiles."""
+    from hf_rksp import KSSTrainer, RKSPMonitorCallback
+
+    torch.manual_seed(0)
+    model = _lora(tiny_lm("llama"))
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9))
+    mon = RKSPMonitorCallback(ids, every_n_steps=2)
+    tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=4, logging_steps=2), train_dataset=Tokens(n=32),
+                    callbacks=[mon], kss_config=KSSConfig(alpha=1.0, every_n_steps=1))
+    tr.train()
+    assert tr.kss_state.kss_steps == 4 and tr.kss_state.layers_no_grad == 0
+    logs = tr.state.log_history
+    assert all(h["kss/term"] > 0 for h in logs if "kss/term" in h) and any("kss/term" in h for h in logs)
+    assert [h["step"] for h in mon.history] == [0, 2, 4]
+    assert any("rksp/baseline_near_unit_mass" in h for h in logs)
+    assert sum("rksp/near_unit_mass" in h for h in logs) == 2
+
+    # the term of one step reaches every block's LoRA weights (all blocks drawn)
+    _, blocks = find_blocks(model)
+    batch = torch.stack([Tokens(n=4)[i]["input_ids"] for i in range(4)])
+    with KSSStep(list(blocks), KSSConfig(layer_fraction=1.0), step=0) as k:
+        loss = model(input_ids=batch, labels=batch).loss
+    out = k.result(loss, 1.0)
+    assert out.skips == {}
+    lora = [[p for n, p in b.named_parameters() if "lora_" in n] for b in blocks]
+    grads = torch.autograd.grad(out.term, [p for ps in lora for p in ps])
+    assert len(grads) == 4 * len(blocks)  # A and B of q_proj and v_proj
+    assert all(float(g.abs().sum()) > 0 for g in grads[1::2])  # the B matrices (A's gradient is 0 while B = 0)
+
+
+def test_blocks_not_found_is_one_error_naming_block_path(tmp_path):
+    from hf_rksp import KSSTrainer, RKSPMonitorCallback
+
+    model = _lora(tiny_lm("llama"))
+    tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=1), train_dataset=Tokens(n=8),
+                    kss_config=KSSConfig(block_path="model.nowhere", every_n_steps=1))
+    with pytest.raises(ConfigError) as e:
+        tr.train()
+    assert e.value.param == "block_path" and "`block_path`" in str(e.value)
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9))
+    mon = RKSPMonitorCallback(ids, block_path="model.nowhere")
+    with pytest.raises(ConfigError) as e:
+        mon.profile(model)
+    assert e.value.param == "block_path"
+
+
+# -- logging: the task loss apart from the term --------------------------------------------------
+
+def test_task_loss_is_the_loss_without_kss(tmp_path):
+    """kss/task_loss is what `loss` would be without the term: at the first log (step 1: one KSS step on the
+    initial weights, gradient accumulation 2) it equals the logged loss of the same run with KSS off (1e-6
+    relative: the same float32 forward, the term subtracted in float64); loss = task_loss + term at every
+    log, and on a window without a KSS step the term is 0."""
+    from hf_rksp import KSSTrainer
+
+    logs = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        tr = KSSTrainer(model=tiny_lm("llama"), args=targs(tmp_path / mode, max_steps=4, logging_steps=1,
+                                                            gradient_accumulation_steps=2,
+                                                            per_device_train_batch_size=4),
+                        train_dataset=Tokens(), kss_config=KSSConfig(mode=mode, alpha=1.0, every_n_steps=2))
+        tr.train()
+        logs[mode] = [h for h in tr.state.log_history if "loss" in h]
+    off, on = logs["off"], logs["on"]
+    assert on[0]["kss/task_loss"] == pytest.approx(off[0]["loss"], rel=1e-6)
+    assert on[0]["kss/term"] > 0 and on[0]["loss"] > off[0]["loss"]
+    for h in on:
+        assert h["loss"] == pytest.approx(h["kss/task_loss"] + h["kss/term"], rel=1e-6)
+    assert [h["kss/term"] == 0 for h in on] == [False, True, False, True]  # KSS on steps 0 and 2
+    assert not any(k.startswith("kss/") for h in off for k in h)
+
+
+# -- DDP ------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["auto"])
+def test_ddp_auto_mode_decides_once_for_all_ranks(tmp_path, mode):
+    """Two CPU processes (gloo) through torchrun, mode="auto" with the threshold put between the two ranks'
+    own M: ranks deciding alone would disagree (and the job hung).  Now both take the same decision from the
+    gathered statistics, train with KSS, log the reduced term, and end with the same weights.  A hang fails
+    the test (240 s timeout; the run takes ~25 s on the 2-core machine)."""
+    worker = Path(__file__).with_name("kss_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(worker), str(tmp_path), mode]
+    try:
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"two-process KSS run hung (killed after 240 s): {e.stderr}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    a0, a1 = ranks[0]["auto"], ranks[1]["auto"]
+    m0, m1 = a0["near_unit_mass_per_rank"]
+    assert m0 != m1  # the ranks saw different shards
+    assert a0 == a1 and a0["enabled"] and a0["near_unit_mass"] == pytest.approx((m0 + m1) / 2, rel=1e-12)
+    assert ranks[0]["kss_steps"] == ranks[1]["kss_steps"] == 4
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP kept the replicas equal
+    terms = [h["kss/term"] for h in ranks[0]["log_history"] if "kss/term" in h]
+    assert len(terms) == 2 and all(t > 0 for t in terms)
