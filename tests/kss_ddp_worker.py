@@ -1,10 +1,12 @@
-"""One rank of the two-process (gloo, CPU) KSS run of tests/test_kss_trainers.py::test_ddp_auto_*.
+"""One rank of the two-process (gloo, CPU) KSS runs of tests/test_kss_trainers.py::test_ddp_*.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_worker.py OUT_DIR MODE
+    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_worker.py OUT_DIR MODE [lora]
 
-Each rank profiles its own shard for mode="auto" (its M differs from the other's); the thresholds are put
-between the two ranks' M so that ranks deciding alone would disagree (and, before the fix, hang).  Each rank
-writes rank<N>.json: the decision, the KSS state, its log history and a checksum of its weights.
+A tiny GPT-2 (full fine-tune, or LoRA on c_attn with ``lora``), KSSTrainer with KSS every step and the RKSP
+monitor every 2 steps, 4 steps.  For mode="auto" each rank profiles its own shard (its M differs from the
+other's); the thresholds are put between the two ranks' M so that ranks deciding alone would disagree
+(and, before the fix, hang).  Each rank writes rank<N>.json: the decision, the KSS state, its log history,
+the monitor's history and a checksum of its weights.
 """
 
 from __future__ import annotations
@@ -21,15 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_kss import Tokens, targs, tiny_lm  # noqa: E402
 
-from hf_rksp import KSSConfig, KSSTrainer  # noqa: E402
+from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback  # noqa: E402
 
 
 def main() -> None:
-    out, mode = Path(sys.argv[1]), sys.argv[2]
+    out, mode, lora = Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["lora"]
     torch.manual_seed(0)
     model = tiny_lm("gpt2")
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                            lora_dropout=0.0, fan_in_fan_out=True))
     args = targs(out, max_steps=4, logging_steps=2, per_device_train_batch_size=4, ddp_backend="gloo")
-    tr = KSSTrainer(model=model, args=args, train_dataset=Tokens(n=64, t=64),
+    monitor = RKSPMonitorCallback(torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(9)),
+                                  every_n_steps=2)
+    tr = KSSTrainer(model=model, args=args, train_dataset=Tokens(n=64, t=64), callbacks=[monitor],
                     kss_config=KSSConfig(mode=mode, every_n_steps=1, alpha=1.0, auto_tokens=256))
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "auto":
@@ -43,7 +52,8 @@ def main() -> None:
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     (out / f"rank{rank}.json").write_text(json.dumps({
         "world": world, "auto": tr.kss_state.auto, "kss_steps": tr.kss_state.kss_steps,
-        "log_history": tr.state.log_history, "checksum": checksum}))
+        "log_history": tr.state.log_history, "checksum": checksum,
+        "monitor_steps": [h["step"] for h in monitor.history]}))
 
 
 if __name__ == "__main__":

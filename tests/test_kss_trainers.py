@@ -120,6 +120,33 @@ def test_mixin_after_the_trainer_is_refused_where_the_class_is_defined():
             return super().compute_loss(*args, **kwargs)
 
 
+def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path):
+    """kss_trainer(Seq2SeqTrainer) on a tiny T5: KSS draws from both stacks (encoder.block+decoder.block),
+    the term is live, and the term of one step reaches every block of both stacks."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
+
+    from hf_rksp.training.trainer import kss_trainer
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                num_decoder_layers=2, num_heads=4, decoder_start_token_id=0))
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                                    per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
+                                    disable_tqdm=True, seed=0, learning_rate=1e-3)
+    tr = kss_trainer(Seq2SeqTrainer)(model=model, args=args, train_dataset=Tokens(n=16, t=32),
+                                     kss_config=KSSConfig(alpha=1.0, every_n_steps=1, subsample=100))
+    tr.train()
+    assert tr.kss_state.kss_steps == 2 and tr.kss_state.layers_no_grad == 0
+    assert all(h["kss/term"] > 0 for h in tr.state.log_history if "kss/term" in h)
+    _, blocks = find_blocks(model)
+    assert len(blocks) == 4
+    ids = torch.stack([Tokens(n=4, t=32)[i]["input_ids"] for i in range(4)])
+    with KSSStep(list(blocks), KSSConfig(layer_fraction=1.0, subsample=100), step=0) as k:
+        loss = model(input_ids=ids, labels=ids).loss
+    out = k.result(loss, 1.0)
+    assert out.skips == {} and all(g > 0 for g in _block_grad_norms(model, out.term))
+
+
 # -- never silently inert -------------------------------------------------------------------------
 
 def test_kss_step_without_gradient_raises_with_the_reason():
@@ -234,28 +261,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["auto"])
-def test_ddp_auto_mode_decides_once_for_all_ranks(tmp_path, mode):
-    """Two CPU processes (gloo) through torchrun, mode="auto" with the threshold put between the two ranks'
-    own M: ranks deciding alone would disagree (and the job hung).  Now both take the same decision from the
-    gathered statistics, train with KSS, log the reduced term, and end with the same weights.  A hang fails
-    the test (240 s timeout; the run takes ~25 s on the 2-core machine)."""
+@pytest.mark.parametrize("mode,lora", [("auto", False), ("on", True)])
+def test_ddp_two_processes_decide_once_and_train_with_kss(tmp_path, mode, lora):
+    """Two CPU processes (gloo) through torchrun, KSS every step and the RKSP monitor: a full fine-tune with
+    mode="auto" and the threshold put between the two ranks' own M (ranks deciding alone would disagree, and
+    the job hung), and LoRA with KSS on.  Both ranks take the same decision from the gathered statistics,
+    train with KSS, log the reduced term, run the monitor, and end with the same weights.  A hang fails the
+    test (240 s timeout; a run takes ~25-40 s on the 2-core machine)."""
     worker = Path(__file__).with_name("kss_ddp_worker.py")
+    root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(worker), str(tmp_path), mode]
+           str(worker), str(tmp_path), mode] + (["lora"] if lora else [])
     try:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"two-process KSS run hung (killed after 240 s): {e.stderr}")
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    a0, a1 = ranks[0]["auto"], ranks[1]["auto"]
-    m0, m1 = a0["near_unit_mass_per_rank"]
-    assert m0 != m1  # the ranks saw different shards
-    assert a0 == a1 and a0["enabled"] and a0["near_unit_mass"] == pytest.approx((m0 + m1) / 2, rel=1e-12)
+    if mode == "auto":
+        a0, a1 = ranks[0]["auto"], ranks[1]["auto"]
+        m0, m1 = a0["near_unit_mass_per_rank"]
+        assert m0 != m1  # the ranks saw different shards
+        assert a0 == a1 and a0["enabled"] and a0["near_unit_mass"] == pytest.approx((m0 + m1) / 2, rel=1e-12)
     assert ranks[0]["kss_steps"] == ranks[1]["kss_steps"] == 4
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP kept the replicas equal
-    terms = [h["kss/term"] for h in ranks[0]["log_history"] if "kss/term" in h]
+    logs = ranks[0]["log_history"]
+    terms = [h["kss/term"] for h in logs if "kss/term" in h]
     assert len(terms) == 2 and all(t > 0 for t in terms)
+    assert all(h["kss/layers_no_grad"] == 0 for h in logs if "kss/term" in h)
+    assert ranks[0]["monitor_steps"] == ranks[1]["monitor_steps"] == [0, 2, 4]
+    assert sum("rksp/near_unit_mass" in h for h in logs) == 2
