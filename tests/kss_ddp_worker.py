@@ -1,9 +1,9 @@
 """One rank of the two-process (gloo, CPU) KSS runs of tests/test_kss_trainers.py::test_ddp_*.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_worker.py OUT_DIR MODE [lora]
+    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_worker.py OUT_DIR MODE [lora] [sft]
 
-A tiny GPT-2 (full fine-tune, or LoRA on c_attn with ``lora``), KSSTrainer with KSS every step and the RKSP
-monitor every 2 steps, 4 steps.  For mode="auto" each rank profiles its own shard (its M differs from the
+A tiny GPT-2 (full fine-tune, or LoRA on c_attn with ``lora``), KSSTrainer (or, with ``sft``, TRL's
+SFTTrainer with KSSMixin) with KSS every step and the RKSP monitor every 2 steps, 4 steps.  For mode="auto" each rank profiles its own shard (its M differs from the
 other's); the thresholds are put between the two ranks' M so that ranks deciding alone would disagree
 (and, before the fix, hang).  Each rank writes rank<N>.json: the decision, the KSS state, its log history,
 the monitor's history and a checksum of its weights.
@@ -27,7 +27,8 @@ from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback  # noqa: E402
 
 
 def main() -> None:
-    out, mode, lora = Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["lora"]
+    out, mode, flags = Path(sys.argv[1]), sys.argv[2], set(sys.argv[3:])
+    lora, sft = "lora" in flags, "sft" in flags
     torch.manual_seed(0)
     model = tiny_lm("gpt2")
     if lora:
@@ -38,8 +39,22 @@ def main() -> None:
     args = targs(out, max_steps=4, logging_steps=2, per_device_train_batch_size=4, ddp_backend="gloo")
     monitor = RKSPMonitorCallback(torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(9)),
                                   every_n_steps=2)
-    tr = KSSTrainer(model=model, args=args, train_dataset=Tokens(n=64, t=64), callbacks=[monitor],
-                    kss_config=KSSConfig(mode=mode, every_n_steps=1, alpha=1.0, auto_tokens=256))
+    kss = KSSConfig(mode=mode, every_n_steps=1, alpha=1.0, auto_tokens=256)
+    if sft:
+        from datasets import Dataset
+        from test_kss_trainers import _sft_args, _tokenizer
+        from trl import SFTTrainer
+
+        from hf_rksp import kss_trainer
+
+        data = Dataset.from_dict({"input_ids": Tokens(n=64, t=64).x.clamp(min=1).tolist()})
+        tr = kss_trainer(SFTTrainer)(model=model, args=_sft_args(out, max_steps=4, logging_steps=2,
+                                                                 ddp_backend="gloo"),
+                                     train_dataset=data, processing_class=_tokenizer(), callbacks=[monitor],
+                                     kss_config=kss)
+    else:
+        tr = KSSTrainer(model=model, args=args, train_dataset=Tokens(n=64, t=64), callbacks=[monitor],
+                        kss_config=kss)
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "auto":
         m_local = tr.kss_auto_statistics()[0]

@@ -11,16 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft  # the test extra installs trl and peft: a missing one fails here, it is never skipped
 import pytest
 import torch
+import trl
 
 from hf_rksp.errors import ConfigError, InertKSSError
 from hf_rksp.models.blocks import find_blocks
 from hf_rksp.training.kss import KSSConfig, KSSStep
 from tests.test_kss import VOCAB, Tokens, targs, tiny_lm
 
-trl = pytest.importorskip("trl", reason="the test extra installs trl")
-peft = pytest.importorskip("peft", reason="the test extra installs peft")
 
 
 def _block_grad_norms(model, loss) -> list[float]:
@@ -61,25 +61,41 @@ def _sft_args(tmp_path, **kw):
     return trl.SFTConfig(**base)
 
 
-def test_sft_trainer_with_kss_mixin_adds_a_live_term(tmp_path):
+@pytest.mark.parametrize("lora,mode", [
+    pytest.param(False, "on", marks=pytest.mark.trainers("SFTTrainer|full|1|KSS on", "SFTTrainer|full|1|monitor")),
+    pytest.param(True, "on", marks=pytest.mark.trainers("SFTTrainer|LoRA|1|KSS on", "SFTTrainer|LoRA|1|monitor")),
+    pytest.param(False, "auto", marks=pytest.mark.trainers("SFTTrainer|full|1|auto")),
+])
+def test_sft_trainer_with_kss_mixin_adds_a_live_term(tmp_path, lora, mode):
     """kss_trainer(SFTTrainer) (= class KSSSFTTrainer(KSSMixin, SFTTrainer)) runs KSS on every step: the
     term is logged non-zero, no drawn block lost its gradient, and the logged loss is the task loss plus the
-    term.  Before the fix every layer was counted as skipped and the loss equalled plain SFT's."""
+    term; the monitor profiles through TRL (and LoRA).  mode="auto" decides from TRL's own batches (the
+    threshold set low so that it turns KSS on).  Before the fix every layer was counted as skipped and the
+    loss equalled plain SFT's."""
+    from hf_rksp import RKSPMonitorCallback
     from hf_rksp.training.trainer import KSSMixin, kss_trainer
 
     cls = kss_trainer(trl.SFTTrainer)
     assert issubclass(cls, KSSMixin) and kss_trainer(trl.SFTTrainer) is cls
-    tr = cls(model=tiny_lm("llama"), args=_sft_args(tmp_path), train_dataset=_sft_data(),
-             processing_class=_tokenizer(), kss_config=KSSConfig(alpha=1.0, every_n_steps=1))
+    model = _lora(tiny_lm("llama")) if lora else tiny_lm("llama")
+    mon = RKSPMonitorCallback(torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9)),
+                              every_n_steps=3)
+    cfg = KSSConfig(mode=mode, alpha=1.0, every_n_steps=1, auto_low=0.01, auto_threshold=0.01, auto_tokens=256)
+    tr = cls(model=model, args=_sft_args(tmp_path), train_dataset=_sft_data(), processing_class=_tokenizer(),
+             callbacks=[mon], kss_config=cfg)
     tr.train()
     st = tr.kss_state
     assert st.kss_steps == 3 and st.layers_evaluated == 3 and st.layers_no_grad == 0 and st.layers_skipped == 0
+    if mode == "auto":
+        assert st.auto["enabled"] and st.auto["near_unit_mass"] > 0.01
     logs = [h for h in tr.state.log_history if "kss/term" in h]
     assert len(logs) == 3
     for h in logs:
         assert h["kss/term"] > 0 and h["kss/task_loss"] > 0
         # loss is float32 on device, term float64: 1e-5 relative covers the float32 sum
         assert h["loss"] == pytest.approx(h["kss/task_loss"] + h["kss/term"], rel=1e-5)
+    assert [h["step"] for h in mon.history] == [0, 3]
+    assert any("rksp/baseline_near_unit_mass" in h for h in tr.state.log_history)
 
 
 @pytest.mark.parametrize("path", ["return_outputs", "compute_loss_func"])
@@ -120,6 +136,7 @@ def test_mixin_after_the_trainer_is_refused_where_the_class_is_defined():
             return super().compute_loss(*args, **kwargs)
 
 
+@pytest.mark.trainers("Seq2SeqTrainer|full|1|KSS on", "Seq2SeqTrainer|full|1|monitor")
 def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path):
     """kss_trainer(Seq2SeqTrainer) on a tiny T5: KSS draws from both stacks (encoder.block+decoder.block),
     the term is live, and the term of one step reaches every block of both stacks."""
@@ -133,10 +150,15 @@ def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_p
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
                                     per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
                                     disable_tqdm=True, seed=0, learning_rate=1e-3)
-    tr = kss_trainer(Seq2SeqTrainer)(model=model, args=args, train_dataset=Tokens(n=16, t=32),
+    from hf_rksp import RKSPMonitorCallback
+
+    mon = RKSPMonitorCallback(torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(9)),
+                              every_n_steps=2)
+    tr = kss_trainer(Seq2SeqTrainer)(model=model, args=args, train_dataset=Tokens(n=16, t=32), callbacks=[mon],
                                      kss_config=KSSConfig(alpha=1.0, every_n_steps=1, subsample=100))
     tr.train()
     assert tr.kss_state.kss_steps == 2 and tr.kss_state.layers_no_grad == 0
+    assert [h["step"] for h in mon.history] == [0, 2]
     assert all(h["kss/term"] > 0 for h in tr.state.log_history if "kss/term" in h)
     _, blocks = find_blocks(model)
     assert len(blocks) == 4
@@ -177,6 +199,7 @@ def _lora(model):
     return peft.get_peft_model(model, cfg)
 
 
+@pytest.mark.trainers("Trainer|LoRA|1|KSS on", "Trainer|LoRA|1|monitor")
 def test_lora_training_with_kss_and_the_monitor(tmp_path):
     """KSSTrainer and RKSPMonitorCallback on a LoRA-wrapped model find the blocks through the PeftModel (no
     block_path); the KSS term is live (non-zero, no block without gradient), it reaches the LoRA weights of
@@ -228,6 +251,7 @@ def test_blocks_not_found_is_one_error_naming_block_path(tmp_path):
 
 # -- logging: the task loss apart from the term --------------------------------------------------
 
+@pytest.mark.trainers("Trainer|full|1|KSS on")
 def test_task_loss_is_the_loss_without_kss(tmp_path):
     """kss/task_loss is what `loss` would be without the term: at the first log (step 1: one KSS step on the
     initial weights, gradient accumulation 2) it equals the logged loss of the same run with KSS off (1e-6
@@ -261,11 +285,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode,lora", [("auto", False), ("on", True)])
-def test_ddp_two_processes_decide_once_and_train_with_kss(tmp_path, mode, lora):
+@pytest.mark.parametrize("mode,flags", [
+    pytest.param("auto", [], marks=pytest.mark.trainers("Trainer|full|2|auto", "Trainer|full|2|KSS on",
+                                                        "Trainer|full|2|monitor")),
+    pytest.param("on", ["lora"], marks=pytest.mark.trainers("Trainer|LoRA|2|KSS on", "Trainer|LoRA|2|monitor")),
+    pytest.param("auto", ["lora", "sft"], marks=pytest.mark.trainers(
+        "SFTTrainer|LoRA|2|auto", "SFTTrainer|LoRA|2|KSS on", "SFTTrainer|LoRA|2|monitor")),
+])
+def test_ddp_two_processes_decide_once_and_train_with_kss(tmp_path, mode, flags):
     """Two CPU processes (gloo) through torchrun, KSS every step and the RKSP monitor: a full fine-tune with
     mode="auto" and the threshold put between the two ranks' own M (ranks deciding alone would disagree, and
-    the job hung), and LoRA with KSS on.  Both ranks take the same decision from the gathered statistics,
+    the job hung), LoRA with KSS on, and TRL's SFTTrainer with LoRA and mode="auto".  Both ranks take the same decision from the gathered statistics,
     train with KSS, log the reduced term, run the monitor, and end with the same weights.  A hang fails the
     test (240 s timeout; a run takes ~25-40 s on the 2-core machine)."""
     worker = Path(__file__).with_name("kss_ddp_worker.py")
@@ -273,7 +303,7 @@ def test_ddp_two_processes_decide_once_and_train_with_kss(tmp_path, mode, lora):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(worker), str(tmp_path), mode] + (["lora"] if lora else [])
+           str(worker), str(tmp_path), mode, *flags]
     try:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
@@ -293,3 +323,26 @@ def test_ddp_two_processes_decide_once_and_train_with_kss(tmp_path, mode, lora):
     assert all(h["kss/layers_no_grad"] == 0 for h in logs if "kss/term" in h)
     assert ranks[0]["monitor_steps"] == ranks[1]["monitor_steps"] == [0, 2, 4]
     assert sum("rksp/near_unit_mass" in h for h in logs) == 2
+
+
+# -- the shipped example, at smoke size ----------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["sft"])
+def test_example_fine_tunes_smollm2_with_lora_and_kss(tmp_path, smollm2_gguf, trainer):
+    """examples/finetune_kss.py on the real SmolLM2-135M weights, LoRA + KSS through TRL, 2 steps of 2 x 32
+    tokens with KSS on both: the term is live on every drawn block and logged apart from the task loss."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "finetune_kss.py"
+    spec = importlib.util.spec_from_file_location("finetune_kss", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--trainer", trainer, "--lora", "--steps", "2", "--seq-len", "32", "--batch", "2",
+                        "--kss-every", "1", "--threads", "1", "--out", str(tmp_path)])
+    st = out["kss_state"]
+    assert st["kss_steps"] == 2 and st["layers_evaluated"] == 30 and st["layers_no_grad"] == 0  # 15 of 30 blocks
+    logs = [h for h in out["log_history"] if "kss/term" in h]  # the monitor (every step here) logs each step
+    assert [h["step"] for h in logs] == [1, 2]
+    for h in logs:
+        assert h["kss/term"] > 0 and h["loss"] == pytest.approx(h["kss/task_loss"] + h["kss/term"], rel=1e-5)
