@@ -277,6 +277,27 @@ def test_task_loss_is_the_loss_without_kss(tmp_path):
     assert not any(k.startswith("kss/") for h in off for k in h)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_the_kss_gradient(tmp_path, reentrant):
+    """With gradient checkpointing (either torch implementation) the first step's KSS term and total
+    gradient norm (task + KSS, before clipping) equal those without it (1e-5 relative: the same float32 math,
+    recomputed)."""
+    from hf_rksp import KSSTrainer
+
+    logs = {}
+    for gc in (False, True):
+        torch.manual_seed(0)
+        kw = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant}) \
+            if gc else {}
+        tr = KSSTrainer(model=tiny_lm("llama"), args=targs(tmp_path / str(gc), max_steps=1, logging_steps=1, **kw),
+                        train_dataset=Tokens(n=8), kss_config=KSSConfig(alpha=1.0, every_n_steps=1))
+        tr.train()
+        (logs[gc],) = [h for h in tr.state.log_history if "kss/term" in h]
+    assert logs[True]["kss/term"] > 0 and logs[True]["kss/layers_no_grad"] == 0
+    assert logs[True]["kss/term"] == pytest.approx(logs[False]["kss/term"], rel=1e-5)
+    assert logs[True]["grad_norm"] == pytest.approx(logs[False]["grad_norm"], rel=1e-5)
+
+
 # -- DDP ------------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
