@@ -68,7 +68,7 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({
         "world": world, "auto": tr.kss_state.auto, "kss_steps": tr.kss_state.kss_steps,
         "log_history": tr.state.log_history, "checksum": checksum,
-        "monitor_steps": [h["step"] for h in monitor.history]}))
+        "monitor_steps": [h["step"] for h in monitor.history], "wrapped": type(tr.model_wrapped).__name__}))
 
 
 if __name__ == "__main__":

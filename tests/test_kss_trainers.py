@@ -336,6 +336,7 @@ def test_ddp_two_processes_decide_once_and_train_with_kss(tmp_path, mode, flags)
         m0, m1 = a0["near_unit_mass_per_rank"]
         assert m0 != m1  # the ranks saw different shards
         assert a0 == a1 and a0["enabled"] and a0["near_unit_mass"] == pytest.approx((m0 + m1) / 2, rel=1e-12)
+    assert ranks[0]["wrapped"] == ranks[1]["wrapped"] == "DistributedDataParallel"
     assert ranks[0]["kss_steps"] == ranks[1]["kss_steps"] == 4
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP kept the replicas equal
     logs = ranks[0]["log_history"]
