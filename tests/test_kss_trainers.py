@@ -136,10 +136,14 @@ def test_mixin_after_the_trainer_is_refused_where_the_class_is_defined():
             return super().compute_loss(*args, **kwargs)
 
 
-@pytest.mark.trainers("Seq2SeqTrainer|full|1|KSS on", "Seq2SeqTrainer|full|1|monitor")
-def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path):
-    """kss_trainer(Seq2SeqTrainer) on a tiny T5: KSS draws from both stacks (encoder.block+decoder.block),
-    the term is live, and the term of one step reaches every block of both stacks."""
+@pytest.mark.parametrize("lora", [
+    pytest.param(False, marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|KSS on", "Seq2SeqTrainer|full|1|monitor")),
+    pytest.param(True, marks=pytest.mark.trainers("Seq2SeqTrainer|LoRA|1|KSS on", "Seq2SeqTrainer|LoRA|1|monitor")),
+])
+def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path, lora):
+    """kss_trainer(Seq2SeqTrainer) on a tiny T5 (full, or LoRA on q and v): KSS draws from both stacks
+    (encoder.block+decoder.block), the term is live, and the term of one step reaches every block of both
+    stacks."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
 
     from hf_rksp.training.trainer import kss_trainer
@@ -147,6 +151,9 @@ def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_p
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                                 num_decoder_layers=2, num_heads=4, decoder_start_token_id=0))
+    if lora:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
+                                                            lora_dropout=0.0))
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
                                     per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
                                     disable_tqdm=True, seed=0, learning_rate=1e-3)
@@ -199,11 +206,15 @@ def _lora(model):
     return peft.get_peft_model(model, cfg)
 
 
-@pytest.mark.trainers("Trainer|LoRA|1|KSS on", "Trainer|LoRA|1|monitor")
-def test_lora_training_with_kss_and_the_monitor(tmp_path):
+@pytest.mark.parametrize("mode", [
+    pytest.param("on", marks=pytest.mark.trainers("Trainer|LoRA|1|KSS on", "Trainer|LoRA|1|monitor")),
+    pytest.param("auto", marks=pytest.mark.trainers("Trainer|LoRA|1|auto")),
+])
+def test_lora_training_with_kss_and_the_monitor(tmp_path, mode):
     """KSSTrainer and RKSPMonitorCallback on a LoRA-wrapped model find the blocks through the PeftModel (no
     block_path); the KSS term is live (non-zero, no block without gradient), it reaches the LoRA weights of
-    every block, and the monitor logs its baseline and its profiles."""
+    every block, and the monitor logs its baseline and its profiles.  mode="auto" profiles through the
+    wrapper (threshold set low so that it turns KSS on)."""
     from hf_rksp import KSSTrainer, RKSPMonitorCallback
 
     torch.manual_seed(0)
@@ -211,9 +222,12 @@ def test_lora_training_with_kss_and_the_monitor(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9))
     mon = RKSPMonitorCallback(ids, every_n_steps=2)
     tr = KSSTrainer(model=model, args=targs(tmp_path, max_steps=4, logging_steps=2), train_dataset=Tokens(n=32),
-                    callbacks=[mon], kss_config=KSSConfig(alpha=1.0, every_n_steps=1))
+                    callbacks=[mon], kss_config=KSSConfig(mode=mode, alpha=1.0, every_n_steps=1, auto_low=0.01,
+                                                          auto_threshold=0.01, auto_tokens=256))
     tr.train()
     assert tr.kss_state.kss_steps == 4 and tr.kss_state.layers_no_grad == 0
+    if mode == "auto":
+        assert tr.kss_state.auto["enabled"] and tr.kss_state.auto["near_unit_mass"] > 0.01
     logs = tr.state.log_history
     assert all(h["kss/term"] > 0 for h in logs if "kss/term" in h) and any("kss/term" in h for h in logs)
     assert [h["step"] for h in mon.history] == [0, 2, 4]
