@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from hf_rksp.capture.profile import ProfileOptions, profile_model
 from hf_rksp.errors import ConfigError, RKSPError
-from hf_rksp.models.blocks import unwrap_model
+from hf_rksp.models.blocks import find_blocks, unwrap_model
 from hf_rksp.record.records import SummaryRecord
 from hf_rksp.record.summary import summarize
 from hf_rksp.spectral import FEATURES
@@ -25,24 +25,19 @@ def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRec
     Training wrappers (PEFT, DDP, FSDP, ``torch.compile``) are looked through for the blocks; the forward is
     the wrapped model's own (a LoRA adapter is applied).
     """
+    try:
+        find_blocks(model, options.blocks)
+    except RKSPError as e:
+        raise ConfigError(f"cannot find the residual blocks of {type(unwrap_model(model)).__name__} to profile "
+                          f"({e}); point at the block list with `block_path` (e.g. block_path=\"model.layers\")",
+                          param="block_path") from e
     was_training = model.training
     try:
         blocks, _, _ = profile_model(model, input_ids, options, device=str(next(model.parameters()).device),
                                      progress=False)
-    except RKSPError as e:
-        if not _missing_blocks(e):
-            raise
-        raise ConfigError(f"the RKSP monitor cannot find the residual blocks of "
-                          f"{type(unwrap_model(model)).__name__} ({e}); point at the block list with `block_path` "
-                          "(e.g. block_path=\"model.layers\")", param="block_path") from e
     finally:
         model.train(was_training)
     return summarize(blocks), len(blocks)
-
-
-def _missing_blocks(e: RKSPError) -> bool:
-    text = str(e)
-    return "no list of residual blocks" in text or "unsupported model family" in text
 
 
 class RKSPMonitorCallback(TrainerCallback):
