@@ -199,6 +199,24 @@ def test_kss_step_without_gradient_raises_with_the_reason():
     assert e.value.reason == "nothing_trains"
 
 
+def test_every_block_skipped_for_three_kss_steps_warns_once(tmp_path, caplog):
+    """max_condition just above 1 makes every layer ill-conditioned: the term is zero, each skip is counted
+    under kss/layers_skipped (not kss/layers_no_grad), and after 3 KSS evaluations in a row the trainer
+    warns, once."""
+    import logging
+
+    from hf_rksp import KSSTrainer
+
+    tr = KSSTrainer(model=tiny_lm("gpt2"), args=targs(tmp_path, max_steps=5, logging_steps=5),
+                    train_dataset=Tokens(), kss_config=KSSConfig(every_n_steps=1, max_condition=1.0 + 1e-9))
+    with caplog.at_level(logging.WARNING, logger="hf_rksp"):
+        tr.train()
+    warned = [r for r in caplog.records if "KSS shaped nothing" in r.getMessage()]
+    assert len(warned) == 1 and "ill_conditioned" in warned[0].getMessage()
+    (log,) = [h for h in tr.state.log_history if "kss/term" in h]
+    assert log["kss/term"] == 0 and log["kss/layers_skipped"] == 5 and log["kss/layers_no_grad"] == 0
+
+
 # -- PEFT --------------------------------------------------------------------------------------------
 
 def _lora(model):
