@@ -65,6 +65,7 @@ def _sft_args(tmp_path, **kw):
     pytest.param(False, "on", marks=pytest.mark.trainers("SFTTrainer|full|1|KSS on", "SFTTrainer|full|1|monitor")),
     pytest.param(True, "on", marks=pytest.mark.trainers("SFTTrainer|LoRA|1|KSS on", "SFTTrainer|LoRA|1|monitor")),
     pytest.param(False, "auto", marks=pytest.mark.trainers("SFTTrainer|full|1|auto")),
+    pytest.param(True, "auto", marks=pytest.mark.trainers("SFTTrainer|LoRA|1|auto")),
 ])
 def test_sft_trainer_with_kss_mixin_adds_a_live_term(tmp_path, lora, mode):
     """kss_trainer(SFTTrainer) (= class KSSSFTTrainer(KSSMixin, SFTTrainer)) runs KSS on every step: the
@@ -136,11 +137,14 @@ def test_mixin_after_the_trainer_is_refused_where_the_class_is_defined():
             return super().compute_loss(*args, **kwargs)
 
 
-@pytest.mark.parametrize("lora", [
-    pytest.param(False, marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|KSS on", "Seq2SeqTrainer|full|1|monitor")),
-    pytest.param(True, marks=pytest.mark.trainers("Seq2SeqTrainer|LoRA|1|KSS on", "Seq2SeqTrainer|LoRA|1|monitor")),
+@pytest.mark.parametrize("lora,mode", [
+    pytest.param(False, "on", marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|KSS on",
+                                                         "Seq2SeqTrainer|full|1|monitor")),
+    pytest.param(True, "on", marks=pytest.mark.trainers("Seq2SeqTrainer|LoRA|1|KSS on",
+                                                        "Seq2SeqTrainer|LoRA|1|monitor")),
+    pytest.param(False, "auto", marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|auto")),
 ])
-def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path, lora):
+def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path, lora, mode):
     """kss_trainer(Seq2SeqTrainer) on a tiny T5 (full, or LoRA on q and v): KSS draws from both stacks
     (encoder.block+decoder.block), the term is live, and the term of one step reaches every block of both
     stacks."""
@@ -162,9 +166,12 @@ def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_p
     mon = RKSPMonitorCallback(torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(9)),
                               every_n_steps=2)
     tr = kss_trainer(Seq2SeqTrainer)(model=model, args=args, train_dataset=Tokens(n=16, t=32), callbacks=[mon],
-                                     kss_config=KSSConfig(alpha=1.0, every_n_steps=1, subsample=100))
+                                     kss_config=KSSConfig(mode=mode, alpha=1.0, every_n_steps=1, subsample=100,
+                                                          auto_low=0.01, auto_threshold=0.01, auto_tokens=128))
     tr.train()
     assert tr.kss_state.kss_steps == 2 and tr.kss_state.layers_no_grad == 0
+    if mode == "auto":
+        assert tr.kss_state.auto["enabled"] and tr.kss_state.auto["near_unit_mass"] > 0.01
     assert [h["step"] for h in mon.history] == [0, 2]
     assert all(h["kss/term"] > 0 for h in tr.state.log_history if "kss/term" in h)
     _, blocks = find_blocks(model)
