@@ -34,7 +34,12 @@ COMPETITOR = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 102
 
 
 def run(threads: int | None, a, out: str) -> list[float]:
-    from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, TrainingArguments
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        PrinterCallback,
+        TrainingArguments,
+    )
 
     from hf_rksp import KSSConfig, KSSTrainer
     from hf_rksp.utils.threads import torch_threads

@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
             model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                                 target_modules=["q_proj", "v_proj"],
                                                                 task_type="CAUSAL_LM"))
-        common = dict(output_dir=a.out, report_to=[], use_cpu=True, max_steps=a.steps,
-                      per_device_train_batch_size=a.batch, learning_rate=lr, logging_steps=2,
-                      save_strategy="no", disable_tqdm=True, seed=0)
+        common = {"output_dir": a.out, "report_to": [], "use_cpu": True, "max_steps": a.steps,
+                  "per_device_train_batch_size": a.batch, "learning_rate": lr, "logging_steps": 2,
+                  "save_strategy": "no", "disable_tqdm": True, "seed": 0}
         monitor = RKSPMonitorCallback(held_out, every_n_steps=max(1, a.steps // 2))
         kss = KSSConfig(alpha=a.alpha, every_n_steps=a.kss_every)
         if a.trainer == "sft":

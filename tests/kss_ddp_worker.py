@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_kss import Tokens, targs, tiny_lm  # noqa: E402
+from test_kss import Tokens, targs, tiny_lm
 
-from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback  # noqa: E402
+from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback
 
 
 def main() -> None:

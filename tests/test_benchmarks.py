@@ -29,7 +29,7 @@ def test_kss_gradient_scale_measures_the_trainers_kss_step():
 def test_kss_threads_times_every_thread_count_quiet_and_loaded(capsys):
     """benchmarks/kss_threads.py at smoke size: a median step time for 1, 2 and the default threads, with
     and without its competing process, and the ratios to 1 thread."""
-    import benchmarks.kss_threads as kss_threads
+    from benchmarks import kss_threads
 
     assert kss_threads.main(["--json", "--layers", "1", "--width", "32", "--heads", "2", "--batch", "2",
                              "--seq-len", "64", "--steps", "1", "--warmup", "0", "--rounds", "1"]) == 0
