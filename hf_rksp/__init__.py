@@ -34,11 +34,13 @@ __all__ = [
     "kss_penalty",
     "profile_block",
     "KSSConfig",
+    "KSSMixin",
     "KSSTrainer",
+    "kss_trainer",
     "RKSPMonitorCallback",
 ]
 
-_LAZY = {"KSSConfig", "KSSTrainer", "RKSPMonitorCallback"}
+_LAZY = {"KSSConfig", "KSSMixin", "KSSTrainer", "kss_trainer", "RKSPMonitorCallback"}
 
 
 def __getattr__(name):

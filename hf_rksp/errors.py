@@ -13,6 +13,7 @@ Our own bugs are not RKSPErrors: they keep their traceback (the CLI writes it to
     │   └── TokenizerError         the model has a tokenizer, but it cannot be loaded
     ├── SnapshotError              snapshots the method cannot use (too few tokens, constant stream)
     │   └── NonFiniteActivationError
+    ├── InertKSSError              a KSS step whose snapshots carry no gradient (the term would change nothing)
     ├── AuditFileError             an audit.json that cannot be read, is invalid, or is of another method version
     ├── OutputError                results cannot be written
     │   └── AuditExistsError       the output folder holds another audit (``overwrite`` replaces it)
@@ -92,6 +93,17 @@ class NonFiniteActivationError(SnapshotError):
             f"non-finite values (NaN/inf) in the residual stream {where} block {block}; "
             "check the weights (or, in float16/bfloat16, retry with `dtype` float32)"
         )
+
+
+class InertKSSError(RKSPError):
+    """A KSS step captured no block snapshot that carries gradient, so its term could not shape anything.
+
+    ``reason`` says why (the forward ran without grad, or nothing at or upstream of the drawn blocks trains).
+    """
+
+    def __init__(self, message: str, *, reason: str):
+        self.reason = reason
+        super().__init__(message)
 
 
 class AuditFileError(RKSPError):

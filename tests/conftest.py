@@ -122,6 +122,8 @@ _support: dict[tuple[str, str], bool] = {}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "support(feature, family=None): counts toward the README support matrix")
+    config.addinivalue_line("markers", "trainers(*cells): 'trainer|setup|processes|feature' cells of the README "
+                                       "trainer matrix")
 
 
 def _support_key(item):
@@ -137,6 +139,7 @@ def _support_key(item):
 
 
 def pytest_runtest_makereport(item, call):
+    _record_trainer_cells(item, call)
     key = _support_key(item)
     if key is None or call.when != "call":
         return
@@ -145,9 +148,12 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """With HF_RKSP_SUPPORT_MATRIX=PATH, write what this run proved as a markdown table."""
+    """With HF_RKSP_SUPPORT_MATRIX=PATH, write what this run proved as a markdown table (and with
+    HF_RKSP_TRAINER_MATRIX=PATH, the trainer matrix)."""
     import os
 
+    if os.environ.get("HF_RKSP_TRAINER_MATRIX") and _trainer_cells:
+        write_trainer_matrix(os.environ["HF_RKSP_TRAINER_MATRIX"])
     path = os.environ.get("HF_RKSP_SUPPORT_MATRIX")
     if not path or not _support:
         return
@@ -180,3 +186,41 @@ def slug_of(*argv: str) -> str:
     src = resolve_source(args.model, init=args.init, config_path=args.config, revision=opts.revision,
                          gguf_file=opts.gguf_file)
     return audit_slug(replace(src, name=opts.name), opts)
+
+
+# --- trainer matrix: tests marked @pytest.mark.trainers("Trainer|LoRA|1|KSS on", ...) report their outcome ---
+# A cell is "trainer|setup|processes|feature"; tests/trainer_matrix.py writes the README table from them.
+
+TRAINER_ROWS = tuple((t, s) for t in ("Trainer", "SFTTrainer", "Seq2SeqTrainer") for s in ("full", "LoRA"))
+TRAINER_COLUMNS = tuple((p, f) for p in ("1", "2") for f in ("KSS on", "auto", "monitor"))
+_trainer_cells: dict[tuple[str, str, str, str], bool] = {}
+
+
+def _trainer_cells_of(item) -> list[tuple[str, ...]]:
+    cells = []
+    for m in item.iter_markers("trainers"):
+        for c in m.args:
+            cell = tuple(c.split("|"))
+            if len(cell) != 4 or cell[:2] not in TRAINER_ROWS or cell[2:] not in TRAINER_COLUMNS:
+                raise ValueError(f"{item.nodeid}: unknown trainer-matrix cell {c!r}")
+            cells.append(cell)
+    return cells
+
+
+def _record_trainer_cells(item, call) -> None:
+    if call.when == "call":
+        for cell in _trainer_cells_of(item):
+            _trainer_cells[cell] = _trainer_cells.get(cell, True) and call.excinfo is None
+
+
+def write_trainer_matrix(path: str) -> None:
+    head = "| trainer | model | " + " | ".join(
+        f"{f} ({'1 process' if p == '1' else 'DDP, 2 processes'})" for p, f in TRAINER_COLUMNS) + " |"
+    rows = [head, "|---|---|" + "---|" * len(TRAINER_COLUMNS)]
+    for t, s in TRAINER_ROWS:
+        cells = []
+        for p, f in TRAINER_COLUMNS:
+            v = _trainer_cells.get((t, s, p, f))
+            cells.append("—" if v is None else ("✅" if v else "❌"))
+        rows.append(f"| {t} | {'full fine-tune' if s == 'full' else s} | " + " | ".join(cells) + " |")
+    Path(path).write_text("\n".join(rows) + "\n")

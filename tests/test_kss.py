@@ -372,6 +372,7 @@ def test_config_validation_and_schedule():
 
 # -- RKSPMonitorCallback -----------------------------------------------------------------------
 
+@pytest.mark.trainers("Trainer|full|1|monitor")
 def test_monitor_callback_with_plain_trainer(tmp_path, caplog):
     from transformers import Trainer
 
@@ -439,6 +440,7 @@ def test_kss_trains_moe_and_ssm_families(model_type, kw, tmp_path):
         assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+@pytest.mark.trainers("Trainer|full|1|auto")
 @pytest.mark.parametrize("score,kappa,lr,no_norm,expect_on", [
     (0.6, 50.0, 1e-4, False, True),  # M > 0.5
     (0.2, 50.0, 1.0, False, False),  # M < 0.3, modest kappa: off whatever the lr

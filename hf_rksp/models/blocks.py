@@ -51,12 +51,37 @@ def _get_path(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+#: attributes holding the wrapped model of wrappers that add no residual blocks of their own:
+#: DistributedDataParallel / FSDP / DataParallel (``module``), torch.compile's OptimizedModule (``_orig_mod``)
+_WRAPPED = {"DistributedDataParallel": "module", "FullyShardedDataParallel": "module", "DataParallel": "module",
+            "OptimizedModule": "_orig_mod"}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside training wrappers: PEFT's ``PeftModel`` (``get_base_model()``), DDP,
+    FSDP, DataParallel and ``torch.compile``'s ``OptimizedModule``, however nested.  Other models unchanged.
+
+    The wrapped model's modules are the wrapper's own, so hooks on its blocks see the wrapper's forward.
+    """
+    for _ in range(8):
+        attr = _WRAPPED.get(type(model).__name__)
+        if attr is not None and isinstance(getattr(model, attr, None), nn.Module):
+            model = getattr(model, attr)
+        elif callable(getattr(type(model), "get_base_model", None)):  # peft.PeftModel (and its task classes)
+            model = model.get_base_model()
+        else:
+            return model
+    return model
+
+
 def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The residual blocks of ``model`` in forward order, with their path on the base model.
 
     ``path`` (``--blocks``) points at the block list of a family hf-rksp does
-    not know, relative to the base model or to the model itself.
+    not know, relative to the base model or to the model itself.  Training wrappers (PEFT, DDP, FSDP,
+    ``torch.compile``) are looked through (:func:`unwrap_model`).
     """
+    model = unwrap_model(model)
     base = getattr(model, "base_model", model)
     if path is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -76,6 +101,7 @@ def stack_labels(path: str, model: nn.Module) -> list[tuple[str, int]] | None:
     parts = path.split("+")
     if len(parts) == 1:
         return None
+    model = unwrap_model(model)
     base = getattr(model, "base_model", model)
     labels = []
     for p in parts:

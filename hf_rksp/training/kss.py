@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from hf_rksp.capture.hooks import hidden_in, hidden_out
-from hf_rksp.errors import ConfigError, SnapshotError
+from hf_rksp.errors import ConfigError, InertKSSError, SnapshotError
 from hf_rksp.models.init import group_seed
 from hf_rksp.spectral import (
     MAX_CONDITION,
@@ -199,7 +199,11 @@ class LayerKSS:
     spectral_radius: float
     condition: float  # largest eigenvalue condition number
     rank: int  # r actually used (min(r, k))
-    skipped: bool  # ill-conditioned eigenvalues or a non-finite value: no gradient from this layer
+    skipped: bool  # no gradient from this layer: see skip_reason
+    #: why it was skipped: "ill_conditioned" (eigenvalue condition number above max_condition), "non_finite"
+    #: (a NaN/inf value), "no_grad" (neither snapshot carries gradient: nothing trains at or upstream of the
+    #: block, or its forward ran without grad); None when used
+    skip_reason: str | None = None
 
 
 def layer_kss(x: torch.Tensor, y: torch.Tensor, config: KSSConfig, *,
@@ -213,7 +217,14 @@ def layer_kss(x: torch.Tensor, y: torch.Tensor, config: KSSConfig, *,
     spec = differentiable_eigenvalues(op.matrix, max_condition=config.max_condition)
     lam = spec.eigenvalues
     loss = config.penalty(lam)
-    skipped = not spec.differentiable or not bool(torch.isfinite(loss.detach()))
+    reason = None
+    if not (x.requires_grad or y.requires_grad):
+        reason = "no_grad"
+    elif not spec.differentiable:
+        reason = "ill_conditioned"
+    elif not bool(torch.isfinite(loss.detach())):
+        reason = "non_finite"
+    skipped = reason is not None
     if skipped:
         loss = loss.detach()
     bands = RKSPConfig(band_upper=config.tau_u, band_lower=config.tau_l,
@@ -224,7 +235,7 @@ def layer_kss(x: torch.Tensor, y: torch.Tensor, config: KSSConfig, *,
     return LayerKSS(loss=loss, soft_near_unit_mass=soft, near_unit_mass=hard.get("near_unit_mass", math.nan),
                     expansive_mass=hard.get("expansive_mass", math.nan),
                     spectral_radius=float(lam.detach().abs().max()), condition=spec.condition, rank=op.m,
-                    skipped=skipped)
+                    skipped=skipped, skip_reason=reason)
 
 
 class SnapshotSampler:
@@ -233,6 +244,12 @@ class SnapshotSampler:
     The same ``n`` random non-padding positions are taken in every block.  Use
     as a context manager around the training forward pass; hooks are removed
     on exit.
+
+    Only the first forward run with grad enabled is kept: a trainer that runs a second, no-grad forward
+    inside the same ``compute_loss`` (TRL's ``SFTTrainer`` does, for its metrics or logits) must not replace
+    the snapshots of the forward whose loss is backpropagated.  A no-grad forward is kept only while no grad
+    forward has been seen (then the step is inert, and :meth:`KSSStep.result` says so).
+    ``forwards_with_grad`` / ``forwards_without_grad`` count the forwards the first block saw.
     """
 
     def __init__(
@@ -250,6 +267,9 @@ class SnapshotSampler:
         self.outputs: list[torch.Tensor | None] = [None] * len(blocks)
         self._idx: torch.Tensor | None = None
         self._handles = []
+        self._grad_seen = False
+        self.forwards_with_grad = 0
+        self.forwards_without_grad = 0
 
     def _index(self, n_positions: int, device) -> torch.Tensor:
         if self._idx is None:
@@ -265,14 +285,32 @@ class SnapshotSampler:
         flat = h.reshape(-1, h.shape[-1])
         return flat.index_select(0, self._index(flat.shape[0], flat.device))
 
+    def _keep(self, i: int, slot: list) -> bool:
+        """Whether this call of block i's hook stores its snapshot (see the class docstring)."""
+        if torch.is_grad_enabled():
+            if not self._grad_seen:  # the first forward with grad: drop what no-grad forwards left
+                self._grad_seen = True
+                self.inputs = [None] * len(self.blocks)
+                self.outputs = [None] * len(self.blocks)
+                self._idx = None
+            return slot[i] is None
+        return not self._grad_seen and slot[i] is None
+
     def __enter__(self) -> "SnapshotSampler":
         for i, block in enumerate(self.blocks):
 
             def pre(_m, args, kwargs, i=i):
-                self.inputs[i] = self._take(hidden_in(args, kwargs))
+                if i == 0:
+                    if torch.is_grad_enabled():
+                        self.forwards_with_grad += 1
+                    else:
+                        self.forwards_without_grad += 1
+                if self._keep(i, self.inputs):
+                    self.inputs[i] = self._take(hidden_in(args, kwargs))
 
             def post(_m, args, kwargs, out, i=i):
-                self.outputs[i] = self._take(hidden_out(out))
+                if self._keep(i, self.outputs):
+                    self.outputs[i] = self._take(hidden_out(out))
 
             self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
             self._handles.append(block.register_forward_hook(post, with_kwargs=True))
@@ -298,6 +336,8 @@ class KSSResult:
     chosen: list[int]  # the drawn blocks (indices into the blocks given)
     degenerate: int = 0  # drawn blocks whose snapshots could not be whitened (a constant stream)
     degenerate_reason: str | None = None  # the first such block's message
+    #: layers skipped (no gradient from them), by LayerKSS.skip_reason: ill_conditioned, non_finite, no_grad
+    skips: dict[str, int] = field(default_factory=dict)
     grad_norms: dict[str, float] = field(default_factory=dict)  # measure_grad_norms / max_grad_ratio
 
 
@@ -359,7 +399,14 @@ class KSSStep:
                 except SnapshotError as e:  # a collapsed (constant) residual stream: nothing to shape
                     degenerate += 1
                     reason = reason or str(e)
-        out = KSSResult(term=None, layers=layers, chosen=self.chosen, degenerate=degenerate, degenerate_reason=reason)
+        skips: dict[str, int] = {}
+        for r in layers:
+            if r.skip_reason is not None:
+                skips[r.skip_reason] = skips.get(r.skip_reason, 0) + 1
+        out = KSSResult(term=None, layers=layers, chosen=self.chosen, degenerate=degenerate, degenerate_reason=reason,
+                        skips=skips)
+        if layers and skips.get("no_grad", 0) == len(layers):
+            raise self._inert_error()
         used = [r.loss for r in layers if not r.skipped]
         if not used:
             return out
@@ -376,3 +423,18 @@ class KSSStep:
             term = term * scale
         out.term = term
         return out
+
+    def _inert_error(self) -> InertKSSError:
+        s = self.sampler
+        if s.forwards_with_grad == 0:
+            reason = "no_grad_forward"
+            why = (f"the forward inside the KSS step ran without grad ({s.forwards_without_grad} no-grad "
+                   "forward(s), none with grad): the loss that is backpropagated was computed outside it, or "
+                   "under torch.no_grad / inference_mode (with a Trainer subclass, put KSSMixin first so that "
+                   "its compute_loss wraps the parent's; the TRL recipe is in docs/guides/training.md)")
+        else:
+            reason = "nothing_trains"
+            why = ("no parameter at or upstream of the drawn blocks requires grad (frozen blocks, or adapters "
+                   "only on later blocks): restrict `blocks` to blocks that train, or unfreeze them")
+        return InertKSSError(f"KSS step {self.step} is inert: none of the {len(self.chosen)} drawn blocks' "
+                             f"snapshots carries gradient; {why}", reason=reason)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from transformers import TrainerCallback
 
 from hf_rksp.capture.profile import ProfileOptions, profile_model
+from hf_rksp.errors import ConfigError, RKSPError
+from hf_rksp.models.blocks import find_blocks, unwrap_model
 from hf_rksp.record.records import SummaryRecord
 from hf_rksp.record.summary import summarize
 from hf_rksp.spectral import FEATURES
@@ -19,7 +22,15 @@ def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRec
     """The audit's model-level summary at the current weights (no grad), and the block count.
 
     ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
+    Training wrappers (PEFT, DDP, FSDP, ``torch.compile``) are looked through for the blocks; the forward is
+    the wrapped model's own (a LoRA adapter is applied).
     """
+    try:
+        find_blocks(model, options.blocks)
+    except RKSPError as e:
+        raise ConfigError(f"cannot find the residual blocks of {type(unwrap_model(model)).__name__} to profile "
+                          f"({e}); point at the block list with `block_path` (e.g. block_path=\"model.layers\")",
+                          param="block_path") from e
     was_training = model.training
     try:
         blocks, _, _ = profile_model(model, input_ids, options, device=str(next(model.parameters()).device),
@@ -32,7 +43,10 @@ def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRec
 class RKSPMonitorCallback(TrainerCallback):
     """Profile the model with the RKSP audit every N steps on a fixed calibration batch.
 
-    Works with the plain ``Trainer``.  At train begin it records a baseline;
+    Works with the plain ``Trainer`` and any subclass (TRL's, KSSTrainer), and with PEFT models (the blocks
+    are found through the adapter wrapper; ``block_path`` points at them for a family hf-rksp does not
+    know).  At train begin it records a baseline, logged (``rksp/baseline_near_unit_mass``,
+    ``rksp/baseline_spectral_radius``) with the first training log;
     every ``every_n_steps`` optimizer steps it runs
     :func:`hf_rksp.capture.profile.profile_model` (no grad) on ``input_ids`` and logs
     ``rksp/near_unit_mass`` (model-level M), ``rksp/spectral_radius`` (max
@@ -58,12 +72,15 @@ class RKSPMonitorCallback(TrainerCallback):
         max_spectral_radius: float | None = None,
         max_near_unit_change: float | None = 0.1,
         max_radius_change: float | None = 0.25,
+        block_path: str | None = None,
     ):
         if input_ids.ndim != 2:
             raise ValueError("input_ids must be (B, T) token ids")
         self.input_ids = input_ids
         self.every_n_steps = int(every_n_steps)
         self.options = options or ProfileOptions(batch_size=int(input_ids.shape[0]))
+        if block_path is not None:
+            self.options = dataclasses.replace(self.options, blocks=block_path)
         self.max_near_unit_mass = max_near_unit_mass
         self.max_spectral_radius = max_spectral_radius
         self.max_near_unit_change = max_near_unit_change
@@ -108,6 +125,8 @@ class RKSPMonitorCallback(TrainerCallback):
         if model is not None and self.baseline is None:
             self.baseline = self.profile(model)
             self.history.append({"step": state.global_step, **self.baseline})
+            self._pending.update({"rksp/baseline_near_unit_mass": self.baseline["rksp/near_unit_mass"],
+                                  "rksp/baseline_spectral_radius": self.baseline["rksp/spectral_radius"]})
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every_n_steps:
@@ -115,7 +134,7 @@ class RKSPMonitorCallback(TrainerCallback):
         m = self.profile(model)
         self.history.append({"step": state.global_step, **m})
         self._check(m, state.global_step, state.is_world_process_zero)
-        self._pending = dict(m)
+        self._pending.update(m)
         control.should_log = True
         return control
 
