@@ -358,6 +358,39 @@ def divergence_anatomy() -> str:
     return "\n".join(parts)
 
 
+def paper_regime_figures() -> str:
+    """Issue 24's figures in the paper's regime, from ``summary.json`` and ``analysis.json`` (``analyze``)."""
+    s = json.loads((RESULTS / "paper_repro" / "summary.json").read_text())
+    a = json.loads((RESULTS / "paper_repro" / "analysis.json").read_text())
+    reg, kss = s["regime"], a["regime_kss"]
+    paper = s["paper"]
+    last = json.loads((RESULTS / "paper_repro" / "runs.jsonl").read_text().splitlines()[-1])
+    a15, best = kss["alpha_0.15"], reg["kss_best"]
+    lo, hi = s["auroc_paper_design_ci95"]
+    t5 = s["regime_max_stable_lr"]
+
+    def lr(v):
+        return "below the grid (3e-3)" if v is None else f"{v:g}"
+
+    rows = [["regime signature: no control 50–70%, clip 1.0 ≥ 40%",
+             f"{paper['kss']['none']:.1%}, {paper['kss']['clip_1.0']:.1%}",
+             f"{reg['no_control']:.1%}, {reg['clip_1.0']:.1%} ({reg['n_per_method']['none']} trials each)",
+             "met" if 0.5 <= reg["no_control"] <= 0.7 and reg["clip_1.0"] >= 0.4 else "**not met**"],
+            ["KSS α 0.15 (best sketch) ≤ 12.5% there", f"{paper['kss']['alpha_0.15']:.1%}",
+             (f"{a15['rate']:.1%} [{100 * a15['ci95'][0]:.1f}, {100 * a15['ci95'][1]:.1f}]%, Fisher p "
+              f"{a15['fisher_p_vs_none']:.3f}; best variant {best['method']} {best['rate']:.1%}"),
+             "met" if min(a15["rate"], best["rate"]) <= 0.125 else "**not met**: contradicted"],
+            ["Table 2 under the paper's design: AUROC of M_≈1 at init", f"{paper['auroc']['near_unit_mass']}",
+             f"{s['auroc_paper_design']:.3f} [{lo:.3f}, {hi:.3f}] (ours over an lr grid: "
+             f"{s['auroc_near_unit_mass']:.3f})", "below the paper's, above 0.8"],
+            ["Table 5 there (No-Norm + final norm): largest stable lr, without → with KSS α 0.15",
+             "No-Norm {:g} → {:g}".format(*paper["max_stable_lr"]["none"]), f"{lr(t5['none'])} → {lr(t5['alpha_0.15'])}",
+             "**not met**: KSS lowers it" if t5["alpha_0.15"] is None or (t5["none"] and t5["alpha_0.15"] < t5["none"])
+             else "see the table"]]
+    return (f"Machine: {_machine(last['machine'])}; d 128, L 4, No-Norm blocks under a final LayerNorm.\n\n"
+            + _table(["figure (issue 24)", "paper", "ours", ""], rows))
+
+
 SECTIONS = {
     "cli-main": lambda: _help(),
     "cli-audit": lambda: _help("audit"),
@@ -370,6 +403,7 @@ SECTIONS = {
     "shipped-audits": shipped_audits,
     "paper-protocol-audits": paper_protocol_audits,
     "paper-repro-targets": paper_repro_targets,
+    "paper-regime-figures": paper_regime_figures,
     "paper-repro-tables": paper_repro_tables,
     "paper-repro-pilots": paper_repro_pilots,
     "kss-gradient-scale": kss_gradient_scale,

@@ -26,7 +26,7 @@ from .stats import auroc, ece, reliability
 
 #: the docs page that shows these results, and its sections that docs/generate.py fills from them
 DOCS_GENERATOR = ROOT / "docs" / "generate.py"
-DOCS_SECTIONS = ("paper-repro-targets", "paper-repro-tables", "paper-repro-pilots")
+DOCS_SECTIONS = ("paper-repro-targets", "paper-regime-figures", "paper-repro-tables", "paper-repro-pilots")
 
 
 def refresh_docs(*, check: bool = False) -> int:
