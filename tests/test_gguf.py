@@ -119,7 +119,9 @@ def test_f32_gguf_loads_back_the_original_weights(tmp_path):
 
 
 def _without_run_details(d: dict) -> dict:
-    d = {k: v for k, v in d.items() if k not in ("created", "command", "timings")}
+    # the slug names the method too, and --stream is part of it (docs/guides/auditing.md, "Where an audit is
+    # written"): a run detail here, like the command
+    d = {k: v for k, v in d.items() if k not in ("created", "command", "timings", "slug")}
     d["method"] = {k: v for k, v in d["method"].items() if k not in ("streamed", "snapshots")}
     return d
 
