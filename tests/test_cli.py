@@ -556,7 +556,7 @@ def test_default_command_is_unchanged():
 #: the option strings of `hf-rksp audit`, captured from the parser before the options were defined once
 #: (hand-written argparse calls); the derived parser must give exactly these, plus the options added since
 #: issue 26's --threads and issue 24's --prompts, --snapshots, --sketch, each added as one field
-ADDED_SINCE = ["--threads", "--prompts", "--snapshots", "--sketch", "--overwrite"]
+ADDED_SINCE = ["--threads", "--prompts", "--snapshots", "--sketch", "--overwrite", "--format"]
 AUDIT_OPTION_STRINGS = [
     "-h", "--help", "--init", "--config", "--revision", "--name", "--gguf-file", "--blocks", "--trust-remote-code",
     "--tokens", "--seq-len", "--rank", "--eps", "--band-upper", "--band-lower", "--contractive", "--resdmd-tau",
@@ -566,7 +566,7 @@ AUDIT_OPTION_STRINGS = [
 ]
 #: the options of `hf-rksp audit` that are not AuditOptions fields (what to run on, where to write, what to print)
 NOT_FIELDS = {"-h", "--help", "--init", "--config", "--out-dir", "--no-write", "-q", "--quiet", "--from-audit",
-              "--push-to"}
+              "--push-to", "--format"}
 
 
 def audit_parser():

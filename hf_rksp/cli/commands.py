@@ -81,6 +81,20 @@ examples:
 """
 
 
+#: what `audit` and `compare` print to stdout (--format): ``table`` for people, ``json``/``csv`` for programs
+FORMATS = ("table", "json", "csv")
+
+
+def add_format(parser, what: str, csv: str, *aliases: str) -> None:
+    """The --format option of a command that prints a result (defined here once for `audit` and `compare`);
+    ``aliases``: older flags that mean ``--format json``."""
+    q = parser.add_mutually_exclusive_group()
+    q.add_argument("--format", choices=FORMATS, default="table",
+                   help=f"what to print to stdout: table (default), json ({what}) or csv ({csv})")
+    for alias in aliases:
+        q.add_argument(alias, dest="format", action="store_const", const="json", help="the same as --format json")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block), like every other error."""
 
@@ -157,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from-audit", metavar="AUDIT_JSON",
                    help="re-render plots and card from an existing audit.json (no model needed)")
     r.add_argument("--push-to", metavar="USER/NAME", help="after writing, push the audit to this Hub repo")
+    add_format(r, "the audit.json text, byte for byte", "AuditRecord.to_csv(): one row per block")
 
     u = sub.add_parser("push", help="publish an audit (JSON, plots, card) to the Hub in one commit",
                        description=PUSH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("b", help="audit B")
     c.add_argument("--out-dir", default=".", help="where slugs are looked up (default .)")
     c.add_argument("--plot", metavar="PNG", help="write both profiles to this PNG")
-    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    add_format(c, "Comparison.to_dict()", "Comparison.to_csv(): a row per summary entry, then per block", "--json")
     return p
 
 
@@ -214,6 +229,16 @@ def columns(header: list[str], rows: list[list[str]]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
     return "\n".join([fmt(header), *map(fmt, rows)])
+
+
+def print_result(result, fmt: str = "table") -> None:
+    """An audit's result on stdout as ``fmt`` (FORMATS); for json and csv, the files written go to stderr so
+    stdout holds the data only."""
+    if fmt == "table":
+        return print_summary(result)
+    say(result.record.to_json() if fmt == "json" else result.record.to_csv(), end="")
+    for name, path in result.paths.items():
+        say(f"hf-rksp: wrote {name} {path}", file=sys.stderr)
 
 
 def print_summary(result) -> None:
@@ -333,8 +358,8 @@ def cmd_audit(args) -> int:
             raise RKSPError("--push-to needs the files: drop --no-write")
         result, pushed = audit_and_push(args, opts)
         try:
-            print_summary(result)
-            print_push(pushed)
+            print_result(result, args.format)
+            print_push(pushed, file=sys.stderr if args.format != "table" else None)
         except KeyboardInterrupt:  # after the push and the local files: say so
             raise AuditInterrupted(_written(result) + f"; pushed to {args.push_to}") from None
         return 0
@@ -342,7 +367,7 @@ def cmd_audit(args) -> int:
         result = audit(args.model, init=args.init, config=args.config, options=opts,
                        out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
     try:
-        print_summary(result)
+        print_result(result, args.format)
     except KeyboardInterrupt:  # after the files were written: say so, not "nothing was written"
         raise AuditInterrupted(_written(result)) from None
     return 0
@@ -387,10 +412,10 @@ def audit_and_push(args, opts):
     return result, pushed
 
 
-def print_push(res) -> None:
-    say(f"pushed {len(res.plan.files)} files to {res.plan.repo_id} in one commit: {res.commit_url}")
+def print_push(res, file=None) -> None:
+    say(f"pushed {len(res.plan.files)} files to {res.plan.repo_id} in one commit: {res.commit_url}", file=file)
     if res.pr_url:
-        say(f"pull request: {res.pr_url}")
+        say(f"pull request: {res.pr_url}", file=file)
 
 
 def cmd_push(args) -> int:
@@ -419,8 +444,11 @@ def cmd_compare(args) -> int:
     res = compare(a, b)
     if args.plot:
         atomic.write_bytes(args.plot, compare_png(a, b))
-    if args.json:
-        say(json.dumps(res.to_dict(), indent=2, allow_nan=False))
+    if args.format != "table":
+        say(json.dumps(res.to_dict(), indent=2, allow_nan=False) if args.format == "json" else res.to_csv(),
+            end="" if args.format == "csv" else "\n")
+        if args.plot:
+            say(f"hf-rksp: wrote plot {args.plot}", file=sys.stderr)
         return 0
     say(f"A: {res.a.slug} ({res.a.id})\nB: {res.b.slug} ({res.b.id})\n")
     say(columns(["", "A", "n A", "B", "n B", "B - A"],

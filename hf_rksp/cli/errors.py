@@ -82,9 +82,9 @@ def redacted(text: str, tokens=None) -> str:
     return redact(text, tokens)
 
 
-def say(text: str, *, file=None) -> None:
+def say(text: str, *, file=None, end: str = "\n") -> None:
     """Print ``text`` (stdout unless ``file``) as the command line prints anything: redacted."""
-    print(redacted(text), file=file or sys.stdout)
+    print(redacted(text), file=file or sys.stdout, end=end)
 
 
 class RedactingFormatter(logging.Formatter):

@@ -530,6 +530,18 @@ class AuditRecord(_Record):
         """Raise AuditFileError naming the first violation of the schema."""
         validate_audit(self.to_dict())
 
+    def table_rows(self) -> list[dict]:
+        """One dict per block, in block order: ``block``, every registry feature (None where a value is None),
+        ``m``, ``rank``, ``flags`` (comma-separated) and, for multi-stack models, ``stack``/``stack_index``: the
+        rows of :meth:`to_pandas` and :meth:`to_csv`."""
+        rows = []
+        for b in self.blocks:
+            row = {"block": b.index, **b.values, "m": b.m, "rank": b.rank, "flags": ",".join(b.flags)}
+            if b.stack is not None:
+                row.update(stack=b.stack, stack_index=b.stack_index)
+            rows.append(row)
+        return rows
+
     def to_pandas(self):
         """One row per block, indexed by block: every registry feature (NaN where a value is None), then
         ``m``, ``rank``, ``flags`` (comma-separated) and, for multi-stack models, ``stack``/``stack_index``.
@@ -538,15 +550,20 @@ class AuditRecord(_Record):
             import pandas as pd
         except ImportError:
             raise ImportError("AuditRecord.to_pandas() needs pandas, which hf-rksp does not install: "
-                              "pip install pandas") from None
-        rows = []
-        for b in self.blocks:
-            row = {"block": b.index, **{k: (float("nan") if v is None else v) for k, v in b.values.items()},
-                   "m": b.m, "rank": b.rank, "flags": ",".join(b.flags)}
-            if b.stack is not None:
-                row.update(stack=b.stack, stack_index=b.stack_index)
-            rows.append(row)
+                              "pip install pandas; AuditRecord.to_csv() needs nothing") from None
+        rows = [{k: (float("nan") if v is None and k in FEATURE_NAMES else v) for k, v in r.items()}
+                for r in self.table_rows()]
         return pd.DataFrame(rows).set_index("block")
+
+    def to_csv(self, path_or_buf=None) -> str | None:
+        """The rows of :meth:`to_pandas` as CSV (``block`` first; an empty cell where a value is None; floats
+        written exactly): the text when ``path_or_buf`` is None, else written to that path or text buffer.
+        Needs no pandas (the csv module)."""
+        from hf_rksp.utils.atomic import write_csv
+
+        rows = self.table_rows()
+        header = list(dict.fromkeys(k for r in rows for k in r))  # stack columns only where a block has them
+        return write_csv(header, [[r.get(k) for k in header] for r in rows], path_or_buf)
 
 
 def _finite_float(text: str) -> float:
