@@ -29,9 +29,16 @@ from hf_rksp.spectral import FEATURE_NAMES, FEATURES, METHOD_VERSION
 #: the thirds of depth every feature's aggregate has a mean of (``hf_rksp.record.summary``)
 THIRDS = ("early", "middle", "late")
 
-#: why an audit's numbers are not a measurement (``SummaryRecord.degenerate``): ``exact_fit``, N <= d + 1
-#: calibration tokens, so each block's DMD operator reproduces its snapshots exactly (η_nl = 0)
-DEGENERATE = ("exact_fit",)
+#: why an audit's numbers are not a measurement (``SummaryRecord.degenerate``; the rules are
+#: ``hf_rksp.pipeline.run.degeneracies``, thresholds ours): ``exact_fit``, N <= d + 1 calibration tokens, so each
+#: block's DMD operator reproduces its snapshots exactly (η_nl = 0); ``few_distinct_tokens``, the calibration
+#: tokens hold fewer than ``MIN_DISTINCT_TOKENS`` distinct ids, so the snapshots repeat a handful of states;
+#: ``near_identity``, a block flagged ``near_identity`` (||Y~ - X~||_F <= identity_tol ||X~||_F): its operator is
+#: the identity, every eigenvalue ~1, so it adds near-unit mass 1 to M by construction and its η_nl is 0/0
+DEGENERATE = ("exact_fit", "few_distinct_tokens", "near_identity")
+#: fewer distinct calibration token ids than this: ``few_distinct_tokens`` [ours: a text of a few repeated
+#: words; character-level text has 60+]
+MIN_DISTINCT_TOKENS = 16
 
 SCHEMA_VERSION = "2.0"
 SCHEMA_FILE = "schema/audit.schema.json"
@@ -152,6 +159,7 @@ def audit_schema() -> dict:
                     "n_sequences": {"type": "integer", "minimum": 1},
                     "seq_len": {"type": "integer", "minimum": 1},
                     "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    "distinct_tokens": {"type": "integer", "minimum": 1},
                 },
             },
             "blocks": {"type": "array", "minItems": 1, "items": block},
@@ -304,6 +312,7 @@ class InputsRecord(_Record):
     n_sequences: int
     seq_len: int
     sha256: str
+    distinct_tokens: int | None = None  # distinct token ids among them (absent for images and older audits)
 
     @property
     def detail(self) -> dict:
