@@ -95,6 +95,22 @@ def add_format(parser, what: str, csv: str, *aliases: str) -> None:
         q.add_argument(alias, dest="format", action="store_const", const="json", help="the same as --format json")
 
 
+LIST_HELP = """\
+What hf-rksp can audit, read from the installed package (no network):
+
+  supported families  each transformers model_type whose residual blocks are
+                      found automatically, with where its block list is on the
+                      base model (any other: --blocks PATH)
+  shipped configs     the famous checkpoints whose config ships with hf-rksp, so
+                      `hf-rksp audit NAME --init` works offline, with the names
+                      each answers to
+
+examples:
+  hf-rksp list
+  hf-rksp audit gpt2-medium --init
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block), like every other error."""
 
@@ -206,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out-dir", default=".", help="where slugs are looked up (default .)")
     c.add_argument("--plot", metavar="PNG", help="write both profiles to this PNG")
     add_format(c, "Comparison.to_dict()", "Comparison.to_csv(): a row per summary entry, then per block", "--json")
+    sub.add_parser("list", help="supported families and the shipped --init configs", description=LIST_HELP,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     return p
 
 
@@ -220,13 +238,14 @@ def _num(v, sign: str = "") -> str:
     return format(v, sign + (".4f" if v == 0 or 1e-3 <= abs(v) < 1e5 else ".4g"))
 
 
-def columns(header: list[str], rows: list[list[str]]) -> str:
+def columns(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
     """A plain-text table: each column as wide as its widest cell, two spaces between columns (so numbers
-    never run together), the first column left-aligned and the others right-aligned."""
+    never run together), the columns in ``right`` right-aligned (default: all but the first), others left."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = set(range(1, len(header))) if right is None else right
 
     def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
     return "\n".join([fmt(header), *map(fmt, rows)])
 
@@ -510,7 +529,29 @@ def preflight_lines(res) -> str:
         *[f"warning: {w}" for w in res.warnings]])
 
 
-COMMANDS = {"audit": cmd_audit, "push": cmd_push, "compare": cmd_compare, "preflight": cmd_preflight}
+def cmd_list(args) -> int:
+    from hf_rksp.models.blocks import BLOCK_PATHS, supported_families
+    from hf_rksp.models.loading import shipped_config, shipped_config_names
+
+    say("supported families (model_type: its block list on the base model; others: --blocks PATH)")
+    say(columns(["  model_type", "blocks"], [[f"  {f}", BLOCK_PATHS[f]] for f in supported_families()],
+                right=set()))
+    by_file: dict[str, list[str]] = {}
+    for name, fname in shipped_config_names().items():
+        by_file.setdefault(fname, []).append(name)
+    rows = []
+    for fname, names in sorted(by_file.items()):
+        cfg, hub_id = shipped_config(names[0]), fname.removesuffix(".json").replace("__", "/")
+        size = [cfg.get(k) for k in ("num_hidden_layers", "n_layer") if cfg.get(k)][:1] + \
+            [cfg.get(k) for k in ("hidden_size", "n_embd", "d_model") if cfg.get(k)][:1]
+        rows.append([f"  {hub_id}", cfg.get("model_type", "-"), *(str(v) for v in size + ["-"] * (2 - len(size))),
+                     ", ".join(n for n in names if n != hub_id) or "-"])
+    say("\nshipped configs (hf-rksp audit NAME --init runs offline)")
+    say(columns(["  name", "model_type", "blocks", "d_model", "also answers to"], rows, right={2, 3}))
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "audit": cmd_audit, "push": cmd_push, "compare": cmd_compare, "preflight": cmd_preflight}
 
 
 def main(argv: list[str] | None = None) -> int:
