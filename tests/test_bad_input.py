@@ -848,7 +848,8 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         assert len(said) == 1 and re.search(r"warning: .*notok has no tokenizer .*random token ids", said[0]), err
         inputs = json.loads((out / "audits" / fx["slug_notok"] / "audit.json").read_text())["inputs"]
         assert inputs["origin"] == "random-token-ids" and inputs["reason"] == "the model has no tokenizer"
-        assert "random-token-ids" in (out / "model_cards" / fx["slug_notok"] / "README.md").read_text()
+        card = (out / "model_cards" / fx["slug_notok"] / "README.md").read_text()
+        assert "random-token-ids" in card and "**Not text:** the model has no tokenizer, so hf-rksp calibrated" in card
     if case.id == "compare-json-overflow":
         assert json.loads(stdout)["summary"]["resdmd_residual_max_mean"]["delta"] is None
     if case.writes and rc == 0:

@@ -103,3 +103,21 @@ def test_rerender_flags_an_audit_from_its_own_numbers(tmp_path, capsys, edit, fl
     got = json.loads((tmp_path / "o" / "audits" / "gpt2__init" / "audit.json").read_text())
     assert got["summary"]["degenerate"] == [flag] and got["risk"] is None
     assert "No calibrated probability" in got["summary"]["verdict"]
+
+
+def test_the_card_says_when_the_audit_fell_back_to_random_ids():
+    """inputs.reason (the random-id fallback of a pretrained model without a tokenizer) is a sentence of the
+    card, naming the reason, the vocabulary and the seed; an audit at init on random ids by design has none."""
+    from dataclasses import replace
+
+    from hf_rksp.record import read_audit
+    from hf_rksp.report.card import render_card
+
+    r = read_audit(GPT2)
+    assert r.inputs.origin == "random-token-ids" and "reason" not in r.inputs.detail
+    assert "**Not text:**" not in render_card(r)
+    fell = replace(r, inputs=replace(r.inputs, extra={**r.inputs.extra, "reason": "the model has no tokenizer"}))
+    card = render_card(fell)
+    line = next(ln for ln in card.splitlines() if ln.startswith("- Calibration input:"))
+    assert ("**Not text:** the model has no tokenizer, so hf-rksp calibrated on 2048 seeded uniform random token "
+            f"ids (vocabulary {r.inputs.detail['vocab_size']}, seed {r.inputs.detail['seed']}) instead") in line
