@@ -443,7 +443,7 @@ def cmd_push(args) -> int:
     plan = hub.plan_push(args.audit, args.repo_id, mode="model-pr" if args.to_model else "own",
                          revision=args.revision, create_pr=args.create_pr, private=args.private, out_dir=args.out_dir)
     if args.dry_run:
-        say("dry run: nothing uploaded\n" + plan.describe())
+        say("dry run: nothing uploaded\n" + plan.describe() + "\n" + hub.unchecked(plan))
         return 0
     try:
         res = hub.push(plan)
