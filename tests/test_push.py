@@ -121,8 +121,8 @@ def test_dry_run_uploads_nothing(capsys, audited, online):
         assert name in out
     assert TOKEN not in out
     said = [ln for ln in out.splitlines() if ln.startswith("not checked")]
-    assert said == ["not checked (it needs the network): that the Hub can be reached and that the token may "
-                    "write to alice/audits; a token is set"]
+    assert said == [("not checked (it needs the network): that the Hub can be reached and that the token may "
+                     "write to alice/audits; a token is set")]
 
 
 def test_dry_run_without_a_token_says_the_push_would_stop_there(capsys, audited, online):
