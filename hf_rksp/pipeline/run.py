@@ -387,9 +387,16 @@ def audit(
     if unknown:
         raise TypeError(f"audit() got unknown options {unknown}")
     opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
+    if source is not None and not isinstance(source, (str, os.PathLike, torch.nn.Module)):
+        raise ConfigError(f"`source` must be a hub id, a path or a model (nn.Module), got a {type(source).__name__}"
+                          + ("; profile (N x d) snapshots with hf_rksp.profile_block"
+                             if isinstance(source, torch.Tensor) else ""), param="source")
     if isinstance(source, torch.nn.Module):
         if init or config is not None:
             raise ConfigError("`init`/`config` build a model; a model in memory is audited as it is", param="init")
+        if tokenizer is not None and not callable(tokenizer):
+            raise ConfigError(f"`tokenizer` must be a transformers tokenizer, got a {type(tokenizer).__name__}",
+                              param="tokenizer")
         check_options(opts)
         if out_dir is not None:
             check_out_dir(Path(out_dir))
