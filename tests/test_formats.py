@@ -119,3 +119,18 @@ def test_compare_format(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:  # one of them, not both
         main(["compare", a, a, "--json", "--format", "csv"])
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`hf-rksp compare A B --format json | head -1`: the reader stops early; no error line, exit 141 (SIGPIPE's
+    status, as a shell reports it) or 0 when everything was written before the pipe closed."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    p = subprocess.Popen([sys.executable, "-m", "hf_rksp", "compare", str(GPT2), str(GPT2), "--format", "json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # before the command writes a byte: its first write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141) and err == "", err

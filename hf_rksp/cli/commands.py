@@ -551,6 +551,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # in-process (a captured stdout has no file descriptor)
+        pass
+
+
 COMMANDS = {"list": cmd_list, "audit": cmd_audit, "push": cmd_push, "compare": cmd_compare, "preflight": cmd_preflight}
 
 
@@ -586,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as e:
             say(f"hf-rksp: {str(e) or 'interrupted; nothing was written'}", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout piped into `head` & co., which stopped reading: not an error of ours
+            _silence_stdout()
+            return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
         except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
             return fail(unexpected(e))
         for message in notices.messages:  # -q hides progress bars, not these (a resume started over, random ids)
