@@ -311,9 +311,11 @@ CASES = [
          r"--out-dir .*: the folder name x+\.\.\.x+ is 300 bytes, more than the 255 a file name may have: File name "
          r"too long$", prefill=False, max_s=5.0, setup="no_loading"),
     Case("text-path-5000-bytes", 12, audit("{tok}", *SMALL, "--text", "/" + "t" * 5000 + ".txt"), 2,
-         r"^hf-rksp: error: /t{79}\.\.\.t{76}\.txt \(5005 characters\): File name too long$"),
+         r"^hf-rksp: error: --text /t{79}\.\.\.t{76}\.txt \(5005 characters\): File name too long$"),
     Case("source-path-5000-bytes", 12, audit("/" + "m" * 5000, *SMALL), 2,
-         r"^hf-rksp: error: /m{79}\.\.\.m{80} \(5001 characters\): File name too long$"),
+         r"^hf-rksp: error: source /m{79}\.\.\.m{80} \(5001 characters\): File name too long$"),
+    Case("config-path-5000-bytes", 12, audit("--config", "/" + "c" * 5000 + ".json", *SMALL), 2,
+         r"^hf-rksp: error: --config /c{79}\.\.\.c{75}\.json \(5006 characters\): File name too long$"),
 ]
 
 
