@@ -1140,6 +1140,31 @@ def test_text_is_tokenized_incrementally(fx, monkeypatch):
     assert calib.input_ids.flatten().tolist() == head  # the ids the whole text gives
 
 
+def test_concurrent_audits_into_one_folder(fx, tmp_path):
+    """Issue 27: three processes publish into one output folder at once (two other audits of the same
+    checkpoint, and a refresh of the audit already there): each exits 0 with no error line, each audit and
+    card is whole and readable, and no staging folder, backup or journal is left behind (the publish lock)."""
+    from hf_rksp.record.records import read_audit
+
+    out = tmp_path / "out"
+    shutil.copytree(fx["good_out"], out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    runs = [("audit", str(fx["tok"]), *SMALL, "--seed", "1"), ("audit", str(fx["tok"]), *SMALL, "--seed", "2"),
+            ("audit", "--from-audit", str(fx["good"]))]
+    procs = [subprocess.Popen([sys.executable, "-m", "hf_rksp", *argv, "--out-dir", str(out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for argv in runs]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert not any("error" in e for e in errs), errs
+    slugs = {slug_of(*argv[1:]) for argv in runs[:2]} | {fx["slug"]}
+    assert len(slugs) == 3
+    for slug in slugs:
+        assert read_audit(out / "audits" / slug).slug == slug
+        assert (out / "model_cards" / slug / "README.md").is_file()
+    leftovers = [p.name for d in ("audits", "model_cards") for p in (out / d).iterdir() if p.name not in slugs]
+    assert leftovers == [], leftovers
+
+
 # ----------------------------------------------------------------------------- 13. the Python API (issue 27)
 # Wrong shapes, dtypes and NaN tensors, wrong types and values given to the library's entry points: each
 # raises a typed error of hf_rksp.errors (a TypeError only for an unknown keyword, as Python does), one line,
