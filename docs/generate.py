@@ -397,6 +397,7 @@ SECTIONS = {
     "cli-push": lambda: _help("push"),
     "cli-compare": lambda: _help("compare"),
     "cli-preflight": lambda: _help("preflight"),
+    "cli-list": lambda: _help("list"),
     "audit-options": audit_options,
     "audit-fields": audit_fields,
     "features": features,

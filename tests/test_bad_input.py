@@ -6,8 +6,10 @@ tree hash (every path, hidden ones included, and every byte) is taken before
 and after.  An error must leave it unchanged and put exactly one line on
 stderr.  Classes follow the issue: 1 memory, 2 publish, 3 streaming, 4 audit
 JSON, 5 option/config values, 6 failures that write, 7 legitimate input,
-8 bad input accepted, 9 one line; and issue 28's 10: the Hub token and the
-output tree.  Every row runs with a fake token in ``HF_TOKEN`` (``hf_`` + 34
+8 bad input accepted, 9 one line; issue 28's 10: the Hub token and the
+output tree; issue 27's 11: nothing silently replaced, 12: read-only output
+folders, unicode and over-long paths, and 13 (``API_CASES``, a table of its
+own): the Python API given wrong shapes, dtypes, NaN tensors and values.  Every row runs with a fake token in ``HF_TOKEN`` (``hf_`` + 34
 random letters, made here) and the debug log on (``HF_RKSP_LOG``): neither
 that token nor any token-shaped string may appear in stdout, stderr, the
 debug log, a file the row wrote or changed under the output folder, or the
@@ -271,6 +273,49 @@ CASES = [
          SYMLINK_LINE.format(path=r"audits/\.publish-" + SLUG + r"\.json"), setup="link_journal"),
     Case("journal-naming-outside", 10, audit("{tok}", *SMALL), 2,
          r"publish-" + SLUG + r"\.json names paths outside --out-dir's audits/ and model_cards/", setup="journal_outside"),
+    # 11. nothing silently replaced (issue 27): another audit in the slug's folder is refused without --overwrite
+    Case("other-inputs-refused", 11, audit("--from-audit", "{other_inputs}"), 2,
+         r"audits/" + SLUG + r" holds another audit \(different calibration inputs\); pass --overwrite to replace "
+         r"it, or --out-dir elsewhere"),
+    Case("other-inputs-overwrite", 11, audit("--from-audit", "{other_inputs}", "--overwrite"), 0, None, writes=True,
+         expect=(f"audits/{SLUG}/audit.json",)),
+    Case("other-method-refused", 11, audit("--from-audit", "{other_method}"), 2,
+         r"audits/" + SLUG + r" holds another audit \(different .*method"),
+    Case("unreadable-audit-in-folder-refused", 11, audit("{tok}", *SMALL), 2,
+         r"audits/" + SLUG + r" holds a file that is not a readable audit; pass --overwrite", setup="garbage_audit"),
+    Case("unreadable-audit-overwrite", 11, audit("{tok}", *SMALL, "--overwrite"), 0, None, writes=True,
+         setup="garbage_audit", expect=(f"audits/{SLUG}/audit.json",)),
+    Case("same-audit-refreshes", 11, audit("--from-audit", "{good}"), 0, None, writes=True,
+         expect=(f"audits/{SLUG}/audit.json",)),
+    Case("no-write-replaces-nothing", 11, audit("{tok}", *SMALL, "--seed", "4", "--no-write"), 0, None),
+    Case("format-json-no-write", 11, audit("{tok}", *SMALL, "--no-write", "--format", "json"), 0, None),
+    # 12. output folders that cannot be written, and paths of every alphabet and length
+    Case("read-only-out-dir", 12, audit("{tok}", *SMALL), 2,
+         r"--out-dir .*: cannot write in .*out: Read-only file system", setup="read_only_out", max_s=5.0),
+    Case("read-only-while-publishing", 12, audit("{tok}", *SMALL, "--seed", "3"), 2,
+         r"could not write the audit under .*out: Read-only file system .*; earlier outputs are unchanged$",
+         setup="staging_erofs"),
+    Case("read-only-from-audit", 12, audit("--from-audit", "{good}"), 2,
+         r"could not write the audit under .*out: Read-only file system .*; earlier outputs are unchanged$",
+         setup="staging_erofs"),
+    Case("unicode-checkpoint-folder", 12, audit("{uni}", *SMALL), 0, None, writes=True,
+         expect=("audits/{slug_uni}/audit.json", "model_cards/{slug_uni}/README.md")),
+    Case("unicode-text-file", 12, audit("{tok}", *SMALL, "--text", "{uni_text}"), 0, None, writes=True,
+         expect=("audits/{slug_uni_text}/audit.json",)),
+    Case("unicode-out-dir", 12, ("audit", "--from-audit", "{good}", "--out-dir", "{out}/données/模型"), 0, None,
+         writes=True, expect=(f"données/模型/audits/{SLUG}/audit.json",)),
+    Case("out-dir-beyond-path-max", 12, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/" + "/".join(["d" * 200] * 22)),
+         2, r"^.{0,400}\d{4} (characters\)|bytes long; a path may have at most 4095): File name too long$",
+         prefill=False, max_s=5.0, setup="no_loading"),
+    Case("out-dir-name-300-bytes", 12, ("audit", "{tok}", *SMALL, "--out-dir", "{out}/" + "x" * 300), 2,
+         r"--out-dir .*: the folder name x+\.\.\.x+ is 300 bytes, more than the 255 a file name may have: File name "
+         r"too long$", prefill=False, max_s=5.0, setup="no_loading"),
+    Case("text-path-5000-bytes", 12, audit("{tok}", *SMALL, "--text", "/" + "t" * 5000 + ".txt"), 2,
+         r"^hf-rksp: error: --text /t{79}\.\.\.t{76}\.txt \(5005 characters\): File name too long$"),
+    Case("source-path-5000-bytes", 12, audit("/" + "m" * 5000, *SMALL), 2,
+         r"^hf-rksp: error: source /m{79}\.\.\.m{80} \(5001 characters\): File name too long$"),
+    Case("config-path-5000-bytes", 12, audit("--config", "/" + "c" * 5000 + ".json", *SMALL), 2,
+         r"^hf-rksp: error: --config /c{79}\.\.\.c{75}\.json \(5006 characters\): File name too long$"),
 ]
 
 
@@ -462,6 +507,14 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     agg = "summary.features.resdmd_residual_max.mean"
     p["low"] = _audit_variant(root, g, "low", lambda t: _with(data, agg, -1.7e308))
     p["high"] = _audit_variant(root, g, "high", lambda t: _with(data, agg, 1.7e308))
+    # issue 27: the same slug, another audit (other calibration inputs; another method parameter)
+    p["other_inputs"] = _audit_variant(root, g, "other_inputs", lambda t: _with(data, "inputs.sha256", "0" * 64))
+    p["other_method"] = _audit_variant(root, g, "other_method", lambda t: _with(data, "method.resdmd_tau", 0.2))
+    p["uni"] = _variant(root, good, "模型-ü☃ é", lambda d: None)
+    p["slug_uni"] = slug_of(str(p["uni"]), *SMALL)
+    p["uni_text"] = root / "текст ☃.txt"
+    p["uni_text"].write_text("Ο κύριος ρόλος του residual stream — 残差ストリーム — ist es, Signale weiterzugeben. " * 64)
+    p["slug_uni_text"] = slug_of(str(good), *SMALL, "--text", str(p["uni_text"]))
     return p
 
 
@@ -604,6 +657,33 @@ def _token_in_card(fx, out, monkeypatch):
         f.write(f"\nnote to self: {FAKE_TOKEN}\n")
 
 
+def _garbage_audit(fx, out, monkeypatch):
+    """The slug's folder holds an audit.json that is not an audit (a user's file, a truncated write)."""
+    (out / "audits" / fx["slug"] / "audit.json").write_text("{not an audit")
+
+
+def _read_only_out(fx, out, monkeypatch):
+    """The output folder is on a read-only file system (EROFS, which root gets too: chmod would not do)."""
+    real = tempfile.TemporaryFile
+
+    def ro(*a, dir=None, **k):
+        if dir is not None and Path(dir).resolve() == out.resolve():
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", ro)
+
+
+def _staging_erofs(fx, out, monkeypatch):
+    """The file system turns read-only (remounted after an error) between the check and the publish."""
+    from hf_rksp.publish import local as publish
+
+    def ro(folder, files):
+        raise OSError(errno.EROFS, "Read-only file system", str(folder))
+
+    monkeypatch.setattr(publish, "_write_files", ro)
+
+
 def _outside(out: Path) -> Path:
     """The folder outside the output folder that the symlink rows point into (made by the test)."""
     return out.parent / "outside"
@@ -673,7 +753,8 @@ SETUPS = {"low_memory": _low_memory, "card_rename_fails": _card_rename_fails, "s
           "legacy_token": _legacy_token, "token_in_audit": _token_in_audit, "token_in_card": _token_in_card,
           "link_slug": _link_slug, "link_card": _link_card, "link_audits": _link_audits, "link_file": _link_file,
           "link_partial": _link_partial, "link_partial_entry": _link_partial_entry, "link_journal": _link_journal,
-          "journal_outside": _journal_outside, "link_out_dir": _link_out_dir}
+          "journal_outside": _journal_outside, "link_out_dir": _link_out_dir, "garbage_audit": _garbage_audit,
+          "read_only_out": _read_only_out, "staging_erofs": _staging_erofs}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -766,7 +847,7 @@ def _run(argv: list[str], capfd) -> tuple[int, str, str]:
 
 
 def test_every_class_has_three_cases():
-    per_class = {c: sum(1 for case in CASES if case.cls == c) for c in range(1, 11)}
+    per_class = {c: sum(1 for case in CASES if case.cls == c) for c in range(1, 13)}
     assert all(n >= 3 for n in per_class.values()), per_class
     assert len({c.id for c in CASES}) == len(CASES)
 
@@ -848,7 +929,8 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         assert len(said) == 1 and re.search(r"warning: .*notok has no tokenizer .*random token ids", said[0]), err
         inputs = json.loads((out / "audits" / fx["slug_notok"] / "audit.json").read_text())["inputs"]
         assert inputs["origin"] == "random-token-ids" and inputs["reason"] == "the model has no tokenizer"
-        assert "random-token-ids" in (out / "model_cards" / fx["slug_notok"] / "README.md").read_text()
+        card = (out / "model_cards" / fx["slug_notok"] / "README.md").read_text()
+        assert "random-token-ids" in card and "**Not text:** the model has no tokenizer, so hf-rksp calibrated" in card
     if case.id == "compare-json-overflow":
         assert json.loads(stdout)["summary"]["resdmd_residual_max_mean"]["delta"] is None
     if case.writes and rc == 0:
@@ -1056,3 +1138,162 @@ def test_text_is_tokenized_incrementally(fx, monkeypatch):
     assert calib.detail["text_sha256"] == hashlib.sha256(whole.encode()).hexdigest()
     head = real(tok, whole[: 4 * cal.TEXT_CHUNK], add_special_tokens=False)["input_ids"][:128]
     assert calib.input_ids.flatten().tolist() == head  # the ids the whole text gives
+
+
+def test_concurrent_audits_into_one_folder(fx, tmp_path):
+    """Issue 27: three processes publish into one output folder at once (two other audits of the same
+    checkpoint, and a refresh of the audit already there): each exits 0 with no error line, each audit and
+    card is whole and readable, and no staging folder, backup or journal is left behind (the publish lock)."""
+    from hf_rksp.record.records import read_audit
+
+    out = tmp_path / "out"
+    shutil.copytree(fx["good_out"], out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    runs = [("audit", str(fx["tok"]), *SMALL, "--seed", "1"), ("audit", str(fx["tok"]), *SMALL, "--seed", "2"),
+            ("audit", "--from-audit", str(fx["good"]))]
+    procs = [subprocess.Popen([sys.executable, "-m", "hf_rksp", *argv, "--out-dir", str(out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for argv in runs]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert not any("error" in e for e in errs), errs
+    slugs = {slug_of(*argv[1:]) for argv in runs[:2]} | {fx["slug"]}
+    assert len(slugs) == 3
+    for slug in slugs:
+        assert read_audit(out / "audits" / slug).slug == slug
+        assert (out / "model_cards" / slug / "README.md").is_file()
+    leftovers = [p.name for d in ("audits", "model_cards") for p in (out / d).iterdir() if p.name not in slugs]
+    assert leftovers == [], leftovers
+
+
+# ----------------------------------------------------------------------------- 13. the Python API (issue 27)
+# Wrong shapes, dtypes and NaN tensors, wrong types and values given to the library's entry points: each
+# raises a typed error of hf_rksp.errors (a TypeError only for an unknown keyword, as Python does), one line,
+# naming the parameter, before or instead of the linear-algebra library's own error.
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    """One row: ``call()`` must raise ``error`` with a message matching ``match`` (one line)."""
+
+    id: str
+    call: object
+    error: str  # the class name in hf_rksp.errors (or "TypeError")
+    match: str
+
+
+def _snapshots(n: int = 200, d: int = 16):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def _with_value(t: torch.Tensor, value: float) -> torch.Tensor:
+    t = t.clone()
+    t[3, 3] = value
+    return t
+
+
+def _tiny_model(nan_block: int | None = None):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("gpt2")).eval()
+    if nan_block is not None:
+        with torch.no_grad():
+            model.h[nan_block].attn.c_attn.weight.fill_(float("nan"))
+    return model
+
+
+def _profile(x, y, **kw):
+    from hf_rksp import profile_block
+
+    return profile_block(x, y, **kw)
+
+
+def _audit(source, **kw):
+    from hf_rksp import audit
+
+    return audit(source, **{"out_dir": None, "progress": False, "tokens": 128, "seq_len": 64, **kw})
+
+
+def _kss(**kw):
+    from hf_rksp import KSSConfig
+
+    return KSSConfig(**kw)
+
+
+def _rksp(**kw):
+    from hf_rksp import RKSPConfig
+
+    return RKSPConfig(**kw)
+
+
+X, Y = _snapshots()
+API_CASES = [
+    ApiCase("profile-block-shapes-differ", lambda: _profile(X, Y[:, :8]), "SnapshotError",
+            r"two \(N x d\) matrices of one shape, got \(200, 16\) and \(200, 8\)"),
+    ApiCase("profile-block-rows-differ", lambda: _profile(X, Y[:100]), "SnapshotError", r"of one shape"),
+    ApiCase("profile-block-1d", lambda: _profile(X[:, 0], Y[:, 0]), "SnapshotError", r"got \(200,\) and \(200,\)"),
+    ApiCase("profile-block-3d", lambda: _profile(X[None], Y[None]), "SnapshotError", r"got \(1, 200, 16\)"),
+    ApiCase("profile-block-nan-x", lambda: _profile(_with_value(X, float("nan")), Y), "SnapshotError",
+            r"must be finite; `x` holds 1 NaN/inf"),
+    ApiCase("profile-block-inf-y", lambda: _profile(X, _with_value(Y, float("inf"))), "SnapshotError",
+            r"must be finite; `y` holds 1 NaN/inf"),
+    ApiCase("profile-block-nan-bfloat16", lambda: _profile(_with_value(X, float("nan")).bfloat16(), Y.bfloat16()),
+            "SnapshotError", r"`x` holds 1 NaN/inf"),
+    ApiCase("profile-block-complex", lambda: _profile(X.to(torch.complex64), Y.to(torch.complex64)), "SnapshotError",
+            r"must be real; `x` is torch\.complex64"),
+    ApiCase("profile-block-lists", lambda: _profile(X.tolist(), Y.tolist()), "SnapshotError",
+            r"must be torch tensors; `x` is a list"),
+    ApiCase("profile-block-numpy", lambda: _profile(X.numpy(), Y), "SnapshotError", r"`x` is a ndarray"),
+    ApiCase("profile-block-one-token", lambda: _profile(X[:1], Y[:1]), "SnapshotError", r"at least 2 token states"),
+    ApiCase("profile-block-constant", lambda: _profile(torch.ones(200, 16), torch.ones(200, 16)), "SnapshotError",
+            r"constant"),
+    ApiCase("profile-block-config-dict", lambda: _profile(X, Y, config={"eps": 1e-6}), "ConfigError",
+            r"config must be an RKSPConfig"),
+    ApiCase("audit-module-nan-weight", lambda: _audit(_tiny_model(nan_block=1)), "NonFiniteActivationError",
+            r"non-finite values \(NaN/inf\) in the residual stream leaving block 1"),
+    ApiCase("audit-tensor-source", lambda: _audit(torch.zeros(3)), "ConfigError",
+            r"`source` must be a hub id, a path or a model \(nn\.Module\), got a Tensor; profile .*profile_block"),
+    ApiCase("audit-int-source", lambda: _audit(5), "ConfigError", r"`source` must be .* got a int"),
+    ApiCase("audit-linear-module", lambda: _audit(torch.nn.Linear(4, 4)), "ConfigError",
+            r"`source` is a Linear without a transformers config"),
+    ApiCase("audit-tokenizer-not-callable", lambda: _audit(_tiny_model(), tokenizer=object()), "ConfigError",
+            r"`tokenizer` must be a transformers tokenizer, got a object"),
+    ApiCase("audit-module-seq-len-beyond-positions", lambda: _audit(_tiny_model(), tokens=1024, seq_len=1024),
+            "ConfigError", r"`seq_len` 1024 exceeds the model's 256 positions"),
+    ApiCase("audit-tokens-1", lambda: _audit(_tiny_model(), tokens=1), "ConfigError", r"`tokens`: must be between 2"),
+    ApiCase("audit-tokens-string", lambda: _audit(_tiny_model(), tokens="many"), "ConfigError",
+            r"`tokens`: must be an integer, got 'many'"),
+    ApiCase("audit-lr-nan", lambda: _audit(_tiny_model(), lr=float("nan")), "ConfigError",
+            r"`lr`: must be a finite positive number, got nan"),
+    ApiCase("audit-unknown-option", lambda: _audit(_tiny_model(), tokenz=5), "TypeError",
+            r"audit\(\) got unknown options \['tokenz'\]"),
+    ApiCase("audit-init-with-module", lambda: _audit(_tiny_model(), init=True), "ConfigError",
+            r"`init`/`config` build a model"),
+    ApiCase("kss-T-0", lambda: _kss(T=0), "ConfigError", r"`T` must be > 0, got 0 \(KSSConfig\)"),
+    ApiCase("kss-T-nan", lambda: _kss(T=float("nan")), "ConfigError", r"`T` must be > 0, got nan"),
+    ApiCase("kss-tau-l-above-1", lambda: _kss(tau_l=2.0), "ConfigError", r"need 0 < tau_l < 1 < tau_u"),
+    ApiCase("kss-gamma-1.5", lambda: _kss(gamma=1.5), "ConfigError", r"`gamma` must be in \[0, 1\], got 1\.5"),
+    ApiCase("kss-beta-negative", lambda: _kss(beta=-1.0), "ConfigError", r"`beta` must be >= 0, got -1\.0"),
+    ApiCase("rksp-eps-0", lambda: _rksp(eps=0), "ConfigError", r"`eps` must be > 0, got 0"),
+    ApiCase("rksp-eps-nan", lambda: _rksp(eps=float("nan")), "ConfigError", r"`eps` must be > 0, got nan"),
+    ApiCase("rksp-rank-0", lambda: _rksp(rank=0), "ConfigError", r"`rank` must be full \(None\) or an integer >= 1"),
+    ApiCase("rksp-band-upper-below-1", lambda: _rksp(band_upper=0.9), "ConfigError", r"`band_upper` must be above 1"),
+    ApiCase("rksp-sketch-unknown", lambda: _rksp(sketch="x"), "ConfigError", r"`sketch` must be one of random, pod"),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[f"13-{c.id}" for c in API_CASES])
+def test_api_bad_input(case: ApiCase):
+    from hf_rksp import errors
+
+    error = TypeError if case.error == "TypeError" else getattr(errors, case.error)
+    with pytest.raises(error) as e:
+        case.call()
+    assert type(e.value) is error, f"{type(e.value).__name__}: {e.value}"
+    assert case.error == "TypeError" or isinstance(e.value, errors.RKSPError)
+    assert "\n" not in str(e.value) and re.search(case.match, str(e.value)), str(e.value)
+
+
+def test_api_table_has_its_rows():
+    assert len(API_CASES) >= 30 and len({c.id for c in API_CASES}) == len(API_CASES)

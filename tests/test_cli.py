@@ -556,7 +556,7 @@ def test_default_command_is_unchanged():
 #: the option strings of `hf-rksp audit`, captured from the parser before the options were defined once
 #: (hand-written argparse calls); the derived parser must give exactly these, plus the options added since
 #: issue 26's --threads and issue 24's --prompts, --snapshots, --sketch, each added as one field
-ADDED_SINCE = ["--threads", "--prompts", "--snapshots", "--sketch", "--overwrite"]
+ADDED_SINCE = ["--threads", "--prompts", "--snapshots", "--sketch", "--overwrite", "--format"]
 AUDIT_OPTION_STRINGS = [
     "-h", "--help", "--init", "--config", "--revision", "--name", "--gguf-file", "--blocks", "--trust-remote-code",
     "--tokens", "--seq-len", "--rank", "--eps", "--band-upper", "--band-lower", "--contractive", "--resdmd-tau",
@@ -566,7 +566,7 @@ AUDIT_OPTION_STRINGS = [
 ]
 #: the options of `hf-rksp audit` that are not AuditOptions fields (what to run on, where to write, what to print)
 NOT_FIELDS = {"-h", "--help", "--init", "--config", "--out-dir", "--no-write", "-q", "--quiet", "--from-audit",
-              "--push-to"}
+              "--push-to", "--format"}
 
 
 def audit_parser():
@@ -683,3 +683,28 @@ def test_options_table_order_covers_only_fields():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_list_names_every_family_and_shipped_config(capsys):
+    """`hf-rksp list`: every supported family with its block path, every shipped config with the names it
+    answers to and its depth and width (checked against transformers' own reading of the config), offline."""
+    from transformers import AutoConfig
+
+    from hf_rksp.models.blocks import BLOCK_PATHS
+    from hf_rksp.models.loading import shipped_config, shipped_config_names
+
+    rc, out, err = run_cli(capsys, "list")
+    assert rc == 0 and err == ""
+    families, configs = out.split("\nshipped configs")
+    lines = {ln.split()[0]: ln.split()[1:] for ln in families.splitlines()[2:] if ln.strip()}
+    assert lines == {f: [p] for f, p in BLOCK_PATHS.items()}
+    rows = {ln.split()[0]: ln for ln in configs.splitlines()[2:] if ln.strip()}
+    assert len(rows) == len(set(shipped_config_names().values()))
+    for name, fname in shipped_config_names().items():
+        hub_id = fname.removesuffix(".json").replace("__", "/")
+        row = rows[hub_id].split(None, 4)
+        assert name == hub_id or name in row[4].split(", ")
+        cfg = AutoConfig.for_model(**shipped_config(name))
+        assert row[1:4] == [cfg.model_type, str(cfg.num_hidden_layers), str(cfg.hidden_size)]
+    rc, out, _ = run_cli(capsys, "list", "--help")
+    assert rc == 0 and "no network" in out and "shipped configs" in out

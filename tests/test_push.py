@@ -120,6 +120,23 @@ def test_dry_run_uploads_nothing(capsys, audited, online):
     for name in ("audit.json", "spectrum.png", "profile.png", "README.md"):
         assert name in out
     assert TOKEN not in out
+    said = [ln for ln in out.splitlines() if ln.startswith("not checked")]
+    assert said == [("not checked (it needs the network): that the Hub can be reached and that the token may "
+                     "write to alice/audits; a token is set")]
+
+
+def test_dry_run_without_a_token_says_the_push_would_stop_there(capsys, audited, online):
+    """No token: the dry run still shows the plan (exit 0) and its one 'not checked' line says the real push
+    would stop at the token; it sends nothing."""
+    with FakeHub(tokens={TOKEN: {"alice"}}) as hub:
+        online(hub, token=None)
+        rc, out, err = run(capsys, "push", SLUG, "--repo-id", "alice/audits", "--dry-run", "--to-model",
+                           "--out-dir", str(audited))
+    assert rc == 0, err
+    assert hub.requests == []
+    said = [ln for ln in out.splitlines() if ln.startswith("not checked")]
+    assert len(said) == 1 and "may write to alice/audits (open a pull request)" in said[0]
+    assert said[0].endswith("no token is set (HF_TOKEN or `hf auth login`), so the real push would stop there")
 
 
 def one_error(rc, err, *words):

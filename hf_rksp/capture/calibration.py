@@ -39,6 +39,14 @@ class Calibration:
     def sha256(self) -> str:
         return token_hash(self.input_ids)
 
+    @property
+    def distinct_tokens(self) -> int | None:
+        """Distinct token ids among the tokens (padding not counted); None for images."""
+        if self.input_name != "input_ids":
+            return None
+        ids = self.input_ids if self.attention_mask is None else self.input_ids[self.attention_mask.bool()]
+        return int(torch.unique(ids).numel())
+
 
 def token_hash(input_ids: torch.Tensor) -> str:
     """sha256 of the inputs (ids as little-endian int64, images as float32), row-major."""

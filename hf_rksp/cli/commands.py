@@ -81,6 +81,36 @@ examples:
 """
 
 
+#: what `audit` and `compare` print to stdout (--format): ``table`` for people, ``json``/``csv`` for programs
+FORMATS = ("table", "json", "csv")
+
+
+def add_format(parser, what: str, csv: str, *aliases: str) -> None:
+    """The --format option of a command that prints a result (defined here once for `audit` and `compare`);
+    ``aliases``: older flags that mean ``--format json``."""
+    q = parser.add_mutually_exclusive_group()
+    q.add_argument("--format", choices=FORMATS, default="table",
+                   help=f"what to print to stdout: table (default), json ({what}) or csv ({csv})")
+    for alias in aliases:
+        q.add_argument(alias, dest="format", action="store_const", const="json", help="the same as --format json")
+
+
+LIST_HELP = """\
+What hf-rksp can audit, read from the installed package (no network):
+
+  supported families  each transformers model_type whose residual blocks are
+                      found automatically, with where its block list is on the
+                      base model (any other: --blocks PATH)
+  shipped configs     the famous checkpoints whose config ships with hf-rksp, so
+                      `hf-rksp audit NAME --init` works offline, with the names
+                      each answers to
+
+examples:
+  hf-rksp list
+  hf-rksp audit gpt2-medium --init
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block), like every other error."""
 
@@ -157,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from-audit", metavar="AUDIT_JSON",
                    help="re-render plots and card from an existing audit.json (no model needed)")
     r.add_argument("--push-to", metavar="USER/NAME", help="after writing, push the audit to this Hub repo")
+    add_format(r, "the audit.json text, byte for byte", "AuditRecord.to_csv(): one row per block")
 
     u = sub.add_parser("push", help="publish an audit (JSON, plots, card) to the Hub in one commit",
                        description=PUSH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("b", help="audit B")
     c.add_argument("--out-dir", default=".", help="where slugs are looked up (default .)")
     c.add_argument("--plot", metavar="PNG", help="write both profiles to this PNG")
-    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    add_format(c, "Comparison.to_dict()", "Comparison.to_csv(): a row per summary entry, then per block", "--json")
+    sub.add_parser("list", help="supported families and the shipped --init configs", description=LIST_HELP,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     return p
 
 
@@ -205,15 +238,26 @@ def _num(v, sign: str = "") -> str:
     return format(v, sign + (".4f" if v == 0 or 1e-3 <= abs(v) < 1e5 else ".4g"))
 
 
-def columns(header: list[str], rows: list[list[str]]) -> str:
+def columns(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
     """A plain-text table: each column as wide as its widest cell, two spaces between columns (so numbers
-    never run together), the first column left-aligned and the others right-aligned."""
+    never run together), the columns in ``right`` right-aligned (default: all but the first), others left."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = set(range(1, len(header))) if right is None else right
 
     def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
     return "\n".join([fmt(header), *map(fmt, rows)])
+
+
+def print_result(result, fmt: str = "table") -> None:
+    """An audit's result on stdout as ``fmt`` (FORMATS); for json and csv, the files written go to stderr so
+    stdout holds the data only."""
+    if fmt == "table":
+        return print_summary(result)
+    say(result.record.to_json() if fmt == "json" else result.record.to_csv(), end="")
+    for name, path in result.paths.items():
+        say(f"hf-rksp: wrote {name} {path}", file=sys.stderr)
 
 
 def print_summary(result) -> None:
@@ -333,8 +377,8 @@ def cmd_audit(args) -> int:
             raise RKSPError("--push-to needs the files: drop --no-write")
         result, pushed = audit_and_push(args, opts)
         try:
-            print_summary(result)
-            print_push(pushed)
+            print_result(result, args.format)
+            print_push(pushed, file=sys.stderr if args.format != "table" else None)
         except KeyboardInterrupt:  # after the push and the local files: say so
             raise AuditInterrupted(_written(result) + f"; pushed to {args.push_to}") from None
         return 0
@@ -342,7 +386,7 @@ def cmd_audit(args) -> int:
         result = audit(args.model, init=args.init, config=args.config, options=opts,
                        out_dir=None if args.no_write else args.out_dir, progress=not args.quiet)
     try:
-        print_summary(result)
+        print_result(result, args.format)
     except KeyboardInterrupt:  # after the files were written: say so, not "nothing was written"
         raise AuditInterrupted(_written(result)) from None
     return 0
@@ -387,10 +431,10 @@ def audit_and_push(args, opts):
     return result, pushed
 
 
-def print_push(res) -> None:
-    say(f"pushed {len(res.plan.files)} files to {res.plan.repo_id} in one commit: {res.commit_url}")
+def print_push(res, file=None) -> None:
+    say(f"pushed {len(res.plan.files)} files to {res.plan.repo_id} in one commit: {res.commit_url}", file=file)
     if res.pr_url:
-        say(f"pull request: {res.pr_url}")
+        say(f"pull request: {res.pr_url}", file=file)
 
 
 def cmd_push(args) -> int:
@@ -399,7 +443,7 @@ def cmd_push(args) -> int:
     plan = hub.plan_push(args.audit, args.repo_id, mode="model-pr" if args.to_model else "own",
                          revision=args.revision, create_pr=args.create_pr, private=args.private, out_dir=args.out_dir)
     if args.dry_run:
-        say("dry run: nothing uploaded\n" + plan.describe())
+        say("dry run: nothing uploaded\n" + plan.describe() + "\n" + hub.unchecked(plan))
         return 0
     try:
         res = hub.push(plan)
@@ -419,8 +463,11 @@ def cmd_compare(args) -> int:
     res = compare(a, b)
     if args.plot:
         atomic.write_bytes(args.plot, compare_png(a, b))
-    if args.json:
-        say(json.dumps(res.to_dict(), indent=2, allow_nan=False))
+    if args.format != "table":
+        say(json.dumps(res.to_dict(), indent=2, allow_nan=False) if args.format == "json" else res.to_csv(),
+            end="" if args.format == "csv" else "\n")
+        if args.plot:
+            say(f"hf-rksp: wrote plot {args.plot}", file=sys.stderr)
         return 0
     say(f"A: {res.a.slug} ({res.a.id})\nB: {res.b.slug} ({res.b.id})\n")
     say(columns(["", "A", "n A", "B", "n B", "B - A"],
@@ -482,7 +529,38 @@ def preflight_lines(res) -> str:
         *[f"warning: {w}" for w in res.warnings]])
 
 
-COMMANDS = {"audit": cmd_audit, "push": cmd_push, "compare": cmd_compare, "preflight": cmd_preflight}
+def cmd_list(args) -> int:
+    from hf_rksp.models.blocks import BLOCK_PATHS, supported_families
+    from hf_rksp.models.loading import shipped_config, shipped_config_names
+
+    say("supported families (model_type: its block list on the base model; others: --blocks PATH)")
+    say(columns(["  model_type", "blocks"], [[f"  {f}", BLOCK_PATHS[f]] for f in supported_families()],
+                right=set()))
+    by_file: dict[str, list[str]] = {}
+    for name, fname in shipped_config_names().items():
+        by_file.setdefault(fname, []).append(name)
+    rows = []
+    for fname, names in sorted(by_file.items()):
+        cfg, hub_id = shipped_config(names[0]), fname.removesuffix(".json").replace("__", "/")
+        size = [cfg.get(k) for k in ("num_hidden_layers", "n_layer") if cfg.get(k)][:1] + \
+            [cfg.get(k) for k in ("hidden_size", "n_embd", "d_model") if cfg.get(k)][:1]
+        rows.append([f"  {hub_id}", cfg.get("model_type", "-"), *(str(v) for v in size + ["-"] * (2 - len(size))),
+                     ", ".join(n for n in names if n != hub_id) or "-"])
+    say("\nshipped configs (hf-rksp audit NAME --init runs offline)")
+    say(columns(["  name", "model_type", "blocks", "d_model", "also answers to"], rows, right={2, 3}))
+    return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # in-process (a captured stdout has no file descriptor)
+        pass
+
+
+COMMANDS = {"list": cmd_list, "audit": cmd_audit, "push": cmd_push, "compare": cmd_compare, "preflight": cmd_preflight}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as e:
             say(f"hf-rksp: {str(e) or 'interrupted; nothing was written'}", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout piped into `head` & co., which stopped reading: not an error of ours
+            _silence_stdout()
+            return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
         except Exception as e:  # noqa: BLE001  the last guard: still one line, the traceback to the debug log
             return fail(unexpected(e))
         for message in notices.messages:  # -q hides progress bars, not these (a resume started over, random ids)

@@ -82,9 +82,9 @@ def redacted(text: str, tokens=None) -> str:
     return redact(text, tokens)
 
 
-def say(text: str, *, file=None) -> None:
+def say(text: str, *, file=None, end: str = "\n") -> None:
     """Print ``text`` (stdout unless ``file``) as the command line prints anything: redacted."""
-    print(redacted(text), file=file or sys.stdout)
+    print(redacted(text), file=file or sys.stdout, end=end)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -113,6 +113,8 @@ def unexpected(e: Exception) -> str:
         return ("out of memory; use --dtype bfloat16, a smaller --tokens or --stream (a streamed audit resumes "
                 "from its last block when rerun)")
     if isinstance(e, OSError):
-        return redacted(f"{e.filename or 'file'}: {e.strerror or e}")
+        name = str(e.filename or "file")  # a 5000-character path: its start and end, so the line stays readable
+        name = name if len(name) <= 160 else f"{name[:80]}...{name[-80:]} ({len(name)} characters)"
+        return redacted(f"{name}: {e.strerror or e}")
     first = redacted((str(e).splitlines() or [""])[0])[:200]
     return f"unexpected {type(e).__name__}: {first} (set HF_RKSP_LOG=FILE for the traceback, and please report it)"

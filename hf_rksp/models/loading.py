@@ -118,6 +118,18 @@ def shipped_config(name: str) -> dict | None:
     return json.loads(resources.files("hf_rksp").joinpath(f"configs/{fname}").read_text(encoding="utf-8"))
 
 
+def _check_stat(p: Path, given: str, param: str) -> None:
+    """A path the file system refuses to look up (a name too long, a loop of links, no permission) as a
+    SourceError naming ``param``; an absent path passes (a hub id, or the caller's own message)."""
+    try:
+        p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        shown = given if len(given) <= 160 else f"{given[:80]}...{given[-80:]} ({len(given)} characters)"
+        raise SourceError(f"`{param}` {shown}: {e.strerror or e}") from None
+
+
 def resolve_source(
     source: str | None, *, init: bool = False, config_path: str | None = None, revision: str | None = None,
     gguf_file: str | None = None,
@@ -128,12 +140,14 @@ def resolve_source(
     """
     if config_path is not None:
         p = Path(config_path).expanduser()
+        _check_stat(p, config_path, "config")
         if not p.is_file():
             raise SourceError(f"config file not found: {config_path}")
         return Source(id=source or str(p), kind="config", init=True, path=str(p), config_origin=str(p))
     if not source:
         raise SourceError("name a model (hub id, local directory or .gguf file) or pass `config`")
     p = Path(source).expanduser()
+    _check_stat(p, source, "source")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise SourceError(f"{source} is a file but not a .gguf model; pass a checkpoint directory, a .gguf file "

@@ -45,7 +45,9 @@ from hf_rksp.publish.local import (
     publish,
 )
 from hf_rksp.record.records import (
+    DEGENERATE,
     MAX_BYTES,
+    MIN_DISTINCT_TOKENS,
     AuditRecord,
     InputsRecord,
     MethodRecord,
@@ -234,7 +236,8 @@ def recorded_command(source: str | None, init: bool, config: str | None, opts: A
 
 def inputs_record(calib: cal.Calibration) -> InputsRecord:
     return InputsRecord(origin=calib.origin, n_tokens=calib.n_tokens, n_sequences=int(calib.input_ids.shape[0]),
-                        seq_len=calib.seq_len, sha256=calib.sha256, extra=dict(calib.detail))
+                        seq_len=calib.seq_len, sha256=calib.sha256, distinct_tokens=calib.distinct_tokens,
+                        extra=dict(calib.detail))
 
 
 def audit_model(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool = True,
@@ -260,13 +263,48 @@ def exact_fit_reason(n_tokens: int, d_model: int) -> str:
             f"> {d_model + 1}")
 
 
-def flag_degenerate(record: AuditRecord) -> AuditRecord:
-    """An audit read back, with the exact-fit flag (and no risk) where its own numbers make it one."""
+def degeneracies(n_tokens: int, d_model: int, rank: int | None, distinct_tokens: int | None,
+                 near_identity: list[int]) -> dict[str, str]:
+    """Why an audit's numbers are not a measurement (``record.records.DEGENERATE``, in its order), each with
+    its reason in words; empty when they are.  ``few_distinct_tokens``: fewer than ``MIN_DISTINCT_TOKENS``
+    distinct token ids while the N tokens repeat them (N tokens all distinct are not "few distinct", however
+    small N: that is exact fit's concern); ``near_identity``: any block flagged near-identity."""
+    out = {}
+    if exact_fit(n_tokens, d_model, rank):
+        out["exact_fit"] = exact_fit_reason(n_tokens, d_model)
+    if distinct_tokens is not None and distinct_tokens < MIN_DISTINCT_TOKENS and distinct_tokens < n_tokens:
+        out["few_distinct_tokens"] = (
+            f"few distinct tokens: the N = {n_tokens} calibration tokens hold {distinct_tokens} distinct ids "
+            f"(< {MIN_DISTINCT_TOKENS}), so the snapshots repeat a handful of states; calibrate on varied text")
+    if near_identity:
+        out["near_identity"] = (
+            f"near-identity blocks {near_identity}: their operator is the identity (the block changes the "
+            "residual stream by < `identity_tol` of its norm), so each adds near-unit mass 1 to M by "
+            "construction and its η_nl is undefined")
+    return {k: out[k] for k in DEGENERATE if k in out}
+
+
+def record_degeneracies(record: AuditRecord) -> dict[str, str]:
+    """:func:`degeneracies` of an audit, from its own numbers (an audit read back included)."""
     rank = None if record.method.rank == "full" else int(record.method.rank)
-    if not exact_fit(record.inputs.n_tokens, record.source.d_model, rank) or record.summary.degenerate:
+    return degeneracies(record.inputs.n_tokens, record.source.d_model, rank, record.inputs.distinct_tokens,
+                        record.summary.flagged_blocks.get("near_identity", []))
+
+
+def with_degeneracies(record: AuditRecord, found: dict[str, str]) -> AuditRecord:
+    """The record with ``summary.degenerate`` and, where it is degenerate, no risk and the reasons instead."""
+    if not found:
         return record
-    return replace(record, summary=replace(record.summary, degenerate=["exact_fit"]), risk=None,
-                   risk_unavailable_reason=exact_fit_reason(record.inputs.n_tokens, record.source.d_model))
+    return replace(record, summary=replace(record.summary, degenerate=list(found)), risk=None,
+                   risk_unavailable_reason="; ".join(found.values()))
+
+
+def flag_degenerate(record: AuditRecord) -> AuditRecord:
+    """An audit read back, with its degenerate flags (and no risk) where its own numbers make it one."""
+    found = record_degeneracies(record)
+    if not found or record.summary.degenerate == list(found):
+        return record
+    return with_degeneracies(record, found)
 
 
 def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, progress: bool,
@@ -295,10 +333,13 @@ def _audit_loaded(loaded: LoadedModel, opts: AuditOptions, *, command: str, prog
                        opts.sketch, opts.rank)
     method = method_record(opts, calib, config, streamed, path, loaded.source.init)
     summary = summarize(blocks)
-    if exact_fit(calib.n_tokens, d_model, config.rank):  # flagged in the record, the card, on stderr; no risk
-        summary = replace(summary, degenerate=["exact_fit"])
-        risk, risk_reason = None, exact_fit_reason(calib.n_tokens, d_model)
-        logger.warning("degenerate audit: %s", risk_reason)
+    found = degeneracies(calib.n_tokens, d_model, config.rank, calib.distinct_tokens,
+                         summary.flagged_blocks.get("near_identity", []))
+    if found:  # flagged in the record, the card, on stderr; no risk
+        summary = replace(summary, degenerate=list(found))
+        risk, risk_reason = None, "; ".join(found.values())
+        for reason in found.values():
+            logger.warning("degenerate audit: %s", reason)
     else:
         risk, risk_reason = assess_summary(summary, lr=opts.lr, family=loaded.family, d_model=d_model,
                                            n_layers=len(blocks), init=loaded.source.init,
@@ -346,9 +387,16 @@ def audit(
     if unknown:
         raise TypeError(f"audit() got unknown options {unknown}")
     opts = replace(options or AuditOptions(), **kwargs)  # the caller's options are left as they were
+    if source is not None and not isinstance(source, (str, os.PathLike, torch.nn.Module)):
+        raise ConfigError(f"`source` must be a hub id, a path or a model (nn.Module), got a {type(source).__name__}"
+                          + ("; profile (N x d) snapshots with hf_rksp.profile_block"
+                             if isinstance(source, torch.Tensor) else ""), param="source")
     if isinstance(source, torch.nn.Module):
         if init or config is not None:
             raise ConfigError("`init`/`config` build a model; a model in memory is audited as it is", param="init")
+        if tokenizer is not None and not callable(tokenizer):
+            raise ConfigError(f"`tokenizer` must be a transformers tokenizer, got a {type(tokenizer).__name__}",
+                              param="tokenizer")
         check_options(opts)
         if out_dir is not None:
             check_out_dir(Path(out_dir))
@@ -491,6 +539,8 @@ def rerender(audit_json: str, out_dir: str = ".", *, overwrite: bool = False) ->
     only hold the same audit (same source, method and inputs) unless ``overwrite``.
     """
     result = AuditResult(record=report.with_verdict(flag_degenerate(read_audit(audit_json))))
+    for reason in record_degeneracies(result.record).values():  # as an audit says it (stderr, also under -q)
+        logger.warning("degenerate audit: %s", reason)
     check_contents(result.record.slug, {"audits": {"audit.json": result.record.to_json().encode("utf-8")}})
     slugs.check_slug(result.record)
     result.paths, result.replaced = write_outputs(result.record, out_dir, overwrite=overwrite,

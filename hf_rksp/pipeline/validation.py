@@ -62,19 +62,29 @@ def check_audit_options(opts, *, init: bool = False) -> None:
     if opts.name is not None:
         check_hub_id(opts.name, "name")
     check_revision(opts.revision)
-    if opts.text is not None and not Path(opts.text).is_file():
+    if opts.text is not None and not _is_file(opts.text, "text"):
         raise ConfigError(f"`text` file not found: {opts.text}", param="text")
     if opts.prompts is not None:
         if opts.text is not None or opts.dataset is not None:
             raise ConfigError("`prompts` is a calibration input of its own: not with `text` or `dataset`",
                               param="prompts")
-        if opts.prompts != "shipped" and not Path(opts.prompts).is_file():
+        if opts.prompts != "shipped" and not _is_file(opts.prompts, "prompts"):
             raise ConfigError(f"`prompts` file not found: {opts.prompts} ('shipped': the package's set)",
                               param="prompts")
     if opts.stream and (opts.prompts is not None or opts.snapshots != "hooks"):
         raise ConfigError("`stream` reads one block at a time: it takes neither `prompts` nor `snapshots` "
                           "hidden-states (audit the model whole)", param="stream")
     _check_placement(opts, init)
+
+
+def _is_file(path: str, param: str) -> bool:
+    """Whether ``path`` is a file; a path the file system refuses to look up (a name too long, no permission)
+    is a ConfigError naming ``param``, the path shortened to one readable line."""
+    try:
+        return Path(path).is_file()
+    except OSError as e:
+        shown = path if len(path) <= 160 else f"{path[:80]}...{path[-80:]} ({len(path)} characters)"
+        raise ConfigError(f"`{param}` {shown}: {e.strerror or e}", param=param) from None
 
 
 def check_inputs(**values: str | None) -> None:

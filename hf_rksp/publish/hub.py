@@ -160,6 +160,17 @@ def refuse_secrets(plan: PushPlan, tokens=None) -> None:
     check_no_secret(plan.revision, "revision", tokens)
 
 
+def unchecked(plan: PushPlan) -> str:
+    """What a dry run cannot check without sending a request, in one line: the network, and whether the
+    token may write to the repo (whether a token is set at all is checked, locally)."""
+    from huggingface_hub import get_token
+
+    token = "a token is set" if get_token() else \
+        "no token is set (HF_TOKEN or `hf auth login`), so the real push would stop there"
+    return (f"not checked (it needs the network): that the Hub can be reached and that the token may write to "
+            f"{plan.repo_id}{' (open a pull request)' if plan.mode != 'own' or plan.create_pr else ''}; {token}")
+
+
 def push(plan: PushPlan, *, token: str | None = None, endpoint: str | None = None) -> PushResult:
     """Upload ``plan`` as a single commit (or PR); creates the audit repo when missing (own mode)."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token

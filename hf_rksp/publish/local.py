@@ -43,10 +43,29 @@ PARENTS = ("audits", "model_cards")
 JOURNAL = ".publish-{slug}.json"
 
 
+#: the longest file name and path (bytes, with its terminating NUL) Linux and macOS file systems take
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def short_path(path, keep: int = 120) -> str:
+    """A path for a one-line message: as it is up to ``keep`` characters, else its start and end."""
+    text = str(path)
+    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-(keep // 2):]}"
+
+
 def check_out_dir(out_dir: Path) -> None:
     """Fail before any work when results could not be written under ``out_dir``; writes nothing."""
-    check_output_tree(out_dir)
     p = Path(out_dir)
+    full = str(p.absolute()).encode()
+    if len(full) >= PATH_MAX:  # refused before any work, not by the first write after the audit
+        raise OutputError(f"`out_dir` {short_path(out_dir)} is {len(full)} bytes long; a path may have at most "
+                          f"{PATH_MAX - 1}: File name too long")
+    for part in p.parts:
+        if len(part.encode()) > NAME_MAX:
+            raise OutputError(f"`out_dir` {short_path(out_dir)}: the folder name {short_path(part)} is "
+                              f"{len(part.encode())} bytes, more than the {NAME_MAX} a file name may have: "
+                              "File name too long")
+    check_output_tree(out_dir)
     if p.exists() and not p.is_dir():
         raise OutputError(f"`out_dir` {out_dir} exists and is not a directory")
     existing = next(a for a in (p, *p.absolute().parents) if a.exists())

@@ -29,9 +29,16 @@ from hf_rksp.spectral import FEATURE_NAMES, FEATURES, METHOD_VERSION
 #: the thirds of depth every feature's aggregate has a mean of (``hf_rksp.record.summary``)
 THIRDS = ("early", "middle", "late")
 
-#: why an audit's numbers are not a measurement (``SummaryRecord.degenerate``): ``exact_fit``, N <= d + 1
-#: calibration tokens, so each block's DMD operator reproduces its snapshots exactly (η_nl = 0)
-DEGENERATE = ("exact_fit",)
+#: why an audit's numbers are not a measurement (``SummaryRecord.degenerate``; the rules are
+#: ``hf_rksp.pipeline.run.degeneracies``, thresholds ours): ``exact_fit``, N <= d + 1 calibration tokens, so each
+#: block's DMD operator reproduces its snapshots exactly (η_nl = 0); ``few_distinct_tokens``, the calibration
+#: tokens hold fewer than ``MIN_DISTINCT_TOKENS`` distinct ids, so the snapshots repeat a handful of states;
+#: ``near_identity``, a block flagged ``near_identity`` (||Y~ - X~||_F <= identity_tol ||X~||_F): its operator is
+#: the identity, every eigenvalue ~1, so it adds near-unit mass 1 to M by construction and its η_nl is 0/0
+DEGENERATE = ("exact_fit", "few_distinct_tokens", "near_identity")
+#: fewer distinct calibration token ids than this: ``few_distinct_tokens`` [ours: a text of a few repeated
+#: words; character-level text has 60+]
+MIN_DISTINCT_TOKENS = 16
 
 SCHEMA_VERSION = "2.0"
 SCHEMA_FILE = "schema/audit.schema.json"
@@ -152,6 +159,7 @@ def audit_schema() -> dict:
                     "n_sequences": {"type": "integer", "minimum": 1},
                     "seq_len": {"type": "integer", "minimum": 1},
                     "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    "distinct_tokens": {"type": "integer", "minimum": 1},
                 },
             },
             "blocks": {"type": "array", "minItems": 1, "items": block},
@@ -304,6 +312,7 @@ class InputsRecord(_Record):
     n_sequences: int
     seq_len: int
     sha256: str
+    distinct_tokens: int | None = None  # distinct token ids among them (absent for images and older audits)
 
     @property
     def detail(self) -> dict:
@@ -530,6 +539,18 @@ class AuditRecord(_Record):
         """Raise AuditFileError naming the first violation of the schema."""
         validate_audit(self.to_dict())
 
+    def table_rows(self) -> list[dict]:
+        """One dict per block, in block order: ``block``, every registry feature (None where a value is None),
+        ``m``, ``rank``, ``flags`` (comma-separated) and, for multi-stack models, ``stack``/``stack_index``: the
+        rows of :meth:`to_pandas` and :meth:`to_csv`."""
+        rows = []
+        for b in self.blocks:
+            row = {"block": b.index, **b.values, "m": b.m, "rank": b.rank, "flags": ",".join(b.flags)}
+            if b.stack is not None:
+                row.update(stack=b.stack, stack_index=b.stack_index)
+            rows.append(row)
+        return rows
+
     def to_pandas(self):
         """One row per block, indexed by block: every registry feature (NaN where a value is None), then
         ``m``, ``rank``, ``flags`` (comma-separated) and, for multi-stack models, ``stack``/``stack_index``.
@@ -538,15 +559,20 @@ class AuditRecord(_Record):
             import pandas as pd
         except ImportError:
             raise ImportError("AuditRecord.to_pandas() needs pandas, which hf-rksp does not install: "
-                              "pip install pandas") from None
-        rows = []
-        for b in self.blocks:
-            row = {"block": b.index, **{k: (float("nan") if v is None else v) for k, v in b.values.items()},
-                   "m": b.m, "rank": b.rank, "flags": ",".join(b.flags)}
-            if b.stack is not None:
-                row.update(stack=b.stack, stack_index=b.stack_index)
-            rows.append(row)
+                              "pip install pandas; AuditRecord.to_csv() needs nothing") from None
+        rows = [{k: (float("nan") if v is None and k in FEATURE_NAMES else v) for k, v in r.items()}
+                for r in self.table_rows()]
         return pd.DataFrame(rows).set_index("block")
+
+    def to_csv(self, path_or_buf=None) -> str | None:
+        """The rows of :meth:`to_pandas` as CSV (``block`` first; an empty cell where a value is None; floats
+        written exactly): the text when ``path_or_buf`` is None, else written to that path or text buffer.
+        Needs no pandas (the csv module)."""
+        from hf_rksp.utils.atomic import write_csv
+
+        rows = self.table_rows()
+        header = list(dict.fromkeys(k for r in rows for k in r))  # stack columns only where a block has them
+        return write_csv(header, [[r.get(k) for k in header] for r in rows], path_or_buf)
 
 
 def _finite_float(text: str) -> float:

@@ -64,6 +64,20 @@ def verdict(audit: AuditRecord) -> str:
     return text
 
 
+def fallback_note(audit: AuditRecord) -> str:
+    """The sentence a card carries when the audit fell back to random token ids (``inputs.reason`` says why:
+    issue 29's one fallback, a pretrained model with no tokenizer); empty otherwise (an audit at init without
+    a tokenizer is calibrated on random ids by design)."""
+    inp = audit.inputs
+    reason = inp.detail.get("reason")
+    if inp.origin != "random-token-ids" or not reason:
+        return ""
+    return (f"**Not text:** {reason}, so hf-rksp calibrated on {inp.n_tokens} seeded uniform random token ids "
+            f"(vocabulary {inp.detail.get('vocab_size', '?')}, seed {inp.detail.get('seed', '?')}) instead; these "
+            "spectra are the model's on random tokens, not on language (give it a tokenizer and `--text` for "
+            "those).")
+
+
 def with_verdict(audit: AuditRecord) -> AuditRecord:
     """The record with its summary's verdict (re)written from its numbers."""
     return replace(audit, summary=replace(audit.summary, verdict=verdict(audit)))
@@ -126,7 +140,7 @@ Probability of divergence: {risk}
 
 - Source: `{source_id}` ({kind}{revision}), family `{family}`, {n_blocks} blocks, d_model = {d_model}, {n_params:,} parameters{init}.
 - Method: RKSP v{mversion}, the paper's whitened DMD of each residual block's input/output snapshots: ZCA whitening with X's covariance + {eps:g} I, {rank_text}; bands: expansive |λ| > {band_upper:g}, near-unit [{band_lower:g}, {band_upper:g}], contractive < {contractive:g}; ResDMD τ = {resdmd_tau:g}; Kreiss constant of A / max(ρ, 1).
-- Calibration input: {n_tokens} tokens ({origin}) in sequences of {seq_len}, sha256 `{sha}`, dtype {dtype}, seed {seed}.
+- Calibration input: {n_tokens} tokens ({origin}) in sequences of {seq_len}, sha256 `{sha}`, dtype {dtype}, seed {seed}.{fallback}
 - Software: hf-rksp {v_rksp}, torch {v_torch}, transformers {v_tf}.
 
 Reproduce with:
@@ -239,6 +253,7 @@ def render_card(audit: AuditRecord) -> str:
         resdmd_tau=m.resdmd_tau,
         n_tokens=inp.n_tokens,
         origin=inp.origin,
+        fallback=("" if not fallback_note(audit) else " " + fallback_note(audit)),
         seq_len=inp.seq_len,
         sha=inp.sha256[:16],
         dtype=m.dtype,

@@ -101,6 +101,16 @@ class Comparison:
             "verdict": self.verdict,
         }
 
+    def to_csv(self, path_or_buf=None) -> str | None:
+        """The comparison as one long CSV table ``row,block,a,n_a,b,n_b,delta``: a row per summary entry
+        (``block`` empty), then, when the depths agree, a row per block and main feature with its B - A only
+        (``block`` its index).  The text when ``path_or_buf`` is None, else written to that path or buffer."""
+        from hf_rksp.utils.atomic import write_csv
+
+        rows = [[k, None, v.a, v.n_a, v.b, v.n_b, v.delta] for k, v in self.summary.items()]
+        rows += [[name, r.index, None, None, None, None, d] for r in self.blocks for name, d in r.deltas.items()]
+        return write_csv(["row", "block", "a", "n_a", "b", "n_b", "delta"], rows, path_or_buf)
+
 
 def compare(a: AuditRecord, b: AuditRecord) -> Comparison:
     """Per-block and model-level differences b - a, with a short verdict (same method version only).

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from hf_rksp.errors import ConfigError
+from hf_rksp.errors import ConfigError, SnapshotError
 from hf_rksp.spectral.kreiss import kreiss_core
 from hf_rksp.spectral.linalg import (
     all_finite,
@@ -315,11 +315,27 @@ def features_of(op: DMDOperator, wh, config: RKSPConfig = RKSPConfig()) -> Block
     )
 
 
+def check_snapshots(x, y) -> None:
+    """What :func:`profile_block` takes, refused as a SnapshotError before any algebra (which would fail
+    with the linear-algebra library's own error): real tensors (float, integer or bool) with no NaN or inf.
+    Shapes are checked by ``whiten``."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise SnapshotError(f"snapshots must be torch tensors; `{name}` is a {type(t).__name__}")
+        if t.is_complex():
+            raise SnapshotError(f"snapshots must be real; `{name}` is {t.dtype}")
+    for name, t in (("x", x), ("y", y)):
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            bad = int((~torch.isfinite(t.detach())).sum())
+            raise SnapshotError(f"snapshots must be finite; `{name}` holds {bad} NaN/inf value(s)")
+
+
 def profile_block(x: torch.Tensor, y: torch.Tensor, config: RKSPConfig = RKSPConfig(), *,
                   generator: torch.Generator | None = None) -> BlockFeatures:
     """RKSP v2 of one block from its (N x d) input and output snapshots."""
     if not isinstance(config, RKSPConfig):
         raise ConfigError("config must be an RKSPConfig")
+    check_snapshots(x, y)
     wh = whiten(x, y, eps=config.eps, rel_cut=config.rel_cut)
     op = dmd_operator(wh, config.rank, generator=generator, oversample=config.oversample,
                       power_iters=config.power_iters, sketch=config.sketch)

@@ -43,3 +43,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(header: list[str], rows: list[list], path_or_buf=None) -> str | None:
+    """Rows as CSV (the csv module's quoting, ``\\n`` line ends; None is an empty cell, a float its repr, so it
+    reads back exactly): the text when ``path_or_buf`` is None, else written to that path (atomically) or
+    text buffer, like pandas' ``to_csv``."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([["" if v is None else v for v in row] for row in rows])
+    text = out.getvalue()
+    if path_or_buf is None:
+        return text
+    if hasattr(path_or_buf, "write"):
+        path_or_buf.write(text)
+    else:
+        write_text(path_or_buf, text)
+    return None
