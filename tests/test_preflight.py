@@ -186,13 +186,15 @@ def test_api_reproduces_the_benchmark_probe_and_gives_a_probability_in_range():
     from benchmarks.repro.protocol import HELDOUT_PROFILE, PROFILE_TOKENS, RunSpec
     from benchmarks.repro.training import build_model, task_batch, train_data
 
-    spec = RunSpec(norm="pre", d_model=128, n_layers=4, lr=0.1, seed=42)
+    # lr 0.01: a run whose 25 probe steps are not chaotic, so torch's thread count (which changes float
+    # reduction order) moves the features by float32 noise only (at lr 0.1 two threads moved rho_end 14%)
+    spec = RunSpec(norm="pre", d_model=128, n_layers=4, lr=0.01, seed=42)
     cached = bp.load_probes()[spec.key]
     ds = train_data(spec)
     batches = [{k: torch.stack([ds[i][k] for i in range(j * 16, (j + 1) * 16)]) for k in ("input_ids", "labels")}
                for j in range(25)]
     ids, _ = task_batch(spec, PROFILE_TOKENS // spec.seq_len, spec.seed + HELDOUT_PROFILE)
-    res = pf.preflight(build_model(spec), batches, lr=0.1, warmup_steps=100, total_steps=500, max_grad_norm=0.0,
+    res = pf.preflight(build_model(spec), batches, lr=spec.lr, warmup_steps=100, total_steps=500, max_grad_norm=0.0,
                        weight_decay=0.01, batch_size=16, blocks="gpt.blocks", profile_ids=ids, seed=42)
     # float32 training on another machine's BLAS drifts a little over 25 steps: 1e-3 relative on the log features
     assert res.rho_before == pytest.approx(cached["rho_before"], rel=1e-4)
