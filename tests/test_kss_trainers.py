@@ -137,25 +137,9 @@ def test_mixin_after_the_trainer_is_refused_where_the_class_is_defined():
             return super().compute_loss(*args, **kwargs)
 
 
-@pytest.mark.parametrize("lora,mode", [
-    pytest.param(False, "on", marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|KSS on",
-                                                         "Seq2SeqTrainer|full|1|monitor")),
-    pytest.param(True, "on", marks=pytest.mark.trainers("Seq2SeqTrainer|LoRA|1|KSS on",
-                                                        "Seq2SeqTrainer|LoRA|1|monitor")),
-    pytest.param(False, "auto", marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|auto")),
-])
-def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path, lora, mode):
-    """kss_trainer(Seq2SeqTrainer) on a tiny T5 (full, or LoRA on q and v): KSS draws from both stacks
-    (encoder.block+decoder.block), the term is live, and the term of one step reaches every block of both
-    stacks."""
-    from transformers import (
-        Seq2SeqTrainer,
-        Seq2SeqTrainingArguments,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
-
-    from hf_rksp.training.trainer import kss_trainer
+def tiny_t5(lora: bool):
+    """A tiny T5 (2 encoder + 2 decoder blocks), with LoRA on q and v when ``lora``."""
+    from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
@@ -163,9 +147,35 @@ def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_p
     if lora:
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
                                                             lora_dropout=0.0))
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
-                                    per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
-                                    disable_tqdm=True, seed=0, learning_rate=1e-3)
+    return model
+
+
+def seq2seq_args(tmp_path, **kw):
+    from transformers import Seq2SeqTrainingArguments
+
+    base = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True, "per_device_train_batch_size": 4,
+            "save_strategy": "no", "disable_tqdm": True, "seed": 0, "learning_rate": 1e-3}
+    return Seq2SeqTrainingArguments(**{**base, **kw})
+
+
+@pytest.mark.parametrize("lora,mode", [
+    pytest.param(False, "on", marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|KSS on",
+                                                         "Seq2SeqTrainer|full|1|monitor")),
+    pytest.param(True, "on", marks=pytest.mark.trainers("Seq2SeqTrainer|LoRA|1|KSS on",
+                                                        "Seq2SeqTrainer|LoRA|1|monitor")),
+    pytest.param(False, "auto", marks=pytest.mark.trainers("Seq2SeqTrainer|full|1|auto")),
+    pytest.param(True, "auto", marks=pytest.mark.trainers("Seq2SeqTrainer|LoRA|1|auto")),
+])
+def test_seq2seq_trainer_with_kss_mixin_reaches_encoder_and_decoder_blocks(tmp_path, lora, mode):
+    """kss_trainer(Seq2SeqTrainer) on a tiny T5 (full, or LoRA on q and v): KSS draws from both stacks
+    (encoder.block+decoder.block), the term is live, and the term of one step reaches every block of both
+    stacks."""
+    from transformers import Seq2SeqTrainer
+
+    from hf_rksp.training.trainer import kss_trainer
+
+    model = tiny_t5(lora)
+    args = seq2seq_args(tmp_path, max_steps=2, logging_steps=1)
     from hf_rksp import RKSPMonitorCallback
 
     mon = RKSPMonitorCallback(torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(9)),
@@ -356,6 +366,13 @@ def _free_port() -> int:
     pytest.param("on", ["lora"], marks=pytest.mark.trainers("Trainer|LoRA|2|KSS on", "Trainer|LoRA|2|monitor")),
     pytest.param("auto", ["lora", "sft"], marks=pytest.mark.trainers(
         "SFTTrainer|LoRA|2|auto", "SFTTrainer|LoRA|2|KSS on", "SFTTrainer|LoRA|2|monitor")),
+    pytest.param("auto", ["sft"], marks=pytest.mark.trainers(
+        "SFTTrainer|full|2|auto", "SFTTrainer|full|2|KSS on", "SFTTrainer|full|2|monitor")),
+    pytest.param("auto", ["lora"], marks=pytest.mark.trainers("Trainer|LoRA|2|auto")),
+    pytest.param("auto", ["seq2seq"], marks=pytest.mark.trainers(
+        "Seq2SeqTrainer|full|2|auto", "Seq2SeqTrainer|full|2|KSS on", "Seq2SeqTrainer|full|2|monitor")),
+    pytest.param("auto", ["seq2seq", "lora"], marks=pytest.mark.trainers(
+        "Seq2SeqTrainer|LoRA|2|auto", "Seq2SeqTrainer|LoRA|2|KSS on", "Seq2SeqTrainer|LoRA|2|monitor")),
 ])
 def test_ddp_two_processes_decide_once_and_train_with_kss(tmp_path, mode, flags):
     """Two CPU processes (gloo) through torchrun, KSS every step and the RKSP monitor: a full fine-tune with
