@@ -6,10 +6,12 @@ in alternating rounds, one process trains ``--steps`` timed steps after ``--warm
 while a competing process (a 2-thread matmul loop, started here and stopped after) keeps the cores busy.
 Reported: the median step time per (condition, threads), and the ratio to 1 thread.
 
-    python -m benchmarks.kss_threads --json
+    python -m benchmarks.kss_threads [--json] [--write]
 
-Other jobs on the machine are not controlled: the load average at start and end is recorded with the
-machine; "quiet" means no competitor of ours.
+``--write`` saves benchmarks/results/kss_threads.json and rewrites the "kss-threads" block of
+docs/results/benchmarks.md and the "threads" block of README.md (with the audit figures of
+``benchmarks.audit_threads --write``).  Other jobs on the machine are not controlled: the load average at
+start and end is recorded with the machine; "quiet" means no competitor of ours.
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks.harness import RESULTS, cpu_name, write_result
 from benchmarks.kss_overhead import StepTimer, Tokens
+from hf_rksp.utils import atomic
+from hf_rksp.utils.threads import default_threads
 
-COMPETITOR = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
-              "while True:\n    a = torch.tanh(a @ a / 32)\n")
+ROOT = Path(__file__).resolve().parent.parent
+
+#: the competing process: a 2-thread matmul loop, which ends by itself when the benchmark that started it is gone
+COMPETITOR = ("import os\nimport torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
+              "parent = os.getppid()\nwhile os.getppid() == parent:\n    a = torch.tanh(a @ a / 32)\n")
 
 
 def run(threads: int | None, a, out: str) -> list[float]:
@@ -72,11 +81,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--write", action="store_true", help="save the result and rewrite the docs' blocks")
     a = p.parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("hf_rksp").setLevel(logging.ERROR)
     default = torch.get_num_threads()
-    counts = {"1": 1, "2": 2, f"default ({default})": None}
+    counts = {"1": 1, "2": 2, f"torch default ({default})": None}
     times: dict[str, dict[str, list[float]]] = {c: {k: [] for k in counts} for c in ("quiet", "loaded")}
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,11 +106,16 @@ def main(argv=None) -> int:
         "vs_1_thread": {c: {k: v / d["1"] for k, v in d.items()} for c, d in med.items()},
         "settings": {"layers": a.layers, "width": a.width, "batch": a.batch, "seq_len": a.seq_len,
                      "timed_steps": a.steps, "rounds": a.rounds, "warmup": a.warmup, "kss": "every step"},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "our_default_threads": default_threads(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(),
                     "cpu_count": os.cpu_count(), "torch_default_threads": default,
                     "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0], "torch": torch.__version__},
         "wall_s": time.perf_counter() - t_start,
     }
+    if a.write:
+        write_result("kss_threads.json", res)
+        write_section("kss-threads", doc_section(res))
+        write_readme_threads()
     if a.json:
         print(json.dumps(res))
     else:
@@ -108,6 +123,58 @@ def main(argv=None) -> int:
             print(c, " ".join(f"{k}: {v:.3f} s ({v / d['1']:.2f}x)" for k, v in d.items()))
         print("machine:", res["machine"], "wall", round(res["wall_s"], 1), "s")
     return 0
+
+
+def doc_section(res: dict) -> str:
+    m, st, med, rel = res["machine"], res["settings"], res["median_step_s"], res["vs_1_thread"]
+    rows = ["| torch threads | median step, no competitor | × 1 thread | median step, with competitor | × 1 thread |",
+            "|---|---:|---:|---:|---:|"]
+    for k in med["quiet"]:
+        label = k + (" (our default here)" if k == str(res.get("our_default_threads")) else "")
+        rows.append(f"| {label} | {med['quiet'][k]:.2f} s | {rel['quiet'][k]:.2f} | {med['loaded'][k]:.2f} s | "
+                    f"{rel['loaded'][k]:.2f} |")
+    return (f"`python -m benchmarks.kss_threads --write` (run without `OMP_NUM_THREADS`, so torch's default is "
+            f"{m['torch_default_threads']} threads here): a GPT-2-shaped model ({st['layers']} layers, width "
+            f"{st['width']}, batch {st['batch']} × {st['seq_len']} tokens) trained by `KSSTrainer` with KSS every "
+            f"step, {st['timed_steps']} timed steps after {st['warmup']} warm-up per run, {st['rounds']} "
+            f"alternating rounds; \"with competitor\" beside a 2-thread matmul loop the benchmark starts. "
+            f"{m['processor']}, {m['cpu_count']} cores, torch {m['torch']}; load average "
+            f"{m['load_avg_start']:.2f} at the start and {m['load_avg_end']:.2f} at the end (other jobs on the "
+            f"machine; \"no competitor\" means none of ours):\n\n" + "\n".join(rows) + "\n")
+
+
+def replace_block(path: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``path`` (atomically)."""
+    a, b = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    s = path.read_text()
+    if a not in s or b not in s:
+        raise SystemExit(f"{path} has no {name} block")
+    head, rest = s.split(a, 1)
+    atomic.write_bytes(path, (head + a + text + rest[rest.index(b):]).encode())
+
+
+def write_section(name: str, text: str) -> None:
+    replace_block(ROOT / "docs" / "results" / "benchmarks.md", name, text)
+
+
+def write_readme_threads() -> None:
+    """The README's threads paragraph from the saved results of both thread benchmarks (those present)."""
+    parts = []
+    for file, what, key in (("audit_threads.json", "a SmolLM2-135M audit", "median_audit_s"),
+                            ("kss_threads.json", "a KSS training step", "median_step_s")):
+        path = RESULTS / file
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        med, m = r[key], r["machine"]
+        d = next(k for k in med["quiet"] if k.startswith(("torch default", "default")))
+        parts.append(f"{what} took {med['quiet']['1']:.1f} s on 1 thread, {med['quiet']['2']:.1f} s on 2 "
+                     f"and {med['quiet'][d]:.1f} s on torch's default; beside a competing 2-thread process "
+                     f"{med['loaded']['1']:.1f} s, {med['loaded']['2']:.1f} s and {med['loaded'][d]:.1f} s "
+                     f"(load average {m['load_avg_start']:.1f} at the start)")
+    text = ("Measured on the 2-core machine (" + "; ".join(parts) + "; "
+            "[tables](docs/results/benchmarks.md#threads)).\n") if parts else ""
+    replace_block(ROOT / "README.md", "threads", text)
 
 
 if __name__ == "__main__":

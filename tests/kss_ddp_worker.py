@@ -1,9 +1,10 @@
 """One rank of the two-process (gloo, CPU) KSS runs of tests/test_kss_trainers.py::test_ddp_*.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_worker.py OUT_DIR MODE [lora] [sft]
+    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_worker.py OUT_DIR MODE [lora] [sft|seq2seq]
 
 A tiny GPT-2 (full fine-tune, or LoRA on c_attn with ``lora``), KSSTrainer (or, with ``sft``, TRL's
-SFTTrainer with KSSMixin) with KSS every step and the RKSP monitor every 2 steps, 4 steps.  For mode="auto" each rank profiles its own shard (its M differs from the
+SFTTrainer with KSSMixin; with ``seq2seq``, a tiny T5, LoRA on q and v with ``lora``, and Seq2SeqTrainer with
+KSSMixin) with KSS every step and the RKSP monitor every 2 steps, 4 steps.  For mode="auto" each rank profiles its own shard (its M differs from the
 other's); the thresholds are put between the two ranks' M so that ranks deciding alone would disagree
 (and, before the fix, hang).  Each rank writes rank<N>.json: the decision, the KSS state, its log history,
 the monitor's history and a checksum of its weights.
@@ -28,10 +29,15 @@ from hf_rksp import KSSConfig, KSSTrainer, RKSPMonitorCallback
 
 def main() -> None:
     out, mode, flags = Path(sys.argv[1]), sys.argv[2], set(sys.argv[3:])
-    lora, sft = "lora" in flags, "sft" in flags
+    lora, sft, seq2seq = "lora" in flags, "sft" in flags, "seq2seq" in flags
     torch.manual_seed(0)
-    model = tiny_lm("gpt2")
-    if lora:
+    if seq2seq:
+        from test_kss_trainers import tiny_t5
+
+        model = tiny_t5(lora)
+    else:
+        model = tiny_lm("gpt2")
+    if lora and not seq2seq:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
@@ -52,6 +58,15 @@ def main() -> None:
                                                                  ddp_backend="gloo"),
                                      train_dataset=data, processing_class=_tokenizer(), callbacks=[monitor],
                                      kss_config=kss)
+    elif seq2seq:
+        from test_kss_trainers import seq2seq_args
+        from transformers import Seq2SeqTrainer
+
+        from hf_rksp import kss_trainer
+
+        tr = kss_trainer(Seq2SeqTrainer)(model=model, args=seq2seq_args(out, max_steps=4, logging_steps=2,
+                                                                         ddp_backend="gloo"),
+                                         train_dataset=Tokens(n=64, t=64), callbacks=[monitor], kss_config=kss)
     else:
         tr = KSSTrainer(model=model, args=args, train_dataset=Tokens(n=64, t=64), callbacks=[monitor],
                         kss_config=kss)

@@ -198,6 +198,45 @@ def test_audit_checks_once_and_leaves_the_callers_options_alone(tiny_dirs, monke
     assert res.record.method.streamed and "--stream" in res.record.command and res.record.source.id == "org/tiny"
 
 
+def test_cli_audit_runs_on_our_default_threads_and_the_numbers_do_not_depend_on_them(tiny_dirs, monkeypatch,
+                                                                                      capsys):
+    """`hf-rksp audit` without --threads runs on hf_rksp.utils.threads.default_threads() (half the usable
+    cores; 8 usable cores are made to appear so that it differs from 1 and from torch's setting), with
+    --threads on the count given; the library's audit() leaves torch's setting alone.  The numbers (every
+    block's features, the score) of 1 and 2 threads agree to 1e-9 relative (float64 spectra; the float32
+    forward's summation order may differ between thread counts), which is why audit.json does not record
+    the count."""
+    import os
+
+    from hf_rksp.cli.commands import main
+    from hf_rksp.pipeline import run
+    from hf_rksp.utils import threads
+
+    seen = []
+    real = run.profile_model
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(run, "profile_model", spy)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert threads.default_threads() == 4
+    before = torch.get_num_threads()
+    small = ["--init", "--tokens", "128", "--seq-len", "64", "--no-write", "-q"]
+    assert main(["audit", str(tiny_dirs["llama"]), *small]) == 0
+    assert main(["audit", str(tiny_dirs["llama"]), *small, "--threads", "3"]) == 0
+    audit(str(tiny_dirs["llama"]), init=True, out_dir=None, tokens=128, seq_len=64, progress=False)
+    assert seen == [4, 3, before] and torch.get_num_threads() == before
+    capsys.readouterr()
+    one, two = (audit(str(tiny_dirs["llama"]), init=True, out_dir=None, tokens=128, seq_len=64, threads=n,
+                      progress=False).record.to_dict() for n in (1, 2))
+    from benchmarks.audit_threads import max_relative_difference, numbers_of
+
+    a, b = numbers_of(one), numbers_of(two)
+    assert len(a) > 20 and max_relative_difference(a, b) <= 1e-9
+
+
 def test_loaded_model_is_typed(tiny_dirs):
     """load_model and load_for_streaming fill LoadedModel's fields."""
     from hf_rksp.models.loading import load_for_streaming, load_model

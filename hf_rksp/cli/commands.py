@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from hf_rksp.cli.errors import RedactingFormatter, fail, say, unexpected, worded
 from hf_rksp.errors import AuditInterrupted, RKSPError
@@ -370,6 +370,10 @@ def cmd_audit(args) -> int:
     if args.quiet:
         quiet_libraries()
     opts = audit_options(args)
+    if opts.threads is None:  # ours on the command line: torch's every-core default collapses on a loaded machine
+        from hf_rksp.utils.threads import default_threads
+
+        opts = replace(opts, threads=default_threads())
     if args.from_audit:
         result = rerender(args.from_audit, out_dir=args.out_dir, overwrite=opts.overwrite)
     elif args.push_to:

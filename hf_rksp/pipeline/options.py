@@ -83,7 +83,9 @@ class AuditOptions(ProfileOptions):
     max_memory: str | None = option(None, group="runtime", metavar="DEV=SIZE,...",
                                     help="accelerate max_memory for --device-map, e.g. 'cuda:0=20GiB,cpu=30GiB'")
     threads: int | None = option(None, group="runtime", parse=int, bounds=(1, 4096), recorded="never",
-                                 default_help="torch's own setting",
+                                 default_help="half the usable cores on the command line (ours, "
+                                              "hf_rksp.utils.threads.default_threads); torch's own setting "
+                                              "in the library",
                                  help="torch intra-op threads for this audit (restored after it); on a loaded "
                                       "machine fewer threads than cores can be much faster")
     overwrite: bool = option(False, group="runtime", recorded="never",

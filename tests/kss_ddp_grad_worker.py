@@ -1,0 +1,92 @@
+"""One rank of tests/test_kss_trainers.py::test_ddp_kss_gradient_equals_the_one_process_reference.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_grad_worker.py OUT_DIR
+
+A tiny GPT-2 (dropout 0, so that two runs from the same weights see the same forward), one optimizer step of
+KSSTrainer under DDP (gloo), twice from the same initial weights: KSS off, then KSS on (alpha 1, every step,
+100 token positions per micro-batch).  Done for a global batch of 8 sequences of 64 tokens split as 4 per rank
+(gradient accumulation 1), and as 2 micro-batches of 2 per rank (gradient accumulation 2).  A callback keeps
+the gradient of every block parameter just before the optimizer step (after DDP's all-reduce; no clipping),
+so grad_on - grad_off is the gradient of the KSS term as DDP applies it.  Each rank writes rank<N>.pt: per
+accumulation setting, the input_ids of each micro-batch its compute_loss saw (its shard of the global batch)
+and both gradients.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_kss import Tokens, targs, tiny_lm
+
+from hf_rksp import KSSConfig, KSSTrainer
+from hf_rksp.models.blocks import find_blocks
+
+#: the KSS settings of the check (the test builds its reference with the same)
+KSS = {"mode": "on", "alpha": 1.0, "every_n_steps": 1, "subsample": 100, "seed": 3}
+
+
+def model_without_dropout():
+    model = tiny_lm("gpt2")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def block_parameters(model) -> dict[str, torch.nn.Parameter]:
+    path, blocks = find_blocks(model)
+    return {f"{path}.{i}.{n}": p for i, b in enumerate(blocks) for n, p in b.named_parameters()}
+
+
+class KeepGrads(TrainerCallback):
+    def __init__(self, params: dict):
+        self.params, self.grads = params, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.params.items()}
+
+
+class Recording(KSSTrainer):
+    """KSSTrainer that keeps the input_ids of every compute_loss (this rank's micro-batches)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.seen.append(inputs["input_ids"].detach().cpu().clone())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def one_step(out: Path, mode: str, accumulation: int):
+    model = model_without_dropout()
+    keep = KeepGrads(block_parameters(model))
+    args = targs(out / f"{mode}{accumulation}", max_steps=1, logging_steps=1, max_grad_norm=0.0, ddp_backend="gloo",
+                 per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation)
+    tr = Recording(model=model, args=args, train_dataset=Tokens(n=32, t=64), callbacks=[keep],
+                   kss_config=KSSConfig(**{**KSS, "mode": mode}))
+    tr.train()
+    return tr, keep.grads
+
+
+def main() -> None:
+    out, runs = Path(sys.argv[1]), {}
+    for accumulation in (1, 2):
+        off, grad_off = one_step(out, "off", accumulation)
+        on, grad_on = one_step(out, "on", accumulation)
+        assert len(on.seen) == accumulation and all(torch.equal(a, b) for a, b in zip(off.seen, on.seen))
+        runs[accumulation] = {"ids": on.seen, "grad_off": grad_off, "grad_on": grad_on,
+                              "kss_evaluations": on.kss_state.evaluations, "wrapped": type(on.model_wrapped).__name__}
+    torch.save({"world": dist.get_world_size(), "runs": runs}, out / f"rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main()
