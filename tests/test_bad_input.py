@@ -919,7 +919,11 @@ def test_bad_input(case: Case, fx, tmp_path, monkeypatch, capfd):
         from hf_rksp import audit as run_audit
 
         got = json.loads((out / "audits" / fx["slug_reweighted"] / "audit.json").read_text())
-        fresh = run_audit(str(fx["reweighted"]), out_dir=None, stream=True, tokens=128, seq_len=64, progress=False)
+        from hf_rksp.utils.threads import default_threads
+
+        # the CLI's thread count (its default: default_threads()), so that float reductions run in the same order
+        fresh = run_audit(str(fx["reweighted"]), out_dir=None, stream=True, tokens=128, seq_len=64, progress=False,
+                          threads=default_threads())
         assert "resumed_at_block" not in got["timings"] and got["blocks"] == fresh.data["blocks"]
         said = [ln for ln in lines if "other weights" in ln]
         assert len(said) == 1 and re.search(r"warning: .*\(model-0000\d-of-0000\d\.safetensors changed: its "
