@@ -124,6 +124,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "support(feature, family=None): counts toward the README support matrix")
     config.addinivalue_line("markers", "trainers(*cells): 'trainer|setup|processes|feature' cells of the README "
                                        "trainer matrix")
+    # the library's calls run at the thread count `hf-rksp audit` uses by default (default_threads(): half the
+    # cores), so a test comparing an API audit with a CLI audit compares the same float reduction order
+    import torch
+
+    from hf_rksp.utils.threads import default_threads
+
+    torch.set_num_threads(default_threads())
 
 
 def _support_key(item):
