@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-from benchmarks.harness import machine, write_result
-from benchmarks.kss_threads import COMPETITOR, write_readme_threads, write_section
+from benchmarks.harness import competitor, machine, quiet_loggers, write_result
+from benchmarks.kss_threads import write_readme_threads, write_section
 from hf_rksp.utils.threads import default_threads, torch_threads
 
 
@@ -70,19 +67,23 @@ def max_relative_difference(a: list[float], b: list[float]) -> float:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.bench_audit import smollm2_path
-    from hf_rksp.capture.calibration import from_embedded  # noqa: F401  (loaded before timing)
-    from hf_rksp.models.loading import load_model, resolve_source
-    from hf_rksp.pipeline.options import AuditOptions
-    from hf_rksp.pipeline.run import audit_model
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--write", action="store_true", help="save the result and rewrite the docs' blocks")
     a = p.parse_args(argv)
-    logging.getLogger("hf_rksp").setLevel(logging.ERROR)
+    with quiet_loggers("hf_rksp"):
+        return _measure(a)
+
+
+def _measure(a) -> dict:
+    from benchmarks.bench_audit import smollm2_path
+    from hf_rksp.capture.calibration import from_embedded  # noqa: F401  (loaded before timing)
+    from hf_rksp.models.loading import load_model, resolve_source
+    from hf_rksp.pipeline.options import AuditOptions
+    from hf_rksp.pipeline.run import audit_model
+
     default, ours = torch.get_num_threads(), default_threads()
     counts = {"1": 1, "2": 2, f"torch default ({default})": default}
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -93,8 +94,7 @@ def main(argv=None) -> dict:
     reference, worst = None, 0.0
     for _ in range(a.rounds):
         for cond in ("quiet", "loaded"):
-            comp = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if cond == "loaded" else None
-            try:
+            with competitor(cond == "loaded"):
                 for name, n in counts.items():
                     with torch_threads(n):
                         t = time.perf_counter()
@@ -104,10 +104,6 @@ def main(argv=None) -> dict:
                     if reference is None:
                         reference = got
                     worst = max(worst, max_relative_difference(reference, got))
-            finally:
-                if comp is not None:
-                    comp.kill()
-                    comp.wait()
     med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in times.items()}
     res = {
         "median_audit_s": med,

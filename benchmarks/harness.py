@@ -7,8 +7,12 @@ both (``machine()``), and ``write_result`` writes it in one atomic step.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,3 +53,35 @@ def write_result(name: str, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
     return path
+
+
+@contextmanager
+def quiet_loggers(*names: str):
+    """These loggers at ERROR for the block (a benchmark prints its table, not library chatter), their levels
+    restored after, so an in-process caller (the test suite's smoke runs) keeps its own."""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, names)]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+#: the competing process of the "loaded" timings: a 2-thread matmul loop, which ends by itself when the
+#: benchmark that started it is gone
+COMPETITOR = ("import os\nimport torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
+              "parent = os.getppid()\nwhile os.getppid() == parent:\n    a = torch.tanh(a @ a / 32)\n")
+
+
+@contextmanager
+def competitor(active: bool):
+    """The block beside a running ``COMPETITOR`` process when ``active`` (killed after it), else alone."""
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if active else None
+    try:
+        yield
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from benchmarks.harness import quiet_loggers
 from hf_rksp import KSSConfig, KSSTrainer
 
 
@@ -89,7 +89,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     a = p.parse_args(argv)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with quiet_loggers("transformers"):
+        return _measure(a)
+
+
+def _measure(a) -> int:
     times: dict[str, list[float]] = {"plain": [], "kss": [], "kss10": []}
     windows10: list[float] = []
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]

@@ -18,29 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS, cpu_name, write_result
+from benchmarks.harness import RESULTS, competitor, cpu_name, quiet_loggers, write_result
 from benchmarks.kss_overhead import StepTimer, Tokens
 from hf_rksp.utils import atomic
 from hf_rksp.utils.threads import default_threads
 
 ROOT = Path(__file__).resolve().parent.parent
-
-#: the competing process: a 2-thread matmul loop, which ends by itself when the benchmark that started it is gone
-COMPETITOR = ("import os\nimport torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
-              "parent = os.getppid()\nwhile os.getppid() == parent:\n    a = torch.tanh(a @ a / 32)\n")
-
 
 def run(threads: int | None, a, out: str) -> list[float]:
     from transformers import (
@@ -83,8 +75,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--write", action="store_true", help="save the result and rewrite the docs' blocks")
     a = p.parse_args(argv)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("hf_rksp").setLevel(logging.ERROR)
+    with quiet_loggers("transformers", "hf_rksp"):
+        return _measure(a)
+
+
+def _measure(a) -> int:
     default = torch.get_num_threads()
     counts = {"1": 1, "2": 2, f"torch default ({default})": None}
     times: dict[str, dict[str, list[float]]] = {c: {k: [] for k in counts} for c in ("quiet", "loaded")}
@@ -92,14 +87,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.rounds):
             for cond in ("quiet", "loaded"):
-                comp = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if cond == "loaded" else None
-                try:
+                with competitor(cond == "loaded"):
                     for name, n in counts.items():
                         times[cond][name] += run(n, a, os.path.join(tmp, f"{cond}{name}"))
-                finally:
-                    if comp is not None:
-                        comp.kill()
-                        comp.wait()
     med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in times.items()}
     res = {
         "median_step_s": med,
