@@ -129,6 +129,9 @@ class RunSpec:
     # field); "pre" = x = a x + f(LN(x)) with beta on W_o, W_2, the variant whose init matches Table 1's row
     # (benchmarks/paper_table1.py --variants: M_~1 0.00, M_>1 1.00, rho 3.88 vs the paper's 3.94)
     deepnorm: str | None = None
+    # [ours, issue 25] profile every block's whitened spectrum every N steps during training with the library's
+    # RKSPMonitorCallback (the monitor study's traces); None = no monitor (every run before this field)
+    monitor_every: int | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS or self.method not in ALL_METHODS or self.task not in ("recall", "lm") or \
@@ -144,7 +147,7 @@ class RunSpec:
         d = asdict(self)
         if d["stop_at_label"]:  # the protocol's runs: keys from before this field existed stay valid
             del d["stop_at_label"]
-        for k in ("final_norm", "deepnorm"):  # likewise
+        for k in ("final_norm", "deepnorm", "monitor_every"):  # likewise
             if d[k] is None:
                 del d[k]
         if ALL_METHODS[self.method].kss:
@@ -206,6 +209,10 @@ class Protocol:
     #: the KSS variants (POD sketch, the paper's N = 2048) where the learning group diverges: (norm, final_norm, lr)
     learning_variants_at: tuple = ()
     learning_variant_methods: tuple[str, ...] = ("alpha_0.15_pod", "alpha_0.15_2048")
+    #: issue 25, the monitor study: (norm, final_norm, d, L, lr) traced with the monitor every monitor_every steps
+    monitor_at: tuple = ()
+    monitor_seeds: tuple[int, ...] = (42, 123)
+    monitor_every: int = 5
 
     def spec(self, **kw) -> RunSpec:
         return RunSpec(steps=self.steps, warmup=self.warmup, batch=self.batch, **kw)
@@ -264,6 +271,11 @@ class Protocol:
                 for n, final, lr in self.learning_variants_at for m in self.learning_variant_methods
                 for s in self.learning_seeds]
 
+    def monitor(self) -> list[RunSpec]:
+        return [self.spec(norm=n, final_norm=final, d_model=d, n_layers=L, lr=lr, seed=s,
+                          monitor_every=self.monitor_every)
+                for n, final, d, L, lr in self.monitor_at for s in self.monitor_seeds]
+
     def paper_design_lr(self, norm: str, d: int) -> float | None:
         """Table 2 under the paper's design [ours, issue 24]: every normalization at the smallest lr of its
         Table 1 grid (stable at every size), No-Norm at the largest (where it diverges); None: not in the grid."""
@@ -283,7 +295,7 @@ class Protocol:
         return {"table1": self.table1, "kss": self.kss, "maxlr": self.maxlr, "lm": self.lm,
                 "regime": self.regime, "regime_kss": self.regime_kss, "table2_paper": self.table2_paper,
                 "regime_maxlr": self.regime_maxlr, "learning": self.learning,
-                "learning_variants": self.learning_variants}[name]()
+                "learning_variants": self.learning_variants, "monitor": self.monitor}[name]()
 
     def no_control(self) -> list[RunSpec]:
         """Every no-control recall run of the protocol (the pooled population of the risk model)."""
@@ -322,6 +334,19 @@ PAPER_PROTOCOL = Protocol(
     # and diverges at 8.5e-3; Pre-LN learns at 0.03 (acc 0.28-0.32) and stalls at 0.1
     learning_lrs={("none", True): (3e-3, 8.5e-3), ("pre", None): (0.03,)},
     learning_variants_at=(("none", True, 8.5e-3),),
+    # [ours, issue 25] the monitor study: each normalization's stable and divergent lrs from the runs above
+    # (d 128, L 4 unless stated), plus the configurations benchmarks/preflight.py holds out (lrs 3.5e-3, 8.5e-3,
+    # 0.2 and d 256 L 6), which benchmarks/monitor_warning.py holds out too
+    monitor_at=tuple(("none", None, 128, 4, lr) for lr in (2e-3, 3e-3, 4e-3, 5e-3, 7e-3))
+    + tuple(("none", True, 128, 4, lr) for lr in (3e-3, 6e-3, 7.5e-3, 1e-2, 1.2e-2))
+    + tuple(("pre", None, 128, 4, lr) for lr in (0.1, 0.3, 0.5))
+    + tuple(("rms", None, 128, 4, lr) for lr in (0.1, 0.3, 0.5, 1.0))
+    + tuple((n, None, 128, 4, lr) for n in ("post", "deepnorm", "subln") for lr in (0.1, 1.0))
+    + tuple(("none", None, 128, 6, lr) for lr in (1e-3, 3e-3))
+    # held out
+    + (("none", None, 128, 4, 3.5e-3), ("none", True, 128, 4, 8.5e-3), ("pre", None, 128, 4, 0.2),
+       ("rms", None, 128, 4, 0.2), ("none", None, 256, 6, 1e-3), ("none", None, 256, 6, 1e-2),
+       ("pre", None, 256, 6, 0.1), ("pre", None, 256, 6, 1.0)),
 )
 #: a pipeline check in seconds (tests/test_paper_repro.py): tiny models, 20 steps
 SMOKE_PROTOCOL = Protocol(
@@ -331,9 +356,10 @@ SMOKE_PROTOCOL = Protocol(
     lm_norms=("none",), lm_lrs=(1e-3,), lm_seeds=(42,), regime_lrs=(0.01,), regime_seeds=(42,),
     regime_kss_lrs=(0.01,), regime_kss_methods=("none", "alpha_0.15_pod"), regime_maxlr_lrs=(0.01,),
     learning_lrs={("none", True): (0.01,)}, learning_seeds=(42,), learning_variants_at=(("none", True, 0.01),),
-    learning_variant_methods=("alpha_0.15_2048",),
+    learning_variant_methods=("alpha_0.15_2048",), monitor_at=(("none", None, 32, 2, 0.3),), monitor_seeds=(42,),
+    monitor_every=5,
 )
 PROTOCOLS = {"paper": PAPER_PROTOCOL, "smoke": SMOKE_PROTOCOL}
 GROUPS = ("table1", "kss", "maxlr", "lm", "regime", "regime_kss", "table2_paper", "regime_maxlr", "learning",
-          "learning_variants")
+          "learning_variants", "monitor")
 ALL = ("kss", "maxlr", "table1")  # "all": the paper's tables (lm is optional)

@@ -57,16 +57,25 @@ def _device_of(model) -> str:
     return str(next(model.parameters()).device)
 
 
+def profile_ids(spec: RunSpec) -> torch.Tensor:
+    """The held-out sequences RKSP is measured on (at init, at the end, and by the monitor study)."""
+    return task_batch(spec, max(1, PROFILE_TOKENS // spec.seq_len), spec.seed + HELDOUT_PROFILE)[0]
+
+
+def profile_options():
+    from hf_rksp.capture.profile import ProfileOptions
+
+    return ProfileOptions(rank="full", kreiss=False, blocks=BLOCKS, batch_size=32)
+
+
 def rksp(model, spec: RunSpec) -> dict:
     """RKSP v2 (full DMD, no Kreiss) on held-out sequences: the audit's summary (layer means) plus per-layer M."""
-    from hf_rksp.capture.profile import ProfileOptions, profile_model
+    from hf_rksp.capture.profile import profile_model
     from hf_rksp.record.summary import summarize
 
-    ids, _ = task_batch(spec, max(1, PROFILE_TOKENS // spec.seq_len), spec.seed + HELDOUT_PROFILE)
     was = model.training
     try:
-        blocks, _, _ = profile_model(model, ids, ProfileOptions(rank="full", kreiss=False, blocks=BLOCKS,
-                                                                batch_size=32), device=_device_of(model),
+        blocks, _, _ = profile_model(model, profile_ids(spec), profile_options(), device=_device_of(model),
                                      progress=False)
     finally:
         model.train(was)
@@ -247,9 +256,16 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
     init = rksp(model, spec)
     profile_s = time.perf_counter() - t_start
     monitor = _monitor_class()(model, stop=spec.stop_at_label)
+    callbacks = [monitor]
+    if spec.monitor_every:  # the library's monitor, no thresholds: the per-block traces of the monitor study
+        from hf_rksp.training.monitor import RKSPMonitorCallback
+
+        spectral = RKSPMonitorCallback(profile_ids(spec), every_n_steps=spec.monitor_every,
+                                       options=profile_options(), max_near_unit_change=None, max_radius_change=None)
+        callbacks.insert(0, spectral)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = KSSTrainer(model=model, args=training_args(spec, tmp, device), train_dataset=train_data(spec),
-                             kss_config=kss_config(spec), callbacks=[monitor])
+                             kss_config=kss_config(spec), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
         trainer.train()
@@ -282,6 +298,8 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
         "wall_s": time.perf_counter() - t_start,
         "trace": {"loss": [_round(v) for v in monitor.loss], "grad_norm": [_round(v) for v in monitor.grad],
                   "total_grad_norm": [_round(v) for v in monitor.total_grad]},
+        **({"rho_trace": [{"step": h["step"], "rho": [_round(v) for v in h["block_spectral_radius"]]}
+                          for h in spectral.history]} if spec.monitor_every else {}),
         "machine": machine(device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

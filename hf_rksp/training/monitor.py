@@ -11,15 +11,15 @@ from transformers import TrainerCallback
 from hf_rksp.capture.profile import ProfileOptions, profile_model
 from hf_rksp.errors import ConfigError, RKSPError
 from hf_rksp.models.blocks import find_blocks, unwrap_model
-from hf_rksp.record.records import SummaryRecord
+from hf_rksp.record.records import BlockRecord, SummaryRecord
 from hf_rksp.record.summary import summarize
 from hf_rksp.spectral import FEATURES
 
 logger = logging.getLogger("hf_rksp")
 
 
-def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRecord, int]:
-    """The audit's model-level summary at the current weights (no grad), and the block count.
+def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRecord, list[BlockRecord]]:
+    """The audit's model-level summary at the current weights (no grad), and the per-block records.
 
     ``profile_model`` puts the model in eval mode for the forward; its training mode is restored here.
     Training wrappers (PEFT, DDP, FSDP, ``torch.compile``) are looked through for the blocks; the forward is
@@ -37,7 +37,7 @@ def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRec
                                      progress=False)
     finally:
         model.train(was_training)
-    return summarize(blocks), len(blocks)
+    return summarize(blocks), blocks
 
 
 class RKSPMonitorCallback(TrainerCallback):
@@ -96,11 +96,13 @@ class RKSPMonitorCallback(TrainerCallback):
         return self
 
     def profile(self, model) -> dict:
-        s, _ = profile_summary(model, self.input_ids, self.options)
+        """The logged metrics (scalars, ``rksp/...``) and, kept in :attr:`history` only, every block's
+        whitened spectral radius (``block_spectral_radius``, in block order)."""
+        s, blocks = profile_summary(model, self.input_ids, self.options)
         out = {"rksp/near_unit_mass": s.score, "rksp/spectral_radius": s.features["spectral_radius"].max}
         out.update({f"rksp/{f.name}_mean": s.features[f.name].mean for f in FEATURES
                     if s.features[f.name].mean is not None})
-        return out
+        return out, [b.spectral_radius for b in blocks]
 
     def _check(self, m: dict, step: int, is_zero: bool) -> None:
         msgs = []
@@ -123,16 +125,16 @@ class RKSPMonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and self.baseline is None:
-            self.baseline = self.profile(model)
-            self.history.append({"step": state.global_step, **self.baseline})
+            self.baseline, rho = self.profile(model)
+            self.history.append({"step": state.global_step, **self.baseline, "block_spectral_radius": rho})
             self._pending.update({"rksp/baseline_near_unit_mass": self.baseline["rksp/near_unit_mass"],
                                   "rksp/baseline_spectral_radius": self.baseline["rksp/spectral_radius"]})
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every_n_steps:
             return control
-        m = self.profile(model)
-        self.history.append({"step": state.global_step, **m})
+        m, rho = self.profile(model)
+        self.history.append({"step": state.global_step, **m, "block_spectral_radius": rho})
         self._check(m, state.global_step, state.is_world_process_zero)
         self._pending.update(m)
         control.should_log = True
