@@ -298,7 +298,7 @@ def run_one(spec: RunSpec, device: str = "cpu") -> dict:
         "wall_s": time.perf_counter() - t_start,
         "trace": {"loss": [_round(v) for v in monitor.loss], "grad_norm": [_round(v) for v in monitor.grad],
                   "total_grad_norm": [_round(v) for v in monitor.total_grad]},
-        **({"rho_trace": [{"step": h["step"], "rho": [_round(v) for v in h["block_spectral_radius"]]}
+        **({"rho_trace": [{"step": h["step"], "rho": [None if v is None else _round(v) for v in h["block_spectral_radius"]]}
                           for h in spectral.history]} if spec.monitor_every else {}),
         "machine": machine(device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -11,6 +11,7 @@ from hf_rksp.record.records import (
                                     EnvironmentRecord,
                                     InputsRecord,
                                     MethodRecord,
+                                    MonitorAlarm,
                                     PreflightResult,
                                     RiskEntry,
                                     RouterStats,
@@ -22,5 +23,5 @@ from hf_rksp.record.records import (
 )
 
 __all__ = ["SCHEMA_VERSION", "Aggregate", "AuditRecord", "BlockRecord", "EnvironmentRecord", "InputsRecord",
-           "MethodRecord", "PreflightResult", "RiskEntry", "RouterStats", "SourceRecord", "SummaryRecord", "audit_schema", "read_audit",
+           "MethodRecord", "MonitorAlarm", "PreflightResult", "RiskEntry", "RouterStats", "SourceRecord", "SummaryRecord", "audit_schema", "read_audit",
            "validate_audit"]

@@ -445,6 +445,20 @@ class RiskEntry(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class MonitorAlarm(_Record):
+    """The monitor's early warning: the first profiled step where one block's whitened spectral radius passed
+    the early-warning rule (``hf_rksp.training.monitor.EarlyWarning``)."""
+
+    step: int  # the optimizer step whose weights were profiled
+    block: int  # the block's index in the model's block list
+    spectral_radius: float  # that block's whitened DMD spectral radius at ``step``
+    baseline: float  # ... and at train begin
+    statistic: float  # what the rule compared with its threshold (the ratio, or the radius itself)
+    rule: str  # "ratio" | "absolute"
+    threshold: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class PreflightResult(_Record):
     """A pre-flight check of a planned training run (filled by ``hf_rksp.pipeline.preflight``).
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
+from importlib.resources import files
 
 import torch
 from transformers import TrainerCallback
 
 from hf_rksp.capture.profile import ProfileOptions, profile_model
-from hf_rksp.errors import ConfigError, RKSPError
+from hf_rksp.errors import ConfigError, NonFiniteActivationError, RKSPError
 from hf_rksp.models.blocks import find_blocks, unwrap_model
-from hf_rksp.record.records import BlockRecord, SummaryRecord
+from hf_rksp.record.records import BlockRecord, MonitorAlarm, SummaryRecord
 from hf_rksp.record.summary import summarize
 from hf_rksp.spectral import FEATURES
 
@@ -40,6 +43,79 @@ def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRec
     return summarize(blocks), blocks
 
 
+RULES = ("ratio", "absolute")
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyWarning:
+    """The monitor's early-warning rule: alarm at the first profiled step where one block's whitened DMD
+    spectral radius passes ``threshold``: as a multiple of its own value at train begin (``rule="ratio"``) or
+    in absolute terms (``rule="absolute"``).  A non-finite radius always passes; an unknown one (None: the
+    profile stopped before that block) never does.
+
+    :meth:`fitted` is the rule shipped with hf-rksp, fitted by ``benchmarks/monitor_warning.py`` on the
+    reproduction's runs (the threshold with at most 5% false alarms on the fitting runs that did not diverge);
+    its provenance and held-out figures are in ``provenance``.
+    """
+
+    rule: str = "ratio"
+    threshold: float = 2.0
+    provenance: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ConfigError(f"`rule` must be one of {', '.join(RULES)}, not {self.rule!r}", param="rule")
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
+            raise ConfigError(f"`threshold` must be a finite number > 0, not {self.threshold!r}", param="threshold")
+
+    def statistics(self, rho: list[float], baseline: list[float]) -> list[float]:
+        """Per block, what the rule compares with ``threshold`` (inf where the radius is not finite)."""
+        if len(rho) != len(baseline):
+            raise ValueError(f"{len(rho)} radii against a baseline of {len(baseline)} blocks")
+        out = []
+        for r, r0 in zip(rho, baseline):
+            if r is None:
+                out.append(0.0)
+            elif not math.isfinite(r):
+                out.append(math.inf)
+            elif self.rule == "absolute":
+                out.append(float(r))
+            else:
+                out.append(float(r) / r0 if r0 and math.isfinite(r0) and r0 > 0 else math.inf)
+        return out
+
+    def check(self, step: int, rho: list[float], baseline: list[float]) -> MonitorAlarm | None:
+        """The alarm at ``step`` (naming the block with the largest statistic), or None."""
+        stats = self.statistics(rho, baseline)
+        b = max(range(len(stats)), key=stats.__getitem__)
+        if stats[b] <= self.threshold:
+            return None
+        return MonitorAlarm(step=int(step), block=b, spectral_radius=float(rho[b]),
+                            baseline=float(baseline[b]), statistic=stats[b], rule=self.rule,
+                            threshold=float(self.threshold))
+
+    def first_alarm(self, trace: list[tuple[int, list[float]]]) -> MonitorAlarm | None:
+        """The first alarm over a recorded trace [(step, per-block radii), ...] whose first entry is the
+        baseline (train begin)."""
+        if not trace:
+            return None
+        baseline = trace[0][1]
+        for step, rho in trace[1:]:
+            alarm = self.check(step, rho, baseline)
+            if alarm is not None:
+                return alarm
+        return None
+
+    @classmethod
+    def fitted(cls) -> "EarlyWarning | None":
+        """The shipped rule (``hf_rksp/data/monitor_warning.json``), or None when this build has none."""
+        path = files("hf_rksp") / "data" / "monitor_warning.json"
+        if not path.is_file():
+            return None
+        d = json.loads(path.read_text())
+        return cls(rule=d["rule"], threshold=float(d["threshold"]), provenance=d)
+
+
 class RKSPMonitorCallback(TrainerCallback):
     """Profile the model with the RKSP audit every N steps on a fixed calibration batch.
 
@@ -53,6 +129,11 @@ class RKSPMonitorCallback(TrainerCallback):
     over blocks) and ``rksp/outside_mass``, and warns (logger ``hf_rksp``)
     when M or the radius passes an absolute threshold or moves from the
     baseline by more than the allowed change.
+
+    Early warning (``early_warning``, default: :meth:`EarlyWarning.fitted`, the rule fitted on the
+    reproduction's runs): at the first profiled step where a block's whitened spectral radius passes the rule,
+    it logs ``rksp/alarm_block`` and ``rksp/alarm_step``, warns once naming the block, and keeps the
+    :class:`~hf_rksp.record.records.MonitorAlarm` in :attr:`alarm`.  ``early_warning=None`` turns it off.
 
     Logging: with KSSTrainer the metrics go through ``Trainer.log`` before any
     integration sees the logs.  With the plain Trainer they are added in
@@ -70,9 +151,10 @@ class RKSPMonitorCallback(TrainerCallback):
         *,
         max_near_unit_mass: float | None = None,
         max_spectral_radius: float | None = None,
-        max_near_unit_change: float | None = 0.1,
-        max_radius_change: float | None = 0.25,
+        max_near_unit_change: float | None = None,
+        max_radius_change: float | None = None,
         block_path: str | None = None,
+        early_warning: EarlyWarning | None | str = "fitted",
     ):
         if input_ids.ndim != 2:
             raise ValueError("input_ids must be (B, T) token ids")
@@ -85,7 +167,15 @@ class RKSPMonitorCallback(TrainerCallback):
         self.max_spectral_radius = max_spectral_radius
         self.max_near_unit_change = max_near_unit_change
         self.max_radius_change = max_radius_change
+        if isinstance(early_warning, str):
+            if early_warning != "fitted":
+                raise ConfigError(f"`early_warning` must be an EarlyWarning, None or \"fitted\", not "
+                                  f"{early_warning!r}", param="early_warning")
+            early_warning = EarlyWarning.fitted()
+        self.early_warning: EarlyWarning | None = early_warning
+        self.alarm: MonitorAlarm | None = None
         self.baseline: dict | None = None
+        self._baseline_rho: list[float] | None = None
         self.history: list[dict] = []
         self.warnings: list[str] = []
         self._pending: dict[str, float] = {}
@@ -95,7 +185,7 @@ class RKSPMonitorCallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, self)
         return self
 
-    def profile(self, model) -> dict:
+    def profile(self, model) -> tuple[dict, list[float]]:
         """The logged metrics (scalars, ``rksp/...``) and, kept in :attr:`history` only, every block's
         whitened spectral radius (``block_spectral_radius``, in block order)."""
         s, blocks = profile_summary(model, self.input_ids, self.options)
@@ -105,6 +195,8 @@ class RKSPMonitorCallback(TrainerCallback):
         return out, [b.spectral_radius for b in blocks]
 
     def _check(self, m: dict, step: int, is_zero: bool) -> None:
+        if "rksp/near_unit_mass" not in m:  # a non-finite stream: the early warning reports it
+            return
         msgs = []
         M, rho = m["rksp/near_unit_mass"], m["rksp/spectral_radius"]
         if self.max_near_unit_mass is not None and M > self.max_near_unit_mass:
@@ -126,6 +218,7 @@ class RKSPMonitorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and self.baseline is None:
             self.baseline, rho = self.profile(model)
+            self._baseline_rho = rho
             self.history.append({"step": state.global_step, **self.baseline, "block_spectral_radius": rho})
             self._pending.update({"rksp/baseline_near_unit_mass": self.baseline["rksp/near_unit_mass"],
                                   "rksp/baseline_spectral_radius": self.baseline["rksp/spectral_radius"]})
@@ -133,9 +226,26 @@ class RKSPMonitorCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every_n_steps:
             return control
-        m, rho = self.profile(model)
+        try:
+            m, rho = self.profile(model)
+        except NonFiniteActivationError as e:  # the stream ran away: an alarm, not a crash of the user's run
+            if self._baseline_rho is None:
+                raise
+            n = len(self._baseline_rho)
+            m, rho = {"rksp/non_finite_block": e.block}, [None] * e.block + [math.inf] * (n - e.block)
         self.history.append({"step": state.global_step, **m, "block_spectral_radius": rho})
         self._check(m, state.global_step, state.is_world_process_zero)
+        if self.early_warning is not None and self.alarm is None and self._baseline_rho is not None:
+            self.alarm = self.early_warning.check(state.global_step, rho, self._baseline_rho)
+            if self.alarm is not None:
+                a = self.alarm
+                m = {**m, "rksp/alarm_block": a.block, "rksp/alarm_step": a.step}
+                text = (f"RKSP monitor, step {a.step}: early warning: block {a.block}'s whitened spectral radius "
+                        f"{a.baseline:.3g} -> {a.spectral_radius:.3g} passed the {a.rule} threshold "
+                        f"{a.threshold:g}; runs like this one diverged soon after in our sweeps")
+                self.warnings.append(text)
+                if state.is_world_process_zero:
+                    logger.warning(text)
         self._pending.update(m)
         control.should_log = True
         return control
