@@ -20,7 +20,8 @@ not diverge (the false-alarm rate), then scored on the held-out runs:
 - gradient-norm spike and loss spike: the value over the median of the previous 20 steps (every step);
 - gradient-norm level: the gradient norm itself (every step; the label fires at 500).
 
-Lead = label step - alarm step; an alarm at or after the label is a miss.  ``median_lead_steps`` is the median
+Lead = label step - alarm step, on the label's clock (a profile after optimizer step s counts at s + 1, the step
+whose loss and gradient come from those weights); an alarm at or after the label is a miss.  ``median_lead_steps`` is the median
 over every diverged run, a miss counting 0; ``median_lead_detected`` over the detected ones.
 
     python -m benchmarks.monitor_warning --json      # fit, score, write hf_rksp/data/monitor_warning.json
@@ -70,8 +71,11 @@ def label_step(r: dict) -> int | None:
 # --- the detectors: each returns the first alarm step (and, for the spectral ones, the block) or None ----------
 
 def spectral_alarm(rule: EarlyWarning, r: dict):
-    a = rule.first_alarm([(t["step"], [math.inf if v is None else v for v in t["rho"]]) for t in r["rho_trace"]])
-    return (a.step, a.block) if a is not None else None
+    """The monitor profiles at the end of optimizer step s, on the weights the forward of step s + 1 sees: on
+    the label's clock (the loss and gradient norm of step t come from the weights after step t - 1) its alarm
+    is at s + 1."""
+    a = rule.first_alarm([(t["step"], t["rho"]) for t in r["rho_trace"]])
+    return (a.step + 1, a.block) if a is not None else None
 
 
 def spike_alarm(trace: list[float | None], thr: float):

@@ -246,48 +246,55 @@ def lr_response(runs: list[dict], rows: list[dict], cols: tuple[str, ...]) -> di
     return out
 
 
-# --- the monitor's baselines: spike detectors on the recorded traces (no spectral monitor here) -----------------
+# --- KSSConfig(mode="auto"): which rule should switch KSS on? (issue 25, item 4) -----------------------------------
 
-SPIKE_PRIOR = 20  # a spike: value > threshold x the median of the previous 20 steps
-FALSE_ALARM = 0.05
-
-
-def first_alarm(trace: list[float], thr: float, until: int) -> int | None:
-    """The first step (1-based) t < ``until`` whose value exceeds ``thr`` x the median of the SPIKE_PRIOR steps
-    before it (a non-finite value counts), or None."""
-    for t in range(SPIKE_PRIOR, min(len(trace), until - 1)):
-        v = trace[t]
-        prev = [x for x in trace[t - SPIKE_PRIOR:t] if math.isfinite(x)]
-        if not math.isfinite(v) or (prev and v > thr * float(np.median(prev))):
-            return t + 1
-    return None
+AUTO_METHOD = "alpha_0.15"  # the paper's KSS setting, the one every policy switches on
 
 
-def spike_detector(fit_runs: list[dict], ho_runs: list[dict], name: str) -> dict:
-    """The smallest threshold with <= FALSE_ALARM alarms on the fitting runs that did not diverge, then on the
-    held-out runs: false alarms on those that did not diverge, detections and lead (label step - alarm step) on
-    those that did."""
-    def tr(r):
-        return [math.inf if v is None else v for v in r["trace"][name]]
+def monitor_figures() -> dict:
+    """The early-warning monitor's held-out figures, from benchmarks/monitor_warning.py on the monitor group's
+    runs (None where those runs are absent)."""
+    from benchmarks import monitor_warning
 
-    def until(r):
-        return r["diverged_step"] if r["diverged"] else len(r["trace"][name]) + 1
+    if not monitor_warning.RUNS.is_file():
+        return {"monitor_median_lead_steps": None, "monitor_false_alarm_rate": None, "monitor": None}
+    raw = monitor_warning.RUNS.read_bytes()
+    res = monitor_warning.analyze([json.loads(line) for line in raw.decode().splitlines() if line.strip()],
+                                  hashlib.sha256(raw).hexdigest())
+    return {"monitor_median_lead_steps": res["monitor_median_lead_steps"],
+            "monitor_false_alarm_rate": res["monitor_false_alarm_rate"], "monitor": res}
 
-    stable = [r for r in fit_runs if not r["diverged"]]
-    thr = None
-    for cand in (1.5, 2, 3, 5, 10, 20, 50, 100, 1000):
-        fa = sum(first_alarm(tr(r), cand, until(r)) is not None for r in stable) / max(1, len(stable))
-        if fa <= FALSE_ALARM:
-            thr = cand
-            break
-    if thr is None:
-        return {"threshold": None}
-    hs = [r for r in ho_runs if not r["diverged"]]
-    hd = [r for r in ho_runs if r["diverged"]]
-    leads = [r["diverged_step"] - a for r in hd if (a := first_alarm(tr(r), thr, until(r))) is not None]
-    return {"threshold": thr, "false_alarm_rate": sum(first_alarm(tr(r), thr, until(r)) is not None for r in hs)
-            / max(1, len(hs)), "detected": len(leads), "diverged": len(hd),
-            "median_lead_steps": float(np.median(leads)) if leads else None}
+
+def auto_policies(runs: list[dict], p_of: dict[str, float], all_runs: list[dict]) -> dict:
+    """Each run without clipping or KSS paired with its twin trained with KSS (same model, data, lr, seed;
+    method alpha 0.15): the divergences a policy gets by training one of the two.  Policies: never KSS, always
+    KSS, the paper's init-only rule (KSS on when M_~1 at init > 0.5 or the layer-mean kappa(V) > 1e4: KSSConfig's
+    auto defaults) and the pre-flight's (KSS on when its P(divergence) >= 0.5; P from ``p_of``, out-of-fold or
+    held-out, never a fit that saw the run)."""
+    from hf_rksp.training.kss import KSSConfig
+
+    cfg = KSSConfig(mode="auto")
+    by_key = {r["key"]: r for r in all_runs}
+    pairs = []
+    for r in runs:
+        if r["spec"]["method"] != "none" or r["key"] not in p_of:
+            continue
+        twin = by_key.get(RunSpec(**{**r["spec"], "method": AUTO_METHOD}).key)
+        if twin is not None:
+            pairs.append((r, twin))
+    rules = {
+        "never": lambda r: False,
+        "always": lambda r: True,
+        "paper init rule": lambda r: r["init"]["near_unit_mass"] > cfg.auto_threshold
+        or r["init"]["eigvec_condition"] > cfg.auto_kappa,
+        "pre-flight P >= 0.5": lambda r: p_of[r["key"]] >= 0.5,
+    }
+    out = {"pairs": len(pairs), "diverged_without_kss": sum(a["diverged"] for a, _ in pairs),
+           "diverged_with_kss": sum(b["diverged"] for _, b in pairs)}
+    for name, on in rules.items():
+        out[name] = {"kss_on": sum(on(a) for a, _ in pairs),
+                     "diverged": sum((b if on(a) else a)["diverged"] for a, b in pairs)}
+    return out
 
 
 # --- the lr-range test, as users run it (fastai's lr_find, Lightning's Tuner.lr_find) ------------------------
@@ -400,6 +407,10 @@ def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
     fit = fit_logistic(matrix(xf, cols), yf)
     ph = fit.predict(matrix(xh, cols))
     held = scores(ph, yh, nh)
+    p_oof = grouped_oof(xf, yf, cols, norms)
+    auto = {"fitting (out-of-fold P)": auto_policies(fit_runs, {r["key"]: float(v) for r, v in zip(fit_runs, p_oof)},
+                                                     all_runs),
+            "held-out": auto_policies(ho_runs, {r["key"]: float(v) for r, v in zip(ho_runs, ph)}, all_runs)}
 
     def heldout_of(cols_, xs_f, xs_h):
         m = fit_logistic(matrix(xs_f, cols_, norms), yf)
@@ -460,15 +471,13 @@ def analyze(all_runs: list[dict], sha: str, write: bool) -> dict:
         "probe_cost_fraction": k / 500,
         "lr_ceiling_within_1_5x": within,
         "lr_ceiling_configs": len(ceil_rows),
-        "monitor_median_lead_steps": None,  # no spectral monitor was fitted (see the doc)
-        "monitor_false_alarm_rate": None,
-        "monitor_baselines_heldout": {"grad-norm spike": spike_detector(fit_runs, ho_runs, "grad_norm"),
-                                      "loss spike": spike_detector(fit_runs, ho_runs, "loss")},
+        **monitor_figures(),
         "model_features": list(cols),
         "selected_by": "lowest grouped-CV log-loss on the fitting runs, groups (norm, d_model, n_layers)",
         "heldout": held, "cv": cv, "baselines_heldout": baselines, "raw_feature_auroc_heldout": raw,
         "lr_ceiling": ceil_rows, "lr_ceiling_fitting_configs": fit_ceil, "ceiling_scale": scale,
         "lr_range_test_heldout": lr_range_scores(ceil_rows),
+        "kss_auto_policies": auto,
         "probe_seconds_median": float(np.median(probe_s)), "stable_run_seconds_median": float(np.median(run_s)),
         "n_fit": len(fit_runs), "n_fit_diverged": int(yf.sum()), "n_heldout": len(ho_runs),
         "n_heldout_diverged": int(yh.sum()), "runs_sha256": sha, "machine": machine(),
@@ -596,18 +605,7 @@ def doc(res: dict) -> str:
                                             (res["heldout_ece"] or 1) <= 0.05 and (res["lr_ceiling_within_1_5x"] or 0)
                                             >= 0.8 else " The targets (AUROC >= 0.95, ECE <= 0.05, lr_ceiling "
                                             "within 1.5x on >= 80%) are not all reached."))]
-    lines += ["", "## Monitor baselines (recorded traces; the spectral early-warning monitor is not built yet)", "",
-              (f"A spike detector alarms at the first step whose value exceeds a threshold x the median of the "
-               f"previous {SPIKE_PRIOR} steps; the threshold is the smallest of 1.5-1000 with <= 5% alarms on the "
-               "fitting runs that did not diverge; lead = label step - alarm step on the held-out runs."), "",
-              "| detector | threshold | false alarms (held-out stable runs) | detected before the label | median lead (steps) |",
-              "|---|---|---|---|---|"]
-    for name, d in res["monitor_baselines_heldout"].items():
-        if d.get("threshold") is None:
-            lines.append(f"| {name} | none reaches 5% | — | — | — |")
-        else:
-            lines.append(f"| {name} | {d['threshold']:g} | {d['false_alarm_rate']:.3f} | {d['detected']}/{d['diverged']} | "
-                         f"{_f(d['median_lead_steps'], '.1f')} |")
+    lines += monitor_doc(res.get("monitor")) + auto_doc(res["kss_auto_policies"])
     lrr = res.get("lr_range_test_heldout")
     if lrr:
         lines += ["", ("The lr-range test as users run it (fastai's `lr_find` / Lightning's `Tuner.lr_find`: an exponential "
@@ -629,6 +627,58 @@ def doc(res: dict) -> str:
                    "every larger grid lr half or more); the grids are coarse (x10 steps at d 256 L 6), so the true "
                    "edge lies anywhere up to the next grid lr."), ""]
     return "\n".join(lines)
+
+
+def monitor_doc(m: dict | None) -> list[str]:
+    from benchmarks.monitor_warning import FALSE_ALARM, SPIKE_PRIOR
+
+    lines = ["", "## The early-warning monitor (`RKSPMonitorCallback`)", ""]
+    if m is None:
+        return lines + ["The monitor group's runs (benchmarks/results/monitor/runs.jsonl) are not in this checkout."]
+    every = ", ".join(str(v) for v in m["monitor_every_n_steps"])
+    lines += [(f"{m['runs']} runs of the reproduction's `monitor` group ({m['fitting_runs']} fitting, "
+               f"{m['fitting_diverged']} diverged; {m['heldout_runs']} held out, {m['heldout_diverged']} diverged), "
+               f"profiled every {every} steps by the library's callback; every detector's threshold is the smallest "
+               f"of its grid with <= {FALSE_ALARM:.0%} false alarms on the fitting runs that did not diverge, then "
+               "scored on the held-out runs. Lead = label step - alarm step on the label's clock; a miss counts 0 in "
+               f"the median. Spikes: the value over the median of the previous {SPIKE_PRIOR} steps. "
+               f"Shipped rule: `{m['chosen']}` ({m['selected_by']})."), "",
+              "| detector (held-out runs) | threshold | false alarms | detected before the label | median lead, "
+              "misses 0 (steps) | median lead, detected | alarmed block = most grown block |",
+              "|---|---|---|---|---|---|---|"]
+    for name, d in m["detectors"].items():
+        if d.get("threshold") is None:
+            lines.append(f"| {name} | none fitted | — | — | — | — | — |")
+            continue
+        h = d["heldout"]
+        lines.append(f"| {name} | {d['threshold']:g} | {h['false_alarm_rate']:.3f} ({h['stable_runs']} runs) | "
+                     f"{h['detected']}/{h['diverged_runs']} | {_f(h['median_lead_steps'], '.1f')} | "
+                     f"{_f(h['median_lead_detected'], '.1f')} | {_f(h['block_named_agrees'], '.2f')} |")
+    return lines
+
+
+def auto_doc(auto: dict) -> list[str]:
+    lines = ["", "## Which rule should switch KSS on (`KSSConfig(mode=\"auto\")`)?", "",
+             (f"Each run without clipping or KSS paired with its twin trained with KSS ({AUTO_METHOD}; same model, "
+              "data, lr and seed): the divergences a rule gets by training the twin it picks. The paper's rule "
+              "reads RKSP at init (KSS on when M_~1 > 0.5 or kappa(V) > 1e4); the pre-flight's turns KSS on when "
+              "its P(divergence) >= 0.5 (out-of-fold P on the fitting runs, the shipped fit's on the held-out ones)."),
+             "", "| runs | pairs | never KSS | always KSS | paper's init rule | pre-flight P >= 0.5 |",
+             "|---|---|---|---|---|---|"]
+    for name, a in auto.items():
+        lines.append(f"| {name} | {a['pairs']} | " + " | ".join(
+            f"{a[k]['diverged']} diverged (KSS on {a[k]['kss_on']})"
+            for k in ("never", "always", "paper init rule", "pre-flight P >= 0.5")) + " |")
+    rules = ("never", "always", "paper init rule", "pre-flight P >= 0.5")
+    for name, a in auto.items():
+        least = min(a[k]["diverged"] for k in rules)
+        lines += ["", f"{name}: fewest divergences with " + ", ".join(f"`{k}`" for k in rules
+                                                                     if a[k]["diverged"] == least) + "."]
+    better = all(a["pre-flight P >= 0.5"]["diverged"] < a["paper init rule"]["diverged"] for a in auto.values())
+    lines += ["", ("The pre-flight's rule beats the paper's on both sets of runs." if better else
+                   "The pre-flight's rule does not beat the paper's on both sets of runs, so `mode=\"auto\"` keeps "
+                   "the paper's rule.")]
+    return lines
 
 
 def main(argv=None) -> int:
