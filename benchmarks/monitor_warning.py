@@ -15,8 +15,8 @@ Detectors, each with the smallest threshold of its grid that alarms on at most 5
 not diverge (the false-alarm rate), then scored on the held-out runs:
 
 - spectral, ``hf_rksp.training.monitor.EarlyWarning``: ``ratio`` (one block's radius over its own value at train
-  begin) and ``absolute`` (one block's radius); the rule shipped is the one with the longer median lead on the
-  fitting runs that diverged;
+  begin), ``jump`` (over its value at the previous profile) and ``absolute`` (one block's radius); the rule
+  shipped is the one with the longest median lead on the fitting runs that diverged;
 - gradient-norm spike and loss spike: the value over the median of the previous 20 steps (every step);
 - gradient-norm level: the gradient norm itself (every step; the label fires at 500).
 
@@ -51,8 +51,9 @@ SHIPPED = ROOT / "hf_rksp" / "data" / "monitor_warning.json"
 FALSE_ALARM = 0.05
 SPIKE_PRIOR = 20  # a spike: the value over the median of the previous 20 steps
 GRIDS = {  # the thresholds tried, smallest first
-    "ratio": tuple(float(f"{v:.3g}") for v in np.geomspace(1.05, 1000, 60)),
-    "absolute": tuple(float(f"{v:.3g}") for v in np.geomspace(1.0, 1000, 60)),
+    "ratio": tuple(float(f"{v:.3g}") for v in np.geomspace(1.05, 1e4, 80)),
+    "absolute": tuple(float(f"{v:.3g}") for v in np.geomspace(1.0, 1e4, 80)),
+    "jump": tuple(float(f"{v:.3g}") for v in np.geomspace(1.05, 1e4, 80)),
     "spike": (1.5, 2, 3, 5, 10, 20, 50, 100, 1000),
     "level": tuple(float(f"{v:.3g}") for v in np.geomspace(1.0, 500, 40)),
 }
@@ -98,6 +99,7 @@ def level_alarm(trace: list[float | None], thr: float):
 
 DETECTORS = {  # name -> (grid, detector(threshold) -> (run -> alarm))
     "spectral ratio": ("ratio", lambda thr: lambda r: spectral_alarm(EarlyWarning("ratio", thr), r)),
+    "spectral jump": ("jump", lambda thr: lambda r: spectral_alarm(EarlyWarning("jump", thr), r)),
     "spectral absolute": ("absolute", lambda thr: lambda r: spectral_alarm(EarlyWarning("absolute", thr), r)),
     "grad-norm spike": ("spike", lambda thr: lambda r: spike_alarm(r["trace"]["grad_norm"], thr)),
     "loss spike": ("spike", lambda thr: lambda r: spike_alarm(r["trace"]["loss"], thr)),
@@ -168,7 +170,8 @@ def analyze(runs: list[dict], sha: str | None = None) -> dict:
             out[name] = {"threshold": None}
             continue
         out[name] = {"threshold": thr, "fitting": score(make(thr), fit), "heldout": score(make(thr), held)}
-    spectral = [n for n in ("spectral ratio", "spectral absolute") if out[n].get("threshold") is not None]
+    spectral = [n for n in ("spectral ratio", "spectral jump", "spectral absolute")
+                if out[n].get("threshold") is not None]
     chosen = max(spectral, key=lambda n: (out[n]["fitting"]["median_lead_steps"],
                                           out[n]["fitting"]["detected"])) if spectral else None
     every = sorted({r["spec"].get("monitor_every") for r in runs})

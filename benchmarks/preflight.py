@@ -527,7 +527,23 @@ def readme_lines(res: dict) -> str:
             f"normalization's identity plus the lr alone scores AUROC "
             f"{_f(res['baselines_heldout']['norm + lr']['auroc_pooled'], '.2f')} pooled (needs the normalization "
             f"named, and a grid of it), M_~1 at init {_f(res['baselines_heldout']['M_init']['auroc_pooled'], '.2f')}"
-            f" ({m['processor']}, {m['torch_threads']} thread; [details and baselines](docs/results/preflight.md)).\n")
+            f" ({m['processor']}, {m['torch_threads']} thread; [details and baselines](docs/results/preflight.md))."
+            + monitor_readme(res.get("monitor")) + "\n")
+
+
+def monitor_readme(m: dict | None) -> str:
+    if m is None or m["chosen"] is None:
+        return ""
+    h = m["detectors"][m["chosen"]]["heldout"]
+    base = {n: m["detectors"][n] for n in ("grad-norm spike", "loss spike", "grad-norm level")}
+    return (f" The monitor's early warning (`RKSPMonitorCallback`, rule `{m['monitor_rule']}` > "
+            f"{m['monitor_threshold']:g}, fitted at <= 5% false alarms) on {m['heldout_runs']} held-out runs: "
+            f"{h['detected']}/{h['diverged_runs']} divergences flagged before the label, median lead "
+            f"{_f(h['median_lead_steps'], '.0f')} steps (misses count 0), false alarms "
+            f"{h['false_alarm_rate']:.2f}; at the same fitting, " + "; ".join(
+                f"{n} {d['heldout']['detected']}/{d['heldout']['diverged_runs']}, lead "
+                f"{_f(d['heldout']['median_lead_steps'], '.0f')}, false alarms {d['heldout']['false_alarm_rate']:.2f}"
+                if d.get("threshold") is not None else f"{n} none fitted" for n, d in base.items()) + ".")
 
 
 def _f(v, f=".3f"):

@@ -15,9 +15,10 @@ from hf_rksp.training.monitor import EarlyWarning, RKSPMonitorCallback
 
 
 def reference_first_alarm(trace, rule, thr):
-    """Independent reference: walk the trace, per block the ratio to step 0 (or the value), first > thr."""
-    base = trace[0][1]
-    for step, rho in trace[1:]:
+    """Independent reference: walk the trace, per block the ratio to step 0, to the previous entry, or the value;
+    the first entry with one > thr."""
+    for k, (step, rho) in enumerate(trace[1:], start=1):
+        base = trace[k - 1][1] if rule == "jump" else trace[0][1]
         best, which = -1.0, None
         for i, (r, r0) in enumerate(zip(rho, base)):
             if r is None:
@@ -25,7 +26,7 @@ def reference_first_alarm(trace, rule, thr):
             elif r != r or r in (math.inf, -math.inf):
                 s = math.inf
             else:
-                s = r / r0 if rule == "ratio" else r
+                s = r if rule == "absolute" else r / r0
             if s > best:
                 best, which = s, i
         if best > thr:
@@ -45,7 +46,7 @@ def test_rule_matches_a_reference_on_random_traces():
             if trial % 11 == 0 and k == n_steps - 1:
                 rho[0] = math.inf
             trace.append((5 * k, rho))
-        for rule, thr in (("ratio", 3.0), ("absolute", 3.5)):
+        for rule, thr in (("ratio", 3.0), ("jump", 2.5), ("absolute", 3.5)):
             a = EarlyWarning(rule, thr).first_alarm(trace)
             ref = reference_first_alarm(trace, rule, thr)
             if ref is None:
@@ -152,10 +153,11 @@ def test_benchmark_fits_on_fitting_runs_only_and_scores_leads():
     grid = mw.GRIDS["ratio"]
     assert r["threshold"] == min(t for t in grid if t >= 1.38)
     assert r["fitting"]["false_alarm_rate"] <= 0.05
-    # the ramp passes the threshold at the first multiple of 5 where 1 + (s - 50)/10 > thr
+    # the ramp passes the threshold at the first multiple of 5 where 1 + (s - 50)/10 > thr; a profile after
+    # optimizer step s counts at s + 1 on the label's clock
     first = next(s for s in range(0, 101, 5) if 1 + max(0, s - 50) / 10 > r["threshold"])
-    assert r["fitting"]["leads"] == [100 - first] * 5
-    assert r["heldout"]["leads"] == [20] * 3 and r["heldout"]["false_alarm_rate"] == 1.0
+    assert r["fitting"]["leads"] == [100 - (first + 1)] * 5
+    assert r["heldout"]["leads"] == [19] * 3 and r["heldout"]["false_alarm_rate"] == 1.0
     assert r["heldout"]["block_named_agrees"] == 1.0
     assert res["heldout_runs"] == 4 and res["fitting_runs"] == 25
     # too few stable fitting runs: no threshold is fitted

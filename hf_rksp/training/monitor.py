@@ -43,14 +43,14 @@ def profile_summary(model, input_ids: torch.Tensor, options) -> tuple[SummaryRec
     return summarize(blocks), blocks
 
 
-RULES = ("ratio", "absolute")
+RULES = ("ratio", "jump", "absolute")
 
 
 @dataclasses.dataclass(frozen=True)
 class EarlyWarning:
     """The monitor's early-warning rule: alarm at the first profiled step where one block's whitened DMD
-    spectral radius passes ``threshold``: as a multiple of its own value at train begin (``rule="ratio"``) or
-    in absolute terms (``rule="absolute"``).  A non-finite radius always passes; an unknown one (None: the
+    spectral radius passes ``threshold``: as a multiple of its own value at train begin (``rule="ratio"``), of
+    its value at the previous profile (``rule="jump"``), or in absolute terms (``rule="absolute"``).  A non-finite radius always passes; an unknown one (None: the
     profile stopped before that block) never does.
 
     :meth:`fitted` is the rule shipped with hf-rksp, fitted by ``benchmarks/monitor_warning.py`` on the
@@ -68,8 +68,13 @@ class EarlyWarning:
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
             raise ConfigError(f"`threshold` must be a finite number > 0, not {self.threshold!r}", param="threshold")
 
-    def statistics(self, rho: list[float], baseline: list[float]) -> list[float]:
-        """Per block, what the rule compares with ``threshold`` (inf where the radius is not finite)."""
+    def statistics(self, rho: list[float], baseline: list[float],
+                   previous: list[float] | None = None) -> list[float]:
+        """Per block, what the rule compares with ``threshold`` (inf where the radius is not finite).
+        ``baseline``: the radii at train begin; ``previous``: at the previous profile (rule "jump"; the baseline
+        when None)."""
+        if self.rule == "jump" and previous is not None:
+            baseline = previous
         if len(rho) != len(baseline):
             raise ValueError(f"{len(rho)} radii against a baseline of {len(baseline)} blocks")
         out = []
@@ -81,12 +86,13 @@ class EarlyWarning:
             elif self.rule == "absolute":
                 out.append(float(r))
             else:
-                out.append(float(r) / r0 if r0 and math.isfinite(r0) and r0 > 0 else math.inf)
+                out.append(float(r) / r0 if r0 is not None and math.isfinite(r0) and r0 > 0 else math.inf)
         return out
 
-    def check(self, step: int, rho: list[float], baseline: list[float]) -> MonitorAlarm | None:
+    def check(self, step: int, rho: list[float], baseline: list[float],
+              previous: list[float] | None = None) -> MonitorAlarm | None:
         """The alarm at ``step`` (naming the block with the largest statistic), or None."""
-        stats = self.statistics(rho, baseline)
+        stats = self.statistics(rho, baseline, previous)
         b = max(range(len(stats)), key=stats.__getitem__)
         if stats[b] <= self.threshold:
             return None
@@ -99,11 +105,12 @@ class EarlyWarning:
         baseline (train begin)."""
         if not trace:
             return None
-        baseline = trace[0][1]
+        baseline = previous = trace[0][1]
         for step, rho in trace[1:]:
-            alarm = self.check(step, rho, baseline)
+            alarm = self.check(step, rho, baseline, previous)
             if alarm is not None:
                 return alarm
+            previous = rho
         return None
 
     @classmethod
@@ -176,6 +183,7 @@ class RKSPMonitorCallback(TrainerCallback):
         self.alarm: MonitorAlarm | None = None
         self.baseline: dict | None = None
         self._baseline_rho: list[float] | None = None
+        self._previous_rho: list[float] | None = None
         self.history: list[dict] = []
         self.warnings: list[str] = []
         self._pending: dict[str, float] = {}
@@ -218,7 +226,7 @@ class RKSPMonitorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and self.baseline is None:
             self.baseline, rho = self.profile(model)
-            self._baseline_rho = rho
+            self._baseline_rho = self._previous_rho = rho
             self.history.append({"step": state.global_step, **self.baseline, "block_spectral_radius": rho})
             self._pending.update({"rksp/baseline_near_unit_mass": self.baseline["rksp/near_unit_mass"],
                                   "rksp/baseline_spectral_radius": self.baseline["rksp/spectral_radius"]})
@@ -236,7 +244,8 @@ class RKSPMonitorCallback(TrainerCallback):
         self.history.append({"step": state.global_step, **m, "block_spectral_radius": rho})
         self._check(m, state.global_step, state.is_world_process_zero)
         if self.early_warning is not None and self.alarm is None and self._baseline_rho is not None:
-            self.alarm = self.early_warning.check(state.global_step, rho, self._baseline_rho)
+            self.alarm = self.early_warning.check(state.global_step, rho, self._baseline_rho, self._previous_rho)
+            self._previous_rho = rho
             if self.alarm is not None:
                 a = self.alarm
                 m = {**m, "rksp/alarm_block": a.block, "rksp/alarm_step": a.step}
