@@ -1,6 +1,6 @@
 """One rank of tests/test_kss_trainers.py::test_ddp_kss_gradient_equals_the_one_process_reference.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_grad_worker.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_grad_worker.py OUT_DIR [lora]
 
 A tiny GPT-2 (dropout 0, so that two runs from the same weights see the same forward), one optimizer step of
 KSSTrainer under DDP (gloo), twice from the same initial weights: KSS off, then KSS on (alpha 1, every step,
@@ -9,7 +9,8 @@ KSSTrainer under DDP (gloo), twice from the same initial weights: KSS off, then 
 the gradient of every block parameter just before the optimizer step (after DDP's all-reduce; no clipping),
 so grad_on - grad_off is the gradient of the KSS term as DDP applies it.  Each rank writes rank<N>.pt: per
 accumulation setting, the input_ids of each micro-batch its compute_loss saw (its shard of the global batch)
-and both gradients.
+and both gradients.  With ``lora``, the model is wrapped in a LoRA adapter (PEFT) and the gradients are those of
+the trainable (LoRA) parameters of the blocks.
 """
 
 from __future__ import annotations
@@ -32,17 +33,24 @@ from hf_rksp.models.blocks import find_blocks
 KSS = {"mode": "on", "alpha": 1.0, "every_n_steps": 1, "subsample": 100, "seed": 3}
 
 
-def model_without_dropout():
+def model_without_dropout(lora: bool = False):
     model = tiny_lm("gpt2")
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    if lora:  # seeded: the worker's ranks and the test's reference build the same adapter
+        import peft
+
+        torch.manual_seed(5)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                           lora_dropout=0.0, fan_in_fan_out=True))
     return model
 
 
 def block_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters of every block (all of them, or the LoRA ones)."""
     path, blocks = find_blocks(model)
-    return {f"{path}.{i}.{n}": p for i, b in enumerate(blocks) for n, p in b.named_parameters()}
+    return {f"{path}.{i}.{n}": p for i, b in enumerate(blocks) for n, p in b.named_parameters() if p.requires_grad}
 
 
 class KeepGrads(TrainerCallback):
@@ -54,36 +62,44 @@ class KeepGrads(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in self.params.items()}
 
 
-class Recording(KSSTrainer):
-    """KSSTrainer that keeps the input_ids of every compute_loss (this rank's micro-batches)."""
+def recording(base):
+    class Recording(base):
+        """The trainer, keeping the input_ids of every compute_loss (this rank's micro-batches)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen = []
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seen, self.masks, self.keys = [], [], set()
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        self.seen.append(inputs["input_ids"].detach().cpu().clone())
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            self.seen.append(inputs["input_ids"].detach().cpu().clone())
+            mask = inputs.get("attention_mask")
+            self.masks.append(None if mask is None else mask.detach().cpu().clone())
+            self.keys |= set(inputs)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return Recording
 
 
-def one_step(out: Path, mode: str, accumulation: int):
-    model = model_without_dropout()
+def one_step(out: Path, mode: str, accumulation: int, lora: bool):
+    model = model_without_dropout(lora)
     keep = KeepGrads(block_parameters(model))
-    args = targs(out / f"{mode}{accumulation}", max_steps=1, logging_steps=1, max_grad_norm=0.0, ddp_backend="gloo",
-                 per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation)
-    tr = Recording(model=model, args=args, train_dataset=Tokens(n=32, t=64), callbacks=[keep],
-                   kss_config=KSSConfig(**{**KSS, "mode": mode}))
+    kw = dict(max_steps=1, logging_steps=1, max_grad_norm=0.0, ddp_backend="gloo",
+              per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation)
+    kss = KSSConfig(**{**KSS, "mode": mode})
+    tr = recording(KSSTrainer)(model=model, args=targs(out / f"{mode}{accumulation}", **kw),
+                               train_dataset=Tokens(n=32, t=64), callbacks=[keep], kss_config=kss)
     tr.train()
     return tr, keep.grads
 
 
 def main() -> None:
     out, runs = Path(sys.argv[1]), {}
+    lora = "lora" in sys.argv[2:]
     for accumulation in (1, 2):
-        off, grad_off = one_step(out, "off", accumulation)
-        on, grad_on = one_step(out, "on", accumulation)
+        off, grad_off = one_step(out, "off", accumulation, lora)
+        on, grad_on = one_step(out, "on", accumulation, lora)
         assert len(on.seen) == accumulation and all(torch.equal(a, b) for a, b in zip(off.seen, on.seen))
-        runs[accumulation] = {"ids": on.seen, "grad_off": grad_off, "grad_on": grad_on,
+        runs[accumulation] = {"ids": on.seen, "masks": on.masks, "keys": sorted(on.keys), "grad_off": grad_off, "grad_on": grad_on,
                               "kss_evaluations": on.kss_state.evaluations, "wrapped": type(on.model_wrapped).__name__}
     torch.save({"world": dist.get_world_size(), "runs": runs}, out / f"rank{dist.get_rank()}.pt")
 

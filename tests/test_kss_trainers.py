@@ -413,16 +413,18 @@ def _run_torchrun(worker: str, *argv: str, timeout: int = 240) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def _kss_block_gradient(ids: torch.Tensor, micro: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _kss_block_gradient(ids: torch.Tensor, micro: int, lora: bool = False, mask: torch.Tensor | None = None
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One process: the gradient of the KSS term (alpha 1, the worker's settings, step 0, micro-batch ``micro``)
-    on every block parameter of the worker's model, for the forward of ``ids``; and the drawn blocks."""
+    on every trainable block parameter of the worker's model, for the forward of ``ids`` (with the trainer's
+    ``attention_mask``, when its collator gave one); and the drawn blocks."""
     from tests.kss_ddp_grad_worker import KSS, block_parameters, model_without_dropout
 
-    model = model_without_dropout().train()
+    model = model_without_dropout(lora).train()
     params = block_parameters(model)
     _, blocks = find_blocks(model)
-    with KSSStep(list(blocks), KSSConfig(**KSS), step=0, micro=micro) as k:
-        loss = model(input_ids=ids, labels=ids).loss
+    with KSSStep(list(blocks), KSSConfig(**KSS), step=0, micro=micro, attention_mask=mask) as k:
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     out = k.result(loss, 1.0)
     assert out.skips == {} and out.term is not None
     grads = torch.autograd.grad(out.term, list(params.values()), allow_unused=True)
@@ -430,8 +432,11 @@ def _kss_block_gradient(ids: torch.Tensor, micro: int) -> tuple[dict[str, torch.
             torch.tensor(out.chosen))
 
 
-@pytest.mark.trainers("Trainer|full|2|KSS on")
-def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path):
+@pytest.mark.parametrize("flags", [
+    pytest.param([], marks=pytest.mark.trainers("Trainer|full|2|KSS on")),
+    pytest.param(["lora"], marks=pytest.mark.trainers("Trainer|LoRA|2|KSS on")),
+])
+def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path, flags):
     """What DDP does with the KSS term, checked against a one-process reference (docs/guides/training.md, DDP).
 
     Each rank evaluates the term on its own micro-batch (the same drawn blocks, token positions and DMD bases
@@ -445,8 +450,10 @@ def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path):
     no clipping), read before the optimizer step.  Tolerance: relative 1e-5 in norm per block.  Both sides
     are float32 forwards/backwards summed in a different order (DDP's buckets and all-reduce, and the
     subtraction, which cancels a task gradient of norm ~0.7 against a KSS gradient of norm ~90); observed
-    3e-7 to 5e-7.  The KSS numerics themselves are checked against float64 references in tests/test_kss.py."""
-    _run_torchrun("kss_ddp_grad_worker.py", str(tmp_path))
+    3e-7 to 5e-7.  The KSS numerics themselves are checked against float64 references in tests/test_kss.py.
+    With LoRA the same holds for the adapter's weights (the only trainable ones in the blocks)."""
+    lora = "lora" in flags
+    _run_torchrun("kss_ddp_grad_worker.py", str(tmp_path), *flags)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2
     for accumulation in (1, 2):
@@ -457,16 +464,18 @@ def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path):
         shards = [ids for r in (r0, r1) for ids in r["ids"]]
         assert len({tuple(x.flatten().tolist()) for x in torch.cat(shards)}) == 8  # 8 distinct sequences
         ddp = {n: r0["grad_on"][n] - r0["grad_off"][n] for n in r0["grad_on"]}
+        assert ddp and all(("lora_" in n) == lora for n in ddp)  # LoRA: the adapter's weights only are trained
         ref = {n: torch.zeros_like(g) for n, g in ddp.items()}
         drawn = set()
         for r in (r0, r1):
-            for micro, ids in enumerate(r["ids"]):
-                g, chosen = _kss_block_gradient(ids, micro)
+            for micro, (ids, mask) in enumerate(zip(r["ids"], r["masks"])):
+                g, chosen = _kss_block_gradient(ids, micro, lora, mask)
                 drawn.add(tuple(chosen.tolist()))
                 for n in ref:
                     ref[n] += g[n] / (2 * accumulation)
         assert len(drawn) == 1  # one draw of blocks for the optimizer step, on every rank and micro-batch
-        whole, _ = _kss_block_gradient(torch.cat(shards), 0)
+        masks = [m for r in (r0, r1) for m in r["masks"]]
+        whole, _ = _kss_block_gradient(torch.cat(shards), 0, lora, None if masks[0] is None else torch.cat(masks))
         for b in ("h.0.", "h.1."):
             names = [n for n in ddp if f".{b}" in f".{n}"]
             norm = math.sqrt(sum(float(ref[n].double().pow(2).sum()) for n in names))
