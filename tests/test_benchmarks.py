@@ -37,3 +37,33 @@ def test_kss_threads_times_every_thread_count_quiet_and_loaded(capsys):
     for cond in ("quiet", "loaded"):
         assert len(r["median_step_s"][cond]) == 3 and all(v > 0 for v in r["median_step_s"][cond].values())
         assert r["vs_1_thread"][cond]["1"] == 1.0
+
+
+def test_finetune_real_label_and_report(tmp_path, monkeypatch):
+    """The fine-tuning divergence label (non-finite, or the last 5 steps' mean > first step + margin) and the
+    report's counts, on recorded runs written here (the real runs take a CPU-hour: benchmarks/)."""
+    import math
+
+    import benchmarks.finetune_real as fr
+
+    assert not fr.label([4.0, 3.0, 3.5, 4.9, 5.0, 5.0, 5.0], 1.0)  # mean of the last 5: 4.68 <= 5.0
+    assert fr.label([4.0, 3.0, 5.2, 5.2, 5.2, 5.2, 5.2], 1.0)  # 5.2 > 5.0
+    assert fr.label([4.0, math.nan, 3.0], 1.0) and fr.label([], 1.0)
+
+    def rec(lr, losses, p, alarm):
+        return {"key": fr.key(lr, 0.0, 0, 7), "lr": lr, "clip": 0.0, "seed": 0, "steps": 7, "loss": losses,
+                "preflight": {"probability": p, "unavailable_reason": None if p is not None else "out of range"},
+                "monitor": {"alarm_step": alarm, "alarm_block": None if alarm is None else 3},
+                "machine": {"processor": "cpu", "torch_threads": 1}}
+
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("\n".join(json.dumps(r) for r in (rec(1e-4, [4.0] * 7, None, None),
+                                                       rec(1e-1, [4.0] + [9.0] * 6, None, 5),
+                                                       rec(1e-2, [4.0] * 7, 0.3, 5))) + "\n{torn")
+    monkeypatch.setattr(fr, "RUNS", runs)
+    monkeypatch.setattr(fr, "DOC", tmp_path / "doc.md")
+    fr.report(1.0)
+    text = (tmp_path / "doc.md").read_text()
+    assert "1 of 3 runs diverged" in text and "a probability for 1 of 3 runs: out of range" in text
+    assert "alarmed on 1 of 1 diverged runs and on 1 of 2 stable ones" in text
+    assert "| 0.1 | 0 | 0 | 4.00 -> 9.00 | yes | none | 5, block 3 |" in text
