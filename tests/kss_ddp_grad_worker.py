@@ -1,6 +1,6 @@
 """One rank of tests/test_kss_trainers.py::test_ddp_kss_gradient_equals_the_one_process_reference.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_grad_worker.py OUT_DIR [lora]
+    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_grad_worker.py OUT_DIR [lora] [sft]
 
 A tiny GPT-2 (dropout 0, so that two runs from the same weights see the same forward), one optimizer step of
 KSSTrainer under DDP (gloo), twice from the same initial weights: KSS off, then KSS on (alpha 1, every step,
@@ -10,7 +10,12 @@ the gradient of every block parameter just before the optimizer step (after DDP'
 so grad_on - grad_off is the gradient of the KSS term as DDP applies it.  Each rank writes rank<N>.pt: per
 accumulation setting, the input_ids of each micro-batch its compute_loss saw (its shard of the global batch)
 and both gradients.  With ``lora``, the model is wrapped in a LoRA adapter (PEFT) and the gradients are those of
-the trainable (LoRA) parameters of the blocks.
+the trainable (LoRA) parameters of the blocks.  With ``sft``, the trainer is TRL's ``SFTTrainer`` through the
+mixin (``kss_trainer(SFTTrainer)``) on the same token ids as a ``datasets.Dataset`` (TRL's collator, its
+``compute_loss`` and fused LM head, SFTConfig's default gradient checkpointing).  Both trainers run in
+float32 (``bf16=False``; SFTConfig defaults to ``bf16=True``, whose check is the test's
+``test_sft_kss_gradient_under_bf16_is_that_of_the_autocast_forward``, which calls :func:`one_step` in one
+plain process).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_kss import Tokens, targs, tiny_lm
 
-from hf_rksp import KSSConfig, KSSTrainer
+from hf_rksp import KSSConfig, KSSTrainer, kss_trainer
 from hf_rksp.models.blocks import find_blocks
 
 #: the KSS settings of the check (the test builds its reference with the same)
@@ -80,24 +85,37 @@ def recording(base):
     return Recording
 
 
-def one_step(out: Path, mode: str, accumulation: int, lora: bool):
+def one_step(out: Path, mode: str, accumulation: int, lora: bool, sft: bool = False, **args):
+    """One optimizer step (KSS ``mode`` "on" or "off"); ``args`` override the training arguments."""
     model = model_without_dropout(lora)
     keep = KeepGrads(block_parameters(model))
-    kw = dict(max_steps=1, logging_steps=1, max_grad_norm=0.0, ddp_backend="gloo",
-              per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation)
+    kw = dict(max_steps=1, logging_steps=1, max_grad_norm=0.0,
+              per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation, **args)
     kss = KSSConfig(**{**KSS, "mode": mode})
-    tr = recording(KSSTrainer)(model=model, args=targs(out / f"{mode}{accumulation}", **kw),
-                               train_dataset=Tokens(n=32, t=64), callbacks=[keep], kss_config=kss)
+    if sft:
+        import trl
+        from datasets import Dataset
+        from test_kss_trainers import _sft_args, _tokenizer
+
+        # token id 0 is the tokenizer's pad/eos: kept out so that TRL's collator masks nothing
+        data = Dataset.from_dict({"input_ids": Tokens(n=32, t=64).x.clamp(min=1).tolist()})
+        tr = recording(kss_trainer(trl.SFTTrainer))(
+            model=model, args=_sft_args(out / f"{mode}{accumulation}", **kw), train_dataset=data,
+            processing_class=_tokenizer(), callbacks=[keep], kss_config=kss)
+    else:
+        tr = recording(KSSTrainer)(model=model, args=targs(out / f"{mode}{accumulation}", **kw),
+                                   train_dataset=Tokens(n=32, t=64), callbacks=[keep], kss_config=kss)
     tr.train()
     return tr, keep.grads
 
 
 def main() -> None:
     out, runs = Path(sys.argv[1]), {}
-    lora = "lora" in sys.argv[2:]
+    lora, sft = "lora" in sys.argv[2:], "sft" in sys.argv[2:]
     for accumulation in (1, 2):
-        off, grad_off = one_step(out, "off", accumulation, lora)
-        on, grad_on = one_step(out, "on", accumulation, lora)
+        # float32 for both trainers (SFTConfig's own default is bf16=True)
+        off, grad_off = one_step(out, "off", accumulation, lora, sft, ddp_backend="gloo", bf16=False)
+        on, grad_on = one_step(out, "on", accumulation, lora, sft, ddp_backend="gloo", bf16=False)
         assert len(on.seen) == accumulation and all(torch.equal(a, b) for a, b in zip(off.seen, on.seen))
         runs[accumulation] = {"ids": on.seen, "masks": on.masks, "keys": sorted(on.keys), "grad_off": grad_off, "grad_on": grad_on,
                               "kss_evaluations": on.kss_state.evaluations, "wrapped": type(on.model_wrapped).__name__}

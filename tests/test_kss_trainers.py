@@ -413,17 +413,21 @@ def _run_torchrun(worker: str, *argv: str, timeout: int = 240) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def _kss_block_gradient(ids: torch.Tensor, micro: int, lora: bool = False, mask: torch.Tensor | None = None
-                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _kss_block_gradient(ids: torch.Tensor, micro: int, lora: bool = False, mask: torch.Tensor | None = None,
+                        bf16: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One process: the gradient of the KSS term (alpha 1, the worker's settings, step 0, micro-batch ``micro``)
     on every trainable block parameter of the worker's model, for the forward of ``ids`` (with the trainer's
-    ``attention_mask``, when its collator gave one); and the drawn blocks."""
+    ``attention_mask``, when its collator gave one), in float32 or, with ``bf16``, under the bfloat16 autocast
+    a trainer with ``bf16=True`` runs its forward in (on CPU); and the drawn blocks.  The forward is the plain
+    ``model(input_ids, attention_mask, labels)``: TRL's ``model(..., use_cache=False, fused_lm_head=True)``
+    differs from it after the last block only (the LM head), which the term does not see."""
     from tests.kss_ddp_grad_worker import KSS, block_parameters, model_without_dropout
 
     model = model_without_dropout(lora).train()
     params = block_parameters(model)
     _, blocks = find_blocks(model)
-    with KSSStep(list(blocks), KSSConfig(**KSS), step=0, micro=micro, attention_mask=mask) as k:
+    with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+          KSSStep(list(blocks), KSSConfig(**KSS), step=0, micro=micro, attention_mask=mask) as k):
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     out = k.result(loss, 1.0)
     assert out.skips == {} and out.term is not None
@@ -433,8 +437,10 @@ def _kss_block_gradient(ids: torch.Tensor, micro: int, lora: bool = False, mask:
 
 
 @pytest.mark.parametrize("flags", [
-    pytest.param([], marks=pytest.mark.trainers("Trainer|full|2|KSS on")),
-    pytest.param(["lora"], marks=pytest.mark.trainers("Trainer|LoRA|2|KSS on")),
+    pytest.param([], marks=pytest.mark.trainers("Trainer|full|2|KSS on"), id="trainer"),
+    pytest.param(["lora"], marks=pytest.mark.trainers("Trainer|LoRA|2|KSS on"), id="trainer-lora"),
+    pytest.param(["sft"], marks=pytest.mark.trainers("SFTTrainer|full|2|KSS on"), id="sft"),
+    pytest.param(["sft", "lora"], marks=pytest.mark.trainers("SFTTrainer|LoRA|2|KSS on"), id="sft-lora"),
 ])
 def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path, flags):
     """What DDP does with the KSS term, checked against a one-process reference (docs/guides/training.md, DDP).
@@ -451,14 +457,23 @@ def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path, flags):
     are float32 forwards/backwards summed in a different order (DDP's buckets and all-reduce, and the
     subtraction, which cancels a task gradient of norm ~0.7 against a KSS gradient of norm ~90); observed
     3e-7 to 5e-7.  The KSS numerics themselves are checked against float64 references in tests/test_kss.py.
-    With LoRA the same holds for the adapter's weights (the only trainable ones in the blocks)."""
-    lora = "lora" in flags
+    With LoRA the same holds for the adapter's weights (the only trainable ones in the blocks).
+
+    With TRL's ``SFTTrainer`` through the mixin (``sft``) the same holds to the same tolerance: its collator,
+    ``compute_loss`` (fused LM head, loss over ``num_items_in_batch``, scaled across devices) and gradient
+    checkpointing change the task loss, not the blocks' forward the term is computed from.  Both trainers run
+    in float32 here; SFTConfig's own default, ``bf16=True``, is checked in one process by
+    test_sft_kss_gradient_under_bf16_is_that_of_the_autocast_forward."""
+    lora, sft = "lora" in flags, "sft" in flags
     _run_torchrun("kss_ddp_grad_worker.py", str(tmp_path), *flags)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2
     for accumulation in (1, 2):
         r0, r1 = ranks[0]["runs"][accumulation], ranks[1]["runs"][accumulation]
         assert r0["wrapped"] == "DistributedDataParallel" and r0["kss_evaluations"] == accumulation
+        if sft:  # TRL's collator built the batches (with its all-ones attention mask)
+            assert r0["keys"] == ["attention_mask", "input_ids", "labels"]
+            assert all(m is not None and bool(m.all()) for m in r0["masks"])
         for name in r0["grad_on"]:  # after the all-reduce every rank holds the same gradient
             assert torch.equal(r0["grad_on"][name], r1["grad_on"][name])
         shards = [ids for r in (r0, r1) for ids in r["ids"]]
@@ -484,6 +499,36 @@ def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path, flags):
             assert norm > 0, f"no KSS gradient reaches block {b}"
             assert diff <= 1e-5 * norm, (accumulation, b, diff / norm)
             assert off_whole > 0.1 * norm  # the whole-batch term is another quantity
+
+
+@pytest.mark.trainers("SFTTrainer|full|1|KSS on")
+def test_sft_kss_gradient_under_bf16_is_that_of_the_autocast_forward(tmp_path):
+    """SFTConfig defaults to ``bf16=True``, on CPU too, so SFTTrainer's forward runs under bfloat16 autocast and
+    the KSS term is computed from snapshots of that forward.  That is the whole difference from the float32
+    reference: against it, the KSS gradient of one SFT step with SFTConfig's defaults (KSS on minus off, same
+    weights and batch, one process) is off at O(1) (observed norm ratio 1.04, cosine 0.74, relative 0.73, and
+    the same for the plain KSSTrainer with ``bf16=True``); against the reference whose forward runs under the
+    same autocast (its block outputs are then bit-identical to SFT's) it agrees to bfloat16's rounding.
+
+    Tolerance: relative 2e-2 in norm (observed 4.6e-3).  The on-minus-off subtraction is exact to float32 only
+    without autocast: with it, the backward of each linear layer rounds the summed (task + KSS) output
+    gradient to bfloat16 (2^-8 = 3.9e-3 relative), so grad(task + term) - grad(task) is grad(term) to about
+    that (4.3e-3 measured on the plain model alone).  The float32 case is the DDP test's (1e-5)."""
+    from tests.kss_ddp_grad_worker import one_step
+
+    off, grad_off = one_step(tmp_path, "off", 1, False, sft=True)  # SFTConfig's defaults, one process
+    on, grad_on = one_step(tmp_path, "on", 1, False, sft=True)
+    assert on.args.bf16 and on.accelerator.mixed_precision == "bf16" and on.kss_state.evaluations == 1
+    assert len(on.seen) == 1 and torch.equal(off.seen[0], on.seen[0])
+    got = torch.cat([(grad_on[n] - grad_off[n]).flatten() for n in grad_on])
+    rel = {}
+    for bf16 in (True, False):
+        ref, _ = _kss_block_gradient(on.seen[0], 0, False, on.masks[0], bf16=bf16)
+        want = torch.cat([ref[n].flatten() for n in grad_on])
+        assert want.norm() > 0
+        rel[bf16] = float((got - want).double().norm() / want.double().norm())
+    assert rel[True] <= 2e-2, rel
+    assert rel[False] > 0.1, rel  # the float32 forward's term is another quantity
 
 
 # -- the shipped example, at smoke size ----------------------------------------------------------------
