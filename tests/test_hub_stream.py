@@ -30,7 +30,7 @@ def repo_files(ckpt: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def server():
-    """One fake Hub for the module: clients that remember an endpoint (transformers' HfApi) keep reaching it."""
+    """One fake Hub for the module (each test resets transformers' shared HfApi to reach it: see hub_env)."""
     with FakeHub() as hub:
         yield hub
 
@@ -42,8 +42,14 @@ def hub_env(monkeypatch, tmp_path, server):
     cache = tmp_path / "hf-cache"
 
     def use(files: dict):
+        import transformers.utils.hub as transformers_hub
+
         hub = server
         hub.files, hub.requests = files, []
+        # transformers keeps one HfApi for the process, holding the endpoint of the first test that made it:
+        # made earlier in the suite it points at huggingface.co, unreachable offline, and every revision lookup
+        # retried with back-off (47-95 s a test in the full suite); a fresh one for this test reaches the fake Hub
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
         monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hub_constants, "ENDPOINT", hub.endpoint)
         monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
