@@ -15,8 +15,9 @@ fine-tune ended clearly worse than the pretrained model began).  Every loss is r
 read from the file.
 
 For each run, before training: ``hf_rksp.preflight`` with the run's settings (its probability, or why it gives
-none, its probe features and cost); during training: ``RKSPMonitorCallback`` every 5 steps (no Kreiss constant)
-with the shipped early-warning rule (its alarm step and block, if any).
+none, its probe features and cost); during training: ``RKSPMonitorCallback`` every 5 steps (no Kreiss constant),
+whose per-block radii the report scores with the best spectral rule of ``benchmarks/monitor_warning.py`` (shipped
+or not), beside that script's loss-spike detector at its fitted threshold.
 
     python -m benchmarks.finetune_real run [--steps 30] [--shard 0/2]   # resumable: runs are keyed
     python -m benchmarks.finetune_real report                             # the table, into the results doc
@@ -121,7 +122,7 @@ def run_one(tok, base_state, config, ids: torch.Tensor, lr: float, clip: float, 
                 self.grad.append(float(logs.get("grad_norm", math.nan)))
 
     losses = Losses()
-    monitor = RKSPMonitorCallback(held, every_n_steps=MONITOR_EVERY,
+    monitor = RKSPMonitorCallback(held, every_n_steps=MONITOR_EVERY, early_warning=None,
                                   options=ProfileOptions(kreiss=False, batch_size=HELD))
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, report_to=[], use_cpu=True, max_steps=steps,
@@ -132,17 +133,13 @@ def run_one(tok, base_state, config, ids: torch.Tensor, lr: float, clip: float, 
         t1 = time.perf_counter()
         Trainer(model=model, args=args, train_dataset=Rows(order), callbacks=[monitor, losses]).train()
         train_s = time.perf_counter() - t1
-    a = monitor.alarm
     return {"key": key(lr, clip, seed, steps), "lr": lr, "clip": clip, "seed": seed, "steps": steps,
             "warmup": warmup, "loss": losses.loss, "grad_norm": losses.grad,
             "preflight": {"probability": pre.probability, "unavailable_reason": pre.unavailable_reason,
                           "probe_steps": pre.probe_steps, "probe_diverged": pre.probe_diverged,
                           "features": pre.features, "driving_blocks": pre.driving_blocks,
                           "warnings": pre.warnings, "seconds": pre_s},
-            "monitor": {"alarm_step": None if a is None else a.step, "alarm_block": None if a is None else a.block,
-                        "rule": None if monitor.early_warning is None else
-                        [monitor.early_warning.rule, monitor.early_warning.threshold],
-                        "profiled_steps": [h["step"] for h in monitor.history]},
+            "rho_trace": [{"step": h["step"], "rho": h["block_spectral_radius"]} for h in monitor.history],
             "train_s": train_s, "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -182,22 +179,38 @@ def run(steps: int, shard: tuple[int, int]) -> None:
             f.write(json.dumps(r) + "\n")
         p = r["preflight"]
         print(f"lr {lr:g} clip {clip:g} seed {seed}: loss {r['loss'][0]:.2f} -> {r['loss'][-1]:.2f}, "
-              f"pre-flight {p['probability'] if p['probability'] is not None else 'none'}, monitor alarm "
-              f"{r['monitor']['alarm_step']}, {r['train_s']:.0f} s", file=sys.stderr)
+              f"pre-flight {p['probability'] if p['probability'] is not None else 'none'}, {r['train_s']:.0f} s",
+              file=sys.stderr)
 
 
-def table(runs: list[dict], margin: float) -> str:
+def detectors() -> dict:
+    """The monitor study's best spectral rule and its loss-spike detector, at the thresholds fitted there."""
+    from benchmarks import monitor_warning as mw
+    from hf_rksp.training.monitor import EarlyWarning
+
+    res = json.loads(mw.OUT.read_text())
+    rule = EarlyWarning(res["monitor_rule"], res["monitor_threshold"])
+    spike = res["detectors"]["loss spike"]["threshold"]
+    return {f"spectral {rule.rule} > {rule.threshold:g}": lambda r: mw.spectral_alarm(rule, r),
+            f"loss spike > {spike:g}x": lambda r: mw.spike_alarm(r["loss"], spike)}
+
+
+def alarm_text(a) -> str:
+    if a is None:
+        return "none"
+    return f"step {a[0]}" + (f", block {a[1]}" if a[1] is not None else "")
+
+
+def table(runs: list[dict], margin: float, dets: dict) -> str:
     lines = [f"| lr | clip | seed | loss first -> last 5 | diverged (label: +{margin:g} nat or non-finite) | "
-             "pre-flight P | monitor alarm (step, block) |", "|---|---|---|---|---|---|---|"]
+             "pre-flight P | " + " | ".join(dets) + " |", "|---|---|---|---|---|---|" + "---|" * len(dets)]
     for r in sorted(runs, key=lambda r: (r["lr"], r["clip"], r["seed"])):
         tail = r["loss"][-5:]
         p = r["preflight"]
         pr = f"{p['probability']:.2f}" if p["probability"] is not None else "none"
-        m = r["monitor"]
         lines.append(f"| {r['lr']:g} | {r['clip']:g} | {r['seed']} | {r['loss'][0]:.2f} -> "
                      f"{sum(tail) / len(tail):.2f} | {'yes' if label(r['loss'], margin) else 'no'} | {pr} | "
-                     + (f"{m['alarm_step']}, block {m['alarm_block']}" if m["alarm_step"] is not None else "none")
-                     + " |")
+                     + " | ".join(alarm_text(d(r)) for d in dets.values()) + " |")
     return "\n".join(lines)
 
 
@@ -207,8 +220,7 @@ def report(margin: float) -> None:
         raise SystemExit(f"no runs in {RUNS}")
     div = [r for r in runs if label(r["loss"], margin)]
     stable = [r for r in runs if not label(r["loss"], margin)]
-    alarms_div = sum(r["monitor"]["alarm_step"] is not None for r in div)
-    alarms_stable = sum(r["monitor"]["alarm_step"] is not None for r in stable)
+    dets = detectors()
     given = [r for r in runs if r["preflight"]["probability"] is not None]
     reasons = sorted({r["preflight"]["unavailable_reason"] for r in runs if r["preflight"]["probability"] is None})
     m = runs[0]["machine"]
@@ -221,9 +233,9 @@ def report(margin: float) -> None:
          f"ends more than {margin:g} nat above the first step's. {len(div)} of {len(runs)} runs diverged."), "",
         (f"The pre-flight gave a probability for {len(given)} of {len(runs)} runs"
          + (": " + "; ".join(reasons) if reasons else "") + "."),
-        (f"The monitor's shipped rule alarmed on {alarms_div} of {len(div)} diverged runs and on {alarms_stable} "
-         f"of {len(stable)} stable ones."), "",
-        table(runs, margin), ""])
+        " ".join(f"`{n}` alarmed on {sum(d(r) is not None for r in div)} of {len(div)} diverged runs and on "
+                 f"{sum(d(r) is not None for r in stable)} of {len(stable)} stable ones." for n, d in dets.items()),
+        "", table(runs, margin, dets), ""])
     atomic.write_text(DOC, text)
     print(text)
 

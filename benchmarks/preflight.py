@@ -532,12 +532,17 @@ def readme_lines(res: dict) -> str:
 
 
 def monitor_readme(m: dict | None) -> str:
+    from benchmarks.monitor_warning import shipped_rule
+
     if m is None or m["chosen"] is None:
         return ""
     h = m["detectors"][m["chosen"]]["heldout"]
+    shipped = shipped_rule(m)["rule"] is not None
     base = {n: m["detectors"][n] for n in ("grad-norm spike", "loss spike", "grad-norm level")}
-    return (f" The monitor's early warning (`RKSPMonitorCallback`, rule `{m['monitor_rule']}` > "
-            f"{m['monitor_threshold']:g}, fitted at <= 5% false alarms) on {m['heldout_runs']} held-out runs: "
+    return (f" The monitor's early warning (`RKSPMonitorCallback`; best spectral rule `{m['monitor_rule']}` > "
+            f"{m['monitor_threshold']:g}, fitted at <= 5% false alarms, "
+            f"{'shipped as its default' if shipped else 'not shipped as a default: too few fitting runs flagged'}) "
+            f"on {m['heldout_runs']} held-out runs: "
             f"{h['detected']}/{h['diverged_runs']} divergences flagged before the label, median lead "
             f"{_f(h['median_lead_steps'], '.0f')} steps (misses count 0), false alarms "
             f"{h['false_alarm_rate']:.2f}; at the same fitting, " + "; ".join(
@@ -646,7 +651,7 @@ def doc(res: dict) -> str:
 
 
 def monitor_doc(m: dict | None) -> list[str]:
-    from benchmarks.monitor_warning import FALSE_ALARM, SPIKE_PRIOR
+    from benchmarks.monitor_warning import FALSE_ALARM, SPIKE_PRIOR, shipped_rule
 
     lines = ["", "## The early-warning monitor (`RKSPMonitorCallback`)", ""]
     if m is None:
@@ -658,7 +663,9 @@ def monitor_doc(m: dict | None) -> list[str]:
                f"of its grid with <= {FALSE_ALARM:.0%} false alarms on the fitting runs that did not diverge, then "
                "scored on the held-out runs. Lead = label step - alarm step on the label's clock; a miss counts 0 in "
                f"the median. Spikes: the value over the median of the previous {SPIKE_PRIOR} steps. "
-               f"Shipped rule: `{m['chosen']}` ({m['selected_by']})."), "",
+               f"The spectral rule compared with the baselines is `{m['chosen']}` ({m['selected_by']}). "
+               + ("It is the callback's default (`early_warning=\"fitted\"`)." if shipped_rule(m)["rule"]
+                  else f"No rule is shipped as the callback's default: {shipped_rule(m).get('reason')}.")), "",
               "| detector (held-out runs) | threshold | false alarms | detected before the label | median lead, "
               "misses 0 (steps) | median lead, detected | alarmed block = most grown block |",
               "|---|---|---|---|---|---|---|"]

@@ -50,20 +50,28 @@ def test_finetune_real_label_and_report(tmp_path, monkeypatch):
     assert fr.label([4.0, 3.0, 5.2, 5.2, 5.2, 5.2, 5.2], 1.0)  # 5.2 > 5.0
     assert fr.label([4.0, math.nan, 3.0], 1.0) and fr.label([], 1.0)
 
-    def rec(lr, losses, p, alarm):
+    def rec(lr, losses, p, jump_at):
+        rho = [{"step": s, "rho": [1.0, 1.0, 1.0, 100.0 if s == jump_at else 1.0]} for s in range(0, 8, 5)]
         return {"key": fr.key(lr, 0.0, 0, 7), "lr": lr, "clip": 0.0, "seed": 0, "steps": 7, "loss": losses,
                 "preflight": {"probability": p, "unavailable_reason": None if p is not None else "out of range"},
-                "monitor": {"alarm_step": alarm, "alarm_block": None if alarm is None else 3},
-                "machine": {"processor": "cpu", "torch_threads": 1}}
+                "rho_trace": rho, "machine": {"processor": "cpu", "torch_threads": 1}}
 
     runs = tmp_path / "runs.jsonl"
     runs.write_text("\n".join(json.dumps(r) for r in (rec(1e-4, [4.0] * 7, None, None),
                                                        rec(1e-1, [4.0] + [9.0] * 6, None, 5),
                                                        rec(1e-2, [4.0] * 7, 0.3, 5))) + "\n{torn")
+    result = tmp_path / "result.json"  # the monitor study's fitted detectors
+    result.write_text(json.dumps({"monitor_rule": "jump", "monitor_threshold": 50.0,
+                                  "detectors": {"loss spike": {"threshold": 2}}}))
     monkeypatch.setattr(fr, "RUNS", runs)
     monkeypatch.setattr(fr, "DOC", tmp_path / "doc.md")
+    import benchmarks.monitor_warning as mw
+
+    monkeypatch.setattr(mw, "OUT", result)
     fr.report(1.0)
     text = (tmp_path / "doc.md").read_text()
     assert "1 of 3 runs diverged" in text and "a probability for 1 of 3 runs: out of range" in text
-    assert "alarmed on 1 of 1 diverged runs and on 1 of 2 stable ones" in text
-    assert "| 0.1 | 0 | 0 | 4.00 -> 9.00 | yes | none | 5, block 3 |" in text
+    # the jump at step 5 counts at step 6 on the label's clock; seven steps are too few for a loss spike
+    assert "`spectral jump > 50` alarmed on 1 of 1 diverged runs and on 1 of 2 stable ones" in text
+    assert "`loss spike > 2x` alarmed on 0 of 1 diverged runs" in text
+    assert "| 0.1 | 0 | 0 | 4.00 -> 9.00 | yes | none | step 6, block 3 | none |" in text

@@ -77,12 +77,15 @@ def test_rule_edge_cases_and_validation():
 
 
 def test_shipped_rule_is_read_with_its_provenance():
+    """The shipped fitting record: a rule with its figures, or no rule and the reason (then the default is off)."""
+    d = EarlyWarning.shipped()
+    assert d is not None and {"runs_sha256", "false_alarm_target", "rule"} <= set(d)
     w = EarlyWarning.fitted()
-    if w is None:
-        pytest.skip("this build ships no fitted rule")
-    assert w.rule in ("ratio", "absolute") and w.threshold > 0
-    assert {"fitting", "heldout", "runs_sha256", "false_alarm_target"} <= set(w.provenance)
     assert RKSPMonitorCallback(torch.zeros(1, 8, dtype=torch.long)).early_warning == w
+    if d["rule"] is None:
+        assert w is None and d["reason"]
+    else:
+        assert (w.rule, w.threshold) == (d["rule"], d["threshold"]) and {"fitting", "heldout"} <= set(w.provenance)
 
 
 def test_callback_alarms_once_names_the_block_and_logs_it(tmp_path, caplog):

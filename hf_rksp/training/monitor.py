@@ -113,13 +113,19 @@ class EarlyWarning:
             previous = rho
         return None
 
+    @staticmethod
+    def shipped() -> dict | None:
+        """``hf_rksp/data/monitor_warning.json``: the fitting's record (its rule may be null, with the reason),
+        or None when this build has none."""
+        path = files("hf_rksp") / "data" / "monitor_warning.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     @classmethod
     def fitted(cls) -> "EarlyWarning | None":
-        """The shipped rule (``hf_rksp/data/monitor_warning.json``), or None when this build has none."""
-        path = files("hf_rksp") / "data" / "monitor_warning.json"
-        if not path.is_file():
+        """The shipped rule, or None when the fitting shipped none (``shipped()["reason"]`` says why)."""
+        d = cls.shipped()
+        if d is None or d.get("rule") is None:
             return None
-        d = json.loads(path.read_text())
         return cls(rule=d["rule"], threshold=float(d["threshold"]), provenance=d)
 
 
