@@ -175,6 +175,8 @@ def analyze(runs: list[dict], sha: str | None = None) -> dict:
     chosen = max(spectral, key=lambda n: (out[n]["fitting"]["median_lead_steps"],
                                           out[n]["fitting"]["detected"])) if spectral else None
     every = sorted({r["spec"].get("monitor_every") for r in runs})
+    grown_by_run = [max(max(EarlyWarning("ratio", 1.0).statistics(t["rho"], r["rho_trace"][0]["rho"]))
+                        for t in r["rho_trace"][1:]) for r in runs if not r["diverged"] and len(r["rho_trace"]) > 1]
     res = {
         "monitor_rule": None if chosen is None else DETECTORS[chosen][0],
         "monitor_threshold": None if chosen is None else out[chosen]["threshold"],
@@ -184,6 +186,8 @@ def analyze(runs: list[dict], sha: str | None = None) -> dict:
         "runs": len(runs), "fitting_runs": len(fit), "heldout_runs": len(held),
         "fitting_diverged": sum(r["diverged"] for r in fit), "heldout_diverged": sum(r["diverged"] for r in held),
         "detectors": out, "chosen": chosen, "runs_sha256": sha,
+        "stable_runs_largest_growth": ({"median": float(np.median(grown_by_run)), "max": float(max(grown_by_run)),
+                                        "runs": len(grown_by_run)} if grown_by_run else None),
         "selected_by": "the spectral rule with the longest median lead on the fitting runs that diverged, each at "
                        "the smallest threshold with <= 5% false alarms on the fitting runs that did not",
     }

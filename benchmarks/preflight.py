@@ -664,6 +664,9 @@ def monitor_doc(m: dict | None) -> list[str]:
                "scored on the held-out runs. Lead = label step - alarm step on the label's clock; a miss counts 0 in "
                f"the median. Spikes: the value over the median of the previous {SPIKE_PRIOR} steps. "
                f"The spectral rule compared with the baselines is `{m['chosen']}` ({m['selected_by']}). "
+               + (f"In the {g['runs']} runs that did not diverge, the most grown block's radius reached a median "
+                  f"{g['median']:.0f}x its value at train begin (at most {g['max']:.0f}x). "
+                  if (g := m.get("stable_runs_largest_growth")) else "")
                + ("It is the callback's default (`early_warning=\"fitted\"`)." if shipped_rule(m)["rule"]
                   else f"No rule is shipped as the callback's default: {shipped_rule(m).get('reason')}.")), "",
               "| detector (held-out runs) | threshold | false alarms | detected before the label | median lead, "

@@ -163,5 +163,15 @@ def test_benchmark_fits_on_fitting_runs_only_and_scores_leads():
     assert r["heldout"]["leads"] == [19] * 3 and r["heldout"]["false_alarm_rate"] == 1.0
     assert r["heldout"]["block_named_agrees"] == 1.0
     assert res["heldout_runs"] == 4 and res["fitting_runs"] == 25
+    # the chosen rule flags every fitting divergence in time: shipped; a rule that flags none is not
+    assert res["chosen"] == "spectral ratio" or res["detectors"][res["chosen"]]["fitting"]["median_lead_steps"] >= \
+        r["fitting"]["median_lead_steps"]
+    assert mw.shipped_rule(res)["rule"] is not None and mw.shipped_rule(res)["threshold"] > 0
+    late = [_run("none", 4e-3, 100, lambda s: 1.0 if s < 100 else 90.0) for _ in range(5)]  # jumps at the label
+    weak = mw.analyze(stable + late)
+    assert mw.shipped_rule(weak)["rule"] is None and "not shipped" in mw.shipped_rule(weak)["reason"]
+    # the stable runs' growth: 1.2 + 0.01 k over k = 0..19 (held-out stable run included: 10x)
+    g = res["stable_runs_largest_growth"]
+    assert g["runs"] == 21 and g["max"] == pytest.approx(10.0) and g["median"] == pytest.approx(1.3)
     # too few stable fitting runs: no threshold is fitted
     assert mw.analyze(stable[:10] + div)["detectors"]["spectral ratio"]["threshold"] is None
