@@ -219,3 +219,60 @@ def test_benchmark_prints_its_json_line_from_the_cached_probes(capsys):
     shipped = pf.load_preflight_model()
     assert list(shipped.features) == head["model_features"]
     assert shipped.heldout["heldout_auroc"] == pytest.approx(head["heldout_auroc_pooled"])
+
+
+def _stop_after_one():
+    """A TrainerCallback stopping after the first optimizer step (the auto decision is taken before it)."""
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = True
+
+    return Stop()
+
+
+def _auto_trainer(tmp_path, model, data, rule, **kw):
+    from transformers import TrainingArguments
+
+    from hf_rksp import KSSConfig, KSSTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / rule), report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, per_device_train_batch_size=16, seed=42, **kw)
+    return KSSTrainer(model=model, args=args, train_dataset=data, callbacks=[_stop_after_one()],
+                      kss_config=KSSConfig(mode="auto", auto_rule=rule, block_path="gpt.blocks", seed=42))
+
+
+def test_kss_auto_decides_from_the_preflight_in_its_range_and_falls_back_outside(tmp_path):
+    """auto_rule="preflight": on a model and plan inside the shipped pre-flight model's range the decision is
+    P >= 0.5 with P the pre-flight's for the planned run (lr, warm-up, steps and clipping from the
+    TrainingArguments); on a model outside it, the paper's rule decides, and the reason says why."""
+    import copy
+
+    from benchmarks.repro.protocol import RunSpec
+    from benchmarks.repro.training import build_model, train_data
+
+    tmp = tmp_path
+    spec = RunSpec(norm="none", d_model=128, n_layers=4, lr=5e-3, seed=42)
+    plan = dict(learning_rate=spec.lr, max_steps=500, warmup_steps=100, max_grad_norm=0.0, weight_decay=0.01)
+    model = build_model(spec)
+    tr = _auto_trainer(tmp, copy.deepcopy(model), train_data(spec), "preflight", **plan)
+    tr.train()
+    d = tr.kss_state.auto
+    assert d["rule"] == "preflight" and 0 <= d["preflight_probability"] <= 1
+    assert d["enabled"] == (d["preflight_probability"] >= 0.5) and d["reason"].startswith("pre-flight P")
+    # the probability is the pre-flight's for that plan: the same check run by hand on the trainer's batches
+    again = _auto_trainer(tmp, copy.deepcopy(model), train_data(spec), "preflight", **plan).kss_auto_preflight()
+    assert again.probability == pytest.approx(d["preflight_probability"], rel=1e-6)
+    # a model the pre-flight model does not cover (d 32, L 2): the paper's rule, with the reason
+    small = RunSpec(norm="none", d_model=32, n_layers=2, lr=5e-3, seed=42)
+    decided = {}
+    for rule in ("preflight", "paper"):
+        t = _auto_trainer(tmp, build_model(small), train_data(small), rule, **plan)
+        t.train()
+        decided[rule] = t.kss_state.auto
+    assert decided["preflight"]["preflight_probability"] is None
+    assert "pre-flight gave no probability" in decided["preflight"]["reason"] and "d_model" in \
+        decided["preflight"]["reason"]
+    assert decided["preflight"]["enabled"] == decided["paper"]["enabled"]
+    assert decided["preflight"]["reason"].endswith(decided["paper"]["reason"])

@@ -102,6 +102,9 @@ class KSSConfig:
     auto_low: float = 0.3  # mode="auto": below this M (and modest kappa) KSS stays off
     auto_kappa: float = 1e4  # mode="auto": layer-mean kappa(V) above this counts as "large" [ours]
     auto_tokens: int = 2048  # mode="auto": tokens of the first training batches profiled
+    #: mode="auto": "paper" = the paper's init-only rule (Fig. 7); "preflight" = KSS on when hf_rksp.preflight
+    #: gives P(divergence) >= 0.5 for the planned run (the paper's rule where it gives no probability) [ours]
+    auto_rule: str = "paper"
 
     def __post_init__(self):
         checks = (
@@ -136,6 +139,8 @@ class KSSConfig:
             ("auto_kappa", self.auto_kappa > 1, f"auto_kappa must be > 1, got {self.auto_kappa}"),
             ("auto_tokens", _int(self.auto_tokens) and self.auto_tokens >= 2,
              f"auto_tokens must be an integer >= 2, got {self.auto_tokens}"),
+            ("auto_rule", self.auto_rule in ("paper", "preflight"),
+             f"auto_rule must be 'paper' or 'preflight', got {self.auto_rule!r}"),
         )
         for param, ok, message in checks:
             if not ok:

@@ -164,6 +164,23 @@ class KSSMixin:
         kappa = s.features["eigvec_condition"].mean
         return s.score, math.inf if kappa is None else kappa, s.features["spectral_radius"].max
 
+    def kss_auto_preflight(self):
+        """This rank's pre-flight check of the planned run (``auto_rule="preflight"``): ``hf_rksp.preflight``
+        on a copy of the model, with its training batches and the TrainingArguments' lr, warm-up, steps,
+        clipping, weight decay and batch size."""
+        from hf_rksp.pipeline.preflight import preflight
+
+        args = self.args
+        loader = self.get_train_dataloader()
+        total = args.max_steps if args.max_steps > 0 else \
+            max(1, math.ceil(len(loader) / args.gradient_accumulation_steps) * math.ceil(args.num_train_epochs))
+        batches = ({k: v for k, v in b.items() if k in ("input_ids", "labels", "attention_mask")} for b in loader)
+        model = unwrap_model(self.accelerator.unwrap_model(self.model))
+        return preflight(model, batches, lr=args.learning_rate, warmup_steps=args.get_warmup_steps(total),
+                         total_steps=total, max_grad_norm=args.max_grad_norm or 0.0, weight_decay=args.weight_decay,
+                         batch_size=args.per_device_train_batch_size, blocks=self.kss_config.block_path,
+                         seed=self.kss_config.seed)
+
     def kss_auto_decide(self) -> dict:
         """mode="auto": profile the model as it is now on the first training batches (RKSP v2, no Kreiss).
 
@@ -173,22 +190,31 @@ class KSSMixin:
         The decision is logged, stored in the KSS state and kept on resume.  Under DDP each rank profiles its
         own batches (:meth:`kss_auto_statistics`) and the decision is taken once from all of them (M and
         kappa averaged over ranks, the radius maxed), so it is the same on every rank.
+
+        ``auto_rule="preflight"`` [ours]: each rank runs the pre-flight check on its own batches; KSS is on when
+        the ranks' mean P(divergence) >= 0.5, and the paper's rule decides where the pre-flight gives no
+        probability (outside what its model was fitted on: the reason is logged and kept).
         """
         cfg = self.kss_config
         m, kappa, rho = self.kss_auto_statistics()
+        check = self.kss_auto_preflight() if cfg.auto_rule == "preflight" else None
+        p = math.nan if check is None or check.probability is None else float(check.probability)
         per_rank = [m]
         if self.accelerator.num_processes > 1:
             # one unconditional gather: a rank deciding alone can turn KSS on where another has it off, and
             # the job then hangs in the first collective only one of them reaches
-            local = torch.tensor([[m, kappa, rho]], dtype=torch.float64, device=self.args.device)
+            local = torch.tensor([[m, kappa, rho, p]], dtype=torch.float64, device=self.args.device)
             every = self.accelerator.gather(local).cpu()
             per_rank = every[:, 0].tolist()
             m, kappa, rho = float(every[:, 0].mean()), float(every[:, 1].mean()), float(every[:, 2].max())
+            p = float(every[:, 3].mean())  # nan when any rank had no probability: the paper's rule decides
         model = unwrap_model(self.accelerator.unwrap_model(self.model))
         lr, lr_default = self.args.learning_rate, default_lr(getattr(getattr(model, "config", None),
                                                                      "model_type", None))
         normed = has_normalization(model)
-        if m > cfg.auto_threshold or kappa > cfg.auto_kappa:
+        if math.isfinite(p):
+            enabled, why = p >= 0.5, f"pre-flight P(divergence) = {p:.2f} {'>=' if p >= 0.5 else '<'} 0.5"
+        elif m > cfg.auto_threshold or kappa > cfg.auto_kappa:
             enabled, why = True, f"M > {cfg.auto_threshold:g}" if m > cfg.auto_threshold else \
                 f"kappa > {cfg.auto_kappa:g}"
         elif m < cfg.auto_low:
@@ -197,9 +223,13 @@ class KSSMixin:
             enabled = (not normed) or lr > 2 * lr_default
             why = ("no normalization" if not normed else f"lr > 2x default {lr_default:g}") if enabled else \
                 f"M in [{cfg.auto_low:g}, {cfg.auto_threshold:g}], normalized, lr <= 2x default"
+        if cfg.auto_rule == "preflight" and not math.isfinite(p):
+            none = check.unavailable_reason if check.probability is None else "not on every rank"
+            why = f"the pre-flight gave no probability ({none}); the paper's rule: {why}"
         decision = {"near_unit_mass": m, "eigvec_condition_mean": _finite(kappa),
                     "spectral_radius_max": rho, "lr": lr, "lr_default": lr_default, "normalized": normed,
-                    "enabled": enabled, "reason": why, "near_unit_mass_per_rank": per_rank}
+                    "enabled": enabled, "reason": why, "near_unit_mass_per_rank": per_rank, "rule": cfg.auto_rule,
+                    "preflight_probability": p if math.isfinite(p) else None}
         self.kss_state.auto = decision
         logger.warning("RKSP before training: M = %.3f, mean kappa %.3g, lr %g (family default %g) -> KSS %s (%s)",
                        m, kappa, lr, lr_default, "ON" if enabled else "off", why)
