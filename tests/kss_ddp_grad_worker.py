@@ -1,6 +1,6 @@
 """One rank of tests/test_kss_trainers.py::test_ddp_kss_gradient_equals_the_one_process_reference.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_grad_worker.py OUT_DIR [lora] [sft]
+    python -m torch.distributed.run --nproc_per_node 2 tests/kss_ddp_grad_worker.py OUT_DIR [lora] [sft | seq2seq]
 
 A tiny GPT-2 (dropout 0, so that two runs from the same weights see the same forward), one optimizer step of
 KSSTrainer under DDP (gloo), twice from the same initial weights: KSS off, then KSS on (alpha 1, every step,
@@ -15,7 +15,8 @@ mixin (``kss_trainer(SFTTrainer)``) on the same token ids as a ``datasets.Datase
 ``compute_loss`` and fused LM head, SFTConfig's default gradient checkpointing).  Both trainers run in
 float32 (``bf16=False``; SFTConfig defaults to ``bf16=True``, whose check is the test's
 ``test_sft_kss_gradient_under_bf16_is_that_of_the_autocast_forward``, which calls :func:`one_step` in one
-plain process).
+plain process).  With ``seq2seq``, a tiny T5 (dropout 0; LoRA on q and v with ``lora``) through
+``kss_trainer(Seq2SeqTrainer)``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,20 @@ from hf_rksp.models.blocks import find_blocks
 KSS = {"mode": "on", "alpha": 1.0, "every_n_steps": 1, "subsample": 100, "seed": 3}
 
 
-def model_without_dropout(lora: bool = False):
-    model = tiny_lm("gpt2")
+def model_without_dropout(lora: bool = False, seq2seq: bool = False):
+    """The tiny GPT-2 (or, with ``seq2seq``, the tiny T5 of test_kss_trainers.py, LoRA on q and v), dropout 0."""
+    if seq2seq:
+        from test_kss_trainers import tiny_t5
+
+        model = tiny_t5(lora)  # seeded inside
+    else:
+        model = tiny_lm("gpt2")
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    if lora:  # seeded: the worker's ranks and the test's reference build the same adapter
+        if isinstance(getattr(m, "dropout", None), float):  # T5's attention drops with a float rate
+            m.dropout = 0.0
+    if lora and not seq2seq:  # seeded: the worker's ranks and the test's reference build the same adapter
         import peft
 
         torch.manual_seed(5)
@@ -85,9 +94,10 @@ def recording(base):
     return Recording
 
 
-def one_step(out: Path, mode: str, accumulation: int, lora: bool, sft: bool = False, **args):
+def one_step(out: Path, mode: str, accumulation: int, lora: bool, sft: bool = False, seq2seq: bool = False,
+             **args):
     """One optimizer step (KSS ``mode`` "on" or "off"); ``args`` override the training arguments."""
-    model = model_without_dropout(lora)
+    model = model_without_dropout(lora, seq2seq)
     keep = KeepGrads(block_parameters(model))
     kw = dict(max_steps=1, logging_steps=1, max_grad_norm=0.0,
               per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation, **args)
@@ -102,6 +112,13 @@ def one_step(out: Path, mode: str, accumulation: int, lora: bool, sft: bool = Fa
         tr = recording(kss_trainer(trl.SFTTrainer))(
             model=model, args=_sft_args(out / f"{mode}{accumulation}", **kw), train_dataset=data,
             processing_class=_tokenizer(), callbacks=[keep], kss_config=kss)
+    elif seq2seq:
+        from test_kss_trainers import seq2seq_args
+        from transformers import Seq2SeqTrainer
+
+        tr = recording(kss_trainer(Seq2SeqTrainer))(
+            model=model, args=seq2seq_args(out / f"{mode}{accumulation}", **kw),
+            train_dataset=Tokens(n=32, t=64), callbacks=[keep], kss_config=kss)
     else:
         tr = recording(KSSTrainer)(model=model, args=targs(out / f"{mode}{accumulation}", **kw),
                                    train_dataset=Tokens(n=32, t=64), callbacks=[keep], kss_config=kss)
@@ -111,11 +128,11 @@ def one_step(out: Path, mode: str, accumulation: int, lora: bool, sft: bool = Fa
 
 def main() -> None:
     out, runs = Path(sys.argv[1]), {}
-    lora, sft = "lora" in sys.argv[2:], "sft" in sys.argv[2:]
+    lora, sft, seq2seq = ("lora" in sys.argv[2:], "sft" in sys.argv[2:], "seq2seq" in sys.argv[2:])
     for accumulation in (1, 2):
-        # float32 for both trainers (SFTConfig's own default is bf16=True)
-        off, grad_off = one_step(out, "off", accumulation, lora, sft, ddp_backend="gloo", bf16=False)
-        on, grad_on = one_step(out, "on", accumulation, lora, sft, ddp_backend="gloo", bf16=False)
+        # float32 for every trainer (SFTConfig's own default is bf16=True)
+        off, grad_off = one_step(out, "off", accumulation, lora, sft, seq2seq, ddp_backend="gloo", bf16=False)
+        on, grad_on = one_step(out, "on", accumulation, lora, sft, seq2seq, ddp_backend="gloo", bf16=False)
         assert len(on.seen) == accumulation and all(torch.equal(a, b) for a, b in zip(off.seen, on.seen))
         runs[accumulation] = {"ids": on.seen, "masks": on.masks, "keys": sorted(on.keys), "grad_off": grad_off, "grad_on": grad_on,
                               "kss_evaluations": on.kss_state.evaluations, "wrapped": type(on.model_wrapped).__name__}

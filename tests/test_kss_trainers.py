@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -414,16 +415,17 @@ def _run_torchrun(worker: str, *argv: str, timeout: int = 240) -> None:
 
 
 def _kss_block_gradient(ids: torch.Tensor, micro: int, lora: bool = False, mask: torch.Tensor | None = None,
-                        bf16: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                        bf16: bool = False, seq2seq: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One process: the gradient of the KSS term (alpha 1, the worker's settings, step 0, micro-batch ``micro``)
     on every trainable block parameter of the worker's model, for the forward of ``ids`` (with the trainer's
     ``attention_mask``, when its collator gave one), in float32 or, with ``bf16``, under the bfloat16 autocast
     a trainer with ``bf16=True`` runs its forward in (on CPU); and the drawn blocks.  The forward is the plain
     ``model(input_ids, attention_mask, labels)``: TRL's ``model(..., use_cache=False, fused_lm_head=True)``
-    differs from it after the last block only (the LM head), which the term does not see."""
+    differs from it after the last block only (the LM head), which the term does not see.  ``seq2seq``: the
+    worker's tiny T5 (the decoder's input is the labels shifted, as Seq2SeqTrainer's forward makes it)."""
     from tests.kss_ddp_grad_worker import KSS, block_parameters, model_without_dropout
 
-    model = model_without_dropout(lora).train()
+    model = model_without_dropout(lora, seq2seq).train()
     params = block_parameters(model)
     _, blocks = find_blocks(model)
     with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
@@ -440,6 +442,9 @@ def _kss_block_gradient(ids: torch.Tensor, micro: int, lora: bool = False, mask:
     pytest.param([], marks=pytest.mark.trainers("Trainer|full|2|KSS on"), id="trainer"),
     pytest.param(["lora"], marks=pytest.mark.trainers("Trainer|LoRA|2|KSS on"), id="trainer-lora"),
     pytest.param(["sft"], marks=pytest.mark.trainers("SFTTrainer|full|2|KSS on"), id="sft"),
+    pytest.param(["seq2seq"], marks=pytest.mark.trainers("Seq2SeqTrainer|full|2|KSS on"), id="seq2seq"),
+    pytest.param(["seq2seq", "lora"], marks=pytest.mark.trainers("Seq2SeqTrainer|LoRA|2|KSS on"),
+                 id="seq2seq-lora"),
     pytest.param(["sft", "lora"], marks=pytest.mark.trainers("SFTTrainer|LoRA|2|KSS on"), id="sft-lora"),
 ])
 def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path, flags):
@@ -463,8 +468,9 @@ def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path, flags):
     ``compute_loss`` (fused LM head, loss over ``num_items_in_batch``, scaled across devices) and gradient
     checkpointing change the task loss, not the blocks' forward the term is computed from.  Both trainers run
     in float32 here; SFTConfig's own default, ``bf16=True``, is checked in one process by
-    test_sft_kss_gradient_under_bf16_is_that_of_the_autocast_forward."""
-    lora, sft = "lora" in flags, "sft" in flags
+    test_sft_kss_gradient_under_bf16_is_that_of_the_autocast_forward.  With ``Seq2SeqTrainer`` (a tiny T5,
+    its 2 encoder and 2 decoder blocks; dropout 0, T5's attention dropout included) the same holds."""
+    lora, sft, seq2seq = "lora" in flags, "sft" in flags, "seq2seq" in flags
     _run_torchrun("kss_ddp_grad_worker.py", str(tmp_path), *flags)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2
@@ -484,15 +490,18 @@ def test_ddp_kss_gradient_equals_the_one_process_reference(tmp_path, flags):
         drawn = set()
         for r in (r0, r1):
             for micro, (ids, mask) in enumerate(zip(r["ids"], r["masks"])):
-                g, chosen = _kss_block_gradient(ids, micro, lora, mask)
+                g, chosen = _kss_block_gradient(ids, micro, lora, mask, seq2seq=seq2seq)
                 drawn.add(tuple(chosen.tolist()))
                 for n in ref:
                     ref[n] += g[n] / (2 * accumulation)
         assert len(drawn) == 1  # one draw of blocks for the optimizer step, on every rank and micro-batch
         masks = [m for r in (r0, r1) for m in r["masks"]]
-        whole, _ = _kss_block_gradient(torch.cat(shards), 0, lora, None if masks[0] is None else torch.cat(masks))
-        for b in ("h.0.", "h.1."):
-            names = [n for n in ddp if f".{b}" in f".{n}"]
+        whole, _ = _kss_block_gradient(torch.cat(shards), 0, lora, None if masks[0] is None else torch.cat(masks),
+                                       seq2seq=seq2seq)
+        blocks = sorted({re.match(r"(.*?\.\d+)\.", n).group(1) for n in ddp})  # "<block list path>.<index>"
+        assert len(blocks) == (4 if seq2seq else 2)  # T5: 2 encoder + 2 decoder blocks
+        for b in blocks:
+            names = [n for n in ddp if n.startswith(b + ".")]
             norm = math.sqrt(sum(float(ref[n].double().pow(2).sum()) for n in names))
             diff = math.sqrt(sum(float((ddp[n] - ref[n]).double().pow(2).sum()) for n in names))
             off_whole = math.sqrt(sum(float((whole[n] - ref[n]).double().pow(2).sum()) for n in names))
