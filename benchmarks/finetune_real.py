@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from benchmarks.harness import machine, set_threads
+from benchmarks.harness import machine, read_by_key, set_threads
 from hf_rksp.utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,16 +144,7 @@ def run_one(tok, base_state, config, ids: torch.Tensor, lr: float, clip: float, 
 
 
 def read_runs() -> dict[str, dict]:
-    if not RUNS.is_file():
-        return {}
-    out = {}
-    for line in RUNS.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
-        out.setdefault(r["key"], r)
-    return out
+    return read_by_key(RUNS)
 
 
 def run(steps: int, shard: tuple[int, int]) -> None:

@@ -55,6 +55,21 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
+def read_by_key(path: Path) -> dict[str, dict]:
+    """The records of a JSON-lines results file by their ``key`` (the first record of a key wins; a line another
+    process is still writing, or a torn last line, is skipped); {} when the file does not exist."""
+    if not Path(path).is_file():
+        return {}
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        out.setdefault(r["key"], r)
+    return out
+
+
 @contextmanager
 def quiet_loggers(*names: str):
     """These loggers at ERROR for the block (a benchmark prints its table, not library chatter), their levels

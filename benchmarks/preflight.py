@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import machine, set_threads
+from benchmarks.harness import machine, read_by_key, set_threads
 from benchmarks.repro.protocol import (
     ALL_METHODS,
     HELDOUT_PROFILE,
@@ -122,16 +122,7 @@ def probe_run(r: dict) -> dict:
 
 
 def load_probes() -> dict:
-    if not PROBES.exists():
-        return {}
-    out = {}
-    for line in PROBES.read_text().splitlines():
-        try:
-            p = json.loads(line)
-        except ValueError:  # a line another process is still writing
-            continue
-        out[p["key"]] = p
-    return out
+    return read_by_key(PROBES)
 
 
 def probe_missing(runs: list[dict], limit_s: float | None, reverse: bool = False) -> None:
