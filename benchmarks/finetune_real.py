@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmarks.harness import machine, read_by_key, set_threads
+from benchmarks.repro.runner import append_run
 from hf_rksp.utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +167,7 @@ def run(steps: int, shard: tuple[int, int]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for lr, clip, seed in todo:
         r = run_one(tok, state, config, ids, lr, clip, seed, steps)
-        with RUNS.open("a") as f:
-            f.write(json.dumps(r) + "\n")
+        append_run(RUNS, r)  # under a lock: the shards share the file
         p = r["preflight"]
         print(f"lr {lr:g} clip {clip:g} seed {seed}: loss {r['loss'][0]:.2f} -> {r['loss'][-1]:.2f}, "
               f"pre-flight {p['probability'] if p['probability'] is not None else 'none'}, {r['train_s']:.0f} s",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import read_by_key
 from hf_rksp.utils import atomic
 
 from .protocol import ALL_METHODS, Protocol, RunSpec, unique
@@ -56,18 +57,7 @@ def _work(spec_dict: dict, device: str) -> dict:
     return run_one(RunSpec(**spec_dict), device)
 
 
-def read_runs(path: Path) -> dict[str, dict]:
-    """Finished runs by key (the first record of a key wins; a torn last line is ignored)."""
-    out: dict[str, dict] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        out.setdefault(r["key"], r)
-    return out
+read_runs = read_by_key  # finished runs by key (the first record of a key wins; a torn last line is ignored)
 
 
 def append_run(path: Path, record: dict) -> None:
