@@ -535,10 +535,10 @@ def monitor_readme(m: dict | None) -> str:
             f"{'shipped as its default' if shipped else 'not shipped as a default: too few fitting runs flagged'}) "
             f"on {m['heldout_runs']} held-out runs: "
             f"{h['detected']}/{h['diverged_runs']} divergences flagged before the label, median lead "
-            f"{_f(h['median_lead_steps'], '.0f')} steps (misses count 0), false alarms "
+            f"{_f(h['median_lead_steps'], '.1f')} steps (misses count 0), false alarms "
             f"{h['false_alarm_rate']:.2f}; at the same fitting, " + "; ".join(
                 f"{n} {d['heldout']['detected']}/{d['heldout']['diverged_runs']}, lead "
-                f"{_f(d['heldout']['median_lead_steps'], '.0f')}, false alarms {d['heldout']['false_alarm_rate']:.2f}"
+                f"{_f(d['heldout']['median_lead_steps'], '.1f')}, false alarms {d['heldout']['false_alarm_rate']:.2f}"
                 if d.get("threshold") is not None else f"{n} none fitted" for n, d in base.items()) + ".")
 
 
