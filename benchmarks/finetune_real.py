@@ -194,13 +194,15 @@ def alarm_text(a) -> str:
 
 def table(runs: list[dict], margin: float, dets: dict) -> str:
     lines = [f"| lr | clip | seed | loss first -> last 5 | diverged (label: +{margin:g} nat or non-finite) | "
-             "pre-flight P | " + " | ".join(dets) + " |", "|---|---|---|---|---|---|" + "---|" * len(dets)]
+             "pre-flight P | probe loss rise | probe rho growth | " + " | ".join(dets) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(dets)]
     for r in sorted(runs, key=lambda r: (r["lr"], r["clip"], r["seed"])):
         tail = r["loss"][-5:]
         p = r["preflight"]
         pr = f"{p['probability']:.2f}" if p["probability"] is not None else "none"
         lines.append(f"| {r['lr']:g} | {r['clip']:g} | {r['seed']} | {r['loss'][0]:.2f} -> "
                      f"{sum(tail) / len(tail):.2f} | {'yes' if label(r['loss'], margin) else 'no'} | {pr} | "
+                     f"{p['features']['loss_rise']:.3g} | {p['features']['rho_growth']:.3g} | "
                      + " | ".join(alarm_text(d(r)) for d in dets.values()) + " |")
     return "\n".join(lines)
 
@@ -212,8 +214,18 @@ def report(margin: float) -> None:
     div = [r for r in runs if label(r["loss"], margin)]
     stable = [r for r in runs if not label(r["loss"], margin)]
     dets = detectors()
+    from benchmarks.repro.stats import auroc
+
     given = [r for r in runs if r["preflight"]["probability"] is not None]
-    reasons = sorted({r["preflight"]["unavailable_reason"] for r in runs if r["preflight"]["probability"] is None})
+    why: dict[str, int] = {}  # each reason the pre-flight gave for no probability, with its count
+    for r in runs:
+        if r["preflight"]["probability"] is None:
+            for w in r["preflight"].get("warnings") or [r["preflight"]["unavailable_reason"]]:
+                why[w] = why.get(w, 0) + 1
+    y = [label(r["loss"], margin) for r in runs]
+    raw = {f: auroc([r["preflight"]["features"][f] for r in runs], y) if 0 < sum(y) < len(y) else None
+           for f in ("loss_rise", "grad_growth", "rho_growth", "rho_end")}
+    probe = sorted({(r["preflight"]["probe_steps"], r["steps"]) for r in runs})
     m = runs[0]["machine"]
     text = "\n".join([
         f"# A real model: SmolLM2-135M-Instruct fine-tuned over an lr grid ({len(runs)} runs)", "",
@@ -223,8 +235,13 @@ def report(margin: float) -> None:
          f"{m['torch_threads']} thread). Label [ours]: the loss turns non-finite, or the mean of the last 5 steps "
          f"ends more than {margin:g} nat above the first step's. {len(div)} of {len(runs)} runs diverged."), "",
         (f"The pre-flight gave a probability for {len(given)} of {len(runs)} runs"
-         + (": " + "; ".join(reasons) if reasons else "") + "."),
-        " ".join(f"`{n}` alarmed on {sum(d(r) is not None for r in div)} of {len(div)} diverged runs and on "
+         + (" (without one: " + "; ".join(f"{w} ({n} runs)" for w, n in sorted(why.items())) + ")" if why else "")
+         + ". Its probe ran " + ", ".join(f"{k} of {n} steps" for k, n in probe) + " (at least 4 steps, so more "
+         "than 5% of so short a run). Read raw, without the fitted model, its features rank these runs' labels "
+         "with AUROC " + ", ".join(f"{f} {v:.2f}" for f, v in raw.items() if v is not None)
+         + f" (a description of these {len(runs)} runs: nothing is fitted or predicted here)."),
+        "The monitor study's detectors, at the thresholds fitted there (the loss spike needs 20 steps of history): "
+        + " ".join(f"`{n}` alarmed on {sum(d(r) is not None for r in div)} of {len(div)} diverged runs and on "
                  f"{sum(d(r) is not None for r in stable)} of {len(stable)} stable ones." for n, d in dets.items()),
         "", table(runs, margin, dets), ""])
     atomic.write_text(DOC, text)

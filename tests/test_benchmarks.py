@@ -52,8 +52,12 @@ def test_finetune_real_label_and_report(tmp_path, monkeypatch):
 
     def rec(lr, losses, p, jump_at):
         rho = [{"step": s, "rho": [1.0, 1.0, 1.0, 100.0 if s == jump_at else 1.0]} for s in range(0, 8, 5)]
+        rise = losses[-1] - losses[0]  # a probe feature that ranks the label perfectly here
         return {"key": fr.key(lr, 0.0, 0, 7), "lr": lr, "clip": 0.0, "seed": 0, "steps": 7, "loss": losses,
-                "preflight": {"probability": p, "unavailable_reason": None if p is not None else "out of range"},
+                "preflight": {"probability": p, "unavailable_reason": None if p is not None else "out of range",
+                              "warnings": [] if p is not None else ["out of range"], "probe_steps": 4,
+                              "features": {"loss_rise": rise, "grad_growth": -rise, "rho_growth": 0.0,
+                                           "rho_end": 0.0}},
                 "rho_trace": rho, "machine": {"processor": "cpu", "torch_threads": 1}}
 
     runs = tmp_path / "runs.jsonl"
@@ -70,8 +74,10 @@ def test_finetune_real_label_and_report(tmp_path, monkeypatch):
     monkeypatch.setattr(mw, "OUT", result)
     fr.report(1.0)
     text = (tmp_path / "doc.md").read_text()
-    assert "1 of 3 runs diverged" in text and "a probability for 1 of 3 runs: out of range" in text
+    assert "1 of 3 runs diverged" in text and "a probability for 1 of 3 runs (without one: out of range (2 runs))" in text
+    assert "Its probe ran 4 of 7 steps" in text
+    assert "AUROC loss_rise 1.00, grad_growth 0.00, rho_growth 0.50, rho_end 0.50" in text
     # the jump at step 5 counts at step 6 on the label's clock; seven steps are too few for a loss spike
     assert "`spectral jump > 50` alarmed on 1 of 1 diverged runs and on 1 of 2 stable ones" in text
     assert "`loss spike > 2x` alarmed on 0 of 1 diverged runs" in text
-    assert "| 0.1 | 0 | 0 | 4.00 -> 9.00 | yes | none | step 6, block 3 | none |" in text
+    assert "| 0.1 | 0 | 0 | 4.00 -> 9.00 | yes | none | 5 | 0 | step 6, block 3 | none |" in text
