@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from benchmarks.harness import machine, read_by_key, set_threads
-from benchmarks.repro.runner import append_run
+from benchmarks.harness import machine, read_by_key
+from benchmarks.repro.runner import append_run, quiet
 from hf_rksp.utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def label(losses: list[float], margin: float) -> bool:
     return sum(tail) / len(tail) > losses[0] + margin
 
 
-def run_one(tok, base_state, config, ids: torch.Tensor, lr: float, clip: float, seed: int, steps: int) -> dict:
+def run_one(base_state, config, ids: torch.Tensor, lr: float, clip: float, seed: int, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from hf_rksp import preflight
@@ -149,12 +149,6 @@ def read_runs() -> dict[str, dict]:
 
 
 def run(steps: int, shard: tuple[int, int]) -> None:
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    for n in ("transformers", "hf_rksp"):
-        logging.getLogger(n).setLevel(logging.ERROR)
     grid = [(lr, clip, seed) for seed in SEEDS for clip in CLIPS for lr in LRS]
     grid = [g for i, g in enumerate(grid) if i % shard[1] == shard[0]]
     done = read_runs()
@@ -166,7 +160,7 @@ def run(steps: int, shard: tuple[int, int]) -> None:
     state, config, ids = model.state_dict(), model.config, chunks(tok)
     OUT.mkdir(parents=True, exist_ok=True)
     for lr, clip, seed in todo:
-        r = run_one(tok, state, config, ids, lr, clip, seed, steps)
+        r = run_one(state, config, ids, lr, clip, seed, steps)
         append_run(RUNS, r)  # under a lock: the shards share the file
         p = r["preflight"]
         print(f"lr {lr:g} clip {clip:g} seed {seed}: loss {r['loss'][0]:.2f} -> {r['loss'][-1]:.2f}, "
@@ -259,9 +253,9 @@ def main(argv=None) -> int:
     rep.add_argument("--margin", type=float, default=1.0)
     a = ap.parse_args(argv)
     if a.cmd == "run":
-        set_threads(a.threads)
         i, n = (int(v) for v in a.shard.split("/"))
-        run(a.steps, (i, n))
+        with quiet(a.threads):  # the runner's: threads, transformers/hf_rksp logs at ERROR, no warnings
+            run(a.steps, (i, n))
     else:
         report(a.margin)
     return 0

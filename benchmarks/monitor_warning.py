@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import machine
+from benchmarks.preflight import heldout  # one definition of the held-out set
 from benchmarks.repro.protocol import ROOT
 from hf_rksp.training.monitor import EarlyWarning
 from hf_rksp.utils import atomic
@@ -57,12 +58,6 @@ GRIDS = {  # the thresholds tried, smallest first
     "spike": (1.1, 1.2, 1.3, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000),
     "level": tuple(float(f"{v:.3g}") for v in np.geomspace(1.0, 500, 40)),
 }
-
-
-def heldout(r: dict) -> bool:
-    from benchmarks.preflight import heldout as preflight_heldout  # one definition of the held-out set
-
-    return preflight_heldout(r)
 
 
 def label_step(r: dict) -> int | None:

@@ -648,6 +648,7 @@ def monitor_doc(m: dict | None) -> list[str]:
     if m is None:
         return lines + ["The monitor group's runs (benchmarks/results/monitor/runs.jsonl) are not in this checkout."]
     every = ", ".join(str(v) for v in m["monitor_every_n_steps"])
+    shipped = shipped_rule(m)
     lines += [(f"{m['runs']} runs of the reproduction's `monitor` group ({m['fitting_runs']} fitting, "
                f"{m['fitting_diverged']} diverged; {m['heldout_runs']} held out, {m['heldout_diverged']} diverged), "
                f"profiled every {every} steps by the library's callback; every detector's threshold is the smallest "
@@ -658,8 +659,8 @@ def monitor_doc(m: dict | None) -> list[str]:
                + (f"In the {g['runs']} runs that did not diverge, the most grown block's radius reached a median "
                   f"{g['median']:.0f}x its value at train begin (at most {g['max']:.0f}x). "
                   if (g := m.get("stable_runs_largest_growth")) else "")
-               + ("It is the callback's default (`early_warning=\"fitted\"`)." if shipped_rule(m)["rule"]
-                  else f"No rule is shipped as the callback's default: {shipped_rule(m).get('reason')}.")), "",
+               + ("It is the callback's default (`early_warning=\"fitted\"`)." if shipped["rule"]
+                  else f"No rule is shipped as the callback's default: {shipped.get('reason')}.")), "",
               "| detector (held-out runs) | threshold | false alarms | detected before the label | median lead, "
               "misses 0 (steps) | median lead, detected | alarmed block = most grown block |",
               "|---|---|---|---|---|---|---|"]

@@ -453,8 +453,8 @@ class MonitorAlarm(_Record):
     block: int  # the block's index in the model's block list
     spectral_radius: float  # that block's whitened DMD spectral radius at ``step``
     baseline: float  # ... and at train begin
-    statistic: float  # what the rule compared with its threshold (the ratio, or the radius itself)
-    rule: str  # "ratio" | "absolute"
+    statistic: float  # what the rule compared with its threshold (a ratio, or the radius itself)
+    rule: str  # "ratio" | "jump" | "absolute"
     threshold: float
 
 

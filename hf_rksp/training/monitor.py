@@ -50,11 +50,12 @@ RULES = ("ratio", "jump", "absolute")
 class EarlyWarning:
     """The monitor's early-warning rule: alarm at the first profiled step where one block's whitened DMD
     spectral radius passes ``threshold``: as a multiple of its own value at train begin (``rule="ratio"``), of
-    its value at the previous profile (``rule="jump"``), or in absolute terms (``rule="absolute"``).  A non-finite radius always passes; an unknown one (None: the
-    profile stopped before that block) never does.
+    its value at the previous profile (``rule="jump"``), or in absolute terms (``rule="absolute"``).  A
+    non-finite radius always passes; an unknown one (None: the profile stopped before that block) never does.
 
     :meth:`fitted` is the rule shipped with hf-rksp, fitted by ``benchmarks/monitor_warning.py`` on the
-    reproduction's runs (the threshold with at most 5% false alarms on the fitting runs that did not diverge);
+    reproduction's runs (the threshold with at most 5% false alarms on the fitting runs that did not diverge),
+    or None when no rule flagged enough of the fitting runs' divergences in time (:meth:`shipped` says why);
     its provenance and held-out figures are in ``provenance``.
     """
 
@@ -144,7 +145,7 @@ class RKSPMonitorCallback(TrainerCallback):
     baseline by more than the allowed change.
 
     Early warning (``early_warning``, default: :meth:`EarlyWarning.fitted`, the rule fitted on the
-    reproduction's runs): at the first profiled step where a block's whitened spectral radius passes the rule,
+    reproduction's runs, None while none is shipped): at the first profiled step where a block's whitened spectral radius passes the rule,
     it logs ``rksp/alarm_block`` and ``rksp/alarm_step``, warns once naming the block, and keeps the
     :class:`~hf_rksp.record.records.MonitorAlarm` in :attr:`alarm`.  ``early_warning=None`` turns it off.
 
@@ -188,8 +189,6 @@ class RKSPMonitorCallback(TrainerCallback):
         self.early_warning: EarlyWarning | None = early_warning
         self.alarm: MonitorAlarm | None = None
         self.baseline: dict | None = None
-        self._baseline_rho: list[float] | None = None
-        self._previous_rho: list[float] | None = None
         self.history: list[dict] = []
         self.warnings: list[str] = []
         self._pending: dict[str, float] = {}
@@ -232,7 +231,6 @@ class RKSPMonitorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and self.baseline is None:
             self.baseline, rho = self.profile(model)
-            self._baseline_rho = self._previous_rho = rho
             self.history.append({"step": state.global_step, **self.baseline, "block_spectral_radius": rho})
             self._pending.update({"rksp/baseline_near_unit_mass": self.baseline["rksp/near_unit_mass"],
                                   "rksp/baseline_spectral_radius": self.baseline["rksp/spectral_radius"]})
@@ -240,18 +238,20 @@ class RKSPMonitorCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every_n_steps:
             return control
+        # the radii at train begin (history[0] once on_train_begin took the baseline) and at the previous profile
+        baseline, previous = ((self.history[0]["block_spectral_radius"], self.history[-1]["block_spectral_radius"])
+                              if self.baseline is not None else (None, None))
         try:
             m, rho = self.profile(model)
         except NonFiniteActivationError as e:  # the stream ran away: an alarm, not a crash of the user's run
-            if self._baseline_rho is None:
+            if baseline is None:
                 raise
-            n = len(self._baseline_rho)
+            n = len(baseline)
             m, rho = {"rksp/non_finite_block": e.block}, [None] * e.block + [math.inf] * (n - e.block)
         self.history.append({"step": state.global_step, **m, "block_spectral_radius": rho})
         self._check(m, state.global_step, state.is_world_process_zero)
-        if self.early_warning is not None and self.alarm is None and self._baseline_rho is not None:
-            self.alarm = self.early_warning.check(state.global_step, rho, self._baseline_rho, self._previous_rho)
-            self._previous_rho = rho
+        if self.early_warning is not None and self.alarm is None and baseline is not None:
+            self.alarm = self.early_warning.check(state.global_step, rho, baseline, previous)
             if self.alarm is not None:
                 a = self.alarm
                 m = {**m, "rksp/alarm_block": a.block, "rksp/alarm_step": a.step}
