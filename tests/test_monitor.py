@@ -76,14 +76,17 @@ def test_rule_edge_cases_and_validation():
     assert e.value.param == "early_warning"
 
 
-def test_shipped_rule_is_read_with_its_provenance():
-    """The shipped fitting record: a rule with its figures, or no rule and the reason (then the default is off)."""
+def test_shipped_rule_is_read_with_its_provenance(caplog):
+    """The shipped fitting record: a rule with its figures, or no rule and the reason (then the default is off,
+    and the callback says so)."""
     d = EarlyWarning.shipped()
     assert d is not None and {"runs_sha256", "false_alarm_target", "rule"} <= set(d)
     w = EarlyWarning.fitted()
-    assert RKSPMonitorCallback(torch.zeros(1, 8, dtype=torch.long)).early_warning == w
+    with caplog.at_level(logging.INFO, logger="hf_rksp"):
+        assert RKSPMonitorCallback(torch.zeros(1, 8, dtype=torch.long)).early_warning == w
     if d["rule"] is None:
         assert w is None and d["reason"]
+        assert any(d["reason"] in r.getMessage() for r in caplog.records)
     else:
         assert (w.rule, w.threshold) == (d["rule"], d["threshold"]) and {"fitting", "heldout"} <= set(w.provenance)
 

@@ -186,6 +186,10 @@ class RKSPMonitorCallback(TrainerCallback):
                 raise ConfigError(f"`early_warning` must be an EarlyWarning, None or \"fitted\", not "
                                   f"{early_warning!r}", param="early_warning")
             early_warning = EarlyWarning.fitted()
+            if early_warning is None:  # said once, where the default would otherwise be silently off
+                why = (EarlyWarning.shipped() or {}).get("reason", "this build ships no fitted rule")
+                logger.info("RKSP monitor: no early-warning rule is on (%s); pass early_warning=EarlyWarning(...) "
+                            "to set one", why)
         self.early_warning: EarlyWarning | None = early_warning
         self.alarm: MonitorAlarm | None = None
         self.baseline: dict | None = None
